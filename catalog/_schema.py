@@ -1,0 +1,48 @@
+"""Catalog tables and their migrations (portable SQL: SQLite today, PostgreSQL later)."""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+
+# Each entry moves the schema from version i to i + 1. Append, never edit a shipped one.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE datasets (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            uid_column_name TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE shardsets (
+            id TEXT PRIMARY KEY,
+            dataset_id TEXT NOT NULL REFERENCES datasets (id),
+            location TEXT NOT NULL,
+            is_main INTEGER NOT NULL,
+            position INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX shardsets_by_dataset ON shardsets (dataset_id)",
+        """CREATE TABLE shardset_columns (
+            shardset_id TEXT NOT NULL REFERENCES shardsets (id),
+            position INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            type TEXT NOT NULL,
+            description TEXT NOT NULL,
+            PRIMARY KEY (shardset_id, name)
+        )""",
+        """CREATE TABLE shards (
+            shardset_id TEXT NOT NULL REFERENCES shardsets (id),
+            shard_index INTEGER NOT NULL,
+            location TEXT NOT NULL,
+            format TEXT NOT NULL,
+            num_rows BIGINT NOT NULL,
+            size_bytes BIGINT NOT NULL,
+            uid_min TEXT,
+            uid_max TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (shardset_id, shard_index)
+        )""",
+    ],
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)

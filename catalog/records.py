@@ -1,0 +1,124 @@
+"""Pydantic records of the catalog; the same models travel as JSON over the wire."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from ._types import format_type, parse_type
+
+__all__ = [
+    "ColumnOptions",
+    "Dataset",
+    "DatasetColumn",
+    "Shard",
+    "Shardset",
+    "SyncResult",
+    "UidValue",
+]
+
+UidValue = int | str | None
+"""A uid as stored in the catalog: uid columns are integers or strings."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ColumnOptions(BaseModel):
+    """A column declared when a shardset is created (the seed's ``DatasetColumnOptions``).
+
+    ``type_`` takes the seed's short names (``int``, ``str``, ``float``, ``bool``, ``bytes``)
+    or any Arrow type string (``int32``, ``list<float32>``, ``timestamp[us]``...).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    type_: str = Field(
+        validation_alias=AliasChoices("type_", "type"),
+        serialization_alias="type",
+        min_length=1,
+        max_length=1024,
+    )
+    description: str = Field(default="", max_length=4096)
+
+    @field_validator("type_", mode="before")
+    @classmethod
+    def _canonical_type(cls, value: object) -> str:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError("a column type is required")
+        if not isinstance(value, (str, bytes)) and not hasattr(value, "id"):
+            raise ValueError(f"a column type must be a string, got {type(value).__name__}")
+        return format_type(parse_type(value if not isinstance(value, bytes) else value.decode()))
+
+
+class DatasetColumn(_Record):
+    """A column of a shardset as the catalog records it (type in canonical Arrow form)."""
+
+    name: str
+    type_: str
+    description: str = ""
+    shardset_id: str
+
+
+class Shard(_Record):
+    """One shard file of a shardset."""
+
+    shardset_id: str
+    index: int
+    location: str
+    format: str
+    num_rows: int
+    size_bytes: int
+    uid_min: UidValue = None
+    uid_max: UidValue = None
+    created_at: float
+
+
+class Shardset(_Record):
+    """A group of columns of a dataset, stored as shard files under one location."""
+
+    id: str
+    dataset_id: str
+    location: str
+    is_main: bool
+    columns: list[DatasetColumn]
+    shard_count: int = 0
+    total_samples: int = 0
+    total_bytes: int = 0
+    created_at: float
+
+
+class Dataset(_Record):
+    """A named collection of samples, identified by the values of its uid column."""
+
+    id: str
+    name: str
+    uid_column_name: str
+    shardsets: list[Shardset] = []
+    created_at: float
+
+    @property
+    def main_shardset(self) -> Shardset | None:
+        """The shardset that decides which samples exist (None before the first one)."""
+        for shardset in self.shardsets:
+            if shardset.is_main:
+                return shardset
+        return None
+
+    @property
+    def total_samples(self) -> int:
+        """Number of samples: the rows of the main shardset."""
+        main = self.main_shardset
+        return main.total_samples if main else 0
+
+
+class SyncResult(_Record):
+    """What a sync of a shardset found at its location."""
+
+    shardset_id: str
+    added: list[Shard]
+    updated: list[Shard]
+    removed: list[str]
+    shard_count: int
+    total_samples: int

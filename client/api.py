@@ -1,0 +1,165 @@
+"""The module-level client API, mirroring the seed's ``lavender_data.client.api``.
+
+Use it as ``from lavender_flight.client import api as lavender``.
+
+Call :func:`init` once with the server's URL (default ``LAVENDER_FLIGHT_API_URL`` or
+``grpc://127.0.0.1:8815``); every other function uses that connection.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from ..catalog import ColumnOptions, Dataset, Shard, Shardset, SyncResult
+from ..flight_server import wire
+from .connection import LavenderClient
+
+__all__ = [
+    "DatasetColumnOptions",
+    "create_dataset",
+    "create_shardset",
+    "delete_dataset",
+    "delete_shardset",
+    "get_client",
+    "get_dataset",
+    "get_shardset",
+    "init",
+    "list_actions",
+    "list_datasets",
+    "list_shards",
+    "preview_dataset",
+    "read_dataset",
+    "sync_shardset",
+]
+
+DatasetColumnOptions = ColumnOptions
+"""A column declared when creating a shardset: ``name``, ``type_``, ``description``."""
+
+DEFAULT_API_URL = "grpc://127.0.0.1:8815"
+
+_client: LavenderClient | None = None
+
+
+def init(
+    api_url: str | None = None, api_key: str | None = None, timeout: float = 30.0
+) -> LavenderClient:
+    """Connect to a server; later calls of this module use the connection."""
+    global _client
+    if _client is not None:
+        _client.close()
+    _client = LavenderClient(
+        api_url or os.environ.get("LAVENDER_FLIGHT_API_URL", DEFAULT_API_URL),
+        api_key if api_key is not None else os.environ.get("LAVENDER_FLIGHT_API_KEY"),
+        timeout,
+    )
+    return _client
+
+
+def get_client() -> LavenderClient:
+    """The connection :func:`init` made (made with the defaults on first use)."""
+    return _client if _client is not None else init()
+
+
+def create_dataset(name: str, uid_column_name: str = "uid") -> Dataset:
+    """Create an empty dataset whose samples are identified by ``uid_column_name``."""
+    body = wire.CreateDatasetBody(name=name, uid_column_name=uid_column_name)
+    return Dataset.model_validate(get_client().action_json("create_dataset", body))
+
+
+def get_dataset(dataset_id: str | None = None, name: str | None = None) -> Dataset:
+    """A dataset with its shardsets, by id or by name."""
+    body = wire.GetDatasetBody(dataset_id=dataset_id, name=name)
+    return Dataset.model_validate(get_client().action_json("get_dataset", body))
+
+
+def list_datasets() -> list[Dataset]:
+    """Every dataset on the server."""
+    return [Dataset.model_validate(d) for d in get_client().action_json("list_datasets")]
+
+
+def delete_dataset(dataset_id: str) -> None:
+    """Delete a dataset from the catalog (its shard files stay in storage)."""
+    get_client().action("delete_dataset", wire.DatasetBody(dataset_id=dataset_id))
+
+
+def create_shardset(
+    dataset_id: str,
+    location: str,
+    columns: Sequence[ColumnOptions] | None = None,
+    is_main: bool = False,
+) -> Shardset:
+    """Add a shardset stored at ``location`` (a folder URL such as ``file:///data/x`` or ``s3://b/p``).
+
+    Shards already there are checked and registered. Without ``columns``, they are inferred
+    from the first shard found at the location.
+    """
+    body = wire.CreateShardsetBody(
+        dataset_id=dataset_id,
+        location=location,
+        columns=[ColumnOptions.model_validate(c) for c in columns] if columns is not None else None,
+        is_main=is_main,
+    )
+    return Shardset.model_validate(get_client().action_json("create_shardset", body))
+
+
+def get_shardset(dataset_id: str, shardset_id: str) -> Shardset:
+    """One shardset of a dataset."""
+    body = wire.ShardsetBody(dataset_id=dataset_id, shardset_id=shardset_id)
+    return Shardset.model_validate(get_client().action_json("get_shardset", body))
+
+
+def delete_shardset(dataset_id: str, shardset_id: str) -> None:
+    """Remove a shardset from the catalog (its files stay in storage)."""
+    get_client().action(
+        "delete_shardset", wire.ShardsetBody(dataset_id=dataset_id, shardset_id=shardset_id)
+    )
+
+
+def list_shards(dataset_id: str, shardset_id: str) -> list[Shard]:
+    """The shards of a shardset: file, rows, size, uid range."""
+    body = wire.ShardsetBody(dataset_id=dataset_id, shardset_id=shardset_id)
+    return [Shard.model_validate(s) for s in get_client().action_json("list_shards", body)]
+
+
+def sync_shardset(dataset_id: str, shardset_id: str) -> SyncResult:
+    """Register shard files added at the shardset's location since the last sync."""
+    body = wire.ShardsetBody(dataset_id=dataset_id, shardset_id=shardset_id)
+    return SyncResult.model_validate(get_client().action_json("sync_shardset", body))
+
+
+def preview_dataset(
+    dataset_id: str, offset: int = 0, limit: int = 10, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """Rows ``offset .. offset + limit`` of a dataset, its shardsets joined, as a table."""
+    body = wire.PreviewBody(
+        dataset_id=dataset_id,
+        offset=offset,
+        limit=limit,
+        columns=list(columns) if columns is not None else None,
+    )
+    answer = get_client().action("preview_dataset", body)
+    return pa.ipc.open_stream(answer).read_all()
+
+
+def read_dataset(name: str, shardset_ids: Sequence[str] | None = None) -> pa.Table:
+    """All rows of a dataset (by name or id) read over plain Flight, one endpoint at a time."""
+    client = get_client()
+    descriptor = flight.FlightDescriptor.for_path(name, *(shardset_ids or ()))
+    with client.errors():
+        info = client.flight.get_flight_info(descriptor, client.options())
+        tables = [
+            client.flight.do_get(endpoint.ticket, client.options(None)).read_all()
+            for endpoint in info.endpoints
+        ]
+    return pa.concat_tables(tables) if tables else info.schema.empty_table()
+
+
+def list_actions() -> list[tuple[str, str]]:
+    """The server's actions and what each does."""
+    client = get_client()
+    with client.errors():
+        return [(a.type, a.description) for a in client.flight.list_actions(client.options())]

@@ -1,0 +1,101 @@
+"""The Flight connection of a client: calls, typed bodies, and errors rebuilt as our classes."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+from pydantic import BaseModel
+
+from ..catalog.errors import LavenderError, ServerError, ServerUnavailable, error_class
+
+__all__ = ["LavenderClient", "domain_error"]
+
+_WIRE_MESSAGE = re.compile(r'^"?(?P<cls>[A-Z][A-Za-z]+): (?P<message>.*?)"?$', re.DOTALL)
+
+
+def domain_error(exc: BaseException, url: str = "") -> LavenderError:
+    """The error of ours that a Flight error stands for (its class is named in the message)."""
+    text = str(exc).split(". Detail: ", 1)[0].strip()
+    match = _WIRE_MESSAGE.match(text)
+    if match:
+        cls = error_class(match.group("cls"))
+        if cls is not None:
+            return cls(match.group("message"))
+    if isinstance(exc, flight.FlightUnavailableError):
+        return ServerUnavailable(
+            f"cannot reach the Lavender Flight server at {url or 'its address'}: {text} "
+            "(is `lavender-flight serve` running?)"
+        )
+    if isinstance(exc, flight.FlightTimedOutError):
+        return ServerUnavailable(f"the server at {url} did not answer in time: {text}")
+    return ServerError(text)
+
+
+class LavenderClient:
+    """A connection to one Lavender Flight server.
+
+    Every call has a timeout (``timeout`` seconds) so a dead server fails fast instead of
+    hanging a training job; streams have none, they last as long as the data.
+    """
+
+    def __init__(
+        self,
+        api_url: str = "grpc://127.0.0.1:8815",
+        api_key: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        if "://" not in api_url:
+            api_url = "grpc://" + api_url
+        self.api_url = api_url
+        self.api_key = api_key
+        self.timeout = timeout
+        self._headers = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else []
+        with self.errors():
+            self.flight = flight.connect(api_url)
+
+    def options(self, timeout: float | None = -1.0) -> flight.FlightCallOptions:
+        """Call options: the API key header and a timeout (None: no timeout)."""
+        return flight.FlightCallOptions(
+            timeout=self.timeout if timeout == -1.0 else timeout, headers=self._headers
+        )
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Rebuild server errors as our exception classes, with no gRPC dump."""
+        try:
+            yield
+        except LavenderError:
+            raise
+        except (flight.FlightError, pa.ArrowException) as exc:
+            raise domain_error(exc, self.api_url) from None
+
+    def action(self, name: str, body: BaseModel | dict[str, Any] | None = None) -> bytes:
+        """Run ``do_action`` and return its answer's bytes."""
+        if isinstance(body, BaseModel):
+            payload = body.model_dump_json(by_alias=True).encode()
+        else:
+            payload = json.dumps(body or {}).encode()
+        with self.errors():
+            results = list(self.flight.do_action(flight.Action(name, payload), self.options()))
+        return results[0].body.to_pybytes() if results else b""
+
+    def action_json(self, name: str, body: BaseModel | dict[str, Any] | None = None) -> Any:
+        """Run ``do_action`` and decode its JSON answer."""
+        answer = self.action(name, body)
+        return json.loads(answer) if answer else None
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.flight.close()
+
+    def __enter__(self) -> LavenderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,29 @@
+"""The Lavender Flight server: Arrow Flight over the catalog, shard storage and transforms."""
+
+from __future__ import annotations
+
+from .cli import main, serve
+from .demo import DEMO_DATASET, create_demo
+from .errors import to_flight_error, translate_errors, wire_errors
+from .reading import DatasetReader
+from .server import ACTIONS, LavenderFlightServer
+from .service import LavenderService
+from .settings import ServerSettings
+from .storage import Location, resolve_location
+
+__all__ = [
+    "ACTIONS",
+    "DEMO_DATASET",
+    "DatasetReader",
+    "LavenderFlightServer",
+    "LavenderService",
+    "Location",
+    "ServerSettings",
+    "create_demo",
+    "main",
+    "resolve_location",
+    "serve",
+    "to_flight_error",
+    "translate_errors",
+    "wire_errors",
+]

@@ -1,0 +1,115 @@
+"""``lavender-flight``: the command line; ``python -m lavender_flight.flight_server`` too."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from ..catalog import Catalog
+from .demo import DEMO_DATASET, create_demo
+from .server import LavenderFlightServer
+from .service import LavenderService
+from .settings import ServerSettings
+
+__all__ = ["build_parser", "main", "serve"]
+
+log = logging.getLogger("lavender_flight")
+
+
+def _help(field: str) -> str:
+    info = ServerSettings.model_fields[field]
+    env = f"LAVENDER_FLIGHT_{field.upper()}"
+    return f"{info.description} [env {env}; default {info.default}]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; flags left out fall back to the environment, then defaults."""
+    parser = argparse.ArgumentParser(
+        prog="lavender-flight",
+        description="Lavender Flight: ML training data over Apache Arrow Flight.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the Flight server (and the dashboard)")
+    s = argparse.SUPPRESS
+    serve_cmd.add_argument("--host", default=s, help=_help("host"))
+    serve_cmd.add_argument("--port", type=int, default=s, help=_help("port"))
+    serve_cmd.add_argument("--catalog", default=s, metavar="PATH", help=_help("catalog"))
+    serve_cmd.add_argument("--data-home", default=s, metavar="DIR", help=_help("data_home"))
+    serve_cmd.add_argument("--modules-dir", default=s, metavar="DIR", help=_help("modules_dir"))
+    ui = serve_cmd.add_mutually_exclusive_group()
+    ui.add_argument("--ui-port", type=int, default=s, help=_help("ui_port"))
+    ui.add_argument("--no-ui", action="store_true", default=s, help=_help("no_ui"))
+    serve_cmd.add_argument("--demo", action="store_true", default=s, help=_help("demo"))
+    serve_cmd.add_argument("--log-level", default=s, help=_help("log_level"))
+    return parser
+
+
+def serve(
+    settings: ServerSettings,
+    ready: threading.Event | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run a server until SIGINT/SIGTERM (or ``stop`` is set), then shut it down cleanly."""
+    catalog = Catalog(settings.catalog_path)
+    service = LavenderService(catalog)
+    if settings.demo:
+        create_demo(service, settings.home)
+    server = LavenderFlightServer(service, settings.url)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+    url = f"grpc://{settings.host}:{server.port}"
+    summary = service.summary()
+    print(
+        f"Lavender Flight serving {url}\n"
+        f"  catalog  {settings.catalog_path} ({summary['datasets']} datasets, "
+        f"{summary['samples']} samples)",
+        file=sys.stderr,
+        flush=True,
+    )
+    if settings.demo:
+        print(
+            f'  demo     dataset {DEMO_DATASET!r}: python -c "from lavender_flight.client import '
+            f"api as lavender; lavender.init('{url}'); print(lavender.preview_dataset("
+            f"lavender.get_dataset(name='{DEMO_DATASET}').id))\"",
+            file=sys.stderr,
+            flush=True,
+        )
+    if not settings.no_ui:
+        print(
+            f"  ui       the dashboard (port {settings.ui_port}) is not built yet; "
+            "the Flight server runs without it",
+            file=sys.stderr,
+            flush=True,
+        )
+    if ready is not None:
+        ready.set()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("Lavender Flight shutting down", file=sys.stderr, flush=True)
+        server.shutdown()
+        catalog.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lavender-flight`` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
+        args.insert(0, "serve")
+    options: dict[str, Any] = vars(build_parser().parse_args(args))
+    options.pop("command")
+    settings = ServerSettings(**options)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    serve(settings)
+    return 0

@@ -1,0 +1,85 @@
+"""The demo dataset ``--demo`` serves: two joinable shardsets a new user can look at at once."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..catalog import ColumnOptions, Dataset
+from ..catalog.errors import DatasetNotFound
+from .service import LavenderService
+
+__all__ = ["DEMO_DATASET", "create_demo"]
+
+log = logging.getLogger(__name__)
+
+DEMO_DATASET = "demo"
+_WORDS = (
+    "lavender flight arrow shard batch sample join stream shuffle epoch rank train model "
+    "data column feature uid filter collate preprocess resume server client"
+).split()
+
+
+def create_demo(service: LavenderService, home: Path, rows: int = 5000, shards: int = 5) -> Dataset:
+    """Create the demo dataset under ``home/demo`` unless it exists; return it.
+
+    Shardset ``main`` holds ``uid, text, label``; shardset ``features`` adds ``length`` and
+    ``score`` for the same uids (written aligned, as a feature job would).
+    """
+    try:
+        return service.get_dataset(name=DEMO_DATASET)
+    except DatasetNotFound:
+        pass
+    rng = random.Random(7)
+    dataset = service.create_dataset(DEMO_DATASET, "uid")
+    main = service.create_shardset(
+        dataset.id,
+        (home / "demo" / "main").as_uri(),
+        [
+            ColumnOptions(name="uid", type_="int", description="Sample id"),
+            ColumnOptions(name="text", type_="str", description="A short sentence"),
+            ColumnOptions(name="label", type_="int32", description="Class, 0-9"),
+        ],
+    )
+    features = service.create_shardset(
+        dataset.id,
+        (home / "demo" / "features").as_uri(),
+        [
+            ColumnOptions(name="uid", type_="int", description="Sample id"),
+            ColumnOptions(name="length", type_="int32", description="Characters in text"),
+            ColumnOptions(name="score", type_="float32", description="A quality score"),
+        ],
+    )
+    per_shard = -(-rows // shards)
+    for index in range(shards):
+        uids = list(range(index * per_shard, min(rows, (index + 1) * per_shard)))
+        texts = [" ".join(rng.choices(_WORDS, k=rng.randint(3, 12))) for _ in uids]
+        service.write_shard(
+            dataset.id,
+            main.id,
+            index,
+            pa.table(
+                {
+                    "uid": pa.array(uids, pa.int64()),
+                    "text": texts,
+                    "label": pa.array([uid % 10 for uid in uids], pa.int32()),
+                }
+            ),
+        )
+        service.write_shard(
+            dataset.id,
+            features.id,
+            index,
+            pa.table(
+                {
+                    "uid": pa.array(uids, pa.int64()),
+                    "length": pa.array([len(t) for t in texts], pa.int32()),
+                    "score": pa.array([rng.random() for _ in uids], pa.float32()),
+                }
+            ),
+        )
+    log.info("created demo dataset %r (%d rows) under %s", DEMO_DATASET, rows, home / "demo")
+    return service.get_dataset(dataset_id=dataset.id)

@@ -1,0 +1,246 @@
+"""The Flight protocol layer: decode a request, call one service method, encode the answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+from pydantic import BaseModel
+
+from ..catalog import Dataset
+from ..catalog.errors import ActionNotFound, InvalidRequest
+from . import wire
+from .errors import translate_errors, wire_errors
+from .service import LavenderService
+
+__all__ = ["ACTIONS", "LavenderFlightServer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """One ``do_action`` verb: its body model, what it does, and how to run it."""
+
+    body: type[BaseModel]
+    description: str
+    run: Callable[[LavenderService, Any], bytes]
+
+
+def _json(value: Any) -> bytes:
+    if isinstance(value, BaseModel):
+        return value.model_dump_json(by_alias=True).encode()
+    if isinstance(value, list):
+        return json.dumps([v.model_dump(mode="json", by_alias=True) for v in value]).encode()
+    return json.dumps(value).encode()
+
+
+def _deleted(delete: Callable[..., None], *ids: str) -> bytes:
+    delete(*ids)
+    return _json({"deleted": ids[-1]})
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+ACTIONS: dict[str, ActionSpec] = {
+    "create_dataset": ActionSpec(
+        wire.CreateDatasetBody,
+        "Create a dataset {name, uid_column_name}; answers the dataset as JSON.",
+        lambda s, b: _json(s.create_dataset(b.name, b.uid_column_name)),
+    ),
+    "get_dataset": ActionSpec(
+        wire.GetDatasetBody,
+        "Get a dataset {dataset_id | name} with its shardsets, as JSON.",
+        lambda s, b: _json(s.get_dataset(dataset_id=b.dataset_id, name=b.name)),
+    ),
+    "list_datasets": ActionSpec(
+        wire.Empty,
+        "List every dataset with its shardsets, as a JSON array.",
+        lambda s, b: _json(s.list_datasets()),
+    ),
+    "delete_dataset": ActionSpec(
+        wire.DatasetBody,
+        "Delete a dataset {dataset_id} from the catalog (shard files stay).",
+        lambda s, b: _deleted(s.delete_dataset, b.dataset_id),
+    ),
+    "create_shardset": ActionSpec(
+        wire.CreateShardsetBody,
+        "Add a shardset {dataset_id, location, columns?, is_main?}; shards found there are "
+        "checked and registered; columns are inferred from the first shard when omitted.",
+        lambda s, b: _json(s.create_shardset(b.dataset_id, b.location, b.columns, b.is_main)),
+    ),
+    "get_shardset": ActionSpec(
+        wire.ShardsetBody,
+        "Get a shardset {dataset_id, shardset_id}, as JSON.",
+        lambda s, b: _json(s.get_shardset(b.dataset_id, b.shardset_id)),
+    ),
+    "delete_shardset": ActionSpec(
+        wire.ShardsetBody,
+        "Remove a shardset {dataset_id, shardset_id} from the catalog (files stay).",
+        lambda s, b: _deleted(s.delete_shardset, b.dataset_id, b.shardset_id),
+    ),
+    "list_shards": ActionSpec(
+        wire.ShardsetBody,
+        "List the shards of a shardset {dataset_id, shardset_id}, as a JSON array.",
+        lambda s, b: _json(s.list_shards(b.dataset_id, b.shardset_id)),
+    ),
+    "sync_shardset": ActionSpec(
+        wire.ShardsetBody,
+        "Register new shard files at a shardset's location, re-read changed ones, drop "
+        "vanished ones {dataset_id, shardset_id}; answers what it found.",
+        lambda s, b: _json(s.sync_shardset(b.dataset_id, b.shardset_id)),
+    ),
+    "preview_dataset": ActionSpec(
+        wire.PreviewBody,
+        "Joined rows {dataset_id, offset, limit, columns?}; answers an Arrow IPC stream.",
+        lambda s, b: _ipc(s.preview_dataset(b.dataset_id, b.offset, b.limit, b.columns)),
+    ),
+}
+
+
+class LavenderFlightServer(flight.FlightServerBase):
+    """Lavender Flight on the wire: plain Arrow Flight any Flight client can speak."""
+
+    def __init__(
+        self, service: LavenderService, location: str = "grpc://127.0.0.1:0", **kwargs: Any
+    ):
+        super().__init__(location, **kwargs)
+        self.service = service
+
+    # -- discovery -----------------------------------------------------------------------
+
+    def _flight_info(
+        self,
+        dataset: Dataset,
+        descriptor: flight.FlightDescriptor,
+        shardset_ids: list[str] | None = None,
+    ) -> flight.FlightInfo:
+        if dataset.main_shardset is None:
+            return flight.FlightInfo(pa.schema([]), descriptor, [], 0, 0)
+        reader = self.service.reader(dataset, shardset_ids)
+        endpoints = [
+            flight.FlightEndpoint(
+                wire.encode(
+                    wire.ShardTicket(
+                        dataset_id=dataset.id, shard_index=shard.index, shardset_ids=shardset_ids
+                    )
+                ),
+                [],
+            )
+            for shard in reader.main_shards
+        ]
+        total_bytes = sum(view.shardset.total_bytes for view in reader.views)
+        return flight.FlightInfo(
+            reader.schema, descriptor, endpoints, reader.total_rows, total_bytes
+        )
+
+    @translate_errors
+    def list_flights(
+        self, context: flight.ServerCallContext, criteria: bytes
+    ) -> Iterator[flight.FlightInfo]:
+        """One FlightInfo per dataset, descriptor path ``[dataset name]``."""
+        infos = [
+            self._flight_info(dataset, flight.FlightDescriptor.for_path(dataset.name))
+            for dataset in self.service.list_datasets()
+        ]
+        return iter(infos)
+
+    @translate_errors
+    def get_flight_info(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
+        """Path ``[dataset]`` or ``[dataset, shardset_id...]``: endpoints, one per main shard."""
+        if descriptor.descriptor_type != flight.DescriptorType.PATH or not descriptor.path:
+            raise InvalidRequest(
+                "get_flight_info takes a path descriptor [dataset name or id, shardset ids...]"
+            )
+        parts = [p.decode() if isinstance(p, bytes) else p for p in descriptor.path]
+        dataset = self.service.find_dataset(parts[0])
+        return self._flight_info(dataset, descriptor, parts[1:] or None)
+
+    # -- data ----------------------------------------------------------------------------
+
+    @translate_errors
+    def do_get(
+        self, context: flight.ServerCallContext, ticket: flight.Ticket
+    ) -> flight.FlightDataStream:
+        """Stream one main shard of a dataset, joined with its other shardsets."""
+        request = wire.decode(wire.ShardTicket, ticket.ticket, "ticket")
+        dataset = self.service.get_dataset(dataset_id=request.dataset_id)
+        reader = self.service.reader(dataset, request.shardset_ids, request.columns)
+        shard = reader.main_shard(request.shard_index)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            with wire_errors():
+                yield from reader.read(shard).to_batches()
+
+        return flight.GeneratorStream(reader.schema, batches())
+
+    @translate_errors
+    def do_put(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None:
+        """Write one shard: command ``PutShardCommand`` or path ``[dataset, shardset, index]``."""
+        command = self._put_command(descriptor)
+        table = reader.read_all()
+        shard = self.service.write_shard(
+            command.dataset_id,
+            command.shardset_id,
+            command.shard_index,
+            table,
+            command.format,
+            command.overwrite,
+        )
+        writer.write(pa.py_buffer(_json(shard)))
+
+    @staticmethod
+    def _put_command(descriptor: flight.FlightDescriptor) -> wire.PutShardCommand:
+        if descriptor.descriptor_type == flight.DescriptorType.CMD:
+            return wire.decode(wire.PutShardCommand, descriptor.command, "put command")
+        parts = [p.decode() if isinstance(p, bytes) else p for p in descriptor.path or []]
+        if len(parts) not in (3, 4) or not parts[2].isdigit():
+            raise InvalidRequest(
+                "do_put takes a path [dataset_id, shardset_id, shard_index(, format)] or a "
+                "PutShardCommand JSON command"
+            )
+        return wire.PutShardCommand(
+            dataset_id=parts[0],
+            shardset_id=parts[1],
+            shard_index=int(parts[2]),
+            format=parts[3] if len(parts) == 4 else "parquet",
+        )
+
+    # -- actions -------------------------------------------------------------------------
+
+    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+        """Every action with a one-line description of its body and answer."""
+        return [(name, spec.description) for name, spec in ACTIONS.items()]
+
+    @translate_errors
+    def do_action(
+        self, context: flight.ServerCallContext, action: flight.Action
+    ) -> Iterator[bytes]:
+        """Run one management action; its body and answer are JSON (preview: Arrow IPC)."""
+        spec = ACTIONS.get(action.type)
+        if spec is None:
+            raise ActionNotFound(
+                f"no action {action.type!r}; actions: {', '.join(sorted(ACTIONS))}"
+            )
+        body = wire.decode(
+            spec.body, action.body.to_pybytes() if action.body else b"", f"{action.type} body"
+        )
+        return iter([spec.run(self.service, body)])

@@ -1,0 +1,329 @@
+"""The service: every catalog and storage operation the Flight layer exposes, as plain Python."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from ..catalog import (
+    Catalog,
+    ColumnOptions,
+    Dataset,
+    Shard,
+    Shardset,
+    SyncResult,
+    format_type,
+)
+from ..catalog.errors import (
+    InvalidArgument,
+    SchemaMismatch,
+    ShardAlreadyExists,
+)
+from .reading import DatasetReader
+from .shards import (
+    canonical_format,
+    check_shard_schema,
+    conform,
+    declared_schema,
+    format_of,
+    read_shard,
+    read_shard_schema,
+    shard_file_name,
+    shard_index_of,
+    shard_stats,
+    write_shard,
+)
+from .storage import Location, ShardFile, resolve_location
+
+__all__ = ["LavenderService"]
+
+log = logging.getLogger(__name__)
+
+MAX_PREVIEW_ROWS = 10_000
+
+
+class LavenderService:
+    """Catalog management, shard I/O and dataset reads, independent of any protocol."""
+
+    def __init__(
+        self, catalog: Catalog, resolve: Callable[[str], Location] = resolve_location
+    ) -> None:
+        self.catalog = catalog
+        self.resolve = resolve
+
+    # -- datasets ------------------------------------------------------------------------
+
+    def create_dataset(self, name: str, uid_column_name: str = "uid") -> Dataset:
+        """Create an empty dataset."""
+        return self.catalog.create_dataset(name, uid_column_name)
+
+    def get_dataset(self, dataset_id: str | None = None, name: str | None = None) -> Dataset:
+        """A dataset by id or name."""
+        return self.catalog.get_dataset(dataset_id=dataset_id, name=name)
+
+    def find_dataset(self, key: str) -> Dataset:
+        """A dataset by name, or by id when no dataset has that name (Flight paths use either)."""
+        try:
+            return self.catalog.get_dataset(name=key)
+        except KeyError:
+            return self.catalog.get_dataset(dataset_id=key)
+
+    def list_datasets(self) -> list[Dataset]:
+        """Every dataset."""
+        return self.catalog.list_datasets()
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Forget a dataset (its shard files stay where they are)."""
+        self.catalog.delete_dataset(dataset_id)
+
+    # -- shardsets -----------------------------------------------------------------------
+
+    def create_shardset(
+        self,
+        dataset_id: str,
+        location: str,
+        columns: Sequence[ColumnOptions] | None = None,
+        is_main: bool = False,
+    ) -> Shardset:
+        """Add a shardset stored at ``location``; shards already there are checked and registered.
+
+        Without ``columns`` they are inferred from the first shard found at the location.
+        """
+        dataset = self.catalog.get_dataset(dataset_id=dataset_id)
+        where = self.resolve(location)
+        files = self._shard_files(where)
+        if columns is None:
+            if not files:
+                raise InvalidArgument(
+                    f"no shard file at {where.url} to infer columns from: pass columns=[...] "
+                    "or write a shard there first"
+                )
+            first = files[0]
+            found = read_shard_schema(where, first.path, format_of(first.path) or "parquet")
+            columns = [ColumnOptions(name=f.name, type_=format_type(f.type)) for f in found]
+        uid = dataset.uid_column_name
+        names = [c.name for c in columns]
+        if uid not in names:
+            raise InvalidArgument(
+                f"the shardset's columns {names} lack the dataset's uid column {uid!r}: "
+                "every shardset carries it to be joined by uid"
+            )
+        schema = declared_schema([(c.name, c.type_) for c in columns])
+        shards = [
+            self._scan_shard(where, f, index, schema, uid) for f, index in self._indexed(files, [])
+        ]
+        return self.catalog.create_shardset(dataset_id, where.url, columns, is_main, shards)
+
+    def get_shardset(self, dataset_id: str, shardset_id: str) -> Shardset:
+        """One shardset of a dataset."""
+        return self.catalog.get_shardset(dataset_id, shardset_id)
+
+    def delete_shardset(self, dataset_id: str, shardset_id: str) -> None:
+        """Forget a shardset (its files stay)."""
+        self.catalog.delete_shardset(dataset_id, shardset_id)
+
+    def list_shards(self, dataset_id: str, shardset_id: str) -> list[Shard]:
+        """The shards of a shardset."""
+        self.catalog.get_shardset(dataset_id, shardset_id)
+        return self.catalog.list_shards(shardset_id)
+
+    def sync_shardset(self, dataset_id: str, shardset_id: str) -> SyncResult:
+        """Register shard files added at the location, re-read changed ones, drop vanished ones.
+
+        Every new or changed file is checked against the declared columns first; one bad
+        file fails the whole sync and leaves the catalog as it was.
+        """
+        dataset = self.catalog.get_dataset(dataset_id=dataset_id)
+        shardset = self.catalog.get_shardset(dataset_id, shardset_id)
+        where = self.resolve(shardset.location)
+        schema = declared_schema([(c.name, c.type_) for c in shardset.columns])
+        known = {s.location: s for s in self.catalog.list_shards(shardset_id)}
+        files = self._shard_files(where)
+        present = {where.url_of(f.path) for f in files}
+        removed = [s for url, s in known.items() if url not in present]
+        added: list[Shard] = []
+        updated: list[Shard] = []
+        new_files = []
+        for file in files:
+            old = known.get(where.url_of(file.path))
+            if old is None:
+                new_files.append(file)
+            elif old.size_bytes != file.size:
+                updated.append(
+                    self._scan_shard(where, file, old.index, schema, dataset.uid_column_name)
+                )
+        taken = [s.index for s in known.values() if s not in removed]
+        for file, index in self._indexed(new_files, taken):
+            added.append(self._scan_shard(where, file, index, schema, dataset.uid_column_name))
+        self.catalog.replace_shards(shardset_id, [*added, *updated], [s.index for s in removed])
+        total = self.catalog.get_shardset(dataset_id, shardset_id)
+        log.info(
+            "synced %s: %d added, %d updated, %d removed",
+            where.url,
+            len(added),
+            len(updated),
+            len(removed),
+        )
+        return SyncResult(
+            shardset_id=shardset_id,
+            added=added,
+            updated=updated,
+            removed=[s.location for s in removed],
+            shard_count=total.shard_count,
+            total_samples=total.total_samples,
+        )
+
+    @staticmethod
+    def _shard_files(where: Location) -> list[ShardFile]:
+        return [f for f in where.list_files() if format_of(f.path) is not None]
+
+    @staticmethod
+    def _indexed(
+        files: Sequence[ShardFile], taken: Sequence[int]
+    ) -> Iterator[tuple[ShardFile, int]]:
+        """Give each file an index: the one in its ``shard.N.ext`` name when free, else the next."""
+        used = set(taken)
+        wanted = {id(f): shard_index_of(f.path) for f in files}
+        used.update(i for i in wanted.values() if i is not None and i not in used)
+        claimed: set[int] = set(taken)
+        next_free = 0
+        for file in files:
+            index = wanted[id(file)]
+            if index is None or index in claimed:
+                while next_free in used or next_free in claimed:
+                    next_free += 1
+                index = next_free
+            claimed.add(index)
+            yield file, index
+
+    def _scan_shard(
+        self, where: Location, file: ShardFile, index: int, schema: pa.Schema, uid: str
+    ) -> Shard:
+        fmt = format_of(file.path) or "parquet"
+        url = where.url_of(file.path)
+        if fmt in ("parquet", "arrow"):
+            check_shard_schema(read_shard_schema(where, file.path, fmt), schema, url)
+            table = read_shard(where, file.path, fmt, schema, [uid])
+        else:  # text formats carry no types: reading with the declared ones is the check
+            table = read_shard(where, file.path, fmt, schema)
+        try:
+            stats = shard_stats(table, uid)
+        except SchemaMismatch as exc:
+            raise SchemaMismatch(f"shard {url}: {exc}") from exc
+        return Shard(
+            shardset_id="",
+            index=index,
+            location=url,
+            format=fmt,
+            num_rows=stats.num_rows,
+            size_bytes=file.size,
+            uid_min=stats.uid_min,
+            uid_max=stats.uid_max,
+            created_at=time.time(),
+        )
+
+    # -- shards through the server -------------------------------------------------------
+
+    def write_shard(
+        self,
+        dataset_id: str,
+        shardset_id: str,
+        shard_index: int,
+        table: pa.Table,
+        fmt: str = "parquet",
+        overwrite: bool = False,
+    ) -> Shard:
+        """Write ``table`` as shard ``shard_index`` of a shardset and register it."""
+        if shard_index < 0:
+            raise InvalidArgument(f"shard_index must be >= 0, got {shard_index}")
+        fmt = canonical_format(fmt)
+        dataset = self.catalog.get_dataset(dataset_id=dataset_id)
+        shardset = self.catalog.get_shardset(dataset_id, shardset_id)
+        existing = {s.index: s for s in self.catalog.list_shards(shardset_id)}
+        if shard_index in existing and not overwrite:
+            raise ShardAlreadyExists(
+                f"shard {shard_index} of shardset {shardset_id} exists "
+                f"({existing[shard_index].location}); write with overwrite=True to replace it"
+            )
+        where = self.resolve(shardset.location)
+        schema = declared_schema([(c.name, c.type_) for c in shardset.columns])
+        extra = [n for n in table.column_names if n not in schema.names]
+        if extra:
+            raise SchemaMismatch(
+                f"columns {', '.join(map(repr, extra))} are not declared in shardset "
+                f"{shardset_id} (declared: {', '.join(schema.names)})"
+            )
+        table = conform(table, schema, f"{where.url} shard {shard_index}")
+        stats = shard_stats(table, dataset.uid_column_name)
+        path = where.child(shard_file_name(shard_index, fmt))
+        old = existing.get(shard_index)
+        size = write_shard(where, path, table, fmt)
+        url = where.url_of(path)
+        if old is not None and old.location != url:
+            try:
+                where.fs.rm(where.fs._strip_protocol(old.location))
+            except OSError:
+                log.warning("could not remove replaced shard file %s", old.location)
+        shard = Shard(
+            shardset_id=shardset_id,
+            index=shard_index,
+            location=url,
+            format=fmt,
+            num_rows=stats.num_rows,
+            size_bytes=size,
+            uid_min=stats.uid_min,
+            uid_max=stats.uid_max,
+            created_at=time.time(),
+        )
+        self.catalog.replace_shards(shardset_id, [shard])
+        return shard
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def reader(
+        self,
+        dataset: Dataset,
+        shardset_ids: Sequence[str] | None = None,
+        columns: Sequence[str] | None = None,
+    ) -> DatasetReader:
+        """A reader of the joined rows of ``dataset``."""
+        return DatasetReader(self.catalog, dataset, shardset_ids, columns, self.resolve)
+
+    def dataset_schema(self, dataset: Dataset) -> pa.Schema:
+        """The joined schema of all shardsets of a dataset (empty before the first one)."""
+        if dataset.main_shardset is None:
+            return pa.schema([])
+        return self.reader(dataset).schema
+
+    def preview_dataset(
+        self,
+        dataset_id: str,
+        offset: int = 0,
+        limit: int = 10,
+        columns: Sequence[str] | None = None,
+    ) -> pa.Table:
+        """Joined rows ``offset .. offset + limit`` of a dataset."""
+        if offset < 0 or not 0 <= limit <= MAX_PREVIEW_ROWS:
+            raise InvalidArgument(
+                f"offset must be >= 0 and limit within 0..{MAX_PREVIEW_ROWS}, got {offset}, {limit}"
+            )
+        dataset = self.catalog.get_dataset(dataset_id=dataset_id)
+        if dataset.main_shardset is None:
+            return pa.table({})
+        reader = self.reader(dataset, columns=columns)
+        pieces = list(reader.iter_rows(offset, limit))
+        if not pieces:
+            return reader.schema.empty_table()
+        return pa.concat_tables(pieces)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for logs and health checks."""
+        datasets = self.catalog.list_datasets()
+        return {
+            "datasets": len(datasets),
+            "samples": sum(d.total_samples for d in datasets),
+        }

@@ -1,0 +1,269 @@
+"""Shard files: read and write Parquet, Arrow IPC/Feather, CSV and JSON lines as Arrow."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.ipc as pa_ipc
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from ..catalog import UidValue, parse_type, types_compatible
+from ..catalog.errors import InvalidArgument, SchemaMismatch, StorageError
+from .storage import Location
+
+__all__ = [
+    "FORMATS",
+    "ShardStats",
+    "declared_schema",
+    "format_of",
+    "read_shard",
+    "read_shard_schema",
+    "shard_file_name",
+    "shard_index_of",
+    "shard_stats",
+    "write_shard",
+]
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "parquet": (".parquet", ".pq"),
+    "arrow": (".arrow", ".feather", ".ipc"),
+    "csv": (".csv",),
+    "jsonl": (".jsonl", ".ndjson", ".json"),
+}
+_FORMAT_ALIASES = {"feather": "arrow", "ipc": "arrow", "json": "jsonl", "ndjson": "jsonl"}
+_SHARD_NAME = re.compile(r"^shard\.(\d+)\.[A-Za-z0-9]+$")
+
+
+def canonical_format(name: str) -> str:
+    """The canonical name of a shard format (``feather`` -> ``arrow``), or a clear error."""
+    fmt = _FORMAT_ALIASES.get(name.lower(), name.lower())
+    if fmt not in FORMATS:
+        raise InvalidArgument(f"unknown shard format {name!r}; known: {', '.join(FORMATS)}")
+    return fmt
+
+
+def format_of(path: str) -> str | None:
+    """The shard format a file name says, or None for files that are not shards."""
+    lowered = path.lower()
+    for fmt, extensions in FORMATS.items():
+        if lowered.endswith(extensions):
+            return fmt
+    return None
+
+
+def shard_file_name(index: int, fmt: str) -> str:
+    """The file name ``Writer`` gives shard ``index``: ``shard.00000007.parquet``."""
+    return f"shard.{index:08d}{FORMATS[canonical_format(fmt)][0]}"
+
+
+def shard_index_of(path: str) -> int | None:
+    """The index in a ``shard.N.ext`` file name, or None for other names."""
+    match = _SHARD_NAME.match(posixpath.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def declared_schema(columns: Sequence[tuple[str, str]]) -> pa.Schema:
+    """The Arrow schema of ``(name, type string)`` pairs."""
+    return pa.schema([pa.field(name, parse_type(type_)) for name, type_ in columns])
+
+
+def _open(location: Location, path: str) -> pa.NativeFile:
+    try:
+        return location.arrow_fs.open_input_file(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"cannot open shard {location.url_of(path)}: {exc}") from exc
+
+
+def read_shard_schema(location: Location, path: str, fmt: str) -> pa.Schema:
+    """The schema stored in a shard (CSV and JSON lines: inferred from its first block)."""
+    with _open(location, path) as source:
+        try:
+            if fmt == "parquet":
+                return pq.read_schema(source)
+            if fmt == "arrow":
+                return _open_ipc(source).schema
+            if fmt == "csv":
+                return pa_csv.open_csv(source).schema
+            return pa_json.read_json(source).schema
+        except pa.ArrowException as exc:
+            raise SchemaMismatch(f"cannot read shard {location.url_of(path)}: {exc}") from exc
+
+
+def _open_ipc(
+    source: pa.NativeFile,
+) -> pa.ipc.RecordBatchFileReader | pa.ipc.RecordBatchStreamReader:
+    try:
+        return pa_ipc.open_file(source)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa_ipc.open_stream(source)
+
+
+def read_shard(
+    location: Location,
+    path: str,
+    fmt: str,
+    schema: pa.Schema,
+    columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """Read a shard into memory as a table of the declared ``schema``.
+
+    ``columns`` projects (only those are read where the format allows). Types are cast to
+    the declared ones; a column that is missing or cannot be cast raises ``SchemaMismatch``
+    naming the file and the column.
+    """
+    wanted = list(columns) if columns is not None else schema.names
+    target = pa.schema([schema.field(name) for name in wanted])
+    url = location.url_of(path)
+    with _open(location, path) as source:
+        try:
+            if fmt == "parquet":
+                table = pq.read_table(source, columns=wanted)
+            elif fmt == "arrow":
+                table = _open_ipc(source).read_all().select(wanted)
+            elif fmt == "csv":
+                table = pa_csv.read_csv(
+                    source,
+                    convert_options=pa_csv.ConvertOptions(
+                        column_types={f.name: f.type for f in target}, include_columns=wanted
+                    ),
+                )
+            else:
+                table = pa_json.read_json(
+                    source,
+                    parse_options=pa_json.ParseOptions(
+                        explicit_schema=target, unexpected_field_behavior="ignore"
+                    ),
+                ).select(wanted)
+        except KeyError as exc:
+            raise SchemaMismatch(f"shard {url} has no column {exc}") from exc
+        except pa.ArrowException as exc:
+            message = str(exc).splitlines()[0]
+            raise SchemaMismatch(
+                f"cannot read shard {url} as the declared columns: {message}"
+            ) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read shard {url}: {exc}") from exc
+    return conform(table, target, url)
+
+
+def conform(table: pa.Table, target: pa.Schema, url: str) -> pa.Table:
+    """Check ``table`` against the declared schema and cast it to exactly that schema."""
+    missing = [name for name in target.names if name not in table.column_names]
+    if missing:
+        raise SchemaMismatch(
+            f"shard {url} lacks declared column(s) {', '.join(map(repr, missing))}"
+        )
+    table = table.select(target.names)
+    if table.schema.equals(target):
+        return table
+    for declared in target:
+        found = table.schema.field(declared.name).type
+        if not types_compatible(declared.type, found):
+            raise SchemaMismatch(
+                f"shard {url}: column {declared.name!r} is {found}, declared {declared.type}"
+            )
+    try:
+        return table.cast(target)
+    except pa.ArrowException as exc:
+        raise SchemaMismatch(f"shard {url}: {str(exc).splitlines()[0]}") from exc
+
+
+def check_shard_schema(found: pa.Schema, declared: pa.Schema, url: str) -> None:
+    """Raise ``SchemaMismatch`` when a stored schema cannot be read as the declared one."""
+    for field in declared:
+        index = found.get_field_index(field.name)
+        if index < 0:
+            raise SchemaMismatch(f"shard {url} lacks declared column {field.name!r}")
+        if not types_compatible(field.type, found.field(index).type):
+            raise SchemaMismatch(
+                f"shard {url}: column {field.name!r} is {found.field(index).type}, "
+                f"declared {field.type}"
+            )
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """Row count and uid range of a shard, as the catalog records them."""
+
+    num_rows: int
+    uid_min: UidValue
+    uid_max: UidValue
+
+
+def shard_stats(table: pa.Table, uid_column: str) -> ShardStats:
+    """Row count and uid range of a table holding (at least) the uid column."""
+    uids = table.column(uid_column)
+    if uids.null_count:
+        raise SchemaMismatch(f"uid column {uid_column!r} holds {uids.null_count} null value(s)")
+    if not (
+        pa.types.is_integer(uids.type)
+        or pa.types.is_string(uids.type)
+        or pa.types.is_large_string(uids.type)
+    ):
+        raise SchemaMismatch(
+            f"uid column {uid_column!r} must be integer or string, not {uids.type}"
+        )
+    if table.num_rows == 0:
+        return ShardStats(0, None, None)
+    bounds = pc.min_max(uids)
+    return ShardStats(table.num_rows, bounds["min"].as_py(), bounds["max"].as_py())
+
+
+def write_shard(location: Location, path: str, table: pa.Table, fmt: str) -> int:
+    """Write a table as one shard file and return its size in bytes.
+
+    The file appears whole or not at all: it is written under a temporary name and renamed
+    where the storage has renames (object stores publish a put atomically anyway).
+    """
+    fmt = canonical_format(fmt)
+    url = location.url_of(path)
+    temporary = path + ".tmp-writing" if location.protocol == "file" else path
+    try:
+        location.makedirs()
+        with location.arrow_fs.open_output_stream(temporary) as sink:
+            if fmt == "parquet":
+                pq.write_table(table, sink)
+            elif fmt == "arrow":
+                with pa_ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table)
+            elif fmt == "csv":
+                pa_csv.write_csv(table, sink)
+            else:
+                _write_jsonl(table, sink)
+        if temporary != path:
+            location.arrow_fs.move(temporary, path)
+        return int(location.arrow_fs.get_file_info(path).size)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError) as exc:
+        _discard(location, temporary)
+        raise InvalidArgument(
+            f"cannot write these columns as {fmt} ({str(exc).splitlines()[0]}): "
+            "use format='parquet' or 'arrow' for nested or binary columns"
+        ) from exc
+    except OSError as exc:
+        _discard(location, temporary)
+        raise StorageError(f"cannot write shard {url}: {exc}") from exc
+
+
+def _discard(location: Location, path: str) -> None:
+    try:
+        location.arrow_fs.delete_file(path)
+    except (OSError, pa.ArrowException):
+        pass
+
+
+def _write_jsonl(table: pa.Table, sink: pa.NativeFile) -> None:
+    for field in table.schema:
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            raise TypeError(f"JSON lines cannot hold binary column {field.name!r}")
+    for batch in table.to_batches(max_chunksize=8192):
+        lines = "".join(json.dumps(row, default=str) + "\n" for row in batch.to_pylist())
+        sink.write(lines.encode())

@@ -1,0 +1,132 @@
+"""Typed wire payloads: action bodies, tickets and commands are JSON of these models.
+
+Every payload has a version field ``v`` so the format can evolve; unknown fields, wrong
+types and oversized values are refused before anything runs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..catalog import ColumnOptions
+from ..catalog.errors import InvalidRequest
+
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "CreateDatasetBody",
+    "CreateShardsetBody",
+    "DatasetBody",
+    "Empty",
+    "GetDatasetBody",
+    "PreviewBody",
+    "PutShardCommand",
+    "ShardTicket",
+    "ShardsetBody",
+    "WireModel",
+    "decode",
+    "encode",
+]
+
+MAX_PAYLOAD_BYTES = 1 << 20
+_Id = Field(min_length=1, max_length=128)
+
+
+class WireModel(BaseModel):
+    """Base of every payload: strict about unknown fields, versioned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = 1
+
+
+class Empty(WireModel):
+    """A body with nothing in it."""
+
+
+class CreateDatasetBody(WireModel):
+    """``create_dataset``."""
+
+    name: str = Field(min_length=1, max_length=256)
+    uid_column_name: str = Field(default="uid", min_length=1, max_length=256)
+
+
+class GetDatasetBody(WireModel):
+    """``get_dataset``: by id or by name."""
+
+    dataset_id: str | None = Field(default=None, max_length=128)
+    name: str | None = Field(default=None, max_length=256)
+
+
+class DatasetBody(WireModel):
+    """Actions on one dataset."""
+
+    dataset_id: str = _Id
+
+
+class CreateShardsetBody(WireModel):
+    """``create_shardset``: columns may be omitted to infer them from the first shard."""
+
+    dataset_id: str = _Id
+    location: str = Field(min_length=1, max_length=4096)
+    columns: list[ColumnOptions] | None = Field(default=None, max_length=10_000)
+    is_main: bool = False
+
+
+class ShardsetBody(WireModel):
+    """Actions on one shardset."""
+
+    dataset_id: str = _Id
+    shardset_id: str = _Id
+
+
+class PreviewBody(WireModel):
+    """``preview_dataset``."""
+
+    dataset_id: str = _Id
+    offset: int = Field(default=0, ge=0, le=1 << 62)
+    limit: int = Field(default=10, ge=0, le=10_000)
+    columns: list[str] | None = Field(default=None, max_length=10_000)
+
+
+class ShardTicket(WireModel):
+    """``do_get`` ticket of the plain read path: one main shard of a dataset, joined."""
+
+    kind: Literal["shard"] = "shard"
+    dataset_id: str = _Id
+    shard_index: int = Field(ge=0, le=1 << 40)
+    shardset_ids: list[str] | None = Field(default=None, max_length=1000)
+    columns: list[str] | None = Field(default=None, max_length=10_000)
+
+
+class PutShardCommand(WireModel):
+    """``do_put`` descriptor command: write one shard through the server."""
+
+    dataset_id: str = _Id
+    shardset_id: str = _Id
+    shard_index: int = Field(ge=0, le=1 << 40)
+    format: str = Field(default="parquet", max_length=32)
+    overwrite: bool = False
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode(model: type[M], payload: bytes, what: str) -> M:
+    """Parse and validate a JSON payload, or raise ``InvalidRequest`` saying what is wrong."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise InvalidRequest(f"{what} is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
+    try:
+        return model.model_validate_json(payload or b"{}")
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        raise InvalidRequest(f"invalid {what}: {problems}") from None
+
+
+def encode(model: BaseModel) -> bytes:
+    """The JSON bytes of a payload."""
+    return model.model_dump_json(by_alias=True).encode()
