@@ -55,7 +55,11 @@ class Catalog:
         self._local = threading.local()
         self._connections: list[Any] = []
         self._lock = threading.Lock()
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
 
     # -- connections ---------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from ..catalog import (
     format_type,
 )
 from ..catalog.errors import (
+    DatasetNotFound,
     InvalidArgument,
     SchemaMismatch,
     ShardAlreadyExists,
@@ -69,8 +70,12 @@ class LavenderService:
         """A dataset by name, or by id when no dataset has that name (Flight paths use either)."""
         try:
             return self.catalog.get_dataset(name=key)
-        except KeyError:
+        except DatasetNotFound:
+            pass
+        try:
             return self.catalog.get_dataset(dataset_id=key)
+        except DatasetNotFound:
+            raise DatasetNotFound(f"no dataset named {key!r} (nor with that id)") from None
 
     def list_datasets(self) -> list[Dataset]:
         """Every dataset."""

@@ -133,7 +133,11 @@ def read_shard(
                 table = pa_csv.read_csv(
                     source,
                     convert_options=pa_csv.ConvertOptions(
-                        column_types={f.name: f.type for f in target}, include_columns=wanted
+                        column_types={f.name: f.type for f in target},
+                        include_columns=wanted,
+                        # write_csv writes null as nothing and "" quoted: keep them apart
+                        strings_can_be_null=True,
+                        quoted_strings_can_be_null=False,
                     ),
                 )
             else:
@@ -146,13 +150,25 @@ def read_shard(
         except KeyError as exc:
             raise SchemaMismatch(f"shard {url} has no column {exc}") from exc
         except pa.ArrowException as exc:
-            message = str(exc).splitlines()[0]
+            message = _name_csv_column(location, path, fmt, str(exc).splitlines()[0])
             raise SchemaMismatch(
                 f"cannot read shard {url} as the declared columns: {message}"
             ) from exc
         except OSError as exc:
             raise StorageError(f"cannot read shard {url}: {exc}") from exc
     return conform(table, target, url)
+
+
+def _name_csv_column(location: Location, path: str, fmt: str, message: str) -> str:
+    """Arrow's CSV errors say ``column #3``; a user wants the column's name."""
+    match = re.search(r"CSV column #(\d+)", message)
+    if fmt != "csv" or match is None:
+        return message
+    names = read_shard_schema(location, path, fmt).names
+    index = int(match.group(1))
+    if index < len(names):
+        return message.replace(match.group(0), f"CSV column {names[index]!r}")
+    return message
 
 
 def conform(table: pa.Table, target: pa.Schema, url: str) -> pa.Table:

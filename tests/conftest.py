@@ -1,0 +1,74 @@
+"""Shared fixtures: a real catalog file, a real Flight server on a free port, a client on it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.flight as flight
+import pytest
+
+from lavender_flight.catalog import Catalog
+from lavender_flight.client import api as lavender
+from lavender_flight.client.connection import LavenderClient
+from lavender_flight.flight_server import LavenderFlightServer, LavenderService
+
+CALL_TIMEOUT = 30.0
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    """A catalog in a fresh SQLite file."""
+    cat = Catalog(tmp_path / "catalog.db")
+    yield cat
+    cat.close()
+
+
+@pytest.fixture
+def service(catalog: Catalog) -> LavenderService:
+    """The service over the fresh catalog."""
+    return LavenderService(catalog)
+
+
+@pytest.fixture
+def server(service: LavenderService) -> Iterator[LavenderFlightServer]:
+    """A real Flight server on grpc://127.0.0.1:<free port>."""
+    srv = LavenderFlightServer(service, "grpc://127.0.0.1:0")
+    yield srv
+    srv.shutdown()
+
+
+@pytest.fixture
+def api_url(server: LavenderFlightServer) -> str:
+    """The URL of the test server."""
+    return f"grpc://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def client(api_url: str) -> Iterator[LavenderClient]:
+    """The module-level client API initialised against the test server."""
+    conn = lavender.init(api_url, timeout=CALL_TIMEOUT)
+    yield conn
+    conn.close()
+    lavender._client = None
+
+
+@pytest.fixture
+def raw_flight(api_url: str) -> Iterator[flight.FlightClient]:
+    """A plain pyarrow Flight client, as any Flight user would have."""
+    conn = flight.connect(api_url)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A folder for shard locations."""
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+def call_options() -> flight.FlightCallOptions:
+    """Options with a timeout, so a hang fails the test instead of stalling CI."""
+    return flight.FlightCallOptions(timeout=CALL_TIMEOUT)
