@@ -5,6 +5,7 @@ import threading
 import time
 from pathlib import Path
 
+import adbc_driver_manager
 import pyarrow as pa
 import pytest
 
@@ -109,7 +110,7 @@ def test_replace_shards_is_atomic(catalog: Catalog) -> None:
     ss = catalog.create_shardset(ds.id, "file:///m", UID_TEXT, shards=[shard(0), shard(1)])
     catalog.replace_shards(ss.id, [shard(1, rows=50), shard(2)], remove=[0])
     assert [(s.index, s.num_rows) for s in catalog.list_shards(ss.id)] == [(1, 50), (2, 10)]
-    with pytest.raises(Exception):
+    with pytest.raises(adbc_driver_manager.IntegrityError):
         # the same index twice in one call violates the primary key: nothing may change
         catalog.replace_shards(ss.id, [shard(5), shard(5)], remove=[1])
     assert [s.index for s in catalog.list_shards(ss.id)] == [1, 2]
