@@ -6,7 +6,19 @@ from . import errors
 from ._catalog import Catalog, new_id
 from ._schema import SCHEMA_VERSION
 from ._types import format_type, parse_type, types_compatible
-from .records import ColumnOptions, Dataset, DatasetColumn, Shard, Shardset, SyncResult, UidValue
+from .records import (
+    ColumnOptions,
+    Dataset,
+    DatasetColumn,
+    IterationProgress,
+    IterationRecord,
+    RankProgress,
+    RankProgressRecord,
+    Shard,
+    Shardset,
+    SyncResult,
+    UidValue,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -14,6 +26,10 @@ __all__ = [
     "ColumnOptions",
     "Dataset",
     "DatasetColumn",
+    "IterationProgress",
+    "IterationRecord",
+    "RankProgress",
+    "RankProgressRecord",
     "Shard",
     "Shardset",
     "SyncResult",

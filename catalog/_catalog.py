@@ -14,6 +14,7 @@ from typing import Any
 import adbc_driver_manager
 import adbc_driver_sqlite.dbapi as sqlite_dbapi
 
+from ._iterations import IterationStore
 from ._schema import MIGRATIONS, SCHEMA_VERSION
 from .errors import (
     DatasetAlreadyExists,
@@ -42,7 +43,7 @@ def _decode_uid(text: str | None) -> UidValue:
     return None if text is None else json.loads(text)
 
 
-class Catalog:
+class Catalog(IterationStore):
     """The system of record: every other layer reads and writes state through this class.
 
     One SQLite file in WAL mode, one ADBC connection per thread (readers never block the
@@ -199,6 +200,13 @@ class Catalog:
         with self._write() as conn:
             if not self._run(conn, "SELECT id FROM datasets WHERE id = ?", (dataset_id,)):
                 raise DatasetNotFound(f"no dataset with id {dataset_id!r}")
+            iterations = "SELECT id FROM iterations WHERE dataset_id = ?"
+            self._run(
+                conn,
+                f"DELETE FROM iteration_ranks WHERE iteration_id IN ({iterations})",
+                (dataset_id,),
+            )
+            self._run(conn, "DELETE FROM iterations WHERE dataset_id = ?", (dataset_id,))
             shardsets = "SELECT id FROM shardsets WHERE dataset_id = ?"
             for table in ("shards", "shardset_columns"):
                 self._run(

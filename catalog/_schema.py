@@ -43,6 +43,27 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (shardset_id, shard_index)
         )""",
     ],
+    [
+        """CREATE TABLE iterations (
+            id TEXT PRIMARY KEY,
+            dataset_id TEXT NOT NULL REFERENCES datasets (id),
+            spec TEXT NOT NULL,
+            plan TEXT NOT NULL,
+            total BIGINT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX iterations_by_dataset ON iterations (dataset_id)",
+        """CREATE TABLE iteration_ranks (
+            iteration_id TEXT NOT NULL REFERENCES iterations (id),
+            rank INTEGER NOT NULL,
+            acked TEXT NOT NULL,
+            filtered TEXT NOT NULL,
+            failed TEXT NOT NULL,
+            inflight TEXT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (iteration_id, rank)
+        )""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

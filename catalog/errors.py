@@ -13,7 +13,8 @@ error, and the client turns that back into the same class, so a user sees
     │   └── ActionNotFound
     ├── AlreadyExists                  name or index taken          (ALREADY_EXISTS)
     │   ├── DatasetAlreadyExists
-    │   └── ShardAlreadyExists
+    │   ├── ShardAlreadyExists
+    │   └── IterationConflict          an iteration id taken by a different spec
     ├── InvalidArgument                bad input, nothing changed   (INVALID_ARGUMENT)
     │   ├── InvalidLocation            unknown protocol, a file, unreachable
     │   ├── SchemaMismatch             a shard disagrees with the declared columns
@@ -39,6 +40,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidLocation",
     "InvalidRequest",
+    "IterationConflict",
     "IterationNotFound",
     "LavenderError",
     "NotFound",
@@ -108,6 +110,10 @@ class DatasetAlreadyExists(AlreadyExists):
 
 class ShardAlreadyExists(AlreadyExists):
     """The shard index is taken in that shardset (write with ``overwrite=True`` to replace)."""
+
+
+class IterationConflict(AlreadyExists):
+    """An iteration of that id exists with a different spec (ranks must pass the same one)."""
 
 
 class InvalidArgument(LavenderError, ValueError):

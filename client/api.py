@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
+from pydantic import ValidationError
 
 from ..catalog import ColumnOptions, Dataset, Shard, Shardset, SyncResult
+from ..catalog.errors import InvalidArgument
 from ..flight_server import wire
 from .connection import LavenderClient
 
@@ -66,13 +69,15 @@ def get_client() -> LavenderClient:
 
 def create_dataset(name: str, uid_column_name: str = "uid") -> Dataset:
     """Create an empty dataset whose samples are identified by ``uid_column_name``."""
-    body = wire.CreateDatasetBody(name=name, uid_column_name=uid_column_name)
+    body = wire.build(
+        wire.CreateDatasetBody, "arguments", name=name, uid_column_name=uid_column_name
+    )
     return Dataset.model_validate(get_client().action_json("create_dataset", body))
 
 
 def get_dataset(dataset_id: str | None = None, name: str | None = None) -> Dataset:
     """A dataset with its shardsets, by id or by name."""
-    body = wire.GetDatasetBody(dataset_id=dataset_id, name=name)
+    body = wire.build(wire.GetDatasetBody, "arguments", dataset_id=dataset_id, name=name)
     return Dataset.model_validate(get_client().action_json("get_dataset", body))
 
 
@@ -83,13 +88,24 @@ def list_datasets() -> list[Dataset]:
 
 def delete_dataset(dataset_id: str) -> None:
     """Delete a dataset from the catalog (its shard files stay in storage)."""
-    get_client().action("delete_dataset", wire.DatasetBody(dataset_id=dataset_id))
+    get_client().action(
+        "delete_dataset", wire.build(wire.DatasetBody, "arguments", dataset_id=dataset_id)
+    )
+
+
+def _column(column: ColumnOptions | dict[str, Any]) -> ColumnOptions:
+    if isinstance(column, ColumnOptions):
+        return column
+    try:
+        return ColumnOptions.model_validate(column)
+    except ValidationError as exc:
+        raise InvalidArgument(f"invalid column {column!r}: {wire.problems(exc)}") from None
 
 
 def create_shardset(
     dataset_id: str,
     location: str,
-    columns: Sequence[ColumnOptions] | None = None,
+    columns: Sequence[ColumnOptions | dict[str, Any]] | None = None,
     is_main: bool = False,
 ) -> Shardset:
     """Add a shardset stored at ``location`` (a folder URL such as ``file:///data/x`` or ``s3://b/p``).
@@ -97,10 +113,12 @@ def create_shardset(
     Shards already there are checked and registered. Without ``columns``, they are inferred
     from the first shard found at the location.
     """
-    body = wire.CreateShardsetBody(
+    body = wire.build(
+        wire.CreateShardsetBody,
+        "arguments",
         dataset_id=dataset_id,
         location=location,
-        columns=[ColumnOptions.model_validate(c) for c in columns] if columns is not None else None,
+        columns=[_column(c) for c in columns] if columns is not None else None,
         is_main=is_main,
     )
     return Shardset.model_validate(get_client().action_json("create_shardset", body))
@@ -108,26 +126,33 @@ def create_shardset(
 
 def get_shardset(dataset_id: str, shardset_id: str) -> Shardset:
     """One shardset of a dataset."""
-    body = wire.ShardsetBody(dataset_id=dataset_id, shardset_id=shardset_id)
+    body = wire.build(
+        wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
+    )
     return Shardset.model_validate(get_client().action_json("get_shardset", body))
 
 
 def delete_shardset(dataset_id: str, shardset_id: str) -> None:
     """Remove a shardset from the catalog (its files stay in storage)."""
     get_client().action(
-        "delete_shardset", wire.ShardsetBody(dataset_id=dataset_id, shardset_id=shardset_id)
+        "delete_shardset",
+        wire.build(wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id),
     )
 
 
 def list_shards(dataset_id: str, shardset_id: str) -> list[Shard]:
     """The shards of a shardset: file, rows, size, uid range."""
-    body = wire.ShardsetBody(dataset_id=dataset_id, shardset_id=shardset_id)
+    body = wire.build(
+        wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
+    )
     return [Shard.model_validate(s) for s in get_client().action_json("list_shards", body)]
 
 
 def sync_shardset(dataset_id: str, shardset_id: str) -> SyncResult:
     """Register shard files added at the shardset's location since the last sync."""
-    body = wire.ShardsetBody(dataset_id=dataset_id, shardset_id=shardset_id)
+    body = wire.build(
+        wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
+    )
     return SyncResult.model_validate(get_client().action_json("sync_shardset", body))
 
 
@@ -135,7 +160,9 @@ def preview_dataset(
     dataset_id: str, offset: int = 0, limit: int = 10, columns: Sequence[str] | None = None
 ) -> pa.Table:
     """Rows ``offset .. offset + limit`` of a dataset, its shardsets joined, as a table."""
-    body = wire.PreviewBody(
+    body = wire.build(
+        wire.PreviewBody,
+        "arguments",
         dataset_id=dataset_id,
         offset=offset,
         limit=limit,

@@ -16,7 +16,7 @@ from ..catalog.errors import LavenderError, ServerError, ServerUnavailable, erro
 
 __all__ = ["LavenderClient", "domain_error"]
 
-_WIRE_MESSAGE = re.compile(r'^"?(?P<cls>[A-Z][A-Za-z]+): (?P<message>.*?)"?$', re.DOTALL)
+_WIRE_MESSAGE = re.compile(r"^(?P<cls>[A-Z][A-Za-z]+): (?P<message>.*)$", re.DOTALL)
 
 
 def domain_error(exc: BaseException, url: str = "") -> LavenderError:

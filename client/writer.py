@@ -61,7 +61,9 @@ class Writer:
     ) -> Shard:
         """Write ``samples`` (dicts or an Arrow table) as shard ``shard_index`` and register it."""
         table = self._table(samples)
-        command = wire.PutShardCommand(
+        command = wire.build(
+            wire.PutShardCommand,
+            "write",
             dataset_id=self.shardset.dataset_id,
             shardset_id=self.shardset.id,
             shard_index=shard_index,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..catalog import Catalog
+from ..catalog.errors import LavenderError
 from .demo import DEMO_DATASET, create_demo
 from .server import LavenderFlightServer
 from .service import LavenderService
@@ -111,5 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    serve(settings)
+    try:
+        serve(settings)
+    except LavenderError as exc:
+        print(f"lavender-flight: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0

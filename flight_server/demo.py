@@ -29,12 +29,31 @@ def create_demo(service: LavenderService, home: Path, rows: int = 5000, shards: 
     Shardset ``main`` holds ``uid, text, label``; shardset ``features`` adds ``length`` and
     ``score`` for the same uids (written aligned, as a feature job would).
     """
+    home = home.resolve()
     try:
-        return service.get_dataset(name=DEMO_DATASET)
+        existing = service.get_dataset(name=DEMO_DATASET)
     except DatasetNotFound:
         pass
-    rng = random.Random(7)
+    else:
+        complete = len(existing.shardsets) == 2 and all(
+            s.total_samples == rows for s in existing.shardsets
+        )
+        if complete:
+            return existing
+        log.warning("the demo dataset is incomplete (an earlier start failed): recreating it")
+        service.delete_dataset(existing.id)
     dataset = service.create_dataset(DEMO_DATASET, "uid")
+    try:
+        return _fill_demo(service, dataset, home, rows, shards)
+    except BaseException:
+        service.delete_dataset(dataset.id)
+        raise
+
+
+def _fill_demo(
+    service: LavenderService, dataset: Dataset, home: Path, rows: int, shards: int
+) -> Dataset:
+    rng = random.Random(7)
     main = service.create_shardset(
         dataset.id,
         (home / "demo" / "main").as_uri(),
@@ -68,6 +87,7 @@ def create_demo(service: LavenderService, home: Path, rows: int = 5000, shards: 
                     "label": pa.array([uid % 10 for uid in uids], pa.int32()),
                 }
             ),
+            overwrite=True,
         )
         service.write_shard(
             dataset.id,
@@ -80,6 +100,7 @@ def create_demo(service: LavenderService, home: Path, rows: int = 5000, shards: 
                     "score": pa.array([rng.random() for _ in uids], pa.float32()),
                 }
             ),
+            overwrite=True,
         )
     log.info("created demo dataset %r (%d rows) under %s", DEMO_DATASET, rows, home / "demo")
     return service.get_dataset(dataset_id=dataset.id)

@@ -34,13 +34,13 @@ class ServerSettings(BaseSettings):
 
     @property
     def home(self) -> Path:
-        """The data home, with ``~`` expanded."""
-        return self.data_home.expanduser()
+        """The data home, with ``~`` expanded, absolute."""
+        return self.data_home.expanduser().resolve()
 
     @property
     def catalog_path(self) -> Path:
         """Where the catalog file lives."""
-        return (self.catalog or self.home / "catalog.db").expanduser()
+        return (self.catalog or self.home / "catalog.db").expanduser().resolve()
 
     @property
     def url(self) -> str:

@@ -6,15 +6,23 @@ types and oversized values are refused before anything runs.
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..catalog import ColumnOptions
-from ..catalog.errors import InvalidRequest
+from ..catalog.errors import InvalidArgument, InvalidRequest
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "AckBody",
+    "BatchMetadata",
+    "IterationBody",
+    "IterationCommand",
+    "IterationSpec",
+    "IterationTicket",
+    "ListIterationsBody",
+    "PluginCall",
     "CreateDatasetBody",
     "CreateShardsetBody",
     "DatasetBody",
@@ -25,8 +33,10 @@ __all__ = [
     "ShardTicket",
     "ShardsetBody",
     "WireModel",
+    "build",
     "decode",
     "encode",
+    "problems",
 ]
 
 MAX_PAYLOAD_BYTES = 1 << 20
@@ -120,13 +130,110 @@ def decode(model: type[M], payload: bytes, what: str) -> M:
     try:
         return model.model_validate_json(payload or b"{}")
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in exc.errors()[:5]
-        )
-        raise InvalidRequest(f"invalid {what}: {problems}") from None
+        raise InvalidRequest(f"invalid {what}: {problems(exc)}") from None
+
+
+def build(model: type[M], what: str, **fields: Any) -> M:
+    """Build a payload from keyword arguments, or raise ``InvalidArgument`` saying what is wrong."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise InvalidArgument(f"invalid {what}: {problems(exc)}") from None
+
+
+def problems(exc: ValidationError) -> str:
+    """A validation error in one line: ``field: what is wrong; ...``."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: "
+        f"{err['msg'].removeprefix('Value error, ')}"
+        for err in exc.errors()[:5]
+    )
 
 
 def encode(model: BaseModel) -> bytes:
     """The JSON bytes of a payload."""
     return model.model_dump_json(by_alias=True).encode()
+
+
+_ITERATION_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
+Ranges = list[tuple[int, int]]
+
+
+class PluginCall(BaseModel):
+    """A filter, collater or preprocessor by name, with its parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class IterationSpec(WireModel):
+    """What an iteration delivers; ranks that join one iteration must send the same spec."""
+
+    dataset_id: str = _Id
+    shardsets: list[str] | None = Field(default=None, max_length=1000)
+    columns: list[str] | None = Field(default=None, max_length=10_000)
+    batch_size: int = Field(ge=1, le=1_000_000)
+    shuffle: bool = False
+    shuffle_seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
+    shuffle_block_size: int = Field(default=4, ge=1, le=1_000_000)
+    drop_last: bool = False
+    world_size: int = Field(default=1, ge=1, le=65_536)
+    replication_pg: list[list[int]] | None = Field(default=None, max_length=65_536)
+    filters: list[PluginCall] = Field(default_factory=list, max_length=100)
+    collater: PluginCall | None = None
+    preprocessors: list[PluginCall] = Field(default_factory=list, max_length=100)
+    max_retry_count: int = Field(default=0, ge=0, le=100)
+    skip_on_failure: bool = False
+
+
+class IterationCommand(WireModel):
+    """``get_flight_info`` command: create (or join) an iteration, or reopen one by id."""
+
+    kind: Literal["iteration"] = "iteration"
+    iteration_id: str | None = Field(default=None, pattern=_ITERATION_ID)
+    spec: IterationSpec | None = None
+
+
+class IterationTicket(WireModel):
+    """``do_get`` ticket of an iteration: one rank's stream (or one worker's share of it)."""
+
+    kind: Literal["iteration"] = "iteration"
+    iteration_id: str = Field(pattern=_ITERATION_ID)
+    rank: int = Field(default=0, ge=0, le=65_535)
+    worker: int = Field(default=0, ge=0, le=1023)
+    num_workers: int = Field(default=1, ge=1, le=1024)
+
+
+class AckBody(WireModel):
+    """``ack``: the local sequence ranges of batches a rank has consumed."""
+
+    iteration_id: str = Field(pattern=_ITERATION_ID)
+    rank: int = Field(default=0, ge=0, le=65_535)
+    seq: Ranges = Field(max_length=1_000_000)
+
+
+class IterationBody(WireModel):
+    """Actions on one iteration."""
+
+    iteration_id: str = Field(pattern=_ITERATION_ID)
+
+
+class ListIterationsBody(WireModel):
+    """``list_iterations``, of one dataset or all."""
+
+    dataset_id: str | None = Field(default=None, max_length=128)
+
+
+class BatchMetadata(WireModel):
+    """The ``app_metadata`` of every iteration batch (JSON).
+
+    ``seq`` names the rank's local sequence ranges the batch carries (what to acknowledge);
+    ``positions`` the dataset positions of its rows, in row order, as ``[start, stop)`` runs.
+    """
+
+    iteration_id: str
+    rank: int
+    seq: Ranges
+    positions: Ranges

@@ -1,0 +1,134 @@
+"""Iterations in the catalog: their spec and plan, and each rank's progress as ranges."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import DatasetNotFound, IterationNotFound
+from .records import IterationRecord, RankProgressRecord
+
+__all__ = ["IterationStore"]
+
+_RANGE_FIELDS = ("acked", "filtered", "failed", "inflight")
+
+
+class IterationStore:
+    """The iteration half of ``Catalog`` (mixed in; uses its connection helpers)."""
+
+    def _query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _run(
+        self, conn: Any, sql: str, params: Sequence[Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _write(self) -> Any:
+        raise NotImplementedError
+
+    def create_iteration(self, record: IterationRecord) -> tuple[IterationRecord, bool]:
+        """Store a new iteration, or return the one stored under its id; says which."""
+        with self._write() as conn:
+            if not self._run(conn, "SELECT id FROM datasets WHERE id = ?", (record.dataset_id,)):
+                raise DatasetNotFound(f"no dataset with id {record.dataset_id!r}")
+            rows = self._run(conn, "SELECT id FROM iterations WHERE id = ?", (record.id,))
+            if not rows:
+                self._run(
+                    conn,
+                    "INSERT INTO iterations (id, dataset_id, spec, plan, total, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.dataset_id,
+                        json.dumps(record.spec),
+                        json.dumps(record.plan),
+                        record.total,
+                        record.created_at,
+                    ),
+                )
+                return record, True
+        return self.get_iteration(record.id), False
+
+    def get_iteration(self, iteration_id: str) -> IterationRecord:
+        """One iteration by id."""
+        rows = self._query(
+            "SELECT id, dataset_id, spec, plan, total, created_at FROM iterations WHERE id = ?",
+            (iteration_id,),
+        )
+        if not rows:
+            raise IterationNotFound(f"no iteration with id {iteration_id!r}")
+        return self._iteration(rows[0])
+
+    def list_iterations(self, dataset_id: str | None = None) -> list[IterationRecord]:
+        """Iterations, newest first (of one dataset when given)."""
+        sql = "SELECT id, dataset_id, spec, plan, total, created_at FROM iterations"
+        params: tuple[Any, ...] = ()
+        if dataset_id is not None:
+            sql += " WHERE dataset_id = ?"
+            params = (dataset_id,)
+        return [self._iteration(r) for r in self._query(sql + " ORDER BY created_at DESC", params)]
+
+    @staticmethod
+    def _iteration(row: tuple[Any, ...]) -> IterationRecord:
+        iteration_id, dataset_id, spec, plan, total, created_at = row
+        return IterationRecord(
+            id=iteration_id,
+            dataset_id=dataset_id,
+            spec=json.loads(spec),
+            plan=json.loads(plan),
+            total=int(total),
+            created_at=float(created_at),
+        )
+
+    def load_progress(self, iteration_id: str) -> list[RankProgressRecord]:
+        """The saved progress of every rank of an iteration."""
+        rows = self._query(
+            "SELECT rank, acked, filtered, failed, inflight, updated_at FROM iteration_ranks "
+            "WHERE iteration_id = ? ORDER BY rank",
+            (iteration_id,),
+        )
+        return [
+            RankProgressRecord(
+                iteration_id=iteration_id,
+                rank=int(rank),
+                acked=json.loads(acked),
+                filtered=json.loads(filtered),
+                failed=json.loads(failed),
+                inflight=json.loads(inflight),
+                updated_at=float(updated_at),
+            )
+            for rank, acked, filtered, failed, inflight, updated_at in rows
+        ]
+
+    def save_progress(self, records: Sequence[RankProgressRecord]) -> None:
+        """Replace the saved progress of the given ranks, all in one transaction."""
+        now = time.time()
+        with self._write() as conn:
+            for record in records:
+                self._run(
+                    conn,
+                    "DELETE FROM iteration_ranks WHERE iteration_id = ? AND rank = ?",
+                    (record.iteration_id, record.rank),
+                )
+                self._run(
+                    conn,
+                    "INSERT INTO iteration_ranks (iteration_id, rank, acked, filtered, failed, "
+                    "inflight, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.iteration_id,
+                        record.rank,
+                        *(json.dumps(getattr(record, f)) for f in _RANGE_FIELDS),
+                        now,
+                    ),
+                )
+
+    def delete_iteration(self, iteration_id: str) -> None:
+        """Forget an iteration and its progress."""
+        with self._write() as conn:
+            if not self._run(conn, "SELECT id FROM iterations WHERE id = ?", (iteration_id,)):
+                raise IterationNotFound(f"no iteration with id {iteration_id!r}")
+            self._run(conn, "DELETE FROM iteration_ranks WHERE iteration_id = ?", (iteration_id,))
+            self._run(conn, "DELETE FROM iterations WHERE id = ?", (iteration_id,))

@@ -1,0 +1,143 @@
+"""``EpochPlan``: the fixed, seeded order of one epoch, computed block by block.
+
+Terms used throughout the iteration engine:
+
+- *position*: a sample's place in the dataset, counting main-shard rows in shard order;
+- *global sequence number*: a sample's place in the epoch's order (after shuffling);
+- *chunk*: ``batch_size`` consecutive global sequence numbers; chunk ``j`` goes to
+  partition ``j % partitions`` (see ``World``);
+- *local sequence number*: a sample's place in one partition's stream.
+
+Shuffling permutes the shard order, then cuts it into blocks of ``block_size`` shards and
+permutes the samples of each block. Only the permutation of a block being read is ever in
+memory, so memory is bounded by the block, whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..catalog.errors import InvalidArgument
+
+__all__ = ["Block", "EpochPlan"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """Shards read together (and shuffled together), in the order the plan reads them."""
+
+    number: int
+    shard_slots: tuple[int, ...]
+    start: int
+    size: int
+
+
+class EpochPlan:
+    """The order of one epoch over a snapshot of the main shards' row counts."""
+
+    def __init__(
+        self,
+        shard_rows: Sequence[int],
+        batch_size: int,
+        partitions: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        block_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
+        if block_size < 1:
+            raise InvalidArgument(f"shuffle_block_size must be >= 1, got {block_size}")
+        self.shard_rows = [int(n) for n in shard_rows]
+        self.batch_size = batch_size
+        self.partitions = partitions
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.shard_starts = np.concatenate(([0], np.cumsum(self.shard_rows, dtype=np.int64)))
+        available = int(self.shard_starts[-1])
+        if drop_last:
+            # Only full batches, and the same number for every partition: DDP ranks stay
+            # in lockstep to the last step instead of one waiting for the others forever.
+            per_round = batch_size * partitions
+            self.total = available // per_round * per_round
+        else:
+            self.total = available
+        order = list(range(len(self.shard_rows)))
+        if shuffle:
+            order = np.random.default_rng([seed, 0]).permutation(len(order)).tolist()
+        if not shuffle:
+            block_size = 1
+        self.blocks: list[Block] = []
+        start = 0
+        for number, first in enumerate(range(0, len(order), block_size)):
+            slots = tuple(order[first : first + block_size])
+            size = sum(self.shard_rows[s] for s in slots)
+            self.blocks.append(Block(number, slots, start, size))
+            start += size
+        self._block_starts = np.array([b.start for b in self.blocks] + [start], dtype=np.int64)
+        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks in the epoch (the last may be short unless ``drop_last``)."""
+        return -(-self.total // self.batch_size)
+
+    def partition_size(self, partition: int) -> int:
+        """Samples in one partition's stream."""
+        chunks = len(range(partition, self.num_chunks, self.partitions))
+        if chunks == 0:
+            return 0
+        last_chunk = partition + (chunks - 1) * self.partitions
+        last_size = (
+            min(self.total, (last_chunk + 1) * self.batch_size) - last_chunk * self.batch_size
+        )
+        return (chunks - 1) * self.batch_size + last_size
+
+    def to_global(self, partition: int, local: np.ndarray) -> np.ndarray:
+        """Global sequence numbers of a partition's local sequence numbers."""
+        local = np.asarray(local, dtype=np.int64)
+        chunk, offset = np.divmod(local, self.batch_size)
+        return (chunk * self.partitions + partition) * self.batch_size + offset
+
+    def block_of(self, seq: np.ndarray) -> np.ndarray:
+        """The block number of each global sequence number."""
+        return np.searchsorted(self._block_starts, seq, side="right") - 1
+
+    def permutation(self, number: int) -> np.ndarray:
+        """The order of a block's samples: indices into its shards' rows laid end to end."""
+        block = self.blocks[number]
+        if not self.shuffle:
+            return np.arange(block.size, dtype=np.int64)
+        perm = self._perms.get(number)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, 1, number]).permutation(block.size)
+            self._perms[number] = perm
+            while len(self._perms) > 4:
+                self._perms.popitem(last=False)
+        return perm
+
+    def rows_in_block(self, number: int, seq: np.ndarray) -> np.ndarray:
+        """For global sequence numbers inside block ``number``: rows of the block's shards."""
+        return self.permutation(number)[np.asarray(seq, dtype=np.int64) - self.blocks[number].start]
+
+    def positions(self, seq: np.ndarray) -> np.ndarray:
+        """Dataset positions of global sequence numbers."""
+        seq = np.asarray(seq, dtype=np.int64)
+        out = np.empty(len(seq), dtype=np.int64)
+        blocks = self.block_of(seq)
+        for number in np.unique(blocks).tolist():
+            mask = blocks == number
+            rows = self.rows_in_block(number, seq[mask])
+            slots = self.blocks[number].shard_slots
+            sizes = np.array([self.shard_rows[s] for s in slots], dtype=np.int64)
+            bounds = np.concatenate(([0], np.cumsum(sizes)))
+            which = np.searchsorted(bounds, rows, side="right") - 1
+            starts = self.shard_starts[np.array(slots, dtype=np.int64)]
+            out[mask] = starts[which] + rows - bounds[which]
+        return out

@@ -1,0 +1,352 @@
+"""The command line as a user runs it: real subprocesses, port 0, a temporary data home."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from lavender_flight.client import api as lavender
+from lavender_flight.flight_server.settings import ServerSettings
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+BANNER = re.compile(r"^Lavender Flight serving (grpc://[\w.\-]+:(\d+))\s*$")
+UI_LINE = re.compile(r"^\s+ui\s", re.MULTILINE)
+
+
+def lavender_flight_command() -> list[str]:
+    """The installed ``lavender-flight`` script of this Python (not a pyenv shim if avoidable)."""
+    beside = Path(sys.executable).with_name("lavender-flight")
+    found = str(beside) if beside.exists() else shutil.which("lavender-flight")
+    assert found, "the lavender-flight script is not installed"
+    return [found]
+
+
+PYTHON_M = [sys.executable, "-m", "lavender_flight.flight_server"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any LAVENDER_FLIGHT_* setting of the developer, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAVENDER_FLIGHT_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Served:
+    """A server process and what it has said on stderr so far."""
+
+    process: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+    _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    _ended: bool = False
+    url: str = ""
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def start_reading(self) -> None:
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = START_TIMEOUT) -> re.Match[str]:
+        """Read stderr lines until one matches ``pattern``; fail with all of stderr if none does."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                self._ended = True
+                self.process.wait(timeout=STOP_TIMEOUT)
+                pytest.fail(
+                    f"the server exited ({self.process.returncode}) before printing "
+                    f"{pattern.pattern!r}:\n" + self.stderr
+                )
+            self.lines.append(line)
+            if match := pattern.search(line):
+                return match
+        pytest.fail(f"no {pattern.pattern!r} on stderr within {timeout}s:\n" + self.stderr)
+
+    def wait_until_serving(self) -> str:
+        self.url = self.wait_for(BANNER).group(1)
+        return self.url
+
+    def rest_of_stderr(self) -> str:
+        """After the process ended: every line it printed."""
+        while not self._ended:
+            line = self._queue.get(timeout=STOP_TIMEOUT)
+            if line is None:
+                self._ended = True
+            else:
+                self.lines.append(line)
+        return self.stderr
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` and return the exit code (fails if it takes longer than STOP_TIMEOUT)."""
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=STOP_TIMEOUT)
+
+
+class Launcher(Protocol):
+    def __call__(
+        self, args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> Served: ...
+
+
+@pytest.fixture
+def launch() -> Iterator[Launcher]:
+    """Start server processes; whatever is still running at teardown is terminated, then killed."""
+    started: list[Served] = []
+
+    def start(
+        args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> Served:
+        process = subprocess.Popen(
+            list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env if env is not None else clean_env(),
+            cwd=cwd,
+        )
+        served = Served(process)
+        started.append(served)
+        served.start_reading()
+        return served
+
+    yield start
+    for served in started:
+        if served.process.poll() is None:
+            served.process.terminate()
+            try:
+                served.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                served.process.kill()
+                served.process.wait(timeout=STOP_TIMEOUT)
+        if served.process.stderr is not None:
+            served.process.stderr.close()
+
+
+@pytest.fixture
+def connect() -> Iterator[None]:
+    """Reset the module-level client after a test that used ``lavender.init``."""
+    yield None
+    if lavender._client is not None:
+        lavender._client.close()
+    lavender._client = None
+
+
+def check_demo(url: str) -> str:
+    """What a new user checks against ``--demo``; returns the demo dataset's id."""
+    lavender.init(url, timeout=10)
+    names = [d.name for d in lavender.list_datasets()]
+    assert names == ["demo"]
+    demo = lavender.get_dataset(name="demo")
+    assert len(demo.shardsets) == 2
+    assert 1000 <= demo.total_samples <= 20_000
+    assert all(s.total_samples == demo.total_samples for s in demo.shardsets)
+    preview = lavender.preview_dataset(demo.id, limit=25)
+    assert preview.num_rows == 25
+    assert {"uid", "text", "label", "length", "score"} <= set(preview.column_names)
+    nulls = {name: preview.column(name).null_count for name in preview.column_names}
+    assert not any(nulls.values()), f"joined columns hold nulls: {nulls}"
+    assert preview.column("uid").to_pylist() == list(range(25))
+    return demo.id
+
+
+def stop_cleanly(served: Served) -> None:
+    started = time.monotonic()
+    code = served.stop(signal.SIGTERM)
+    elapsed = time.monotonic() - started
+    assert code == 0, served.rest_of_stderr()
+    assert elapsed < 5.0, f"SIGTERM took {elapsed:.1f}s"
+    assert "Lavender Flight shutting down" in served.rest_of_stderr()
+
+
+# -- serve --------------------------------------------------------------------------------
+
+
+def test_serve_demo_comes_up_and_stops_on_sigterm(
+    launch: Launcher, connect: None, tmp_path: Path
+) -> None:
+    served = launch(
+        [*lavender_flight_command(), "serve", "--demo", "--no-ui", "--port", "0",
+         "--data-home", str(tmp_path)]
+    )  # fmt: skip
+    url = served.wait_until_serving()
+    assert not url.endswith(":0")
+    check_demo(url)
+    assert (tmp_path / "catalog.db").is_file()
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["features", "main"]
+    stop_cleanly(served)
+    assert not UI_LINE.search(served.stderr), "--no-ui still announced the dashboard"
+
+
+def test_demo_is_created_once_per_data_home(
+    launch: Launcher, connect: None, tmp_path: Path
+) -> None:
+    args = [*lavender_flight_command(), "--demo", "--no-ui", "--port", "0",
+            "--data-home", str(tmp_path)]  # fmt: skip
+    first = launch(args)
+    first_id = check_demo(first.wait_until_serving())
+    stop_cleanly(first)
+
+    second = launch(args)
+    second_id = check_demo(second.wait_until_serving())
+    assert second_id == first_id
+    second.wait_for(re.compile(r"^  catalog  .* \(1 datasets, 5000 samples\)$"), timeout=5)
+    stop_cleanly(second)
+
+
+@pytest.mark.parametrize("words", [["serve"], []], ids=["serve", "no-serve-word"])
+def test_python_dash_m_works_the_same(
+    launch: Launcher, connect: None, tmp_path: Path, words: list[str]
+) -> None:
+    served = launch(
+        [*PYTHON_M, *words, "--demo", "--no-ui", "--port", "0", "--data-home", str(tmp_path)]
+    )
+    check_demo(served.wait_until_serving())
+    stop_cleanly(served)
+
+
+def test_sigint_stops_it_too(launch: Launcher, tmp_path: Path) -> None:
+    served = launch([*PYTHON_M, "--no-ui", "--port", "0", "--data-home", str(tmp_path)])
+    served.wait_until_serving()
+    assert served.stop(signal.SIGINT) == 0, served.rest_of_stderr()
+
+
+def test_flags_come_from_the_environment(launch: Launcher, connect: None, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    catalog = tmp_path / "elsewhere" / "my-catalog.db"
+    env = clean_env(
+        LAVENDER_FLIGHT_PORT="0",
+        LAVENDER_FLIGHT_DATA_HOME=str(home),
+        LAVENDER_FLIGHT_DEMO="true",
+        LAVENDER_FLIGHT_NO_UI="1",
+        LAVENDER_FLIGHT_CATALOG=str(catalog),
+        # a client setting in the same shell must not upset the server's settings
+        LAVENDER_FLIGHT_API_URL="grpc://127.0.0.1:1",
+    )
+    served = launch(lavender_flight_command(), env=env)
+    url = served.wait_until_serving()
+    assert int(url.rsplit(":", 1)[1]) not in (0, 8815)
+    check_demo(url)
+    assert catalog.is_file()
+    assert not (home / "catalog.db").exists()
+    assert (home / "demo" / "main").is_dir()
+    served.wait_for(re.compile(re.escape(f"catalog  {catalog}")), timeout=5)
+    stop_cleanly(served)
+    assert not UI_LINE.search(served.stderr), "LAVENDER_FLIGHT_NO_UI=1 still announced the UI"
+
+
+def test_flag_wins_over_environment(launch: Launcher, tmp_path: Path) -> None:
+    env = clean_env(LAVENDER_FLIGHT_PORT="1", LAVENDER_FLIGHT_DATA_HOME=str(tmp_path / "env"))
+    served = launch(
+        [
+            *lavender_flight_command(),
+            "--port",
+            "0",
+            "--no-ui",
+            "--data-home",
+            str(tmp_path / "flag"),
+        ],
+        env=env,
+    )
+    assert not served.wait_until_serving().endswith(":1")
+    assert (tmp_path / "flag" / "catalog.db").is_file()
+    assert not (tmp_path / "env").exists()
+    stop_cleanly(served)
+
+
+# -- help ---------------------------------------------------------------------------------
+
+
+def run_quickly(
+    args: Sequence[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args),
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        env=env if env is not None else clean_env(COLUMNS="200"),
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("command", [lavender_flight_command(), PYTHON_M], ids=["script", "-m"])
+def test_serve_help_lists_every_flag_with_its_env_variable(command: list[str]) -> None:
+    done = run_quickly([*command, "serve", "--help"])
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    for name in ServerSettings.model_fields:
+        flag = "--" + name.replace("_", "-")
+        env = "LAVENDER_FLIGHT_" + name.upper()
+        assert re.search(rf"{flag}\b", text), f"{flag} missing from --help"
+        assert f"[env {env};" in text, f"{env} missing from --help"
+
+
+def test_top_level_help_names_the_serve_command() -> None:
+    done = run_quickly([*lavender_flight_command(), "--help"])
+    assert done.returncode == 0, done.stderr
+    assert "serve" in done.stdout
+    assert "Arrow Flight" in done.stdout
+
+
+def test_bad_flag_is_a_usage_error() -> None:
+    done = run_quickly([*lavender_flight_command(), "serve", "--prot", "0"])
+    assert done.returncode == 2
+    assert "unrecognized arguments: --prot" in done.stderr
+
+
+# -- known bugs ---------------------------------------------------------------------------
+
+
+def test_demo_with_a_relative_data_home(launch: Launcher, connect: None, tmp_path: Path) -> None:
+    served = launch(
+        [*lavender_flight_command(), "--demo", "--no-ui", "--port", "0", "--data-home", "rel"],
+        cwd=tmp_path,
+    )
+    check_demo(served.wait_until_serving())
+    stop_cleanly(served)
+
+
+def test_a_failed_demo_creation_is_redone_next_time(
+    launch: Launcher, connect: None, tmp_path: Path
+) -> None:
+    (tmp_path / "demo").write_text("a file where the demo folder goes")
+    args = [*lavender_flight_command(), "--demo", "--no-ui", "--port", "0",
+            "--data-home", str(tmp_path)]  # fmt: skip
+    failed = launch(args)
+    assert failed.process.wait(timeout=START_TIMEOUT) != 0
+    assert "Not a directory" in failed.rest_of_stderr()
+
+    (tmp_path / "demo").unlink()
+    served = launch(args)
+    check_demo(served.wait_until_serving())
+    stop_cleanly(served)
