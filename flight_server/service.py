@@ -262,7 +262,7 @@ class LavenderService:
                 f"columns {', '.join(map(repr, extra))} are not declared in shardset "
                 f"{shardset_id} (declared: {', '.join(schema.names)})"
             )
-        table = conform(table, schema, f"{where.url} shard {shard_index}")
+        table = conform(table, schema, f"{where.url} shard {shard_index}", lenient=True)
         stats = shard_stats(table, dataset.uid_column_name)
         path = where.child(shard_file_name(shard_index, fmt))
         old = existing.get(shard_index)

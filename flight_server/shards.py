@@ -171,8 +171,12 @@ def _name_csv_column(location: Location, path: str, fmt: str, message: str) -> s
     return message
 
 
-def conform(table: pa.Table, target: pa.Schema, url: str) -> pa.Table:
-    """Check ``table`` against the declared schema and cast it to exactly that schema."""
+def conform(table: pa.Table, target: pa.Schema, url: str, lenient: bool = False) -> pa.Table:
+    """Check ``table`` against the declared schema and cast it to exactly that schema.
+
+    ``lenient`` (for tables written through the server, whose values are all at hand) also
+    accepts other integer or float widths when every value fits the declared type.
+    """
     missing = [name for name in target.names if name not in table.column_names]
     if missing:
         raise SchemaMismatch(
@@ -183,6 +187,8 @@ def conform(table: pa.Table, target: pa.Schema, url: str) -> pa.Table:
         return table
     for declared in target:
         found = table.schema.field(declared.name).type
+        if lenient and _same_number_kind(declared.type, found):
+            continue
         if not types_compatible(declared.type, found):
             raise SchemaMismatch(
                 f"shard {url}: column {declared.name!r} is {found}, declared {declared.type}"
@@ -191,6 +197,12 @@ def conform(table: pa.Table, target: pa.Schema, url: str) -> pa.Table:
         return table.cast(target)
     except pa.ArrowException as exc:
         raise SchemaMismatch(f"shard {url}: {str(exc).splitlines()[0]}") from exc
+
+
+def _same_number_kind(declared: pa.DataType, found: pa.DataType) -> bool:
+    return (pa.types.is_integer(declared) and pa.types.is_integer(found)) or (
+        pa.types.is_floating(declared) and pa.types.is_floating(found)
+    )
 
 
 def check_shard_schema(found: pa.Schema, declared: pa.Schema, url: str) -> None:

@@ -152,3 +152,22 @@ def test_preview_joins_and_pages(service: LavenderService, data_dir: Path) -> No
         service.preview_dataset(ds.id, columns=["nope"])
     with pytest.raises(InvalidArgument, match="limit"):
         service.preview_dataset(ds.id, limit=10**6)
+
+
+def test_written_tables_may_use_other_number_widths(
+    service: LavenderService, data_dir: Path
+) -> None:
+    ds = service.create_dataset("d")
+    ss = service.create_shardset(
+        ds.id,
+        data_dir.as_uri(),
+        [ColumnOptions(name="uid", type_="int32"), ColumnOptions(name="w", type_="float32")],
+    )
+    table = pa.table({"uid": pa.array([1, 2], pa.int64()), "w": pa.array([0.5, 1.5], pa.float64())})
+    service.write_shard(ds.id, ss.id, 0, table)
+    back = service.preview_dataset(ds.id)
+    assert back.schema.types == [pa.int32(), pa.float32()]
+    assert back.to_pylist() == [{"uid": 1, "w": 0.5}, {"uid": 2, "w": 1.5}]
+    too_big = pa.table({"uid": pa.array([2**40], pa.int64()), "w": pa.array([1.0])})
+    with pytest.raises(SchemaMismatch, match="not in range"):
+        service.write_shard(ds.id, ss.id, 1, too_big)
