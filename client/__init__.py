@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..catalog import errors
 from . import api
 from .connection import LavenderClient
+from .iteration import Iteration
 from .writer import Writer
 
-__all__ = ["LavenderClient", "Writer", "api", "errors"]
+__all__ = ["Iteration", "LavenderClient", "Writer", "api", "errors"]

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from pydantic import ValidationError
 
-from ..catalog import ColumnOptions, Dataset, Shard, Shardset, SyncResult
+from ..catalog import ColumnOptions, Dataset, IterationProgress, Shard, Shardset, SyncResult
 from ..catalog.errors import InvalidArgument
 from ..flight_server import wire
 from .connection import LavenderClient
@@ -26,15 +26,19 @@ __all__ = [
     "create_dataset",
     "create_shardset",
     "delete_dataset",
+    "delete_iteration",
     "delete_shardset",
     "get_client",
     "get_dataset",
+    "get_iteration",
     "get_shardset",
     "init",
     "list_actions",
     "list_datasets",
+    "list_iterations",
     "list_shards",
     "preview_dataset",
+    "pushback",
     "read_dataset",
     "sync_shardset",
 ]
@@ -190,3 +194,30 @@ def list_actions() -> list[tuple[str, str]]:
     client = get_client()
     with client.errors():
         return [(a.type, a.description) for a in client.flight.list_actions(client.options())]
+
+
+def get_iteration(iteration_id: str) -> IterationProgress:
+    """Progress of an iteration: current, completed, filtered, failed, in flight per rank."""
+    body = wire.build(wire.IterationBody, "arguments", iteration_id=iteration_id)
+    return IterationProgress.model_validate(get_client().action_json("get_iteration", body))
+
+
+def list_iterations(dataset_id: str | None = None) -> list[IterationProgress]:
+    """Progress of every iteration (of one dataset), newest first."""
+    body = wire.build(wire.ListIterationsBody, "arguments", dataset_id=dataset_id)
+    return [
+        IterationProgress.model_validate(p)
+        for p in get_client().action_json("list_iterations", body)
+    ]
+
+
+def pushback(iteration_id: str) -> int:
+    """Return every in-flight sample of an iteration to its queue; how many."""
+    body = wire.build(wire.IterationBody, "arguments", iteration_id=iteration_id)
+    return int(get_client().action_json("pushback", body)["pushed_back"])
+
+
+def delete_iteration(iteration_id: str) -> None:
+    """Forget an iteration and its progress."""
+    body = wire.build(wire.IterationBody, "arguments", iteration_id=iteration_id)
+    get_client().action("delete_iteration", body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class DatasetReader:
         self.schema = pa.schema(fields)
         self._cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self._cache_size = cache_size
+        self._lock = threading.Lock()  # streams and prefetch threads share one reader
 
     @property
     def main_shards(self) -> list[Shard]:
@@ -128,22 +130,34 @@ class DatasetReader:
         raise ShardNotFound(f"no shard {index} in shardset {self.main.shardset.id}")
 
     def _read(self, view: ShardsetView, shard: Shard) -> pa.Table:
+        """Read one shard of a view.
+
+        Feature shards are cached, since neighbouring main shards often join with them.
+        """
+        if view is self.main:
+            return self._read_uncached(view, shard)
         key = (view.shardset.id, shard.index)
-        table = self._cache.get(key)
-        if table is None:
-            table = read_shard(
-                view.location,
-                view.location.fs._strip_protocol(shard.location),
-                shard.format,
-                view.schema,
-                view.columns,
-            )
+        with self._lock:
+            table = self._cache.get(key)
+            if table is not None:
+                self._cache.move_to_end(key)
+                return table
+        table = self._read_uncached(view, shard)
+        with self._lock:
             self._cache[key] = table
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
         return table
+
+    @staticmethod
+    def _read_uncached(view: ShardsetView, shard: Shard) -> pa.Table:
+        return read_shard(
+            view.location,
+            view.location.fs._strip_protocol(shard.location),
+            shard.format,
+            view.schema,
+            view.columns,
+        )
 
     def read(self, shard: Shard) -> pa.Table:
         """The joined rows of one main shard."""

@@ -16,6 +16,7 @@ from ..catalog import Dataset
 from ..catalog.errors import ActionNotFound, InvalidRequest
 from . import wire
 from .errors import translate_errors, wire_errors
+from .iterations import IterationManager, LiveIteration
 from .service import LavenderService
 
 __all__ = ["ACTIONS", "LavenderFlightServer"]
@@ -29,7 +30,7 @@ class ActionSpec:
 
     body: type[BaseModel]
     description: str
-    run: Callable[[LavenderService, Any], bytes]
+    run: Callable[[LavenderFlightServer, Any], bytes]
 
 
 def _json(value: Any) -> bytes:
@@ -56,54 +57,86 @@ ACTIONS: dict[str, ActionSpec] = {
     "create_dataset": ActionSpec(
         wire.CreateDatasetBody,
         "Create a dataset {name, uid_column_name}; answers the dataset as JSON.",
-        lambda s, b: _json(s.create_dataset(b.name, b.uid_column_name)),
+        lambda srv, b: _json(srv.service.create_dataset(b.name, b.uid_column_name)),
     ),
     "get_dataset": ActionSpec(
         wire.GetDatasetBody,
         "Get a dataset {dataset_id | name} with its shardsets, as JSON.",
-        lambda s, b: _json(s.get_dataset(dataset_id=b.dataset_id, name=b.name)),
+        lambda srv, b: _json(srv.service.get_dataset(dataset_id=b.dataset_id, name=b.name)),
     ),
     "list_datasets": ActionSpec(
         wire.Empty,
         "List every dataset with its shardsets, as a JSON array.",
-        lambda s, b: _json(s.list_datasets()),
+        lambda srv, b: _json(srv.service.list_datasets()),
     ),
     "delete_dataset": ActionSpec(
         wire.DatasetBody,
         "Delete a dataset {dataset_id} from the catalog (shard files stay).",
-        lambda s, b: _deleted(s.delete_dataset, b.dataset_id),
+        lambda srv, b: _deleted(srv.service.delete_dataset, b.dataset_id),
     ),
     "create_shardset": ActionSpec(
         wire.CreateShardsetBody,
         "Add a shardset {dataset_id, location, columns?, is_main?}; shards found there are "
         "checked and registered; columns are inferred from the first shard when omitted.",
-        lambda s, b: _json(s.create_shardset(b.dataset_id, b.location, b.columns, b.is_main)),
+        lambda srv, b: _json(
+            srv.service.create_shardset(b.dataset_id, b.location, b.columns, b.is_main)
+        ),
     ),
     "get_shardset": ActionSpec(
         wire.ShardsetBody,
         "Get a shardset {dataset_id, shardset_id}, as JSON.",
-        lambda s, b: _json(s.get_shardset(b.dataset_id, b.shardset_id)),
+        lambda srv, b: _json(srv.service.get_shardset(b.dataset_id, b.shardset_id)),
     ),
     "delete_shardset": ActionSpec(
         wire.ShardsetBody,
         "Remove a shardset {dataset_id, shardset_id} from the catalog (files stay).",
-        lambda s, b: _deleted(s.delete_shardset, b.dataset_id, b.shardset_id),
+        lambda srv, b: _deleted(srv.service.delete_shardset, b.dataset_id, b.shardset_id),
     ),
     "list_shards": ActionSpec(
         wire.ShardsetBody,
         "List the shards of a shardset {dataset_id, shardset_id}, as a JSON array.",
-        lambda s, b: _json(s.list_shards(b.dataset_id, b.shardset_id)),
+        lambda srv, b: _json(srv.service.list_shards(b.dataset_id, b.shardset_id)),
     ),
     "sync_shardset": ActionSpec(
         wire.ShardsetBody,
         "Register new shard files at a shardset's location, re-read changed ones, drop "
         "vanished ones {dataset_id, shardset_id}; answers what it found.",
-        lambda s, b: _json(s.sync_shardset(b.dataset_id, b.shardset_id)),
+        lambda srv, b: _json(srv.service.sync_shardset(b.dataset_id, b.shardset_id)),
     ),
     "preview_dataset": ActionSpec(
         wire.PreviewBody,
         "Joined rows {dataset_id, offset, limit, columns?}; answers an Arrow IPC stream.",
-        lambda s, b: _ipc(s.preview_dataset(b.dataset_id, b.offset, b.limit, b.columns)),
+        lambda srv, b: _ipc(
+            srv.service.preview_dataset(b.dataset_id, b.offset, b.limit, b.columns)
+        ),
+    ),
+    "get_iteration": ActionSpec(
+        wire.IterationBody,
+        "Progress of an iteration {iteration_id}: current, completed, filtered, failed, the "
+        "positions in flight per rank; as JSON.",
+        lambda srv, b: _json(srv.iterations.get(b.iteration_id).progress()),
+    ),
+    "list_iterations": ActionSpec(
+        wire.ListIterationsBody,
+        "Progress of every iteration {dataset_id?}, newest first; as a JSON array.",
+        lambda srv, b: _json(srv.iterations.list(b.dataset_id)),
+    ),
+    "ack": ActionSpec(
+        wire.AckBody,
+        "Acknowledge consumed samples {iteration_id, rank, seq: [[start, stop], ...]} (the "
+        "'seq' of batch metadata); saved before the answer {completed: new samples}.",
+        lambda srv, b: _json({"completed": srv.iterations.get(b.iteration_id).ack(b.rank, b.seq)}),
+    ),
+    "pushback": ActionSpec(
+        wire.IterationBody,
+        "Return every in-flight sample of an iteration {iteration_id} to its queue; "
+        "answers {pushed_back: samples}.",
+        lambda srv, b: _json({"pushed_back": srv.iterations.get(b.iteration_id).pushback()}),
+    ),
+    "delete_iteration": ActionSpec(
+        wire.IterationBody,
+        "Forget an iteration {iteration_id} and its progress.",
+        lambda srv, b: _deleted(srv.iterations.delete, b.iteration_id),
     ),
 }
 
@@ -111,11 +144,15 @@ ACTIONS: dict[str, ActionSpec] = {
 class LavenderFlightServer(flight.FlightServerBase):
     """Lavender Flight on the wire: plain Arrow Flight any Flight client can speak."""
 
+    service: LavenderService
+    iterations: IterationManager
+
     def __init__(
         self, service: LavenderService, location: str = "grpc://127.0.0.1:0", **kwargs: Any
     ):
         super().__init__(location, **kwargs)
         self.service = service
+        self.iterations = IterationManager(service.catalog, service)
 
     # -- discovery -----------------------------------------------------------------------
 
@@ -144,6 +181,27 @@ class LavenderFlightServer(flight.FlightServerBase):
             reader.schema, descriptor, endpoints, reader.total_rows, total_bytes
         )
 
+    def _iteration_info(
+        self, live: LiveIteration, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
+        endpoints = [
+            flight.FlightEndpoint(
+                wire.encode(wire.IterationTicket(iteration_id=live.id, rank=rank)), []
+            )
+            for rank in range(live.spec.world_size)
+        ]
+        info = flight.FlightInfo(
+            live.schema,
+            descriptor,
+            endpoints,
+            live.plan.total,
+            -1,
+            app_metadata=_json(
+                {"iteration_id": live.id, "spec": live.record.spec, "seed": live.plan.seed}
+            ),
+        )
+        return info
+
     @translate_errors
     def list_flights(
         self, context: flight.ServerCallContext, criteria: bytes
@@ -159,7 +217,14 @@ class LavenderFlightServer(flight.FlightServerBase):
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
-        """Path ``[dataset]`` or ``[dataset, shardset_id...]``: endpoints, one per main shard."""
+        """Path ``[dataset]`` or ``[dataset, shardset_id...]``: endpoints, one per main shard.
+
+        Command ``IterationCommand``: creates, joins or reopens an iteration; one endpoint
+        per rank.
+        """
+        if descriptor.descriptor_type == flight.DescriptorType.CMD:
+            command = wire.decode(wire.IterationCommand, descriptor.command, "command")
+            return self._iteration_info(self.iterations.open(command), descriptor)
         if descriptor.descriptor_type != flight.DescriptorType.PATH or not descriptor.path:
             raise InvalidRequest(
                 "get_flight_info takes a path descriptor [dataset name or id, shardset ids...]"
@@ -174,8 +239,17 @@ class LavenderFlightServer(flight.FlightServerBase):
     def do_get(
         self, context: flight.ServerCallContext, ticket: flight.Ticket
     ) -> flight.FlightDataStream:
-        """Stream one main shard of a dataset, joined with its other shardsets."""
-        request = wire.decode(wire.ShardTicket, ticket.ticket, "ticket")
+        """Stream an iteration's rank, or one main shard of a dataset joined with the others."""
+        request = wire.decode_ticket(ticket.ticket)
+        if isinstance(request, wire.IterationTicket):
+            live = self.iterations.get(request.iteration_id)
+            stream = live.stream(request)
+
+            def iteration_batches() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+                with wire_errors():
+                    yield from stream
+
+            return flight.GeneratorStream(live.schema, iteration_batches())
         dataset = self.service.get_dataset(dataset_id=request.dataset_id)
         reader = self.service.reader(dataset, request.shardset_ids, request.columns)
         shard = reader.main_shard(request.shard_index)
@@ -243,4 +317,4 @@ class LavenderFlightServer(flight.FlightServerBase):
         body = wire.decode(
             spec.body, action.body.to_pybytes() if action.body else b"", f"{action.type} body"
         )
-        return iter([spec.run(self.service, body)])
+        return iter([spec.run(self, body)])

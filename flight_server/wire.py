@@ -6,9 +6,9 @@ types and oversized values are refused before anything runs.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..catalog import ColumnOptions
 from ..catalog.errors import InvalidArgument, InvalidRequest
@@ -35,6 +35,7 @@ __all__ = [
     "WireModel",
     "build",
     "decode",
+    "decode_ticket",
     "encode",
     "problems",
 ]
@@ -237,3 +238,17 @@ class BatchMetadata(WireModel):
     rank: int
     seq: Ranges
     positions: Ranges
+
+
+Ticket = Annotated[ShardTicket | IterationTicket, Field(discriminator="kind")]
+_TICKET: TypeAdapter[ShardTicket | IterationTicket] = TypeAdapter(Ticket)
+
+
+def decode_ticket(payload: bytes) -> ShardTicket | IterationTicket:
+    """Parse a ``do_get`` ticket of either kind, or raise ``InvalidRequest``."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise InvalidRequest(f"ticket is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
+    try:
+        return _TICKET.validate_json(payload)
+    except ValidationError as exc:
+        raise InvalidRequest(f"invalid ticket: {problems(exc)}") from None

@@ -1,0 +1,65 @@
+"""Batch formats: what an iteration yields for ``format="python" | "numpy" | "arrow" | "torch"``."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..catalog.errors import InvalidArgument
+
+__all__ = ["FORMATS", "convert"]
+
+FORMATS = ("python", "numpy", "arrow", "torch")
+
+
+def check_format(fmt: str) -> str:
+    """``fmt`` if it is a known batch format, else a clear error."""
+    if fmt not in FORMATS:
+        raise InvalidArgument(f"unknown batch format {fmt!r}; formats: {', '.join(FORMATS)}")
+    return fmt
+
+
+def _numpy(column: pa.Array) -> np.ndarray:
+    if pa.types.is_fixed_size_list(column.type) and column.null_count == 0:
+        values = _numpy(column.flatten())
+        return values.reshape(len(column), column.type.list_size)
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _torch(column: pa.Array) -> Any:
+    import torch
+
+    kind = column.type
+    numeric = pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+    if pa.types.is_fixed_size_list(kind):
+        inner = kind.value_type
+        numeric = pa.types.is_integer(inner) or pa.types.is_floating(inner)
+    if not numeric:
+        return column.to_pylist()
+    array = _numpy(column)
+    if array.dtype == object:
+        return column.to_pylist()
+    with warnings.catch_warnings():
+        # Arrow memory is read-only to numpy; the tensor shares it (zero copy): clone()
+        # before changing it in place.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def convert(batch: pa.RecordBatch, fmt: str) -> Any:
+    """A record batch in the asked format (``python``: dict of lists)."""
+    if fmt == "arrow":
+        return batch
+    if fmt == "python":
+        return batch.to_pydict()
+    if fmt == "numpy":
+        return {
+            name: _numpy(column)
+            for name, column in zip(batch.schema.names, batch.columns, strict=True)
+        }
+    return {
+        name: _torch(column) for name, column in zip(batch.schema.names, batch.columns, strict=True)
+    }

@@ -1,0 +1,396 @@
+"""The iteration engine: plans, block reads, per-rank streams, acknowledgements, progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..catalog import Catalog, IterationProgress, IterationRecord, RankProgress, new_id
+from ..catalog.errors import (
+    InvalidArgument,
+    IterationConflict,
+    SchemaMismatch,
+)
+from . import wire
+from .plan import EpochPlan
+from .progress import RankState, StreamKey
+from .ranges import RangeSet, runs
+from .reading import DatasetReader
+from .service import LavenderService
+from .world import World, replication_partitions
+
+__all__ = ["IterationManager", "LiveIteration"]
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED_POSITIONS = 1000
+
+
+def _spec_differences(stored: dict[str, Any], asked: dict[str, Any]) -> str:
+    keys = sorted(set(stored) | set(asked))
+    return ", ".join(
+        f"{k}: {stored.get(k)!r} != {asked.get(k)!r}" for k in keys if stored.get(k) != asked.get(k)
+    )
+
+
+class BlockCache:
+    """Blocks of an iteration read once and shared by every rank's stream, bounded in count.
+
+    Loads run on a thread pool so the next block is read while the current one streams;
+    ranks a block apart share the loads instead of each reading every shard.
+    """
+
+    def __init__(self, load: Any, executor: ThreadPoolExecutor, capacity: int = 3) -> None:
+        self._load = load
+        self._executor = executor
+        self._capacity = capacity
+        self._blocks: OrderedDict[int, Future[pa.Table]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _future(self, number: int) -> Future[pa.Table]:
+        with self._lock:
+            future = self._blocks.get(number)
+            if future is None:
+                future = self._executor.submit(self._load, number)
+                self._blocks[number] = future
+                while len(self._blocks) > self._capacity:
+                    self._blocks.popitem(last=False)
+            else:
+                self._blocks.move_to_end(number)
+            return future
+
+    def get(self, number: int) -> pa.Table:
+        """The block's rows (waits for its load)."""
+        future = self._future(number)
+        try:
+            return future.result()
+        except BaseException:
+            with self._lock:  # a failed load is retried by the next reader, not cached
+                if self._blocks.get(number) is future:
+                    del self._blocks[number]
+            raise
+
+    def prefetch(self, number: int) -> None:
+        """Start loading a block the streams will need soon."""
+        self._future(number)
+
+
+class LiveIteration:
+    """One iteration in memory: its plan, the state of each rank, and its shared reads."""
+
+    def __init__(
+        self,
+        record: IterationRecord,
+        catalog: Catalog,
+        service: LavenderService,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.record = record
+        self.id = record.id
+        self.spec = wire.IterationSpec.model_validate(record.spec)
+        self.catalog = catalog
+        self.service = service
+        self.snapshot: list[tuple[int, int]] = [
+            (int(index), int(rows)) for index, rows in record.plan["shards"]
+        ]
+        self.plan = EpochPlan(
+            [rows for _, rows in self.snapshot],
+            self.spec.batch_size,
+            partitions=len(
+                set(replication_partitions(self.spec.world_size, self.spec.replication_pg))
+            ),
+            shuffle=self.spec.shuffle,
+            seed=int(record.plan["seed"]),
+            block_size=self.spec.shuffle_block_size,
+            drop_last=self.spec.drop_last,
+        )
+        self.partitions = replication_partitions(self.spec.world_size, self.spec.replication_pg)
+        self.lock = threading.Lock()
+        self._save_lock = threading.Lock()
+        saved = {r.rank: r for r in catalog.load_progress(self.id)}
+        self.ranks = [
+            RankState.restore(
+                saved.get(rank),
+                rank,
+                self.plan.partition_size(self.partitions[rank]),
+                self.spec.batch_size,
+            )
+            for rank in range(self.spec.world_size)
+        ]
+        self.updated_at = max((r.updated_at for r in saved.values()), default=record.created_at)
+        self._reader: DatasetReader | None = None
+        self._blocks = BlockCache(self._load_block, executor)
+
+    # -- reading -------------------------------------------------------------------------
+
+    @property
+    def reader(self) -> DatasetReader:
+        """The reader of the iteration's shardsets and columns (opened on first read)."""
+        if self._reader is None:
+            dataset = self.service.get_dataset(dataset_id=self.spec.dataset_id)
+            self._reader = self.service.reader(dataset, self.spec.shardsets, self.spec.columns)
+        return self._reader
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The schema of the batches."""
+        return self.reader.schema
+
+    def _load_block(self, number: int) -> pa.Table:
+        block = self.plan.blocks[number]
+        tables = []
+        for slot in block.shard_slots:
+            index, rows = self.snapshot[slot]
+            table = self.reader.read(self.reader.main_shard(index))
+            if table.num_rows != rows:
+                raise SchemaMismatch(
+                    f"shard {index} of the main shardset has {table.num_rows} rows, "
+                    f"{rows} when iteration {self.id} started: it was rewritten"
+                )
+            tables.append(table)
+        if not tables:
+            return self.schema.empty_table()
+        table = pa.concat_tables(tables)
+        # random access (take) is fast on one chunk; plain slices need no copy
+        return table.combine_chunks() if self.plan.shuffle else table
+
+    def read(self, seq: np.ndarray) -> pa.Table:
+        """Rows for global sequence numbers (ascending within a chunk), in that order."""
+        blocks = self.plan.block_of(seq)
+        pieces = []
+        for number in np.unique(blocks).tolist():
+            part = seq[blocks == number]
+            table = self._blocks.get(number)
+            if number + 1 < len(self.plan.blocks):
+                self._blocks.prefetch(number + 1)
+            rows = self.plan.rows_in_block(number, part)
+            first = int(rows[0])
+            if int(rows[-1]) - first == len(rows) - 1 and not self.plan.shuffle:
+                pieces.append(table.slice(first, len(rows)))
+            else:
+                pieces.append(table.take(pa.array(rows)))
+        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
+
+    # -- streams -------------------------------------------------------------------------
+
+    def stream(self, ticket: wire.IterationTicket) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+        """One rank's (or one worker's) batches, each with its ``BatchMetadata`` JSON."""
+        if ticket.rank >= self.spec.world_size:
+            raise InvalidArgument(
+                f"rank {ticket.rank} is outside iteration {self.id}'s world of "
+                f"{self.spec.world_size}"
+            )
+        world = World(
+            rank=ticket.rank,
+            world_size=self.spec.world_size,
+            replication_pg=(
+                tuple(tuple(g) for g in self.spec.replication_pg)
+                if self.spec.replication_pg
+                else None
+            ),
+            worker=ticket.worker,
+            num_workers=ticket.num_workers,
+        )
+        state = self.ranks[ticket.rank]
+        key: StreamKey = (ticket.worker, ticket.num_workers)
+        schema = self.schema  # fail before streaming when the data is gone
+        del schema
+        with self.lock:
+            generation = state.open_stream(key)
+        return self._batches(world, state, key, generation)
+
+    def _batches(
+        self, world: World, state: RankState, key: StreamKey, generation: int
+    ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+        cursor = 0
+        partition = world.partition
+        while True:
+            with self.lock:
+                if not state.is_current(key, generation):
+                    return  # a newer stream of this worker took over
+                work, cursor = state.next_work(world, key, cursor)
+                self.updated_at = time.time()
+            if not work:
+                return
+            local = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in work])
+            seq = self.plan.to_global(partition, local)
+            table = self.read(seq)
+            batch = table.combine_chunks().to_batches()
+            record_batch = batch[0] if batch else pa.RecordBatch.from_pylist([], self.schema)
+            metadata = {
+                "v": 1,
+                "iteration_id": self.id,
+                "rank": state.rank,
+                "seq": work,
+                "positions": runs(self.plan.positions(seq)),
+            }
+            yield record_batch, pa.py_buffer(json.dumps(metadata).encode())
+
+    # -- acknowledgements ----------------------------------------------------------------
+
+    def ack(self, rank: int, ranges: list[tuple[int, int]]) -> int:
+        """Record consumed samples of a rank and save its progress before answering."""
+        if rank >= self.spec.world_size:
+            raise InvalidArgument(f"rank {rank} is outside iteration {self.id}'s world")
+        with self._save_lock:
+            with self.lock:
+                state = self.ranks[rank]
+                added = state.settle(ranges, state.acked)
+                record = state.record(self.id)
+                self.updated_at = time.time()
+            self.catalog.save_progress([record])
+        return added
+
+    def pushback(self) -> int:
+        """Return every in-flight sample of every rank to the queue."""
+        with self._save_lock:
+            with self.lock:
+                count = sum(state.pushback() for state in self.ranks)
+                records = [state.record(self.id) for state in self.ranks]
+                self.updated_at = time.time()
+            self.catalog.save_progress(records)
+        return count
+
+    # -- progress ------------------------------------------------------------------------
+
+    def progress(self) -> IterationProgress:
+        """Where every rank stands."""
+        with self.lock:
+            ranks = []
+            inflight: dict[int, list[int]] = {}
+            for state in self.ranks:
+                held = RangeSet()
+                for part in state.inflight.values():
+                    held.update(part.ranges())
+                positions: list[int] = []
+                for a, b in held:
+                    if len(positions) >= MAX_LISTED_POSITIONS:
+                        break
+                    local = np.arange(a, min(b, a + MAX_LISTED_POSITIONS - len(positions)))
+                    seq = self.plan.to_global(self.partitions[state.rank], local)
+                    positions.extend(self.plan.positions(seq).tolist())
+                inflight[state.rank] = positions
+                ranks.append(
+                    RankProgress(
+                        rank=state.rank,
+                        total=state.size,
+                        current=len(state.covered),
+                        completed=len(state.acked),
+                        filtered=len(state.filtered),
+                        failed=len(state.failed),
+                        inflight=len(held),
+                        inflight_positions=positions,
+                        pending=len(state.pending),
+                        streams=len(state.generation),
+                    )
+                )
+            return IterationProgress(
+                id=self.id,
+                dataset_id=self.spec.dataset_id,
+                spec=self.record.spec,
+                total=sum(r.total for r in ranks),
+                current=sum(r.current for r in ranks),
+                completed=sum(r.completed for r in ranks),
+                filtered=sum(r.filtered for r in ranks),
+                failed=sum(r.failed for r in ranks),
+                inflight=inflight,
+                ranks=ranks,
+                created_at=self.record.created_at,
+                updated_at=self.updated_at,
+                done=all(state.done for state in self.ranks),
+            )
+
+
+class IterationManager:
+    """Creates, reopens and serves iterations; the live ones stay in memory."""
+
+    def __init__(self, catalog: Catalog, service: LavenderService, read_threads: int = 2) -> None:
+        self.catalog = catalog
+        self.service = service
+        self._live: dict[str, LiveIteration] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-read")
+
+    def close(self) -> None:
+        """Stop the read threads."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def get(self, iteration_id: str) -> LiveIteration:
+        """A live iteration, loaded from the catalog when needed (e.g. after a restart)."""
+        with self._lock:
+            live = self._live.get(iteration_id)
+            if live is None:
+                record = self.catalog.get_iteration(iteration_id)
+                live = LiveIteration(record, self.catalog, self.service, self._executor)
+                self._live[iteration_id] = live
+            return live
+
+    def open(self, command: wire.IterationCommand) -> LiveIteration:
+        """Create an iteration, join the one of the same id and spec, or reopen one by id."""
+        if command.spec is None:
+            if command.iteration_id is None:
+                raise InvalidArgument("give an iteration spec, an iteration_id, or both")
+            return self.get(command.iteration_id)
+        spec = command.spec
+        dataset = self.service.get_dataset(dataset_id=spec.dataset_id)
+        reader = self.service.reader(dataset, spec.shardsets, spec.columns)
+        replication_partitions(spec.world_size, spec.replication_pg)
+        self._check_plugins(spec)
+        iteration_id = command.iteration_id or new_id("it")
+        seed = spec.shuffle_seed if spec.shuffle_seed is not None else secrets.randbits(63)
+        snapshot = [(shard.index, shard.num_rows) for shard in reader.main_shards]
+        asked = spec.model_dump(mode="json")
+        plan = EpochPlan(
+            [rows for _, rows in snapshot],
+            spec.batch_size,
+            len(set(replication_partitions(spec.world_size, spec.replication_pg))),
+            spec.shuffle,
+            seed,
+            spec.shuffle_block_size,
+            spec.drop_last,
+        )
+        record = IterationRecord(
+            id=iteration_id,
+            dataset_id=spec.dataset_id,
+            spec=asked,
+            plan={"shards": snapshot, "seed": seed},
+            total=plan.total,
+            created_at=time.time(),
+        )
+        stored, created = self.catalog.create_iteration(record)
+        if not created and stored.spec != asked:
+            raise IterationConflict(
+                f"iteration {iteration_id!r} exists with another spec "
+                f"({_spec_differences(stored.spec, asked)}): ranks of one job must pass the "
+                "same arguments; pick a new iteration_id for a new run"
+            )
+        if created:
+            log.info("iteration %s: %d samples, %s", iteration_id, plan.total, asked)
+        return self.get(iteration_id)
+
+    @staticmethod
+    def _check_plugins(spec: wire.IterationSpec) -> None:
+        calls = [*spec.filters, *spec.preprocessors, *([spec.collater] if spec.collater else [])]
+        if calls:
+            names = ", ".join(repr(c.name) for c in calls)
+            raise InvalidArgument(f"no plugin named {names}: no plugins are installed")
+
+    def list(self, dataset_id: str | None = None) -> list[IterationProgress]:
+        """Progress of every iteration (of one dataset), newest first."""
+        return [self.get(r.id).progress() for r in self.catalog.list_iterations(dataset_id)]
+
+    def delete(self, iteration_id: str) -> None:
+        """Forget an iteration."""
+        self.catalog.delete_iteration(iteration_id)
+        with self._lock:
+            self._live.pop(iteration_id, None)
