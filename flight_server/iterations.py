@@ -24,7 +24,7 @@ from ..catalog.errors import (
 from . import wire
 from .plan import EpochPlan
 from .progress import RankState, StreamKey
-from .ranges import RangeSet, runs
+from .ranges import RangeSet, as_array
 from .reading import DatasetReader
 from .service import LavenderService
 from .world import World, replication_partitions
@@ -34,6 +34,8 @@ __all__ = ["IterationManager", "LiveIteration"]
 log = logging.getLogger(__name__)
 
 MAX_LISTED_POSITIONS = 1000
+MESSAGE_BYTES = 4 << 20
+MAX_CHUNKS = 512
 
 
 def _spec_differences(stored: dict[str, Any], asked: dict[str, Any]) -> str:
@@ -94,8 +96,10 @@ class LiveIteration:
         catalog: Catalog,
         service: LavenderService,
         executor: ThreadPoolExecutor,
+        shard_reads: ThreadPoolExecutor,
     ) -> None:
         self.record = record
+        self._shard_reads = shard_reads
         self.id = record.id
         self.spec = wire.IterationSpec.model_validate(record.spec)
         self.catalog = catalog
@@ -148,10 +152,14 @@ class LiveIteration:
 
     def _load_block(self, number: int) -> pa.Table:
         block = self.plan.blocks[number]
+        reads = [
+            self._shard_reads.submit(self.reader.read, self.reader.main_shard(self.snapshot[s][0]))
+            for s in block.shard_slots
+        ]  # the shards of a block load side by side
         tables = []
-        for slot in block.shard_slots:
+        for slot, read in zip(block.shard_slots, reads, strict=True):
             index, rows = self.snapshot[slot]
-            table = self.reader.read(self.reader.main_shard(index))
+            table = read.result()
             if table.num_rows != rows:
                 raise SchemaMismatch(
                     f"shard {index} of the main shardset has {table.num_rows} rows, "
@@ -165,14 +173,13 @@ class LiveIteration:
         return table.combine_chunks() if self.plan.shuffle else table
 
     def read(self, seq: np.ndarray) -> pa.Table:
-        """Rows for global sequence numbers (ascending within a chunk), in that order."""
-        blocks = self.plan.block_of(seq)
+        """Rows for ascending global sequence numbers, in that order."""
         pieces = []
-        for number in np.unique(blocks).tolist():
-            part = seq[blocks == number]
-            table = self._blocks.get(number)
+        for number, start, stop in self.plan.segments(seq):
+            part = seq[start:stop]
             if number + 1 < len(self.plan.blocks):
-                self._blocks.prefetch(number + 1)
+                self._blocks.prefetch(number + 1)  # loads side by side with this one
+            table = self._blocks.get(number)
             rows = self.plan.rows_in_block(number, part)
             first = int(rows[0])
             if int(rows[-1]) - first == len(rows) - 1 and not self.plan.shuffle:
@@ -212,29 +219,39 @@ class LiveIteration:
     def _batches(
         self, world: World, state: RankState, key: StreamKey, generation: int
     ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+        """Messages of consecutive batches: one record batch, split by its metadata.
+
+        Several batches travel in one Flight message (about ``MESSAGE_BYTES``): per-message
+        costs are paid once for many small batches. The first message holds one batch so
+        the first batch arrives as soon as possible.
+        """
         cursor = 0
         partition = world.partition
+        chunks = 1
         while True:
             with self.lock:
                 if not state.is_current(key, generation):
                     return  # a newer stream of this worker took over
-                work, cursor = state.next_work(world, key, cursor)
+                units, cursor = state.next_work(world, key, cursor, chunks)
                 self.updated_at = time.time()
-            if not work:
+            if not units:
                 return
-            local = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in work])
+            local = as_array([r for unit in units for r in unit])
             seq = self.plan.to_global(partition, local)
             table = self.read(seq)
-            batch = table.combine_chunks().to_batches()
-            record_batch = batch[0] if batch else pa.RecordBatch.from_pylist([], self.schema)
+            batches = table.combine_chunks().to_batches()
+            message = batches[0] if batches else self.schema.empty_table().to_batches()[0]
             metadata = {
                 "v": 1,
                 "iteration_id": self.id,
                 "rank": state.rank,
-                "seq": work,
-                "positions": runs(self.plan.positions(seq)),
+                "batches": [[sum(b - a for a, b in unit), unit] for unit in units],
+                **wire.encode_positions(self.plan.positions(seq)),
             }
-            yield record_batch, pa.py_buffer(json.dumps(metadata).encode())
+            yield message, pa.py_buffer(json.dumps(metadata).encode())
+            if message.num_rows:
+                row_bytes = max(1, message.nbytes // message.num_rows)
+                chunks = max(1, min(MAX_CHUNKS, MESSAGE_BYTES // (row_bytes * state.batch_size)))
 
     # -- acknowledgements ----------------------------------------------------------------
 
@@ -319,11 +336,13 @@ class IterationManager:
         self.service = service
         self._live: dict[str, LiveIteration] = {}
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-read")
+        self._executor = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-block")
+        self._shard_reads = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-read")
 
     def close(self) -> None:
         """Stop the read threads."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._shard_reads.shutdown(wait=False, cancel_futures=True)
 
     def get(self, iteration_id: str) -> LiveIteration:
         """A live iteration, loaded from the catalog when needed (e.g. after a restart)."""
@@ -331,7 +350,9 @@ class IterationManager:
             live = self._live.get(iteration_id)
             if live is None:
                 record = self.catalog.get_iteration(iteration_id)
-                live = LiveIteration(record, self.catalog, self.service, self._executor)
+                live = LiveIteration(
+                    record, self.catalog, self.service, self._executor, self._shard_reads
+                )
                 self._live[iteration_id] = live
             return live
 

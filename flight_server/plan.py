@@ -109,6 +109,19 @@ class EpochPlan:
         """The block number of each global sequence number."""
         return np.searchsorted(self._block_starts, seq, side="right") - 1
 
+    def segments(self, seq: np.ndarray) -> list[tuple[int, int, int]]:
+        """``(block, start, stop)`` slices of ascending global sequence numbers, by block."""
+        if len(seq) == 0:
+            return []
+        first, last = (int(b) for b in self.block_of(seq[[0, -1]]))
+        cuts = np.searchsorted(seq, self._block_starts[first + 1 : last + 1])
+        bounds = [0, *cuts.tolist(), len(seq)]
+        return [
+            (first + i, bounds[i], bounds[i + 1])
+            for i in range(last - first + 1)
+            if bounds[i + 1] > bounds[i]
+        ]
+
     def permutation(self, number: int) -> np.ndarray:
         """The order of a block's samples: indices into its shards' rows laid end to end."""
         block = self.blocks[number]
@@ -127,12 +140,11 @@ class EpochPlan:
         return self.permutation(number)[np.asarray(seq, dtype=np.int64) - self.blocks[number].start]
 
     def positions(self, seq: np.ndarray) -> np.ndarray:
-        """Dataset positions of global sequence numbers."""
+        """Dataset positions of ascending global sequence numbers."""
         seq = np.asarray(seq, dtype=np.int64)
         out = np.empty(len(seq), dtype=np.int64)
-        blocks = self.block_of(seq)
-        for number in np.unique(blocks).tolist():
-            mask = blocks == number
+        for number, start, stop in self.segments(seq):
+            mask = slice(start, stop)
             rows = self.rows_in_block(number, seq[mask])
             slots = self.blocks[number].shard_slots
             sizes = np.array([self.shard_rows[s] for s in slots], dtype=np.int64)

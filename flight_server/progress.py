@@ -13,10 +13,25 @@ from ..catalog import RankProgressRecord
 from .ranges import RangeSet
 from .world import World
 
-__all__ = ["RankState", "StreamKey"]
+__all__ = ["RankState", "StreamKey", "Unit"]
 
 StreamKey = tuple[int, int]
 """A stream of a rank: ``(worker, num_workers)``."""
+
+Unit = list[tuple[int, int]]
+"""The samples of one chunk (one batch), as ranges of local sequence numbers."""
+
+
+def _by_chunk(ranges: list[tuple[int, int]], batch_size: int) -> list[Unit]:
+    """Cut ranges at chunk boundaries and group the pieces by chunk, in order."""
+    units: dict[int, Unit] = {}
+    for start, stop in ranges:
+        while start < stop:
+            chunk = start // batch_size
+            end = min(stop, (chunk + 1) * batch_size)
+            units.setdefault(chunk, []).append((start, end))
+            start = end
+    return list(units.values())
 
 
 @dataclass
@@ -92,38 +107,53 @@ class RankState:
         return sum(self._requeue(key) for key in list(self.inflight))
 
     def next_work(
-        self, world: World, key: StreamKey, cursor: int
-    ) -> tuple[list[tuple[int, int]], int]:
-        """The next samples for a stream, at most one chunk, marked in flight; and the new cursor.
+        self, world: World, key: StreamKey, cursor: int, max_chunks: int = 1
+    ) -> tuple[list[Unit], int]:
+        """Up to ``max_chunks`` chunks for a stream, marked in flight; and the new cursor.
 
-        Pushed-back samples of chunks this worker owns come first; then the first chunk at or
-        after ``cursor`` with samples nobody has.
+        Each unit is one chunk's samples (one batch), as ranges. Pushed-back samples of
+        chunks this worker owns come first; then the chunks at or after ``cursor`` with
+        samples nobody has.
         """
+        units = self._pending_units(world, max_chunks)
+        if units:
+            for unit in units:
+                self._hold(key, unit)
+            return units, cursor
         size, batch = self.size, self.batch_size
-        for start, stop in self.pending.ranges():
-            chunk = start // batch
-            while start < stop:
-                end = min(stop, (chunk + 1) * batch)
-                if world.owns(chunk):
-                    self.pending.remove(start, end)
-                    self._hold(key, [(start, end)])
-                    return [(start, end)], cursor
-                chunk += 1
-                start = chunk * batch
-        while cursor < size:
+        while cursor < size and len(units) < max_chunks:
             first = self.covered.first_gap_start(cursor, size)
             if first is None:
-                return [], size
+                return units, size
             chunk = first // batch
             if not world.owns(chunk):
                 cursor = world.next_owned(chunk) * batch
                 continue
-            end = min(size, (chunk + 1) * batch)
+            # one worker: take a run of chunks at once; several: only the owned chunk
+            span = max_chunks - len(units) if world.num_workers == 1 else 1
+            end = min(size, (chunk + span) * batch)
             work = self.covered.gaps(first, end)
             self.covered.update(work)
             self._hold(key, work)
-            return work, end
-        return [], size
+            units.extend(_by_chunk(work, batch))
+            cursor = end
+        return units, cursor
+
+    def _pending_units(self, world: World, max_chunks: int) -> list[Unit]:
+        taken: list[tuple[int, int]] = []
+        chunks: set[int] = set()
+        for start, stop in self.pending.ranges():
+            chunk = start // self.batch_size
+            while start < stop:
+                end = min(stop, (chunk + 1) * self.batch_size)
+                if world.owns(chunk) and (chunk in chunks or len(chunks) < max_chunks):
+                    taken.append((start, end))
+                    chunks.add(chunk)
+                chunk += 1
+                start = chunk * self.batch_size
+        for start, stop in taken:
+            self.pending.remove(start, stop)
+        return _by_chunk(taken, self.batch_size)
 
     def _hold(self, key: StreamKey, work: list[tuple[int, int]]) -> None:
         self.inflight.setdefault(key, RangeSet()).update(work)

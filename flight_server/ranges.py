@@ -11,21 +11,37 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["RangeSet", "runs"]
+__all__ = ["RangeSet", "as_array", "runs"]
 
 
-def runs(values: np.ndarray) -> list[tuple[int, int]]:
-    """The ``[start, stop)`` runs of consecutive integers in ``values`` (kept in their order)."""
+def runs(values: np.ndarray, limit: int | None = None) -> list[tuple[int, int]] | None:
+    """The ``[start, stop)`` runs of consecutive integers in ``values`` (kept in their order).
+
+    None when there are more than ``limit`` runs (counted before any is built).
+    """
     if len(values) == 0:
         return []
     values = np.asarray(values, dtype=np.int64)
     breaks = np.flatnonzero(np.diff(values) != 1) + 1
+    if limit is not None and len(breaks) >= limit:
+        return None
     starts = np.concatenate(([0], breaks))
     stops = np.concatenate((breaks, [len(values)]))
     return [
         (int(values[a]), int(values[b - 1]) + 1)
         for a, b in zip(starts.tolist(), stops.tolist(), strict=True)
     ]
+
+
+def as_array(ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Every integer of the ranges, in order, as one int64 array (no Python per value)."""
+    if len(ranges) == 1:
+        return np.arange(ranges[0][0], ranges[0][1], dtype=np.int64)
+    bounds = np.array(ranges, dtype=np.int64).reshape(-1, 2)
+    lengths = bounds[:, 1] - bounds[:, 0]
+    ends = np.cumsum(lengths)
+    steps = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
+    return steps + np.repeat(bounds[:, 0] - (ends - lengths), lengths)
 
 
 class RangeSet:

@@ -6,12 +6,15 @@ types and oversized values are refused before anything runs.
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ..catalog import ColumnOptions
 from ..catalog.errors import InvalidArgument, InvalidRequest
+from .ranges import runs
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
@@ -35,8 +38,10 @@ __all__ = [
     "WireModel",
     "build",
     "decode",
+    "decode_positions",
     "decode_ticket",
     "encode",
+    "encode_positions",
     "problems",
 ]
 
@@ -228,16 +233,38 @@ class ListIterationsBody(WireModel):
 
 
 class BatchMetadata(WireModel):
-    """The ``app_metadata`` of every iteration batch (JSON).
+    """The ``app_metadata`` (JSON) of every message of an iteration stream.
 
-    ``seq`` names the rank's local sequence ranges the batch carries (what to acknowledge);
-    ``positions`` the dataset positions of its rows, in row order, as ``[start, stop)`` runs.
+    A message's record batch holds one or more consecutive batches: ``batches`` lists each
+    one's row count and the rank's local sequence ranges it carries (what to acknowledge,
+    in the ``ack`` action). The dataset positions of the message's rows, in row order, are
+    ``positions`` (``[start, stop)`` runs) when they run in order, else ``positions_i64``
+    (base64 of little-endian int64s).
     """
 
     iteration_id: str
     rank: int
-    seq: Ranges
-    positions: Ranges
+    batches: list[tuple[int, Ranges]]
+    positions: Ranges | None = None
+    positions_i64: str | None = None
+
+
+def encode_positions(positions: np.ndarray, max_runs: int = 32) -> dict[str, Any]:
+    """The ``positions`` or ``positions_i64`` field of ``BatchMetadata``."""
+    found = runs(positions, limit=max_runs)
+    if found is not None:
+        return {"positions": found}
+    return {"positions_i64": base64.b64encode(positions.astype("<i8").tobytes()).decode()}
+
+
+def decode_positions(metadata: dict[str, Any]) -> np.ndarray:
+    """The dataset positions a message's metadata names."""
+    if metadata.get("positions_i64") is not None:
+        return np.frombuffer(base64.b64decode(metadata["positions_i64"]), dtype="<i8")
+    return np.concatenate(
+        [np.arange(a, b, dtype=np.int64) for a, b in metadata.get("positions") or []]
+        or [np.zeros(0, dtype=np.int64)]
+    )
 
 
 Ticket = Annotated[ShardTicket | IterationTicket, Field(discriminator="kind")]

@@ -1,0 +1,168 @@
+"""Shared pieces of the benchmarks: data, servers in their own processes, timing, tables."""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def text_rows(start: int, count: int, width: int = 100, seed: int = 0) -> pa.Table:
+    """``uid`` + a ``width``-character random text column, built without Python per row."""
+    rng = np.random.default_rng([seed, start])
+    letters = rng.integers(97, 123, size=count * width, dtype=np.uint8)
+    offsets = np.arange(0, (count + 1) * width, width, dtype=np.int32)
+    text = pa.StringArray.from_buffers(count, pa.py_buffer(offsets), pa.py_buffer(letters))
+    return pa.table(
+        {"uid": pa.array(np.arange(start, start + count, dtype=np.int64)), "text": text}
+    )
+
+
+def write_text_shards(folder: Path, rows: int, shards: int) -> None:
+    """``rows`` text rows in ``shards`` Parquet files named ``shard.N.parquet``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-rows // shards)
+    for index in range(shards):
+        start = index * per
+        count = min(per, rows - start)
+        if count > 0:
+            pq.write_table(text_rows(start, count), folder / f"shard.{index:08d}.parquet")
+
+
+@dataclass
+class Server:
+    """A server subprocess and its URL."""
+
+    process: subprocess.Popen[str]
+    url: str
+
+    def stop(self) -> None:
+        """Terminate it (kill if it lingers)."""
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def _start(args: list[str], pattern: str, stream: str, timeout: float = 60) -> Server:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAVENDER_FLIGHT_")}
+    process = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if stream == "stdout" else subprocess.DEVNULL,
+        stderr=subprocess.PIPE if stream == "stderr" else None,
+    )
+    pipe = process.stdout if stream == "stdout" else process.stderr
+    assert pipe is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = pipe.readline()
+        if not line:
+            break
+        match = re.search(pattern, line)
+        if match:
+            return Server(process, match.group(1))
+    process.kill()
+    raise RuntimeError(f"server {args} did not start")
+
+
+@contextmanager
+def lavender_server(home: Path) -> Iterator[Server]:
+    """``lavender-flight serve`` in its own process on a free port."""
+    server = _start(
+        [
+            sys.executable,
+            "-m",
+            "lavender_flight.flight_server",
+            "serve",
+            "--no-ui",
+            "--port",
+            "0",
+            "--data-home",
+            str(home),
+            "--log-level",
+            "WARNING",
+        ],
+        r"serving (grpc://\S+)",
+        "stderr",
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def bare_server(folder: Path) -> Iterator[Server]:
+    """The bare Flight server in its own process."""
+    server = _start(
+        [sys.executable, "-m", "benchmarks.bare_flight", str(folder)], r"PORT (\d+)", "stdout"
+    )
+    server.url = f"grpc://127.0.0.1:{server.url}"
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Measure:
+    """Medians over repetitions of one case."""
+
+    name: str
+    samples_per_s: float
+    mb_per_s: float
+    first_batch_s: float
+    rows: int
+    runs: list[float] = field(default_factory=list)
+
+
+def measure(name: str, run: Callable[[], tuple[int, int, float]], repeat: int) -> Measure:
+    """Run ``run`` (which returns rows, bytes and seconds to first batch) ``repeat`` times."""
+    rates, mbs, firsts, rows = [], [], [], 0
+    for _ in range(repeat):
+        start = time.perf_counter()
+        rows, size, first = run()
+        elapsed = time.perf_counter() - start
+        rates.append(rows / elapsed)
+        mbs.append(size / elapsed / 1e6)
+        firsts.append(first)
+    return Measure(
+        name,
+        statistics.median(rates),
+        statistics.median(mbs),
+        statistics.median(firsts),
+        rows,
+        rates,
+    )
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain-text table."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

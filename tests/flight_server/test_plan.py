@@ -1,0 +1,174 @@
+"""The iteration's arithmetic, without a server: ranges, world, plan, rank state."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from lavender_flight.catalog.errors import InvalidArgument
+from lavender_flight.flight_server.plan import EpochPlan
+from lavender_flight.flight_server.progress import RankState
+from lavender_flight.flight_server.ranges import RangeSet, runs
+from lavender_flight.flight_server.world import World, replication_partitions
+
+SHARDS = [10, 25, 0, 13, 40, 7]
+TOTAL = sum(SHARDS)
+
+
+def test_rangeset_matches_a_python_set() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        ranges, mirror = RangeSet(), set()
+        for _ in range(40):
+            a = rng.randint(0, 60)
+            b = a + rng.randint(0, 12)
+            if rng.random() < 0.6:
+                ranges.add(a, b)
+                mirror |= set(range(a, b))
+            else:
+                ranges.remove(a, b)
+                mirror -= set(range(a, b))
+            assert {x for a_, b_ in ranges for x in range(a_, b_)} == mirror
+            assert len(ranges) == len(mirror)
+            pairs = ranges.ranges()
+            assert all(pairs[i][1] < pairs[i + 1][0] for i in range(len(pairs) - 1))
+            lo = rng.randint(0, 70)
+            hi = lo + rng.randint(0, 20)
+            gaps = {x for a_, b_ in ranges.gaps(lo, hi) for x in range(a_, b_)}
+            assert gaps == set(range(lo, hi)) - mirror
+            assert ranges.first_gap_start(lo, hi) == min(set(range(lo, hi)) - mirror, default=None)
+
+
+def test_rangeset_pop_first_and_runs() -> None:
+    ranges = RangeSet([(0, 3), (5, 9)])
+    assert ranges.pop_first(5) == [(0, 3), (5, 7)]
+    assert ranges.ranges() == [(7, 9)]
+    assert runs(np.array([4, 5, 6, 9, 2, 3])) == [(4, 7), (9, 10), (2, 4)]
+    assert runs(np.array([], dtype=np.int64)) == []
+
+
+def test_replication_partitions() -> None:
+    assert replication_partitions(4, None) == [0, 1, 2, 3]
+    assert replication_partitions(4, [[0, 2], [1, 3]]) == [0, 1, 0, 1]
+    for bad in ([[0, 1]], [[0, 1], [1, 2, 3]], [[0, 1, 2, 3], []]):
+        with pytest.raises(InvalidArgument, match="exactly once"):
+            replication_partitions(4, bad)
+    with pytest.raises(InvalidArgument, match="rank must be within 0..1"):
+        World(rank=2, world_size=2)
+
+
+def test_world_workers_split_chunks() -> None:
+    workers = [World(worker=w, num_workers=3) for w in range(3)]
+    owners = [[w.owns(c) for w in workers].index(True) for c in range(10)]
+    assert owners == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    assert workers[1].next_owned(5) == 7 and workers[2].next_owned(5) == 5
+
+
+def delivered(plan: EpochPlan) -> list[list[int]]:
+    return [
+        plan.positions(plan.to_global(g, np.arange(plan.partition_size(g)))).tolist()
+        for g in range(plan.partitions)
+    ]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("partitions", [1, 2, 3])
+@pytest.mark.parametrize("batch_size", [1, 7, 16, 105])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_plan_covers_every_sample_once(
+    shuffle: bool, partitions: int, batch_size: int, drop_last: bool
+) -> None:
+    plan = EpochPlan(
+        SHARDS, batch_size, partitions, shuffle, seed=5, block_size=2, drop_last=drop_last
+    )
+    streams = delivered(plan)
+    everything = [p for stream in streams for p in stream]
+    assert len(everything) == len(set(everything)) == plan.total
+    sizes = [len(s) for s in streams]
+    assert max(sizes) - min(sizes) <= batch_size  # at most one batch apart
+    if drop_last:
+        assert len(set(sizes)) == 1 and all(n % batch_size == 0 for n in sizes)
+        assert TOTAL - plan.total < batch_size * partitions
+    else:
+        assert sorted(everything) == list(range(TOTAL))
+    if not shuffle and partitions == 1:
+        assert everything == list(range(plan.total))  # shard order, no shuffle
+
+
+def test_shuffle_is_seeded_and_block_local() -> None:
+    first = delivered(EpochPlan(SHARDS, 8, 1, True, seed=1, block_size=2))[0]
+    again = delivered(EpochPlan(SHARDS, 8, 1, True, seed=1, block_size=2))[0]
+    other = delivered(EpochPlan(SHARDS, 8, 1, True, seed=2, block_size=2))[0]
+    assert first == again and first != other
+    plan = EpochPlan(SHARDS, 8, 1, True, seed=1, block_size=2)
+    starts = np.concatenate(([0], np.cumsum(SHARDS)))
+    shard_of = {p: int(np.searchsorted(starts, p, side="right") - 1) for p in range(TOTAL)}
+    for block in plan.blocks:  # each block's samples come from its own shards only
+        seq = np.arange(block.start, block.start + block.size)
+        assert {shard_of[p] for p in plan.positions(seq).tolist()} <= set(block.shard_slots)
+
+
+def test_plan_refuses_bad_sizes() -> None:
+    with pytest.raises(InvalidArgument, match="batch_size"):
+        EpochPlan(SHARDS, 0)
+    with pytest.raises(InvalidArgument, match="shuffle_block_size"):
+        EpochPlan(SHARDS, 4, shuffle=True, block_size=0)
+
+
+def test_rank_state_streams_pushback_and_acks() -> None:
+    state = RankState(rank=0, size=20, batch_size=8)
+    world = World()
+    key = (0, 1)
+    generation = state.open_stream(key)
+    work, cursor = state.next_work(world, key, 0)
+    assert (work, cursor) == ([[(0, 8)]], 8)
+    work, cursor = state.next_work(world, key, cursor)
+    assert work == [[(8, 16)]]
+    state.settle([(0, 8)], state.acked)
+    assert state.pushback() == 8  # (8, 16) back to the queue
+    assert state.next_work(world, key, cursor) == ([[(8, 16)]], cursor)  # pending first
+    assert state.next_work(world, key, cursor) == ([[(16, 20)]], 20)
+    assert state.next_work(world, key, 20) == ([], 20)
+    # a new stream of the same worker supersedes the old one and takes back what it held
+    assert state.open_stream(key) == generation + 1
+    assert not state.is_current(key, generation)
+    assert len(state.pending) == 12 and state.inflight_count == 0
+    state.settle([(8, 20)], state.acked)
+    assert state.done and len(state.acked) == 20
+
+
+def test_rank_state_workers_share_a_rank() -> None:
+    state = RankState(rank=0, size=30, batch_size=5)
+    got: dict[int, list[list[tuple[int, int]]]] = {0: [], 1: []}
+    worlds = {w: World(worker=w, num_workers=2) for w in (0, 1)}
+    cursors = {0: 0, 1: 0}
+    for w in (0, 1):
+        state.open_stream((w, 2))
+    while True:
+        progressed = False
+        for w in (0, 1):
+            work, cursors[w] = state.next_work(worlds[w], (w, 2), cursors[w], max_chunks=2)
+            got[w].extend(work)
+            progressed |= bool(work)
+        if not progressed:
+            break
+    assert got[0] == [[(0, 5)], [(10, 15)], [(20, 25)]]
+    assert got[1] == [[(5, 10)], [(15, 20)], [(25, 30)]]
+
+
+def test_rank_state_takes_runs_of_chunks() -> None:
+    state = RankState(rank=0, size=23, batch_size=5)
+    key = (0, 1)
+    state.open_stream(key)
+    state.settle([(7, 9)], state.acked)  # acknowledged earlier (e.g. before a restart)
+    units, cursor = state.next_work(World(), key, 0, max_chunks=3)
+    assert units == [[(0, 5)], [(5, 7), (9, 10)], [(10, 15)]] and cursor == 15
+    assert state.pushback() == 13
+    units, _ = state.next_work(World(), key, cursor, max_chunks=2)
+    assert units == [[(0, 5)], [(5, 7), (9, 10)]]  # pushed back, in order, by chunk
+    units, cursor = state.next_work(World(), key, cursor, max_chunks=10)
+    assert units == [[(10, 15)]]
+    units, cursor = state.next_work(World(), key, cursor, max_chunks=10)
+    assert units == [[(15, 20)], [(20, 23)]] and cursor == 23
