@@ -9,8 +9,8 @@ lists, what a plain loop sees); time to first batch runs from creating the itera
 from __future__ import annotations
 
 import tempfile
-from functools import partial
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
