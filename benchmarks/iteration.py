@@ -66,6 +66,8 @@ def run(rows: int = 1_000_000, shards: int = 10, repeat: int = 3) -> dict[str, A
             lavender.init(server.url)
             dataset = lavender.create_dataset("bench-text")
             lavender.create_shardset(dataset.id, data.as_uri())
+            _lavender(dataset.id, 1024, True, "arrow")  # warm both processes up
+            _bare(bare.url, 1024)
             for batch_size in (32, 1024):
                 limit = measure(
                     f"bare flight b{batch_size}", partial(_bare, bare.url, batch_size), repeat

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import pyarrow as pa
 
 from ..catalog.errors import InvalidArgument
 
-__all__ = ["FORMATS", "convert"]
+__all__ = ["FORMATS", "convert", "split"]
 
 FORMATS = ("python", "numpy", "arrow", "torch")
 
@@ -63,3 +64,22 @@ def convert(batch: pa.RecordBatch, fmt: str) -> Any:
     return {
         name: _torch(column) for name, column in zip(batch.schema.names, batch.columns, strict=True)
     }
+
+
+def split(message: pa.RecordBatch, sizes: list[int], fmt: str) -> Iterator[Any]:
+    """The batches a message carries, in ``fmt``.
+
+    The message is converted once, then cut into views (slices of lists, arrays or
+    tensors), so small batches cost little.
+    """
+    if fmt == "arrow":
+        offset = 0
+        for rows in sizes:
+            yield message.slice(offset, rows)
+            offset += rows
+        return
+    columns = convert(message, fmt)
+    offset = 0
+    for rows in sizes:
+        yield {name: values[offset : offset + rows] for name, values in columns.items()}
+        offset += rows

@@ -17,12 +17,12 @@ from ..flight_server import wire
 from . import api
 from .acks import Acknowledger
 from .connection import LavenderClient
-from .formats import check_format, convert
+from .formats import check_format, split
 
 if TYPE_CHECKING:
     from .torch_loader import LavenderDataLoader
 
-__all__ = ["Iteration", "PluginArg", "stream_batches"]
+__all__ = ["Iteration", "PluginArg", "stream_batches", "stream_messages"]
 
 PluginArg = str | tuple[str, dict[str, Any]] | dict[str, Any]
 """A plugin by name, or ``(name, params)``."""
@@ -89,12 +89,12 @@ def _shared_iteration_id(spec: wire.IterationSpec, rank: int) -> str:
     )
 
 
-def stream_batches(
+def stream_messages(
     client: LavenderClient, iteration_id: str, rank: int, worker: int = 0, num_workers: int = 1
-) -> Iterator[tuple[pa.RecordBatch, list[list[int]]]]:
-    """Batches of one rank's stream (or a worker's share), with their ``seq`` ranges.
+) -> Iterator[tuple[pa.RecordBatch, list[tuple[int, list[list[int]]]]]]:
+    """Messages of one rank's stream (or a worker's share), with their batches.
 
-    A Flight message may carry several batches; they are cut apart here (zero copy).
+    Each message comes with its batches' row counts and ``seq`` ranges (``BatchMetadata``).
     """
     ticket = wire.IterationTicket(
         iteration_id=iteration_id, rank=rank, worker=worker, num_workers=num_workers
@@ -111,12 +111,27 @@ def stream_batches(
             if chunk.app_metadata is None:
                 raise ServerError("a batch came without its metadata")
             metadata = json.loads(chunk.app_metadata.to_pybytes())
-            offset = 0
-            for rows, seq in metadata["batches"]:
-                yield chunk.data.slice(offset, rows), seq
-                offset += rows
+            yield chunk.data, metadata["batches"]
     finally:
         reader.cancel()
+
+
+def stream_batches(
+    client: LavenderClient,
+    iteration_id: str,
+    rank: int,
+    worker: int = 0,
+    num_workers: int = 1,
+    format: str = "arrow",
+) -> Iterator[tuple[Any, list[list[int]]]]:
+    """Batches of one rank's stream (or a worker's share) in ``format``, with their ``seq``.
+
+    A Flight message may carry several batches; they are cut apart here (as views).
+    """
+    for message, batches in stream_messages(client, iteration_id, rank, worker, num_workers):
+        sizes = [rows for rows, _ in batches]
+        for batch, (_, seq) in zip(split(message, sizes, format), batches, strict=True):
+            yield batch, seq
 
 
 class Iteration:
@@ -261,13 +276,13 @@ class Iteration:
             bar = tqdm(total=state.total, initial=state.completed, unit="samples", desc=self.id)
         consumed: list[list[int]] | None = None
         try:
-            for batch, seq in stream_batches(self.client, self.id, self.rank):
+            for batch, seq in stream_batches(self.client, self.id, self.rank, format=self.format):
                 if consumed is not None:
                     acks.add(consumed)
                 consumed = seq
                 if bar is not None:
-                    bar.update(batch.num_rows)
-                yield convert(batch, self.format)
+                    bar.update(sum(b - a for a, b in seq))
+                yield batch
         finally:
             if consumed is not None:
                 acks.add(consumed)

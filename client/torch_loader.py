@@ -10,7 +10,6 @@ import torch.utils.data
 
 from .acks import Acknowledger
 from .connection import LavenderClient
-from .formats import convert
 from .iteration import stream_batches
 
 if TYPE_CHECKING:
@@ -56,9 +55,9 @@ class IterationDataset(torch.utils.data.IterableDataset):
         # A connection of this process: gRPC channels do not survive fork.
         with LavenderClient(self.api_url, self.api_key, self.timeout) as client:
             for batch, seq in stream_batches(
-                client, self.iteration_id, self.rank, worker, num_workers
+                client, self.iteration_id, self.rank, worker, num_workers, self.format
             ):
-                yield convert(batch, self.format), Consumed(seq)
+                yield batch, Consumed(seq)
 
 
 class LavenderDataLoader(torch.utils.data.DataLoader):

@@ -86,6 +86,11 @@ class BlockCache:
         """Start loading a block the streams will need soon."""
         self._future(number)
 
+    def clear(self) -> None:
+        """Drop every block (no stream needs them now)."""
+        with self._lock:
+            self._blocks.clear()
+
 
 class LiveIteration:
     """One iteration in memory: its plan, the state of each rank, and its shared reads."""
@@ -133,6 +138,7 @@ class LiveIteration:
         ]
         self.updated_at = max((r.updated_at for r in saved.values()), default=record.created_at)
         self._reader: DatasetReader | None = None
+        self._active = 0
         self._blocks = BlockCache(self._load_block, executor)
 
     # -- reading -------------------------------------------------------------------------
@@ -225,6 +231,20 @@ class LiveIteration:
         costs are paid once for many small batches. The first message holds one batch so
         the first batch arrives as soon as possible.
         """
+        with self.lock:
+            self._active += 1
+        try:
+            yield from self._messages(world, state, key, generation)
+        finally:
+            with self.lock:
+                self._active -= 1
+                idle = self._active == 0
+            if idle:
+                self._blocks.clear()  # memory is held only while someone streams
+
+    def _messages(
+        self, world: World, state: RankState, key: StreamKey, generation: int
+    ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
         cursor = 0
         partition = world.partition
         chunks = 1
