@@ -1,0 +1,195 @@
+"""``Iteration.to_torch_dataloader``: a torch ``DataLoader`` over an iteration, in the loop's
+process (``num_workers=0``) or in spawned workers that each open their own connection."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+import torch
+
+from lavender_flight.client import Iteration, Writer
+from lavender_flight.client import api as lavender
+from lavender_flight.client.connection import LavenderClient
+
+COLUMNS = [
+    lavender.DatasetColumnOptions(name="uid", type_="int", description="id"),
+    lavender.DatasetColumnOptions(name="text", type_="str"),
+    lavender.DatasetColumnOptions(name="score", type_="float32"),
+]
+SHARDS, ROWS = 4, 700
+TOTAL = SHARDS * ROWS
+BATCH = 128  # 21 full batches and one of 112
+SEED = 77
+# torch warns when a loader has more workers than this machine has CPUs (a 1-CPU runner)
+MANY_WORKERS = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+
+
+@pytest.fixture
+def dataset_id(client: LavenderClient, data_dir: Path) -> str:
+    """A dataset of 4 shards x 700 rows; uid == position, ``score == uid / 2``."""
+    dataset = lavender.create_dataset(name="torchy", uid_column_name="uid")
+    shardset = lavender.create_shardset(dataset.id, (data_dir / "main").as_uri(), COLUMNS)
+    writer = Writer.get(dataset_id=dataset.id, shardset_id=shardset.id)
+    for index in range(SHARDS):
+        uids = range(index * ROWS, (index + 1) * ROWS)
+        writer.write(
+            [{"uid": u, "text": f"sample {u}", "score": u / 2} for u in uids], shard_index=index
+        )
+    return dataset.id
+
+
+def run_loader(
+    dataset_id: str,
+    iteration_id: str,
+    num_workers: int,
+    shuffle: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[dict[str, Any]]:
+    """Every batch of one rank's loader, after checking each as a training loop would see it."""
+    iteration = Iteration.from_dataset(
+        dataset_id,
+        batch_size=BATCH,
+        shuffle=shuffle,
+        shuffle_seed=SEED,
+        rank=rank,
+        world_size=world_size,
+        iteration_id=iteration_id,
+    )
+    loader = iteration.to_torch_dataloader(num_workers=num_workers)
+    batches = list(loader)
+    assert len(loader) == len(batches)
+    for batch in batches:
+        assert set(batch) == {"uid", "text", "score"}
+        assert isinstance(batch["uid"], torch.Tensor) and batch["uid"].dtype == torch.int64
+        assert isinstance(batch["score"], torch.Tensor) and batch["score"].dtype == torch.float32
+        assert isinstance(batch["text"], list) and all(isinstance(t, str) for t in batch["text"])
+        assert len(batch["uid"]) == len(batch["text"]) == len(batch["score"])
+        # the columns of a row stay together
+        assert torch.equal(batch["score"], batch["uid"].to(torch.float32) / 2)
+        assert batch["text"] == [f"sample {u}" for u in batch["uid"].tolist()]
+    sizes = [len(b["uid"]) for b in batches]
+    assert all(size == BATCH for size in sizes[:-1]), sizes
+    assert 0 < sizes[-1] <= BATCH
+    progress = lavender.get_iteration(iteration_id).ranks[rank]
+    assert (progress.completed, progress.inflight) == (progress.total, 0)
+    assert sum(sizes) == progress.total
+    return batches
+
+
+def uids(batches: list[dict[str, Any]]) -> list[int]:
+    return [u for batch in batches for u in batch["uid"].tolist()]
+
+
+def assert_each_once(seen: list[int], expected: range) -> None:
+    twice = sorted(u for u, n in Counter(seen).items() if n > 1)
+    assert not twice, f"delivered more than once: {twice[:20]}"
+    assert sorted(seen) == list(expected)
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_in_process_loader_covers_the_epoch(dataset_id: str, shuffle: bool) -> None:
+    batches = run_loader(dataset_id, "loader0", num_workers=0, shuffle=shuffle)
+    seen = uids(batches)
+    assert_each_once(seen, range(TOTAL))
+    if shuffle:
+        assert seen != sorted(seen)
+    else:
+        assert seen == list(range(TOTAL))
+    assert [len(b["uid"]) for b in batches] == [BATCH] * (TOTAL // BATCH) + [TOTAL % BATCH]
+    progress = lavender.get_iteration("loader0")
+    assert (progress.completed, progress.total, progress.done) == (TOTAL, TOTAL, True)
+
+
+class RecordingReader:
+    """A Flight stream reader that keeps every message it read (so its memory stays put)."""
+
+    def __init__(self, inner: flight.FlightStreamReader, kept: list[pa.RecordBatch]) -> None:
+        self._inner = inner
+        self._kept = kept
+
+    def read_chunk(self) -> flight.FlightStreamChunk:
+        chunk = self._inner.read_chunk()
+        self._kept.append(chunk.data)
+        return chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class RecordingFlight:
+    """A Flight client whose ``do_get`` readers record what they read."""
+
+    def __init__(self, inner: flight.FlightClient, kept: list[pa.RecordBatch]) -> None:
+        self._inner = inner
+        self._kept = kept
+
+    def do_get(self, *args: Any, **kwargs: Any) -> RecordingReader:
+        return RecordingReader(self._inner.do_get(*args, **kwargs), self._kept)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def test_in_process_loader_tensors_are_views_of_the_received_arrow_memory(
+    dataset_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received: list[pa.RecordBatch] = []
+    connect = LavenderClient.__init__
+
+    def recording(self: LavenderClient, *args: Any, **kwargs: Any) -> None:
+        connect(self, *args, **kwargs)
+        self.flight = RecordingFlight(self.flight, received)
+
+    monkeypatch.setattr(LavenderClient, "__init__", recording)
+    batches = run_loader(dataset_id, "zero-copy", num_workers=0, shuffle=True)
+    assert received, "the loader read no Flight message through its connection"
+    spans = [
+        (buf.address, buf.address + buf.size)
+        for message in received
+        for column in message.columns
+        for buf in column.buffers()
+        if buf is not None
+    ]
+    for batch in batches:
+        for name in ("uid", "score"):
+            tensor = batch[name]
+            start, stop = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+            assert any(a <= start and stop <= b for a, b in spans), f"{name} was copied"
+
+
+@pytest.mark.slow
+@MANY_WORKERS
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_two_spawned_workers_give_the_same_batches_in_the_same_order(
+    dataset_id: str, shuffle: bool
+) -> None:
+    alone = run_loader(dataset_id, "workers0", num_workers=0, shuffle=shuffle)
+    spawned = run_loader(dataset_id, "workers2", num_workers=2, shuffle=shuffle)
+    assert_each_once(uids(spawned), range(TOTAL))
+    # DataLoader takes batches from its workers in turn, and worker w streams the rank's
+    # chunks w, w + 2, ...: the same seed gives the same order with or without workers
+    assert [b["uid"].tolist() for b in spawned] == [b["uid"].tolist() for b in alone]
+    progress = lavender.get_iteration("workers2")
+    assert (progress.completed, progress.done) == (TOTAL, True)
+    assert progress.ranks[0].streams == 2
+
+
+@pytest.mark.slow
+@MANY_WORKERS
+def test_two_ranks_with_two_workers_each_cover_the_epoch_once(dataset_id: str) -> None:
+    per_rank = [
+        uids(run_loader(dataset_id, "ddp", 2, shuffle=True, rank=rank, world_size=2))
+        for rank in (0, 1)
+    ]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert_each_once(per_rank[0] + per_rank[1], range(TOTAL))
+    # chunks alternate between ranks: 11 of the 22 batches each
+    assert [len(r) for r in per_rank] == [11 * BATCH, 10 * BATCH + TOTAL % BATCH]
+    progress = lavender.get_iteration("ddp")
+    assert (progress.completed, progress.total, progress.done) == (TOTAL, TOTAL, True)
