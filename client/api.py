@@ -31,6 +31,7 @@ __all__ = [
     "get_client",
     "get_dataset",
     "get_iteration",
+    "infer_columns",
     "get_shardset",
     "init",
     "list_actions",
@@ -221,3 +222,11 @@ def delete_iteration(iteration_id: str) -> None:
     """Forget an iteration and its progress."""
     body = wire.build(wire.IterationBody, "arguments", iteration_id=iteration_id)
     get_client().action("delete_iteration", body)
+
+
+def infer_columns(location: str) -> list[ColumnOptions]:
+    """The columns of the first shard at ``location``: what ``create_shardset`` would infer."""
+    body = wire.build(wire.LocationBody, "arguments", location=location)
+    return [
+        ColumnOptions.model_validate(c) for c in get_client().action_json("infer_columns", body)
+    ]

@@ -82,6 +82,12 @@ ACTIONS: dict[str, ActionSpec] = {
             srv.service.create_shardset(b.dataset_id, b.location, b.columns, b.is_main)
         ),
     ),
+    "infer_columns": ActionSpec(
+        wire.LocationBody,
+        "The columns of the first shard file at a location {location}, as a JSON array of "
+        "{name, type, description}: what create_shardset would infer.",
+        lambda srv, b: _json(srv.service.infer_columns(b.location)),
+    ),
     "get_shardset": ActionSpec(
         wire.ShardsetBody,
         "Get a shardset {dataset_id, shardset_id}, as JSON.",

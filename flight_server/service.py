@@ -102,14 +102,7 @@ class LavenderService:
         where = self.resolve(location)
         files = self._shard_files(where)
         if columns is None:
-            if not files:
-                raise InvalidArgument(
-                    f"no shard file at {where.url} to infer columns from: pass columns=[...] "
-                    "or write a shard there first"
-                )
-            first = files[0]
-            found = read_shard_schema(where, first.path, format_of(first.path) or "parquet")
-            columns = [ColumnOptions(name=f.name, type_=format_type(f.type)) for f in found]
+            columns = self._infer(where, files)
         uid = dataset.uid_column_name
         names = [c.name for c in columns]
         if uid not in names:
@@ -122,6 +115,25 @@ class LavenderService:
             self._scan_shard(where, f, index, schema, uid) for f, index in self._indexed(files, [])
         ]
         return self.catalog.create_shardset(dataset_id, where.url, columns, is_main, shards)
+
+    def infer_columns(self, location: str) -> list[ColumnOptions]:
+        """The columns of the first shard file at a location.
+
+        What ``create_shardset`` would infer, so a user can check and edit them first.
+        """
+        where = self.resolve(location)
+        return self._infer(where, self._shard_files(where))
+
+    @staticmethod
+    def _infer(where: Location, files: Sequence[ShardFile]) -> list[ColumnOptions]:
+        if not files:
+            raise InvalidArgument(
+                f"no shard file at {where.url} to infer columns from: pass columns=[...] "
+                "or write a shard there first"
+            )
+        first = files[0]
+        found = read_shard_schema(where, first.path, format_of(first.path) or "parquet")
+        return [ColumnOptions(name=f.name, type_=format_type(f.type)) for f in found]
 
     def get_shardset(self, dataset_id: str, shardset_id: str) -> Shardset:
         """One shardset of a dataset."""

@@ -90,6 +90,12 @@ class CreateShardsetBody(WireModel):
     is_main: bool = False
 
 
+class LocationBody(WireModel):
+    """``infer_columns``: a shardset location to look at."""
+
+    location: str = Field(min_length=1, max_length=4096)
+
+
 class ShardsetBody(WireModel):
     """Actions on one shardset."""
 

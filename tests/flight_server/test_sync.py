@@ -171,3 +171,18 @@ def test_written_tables_may_use_other_number_widths(
     too_big = pa.table({"uid": pa.array([2**40], pa.int64()), "w": pa.array([1.0])})
     with pytest.raises(SchemaMismatch, match="not in range"):
         service.write_shard(ds.id, ss.id, 1, too_big)
+
+
+def test_infer_columns_before_creating(service: LavenderService, data_dir: Path) -> None:
+    pq.write_table(
+        pa.table({"uid": [1], "t": ["x"], "v": pa.array([1.5], pa.float32())}),
+        data_dir / "a.parquet",
+    )
+    columns = service.infer_columns(data_dir.as_uri())
+    assert [(c.name, c.type_) for c in columns] == [
+        ("uid", "int64"),
+        ("t", "string"),
+        ("v", "float32"),
+    ]
+    with pytest.raises(InvalidArgument, match="no shard file"):
+        service.infer_columns((data_dir / "empty").as_uri())
