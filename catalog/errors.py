@@ -19,6 +19,7 @@ error, and the client turns that back into the same class, so a user sees
     │   ├── InvalidLocation            unknown protocol, a file, unreachable
     │   ├── SchemaMismatch             a shard disagrees with the declared columns
     │   └── InvalidRequest             garbage body, ticket or descriptor
+    ├── TransformFailed                a plugin raised on a sample  (INTERNAL)
     ├── StorageError                   reading or writing storage failed (UNAVAILABLE)
     ├── ServerUnavailable              the client cannot reach the server (UNAVAILABLE)
     ├── Unauthenticated                missing or wrong API key     (UNAUTHENTICATED)
@@ -51,6 +52,7 @@ __all__ = [
     "ShardNotFound",
     "ShardsetNotFound",
     "StorageError",
+    "TransformFailed",
     "Unauthenticated",
     "error_class",
 ]
@@ -132,6 +134,10 @@ class SchemaMismatch(InvalidArgument):
 
 class InvalidRequest(InvalidArgument):
     """An action body, descriptor or ticket could not be decoded or validated."""
+
+
+class TransformFailed(LavenderError):
+    """A filter, collater or preprocessor raised on a sample (after its retries)."""
 
 
 class StorageError(LavenderError, OSError):

@@ -37,6 +37,7 @@ __all__ = [
     "list_actions",
     "list_datasets",
     "list_iterations",
+    "list_plugins",
     "list_shards",
     "preview_dataset",
     "pushback",
@@ -230,3 +231,8 @@ def infer_columns(location: str) -> list[ColumnOptions]:
     return [
         ColumnOptions.model_validate(c) for c in get_client().action_json("infer_columns", body)
     ]
+
+
+def list_plugins() -> dict[str, Any]:
+    """The server's plugins: ``{"plugins": [{kind, name, doc, parameters...}], "problems": []}``."""
+    return dict(get_client().action_json("list_plugins"))

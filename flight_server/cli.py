@@ -12,6 +12,7 @@ from typing import Any
 
 from ..catalog import Catalog
 from ..catalog.errors import LavenderError
+from ..transforms import Plugins
 from .demo import DEMO_DATASET, create_demo
 from .server import LavenderFlightServer
 from .service import LavenderService
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--catalog", default=s, metavar="PATH", help=_help("catalog"))
     serve_cmd.add_argument("--data-home", default=s, metavar="DIR", help=_help("data_home"))
     serve_cmd.add_argument("--modules-dir", default=s, metavar="DIR", help=_help("modules_dir"))
+    serve_cmd.add_argument("--workers", type=int, default=s, metavar="N", help=_help("workers"))
     ui = serve_cmd.add_mutually_exclusive_group()
     ui.add_argument("--ui-port", type=int, default=s, help=_help("ui_port"))
     ui.add_argument("--no-ui", action="store_true", default=s, help=_help("no_ui"))
@@ -60,7 +62,8 @@ def serve(
     service = LavenderService(catalog)
     if settings.demo:
         create_demo(service, settings.home)
-    server = LavenderFlightServer(service, settings.url)
+    plugins = Plugins.load(settings.modules_dir)
+    server = LavenderFlightServer(service, settings.url, plugins, settings.worker_count)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -74,6 +77,15 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
+    names = {i.name for i in plugins.describe()}
+    print(
+        f"  plugins  {len(names)} ({', '.join(sorted(names))}); "
+        f"{settings.worker_count} preprocessing workers",
+        file=sys.stderr,
+        flush=True,
+    )
+    for problem in plugins.problems:
+        print(f"  plugins  NOT LOADED {problem}", file=sys.stderr, flush=True)
     if settings.demo:
         print(
             f'  demo     dataset {DEMO_DATASET!r}: python -c "from lavender_flight.client import '

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import secrets
@@ -21,10 +22,13 @@ from ..catalog.errors import (
     IterationConflict,
     SchemaMismatch,
 )
+from ..transforms import Outcome, Pipeline, Plugins
+from ..transforms.pipeline import pipeline_spec
 from . import wire
 from .plan import EpochPlan
+from .pool import TransformPool
 from .progress import RankState, StreamKey
-from .ranges import RangeSet, as_array
+from .ranges import RangeSet, as_array, runs
 from .reading import DatasetReader
 from .service import LavenderService
 from .world import World, replication_partitions
@@ -102,9 +106,12 @@ class LiveIteration:
         service: LavenderService,
         executor: ThreadPoolExecutor,
         shard_reads: ThreadPoolExecutor,
+        plugins: Plugins | None = None,
+        pool: TransformPool | None = None,
     ) -> None:
         self.record = record
         self._shard_reads = shard_reads
+        self.pool = pool
         self.id = record.id
         self.spec = wire.IterationSpec.model_validate(record.spec)
         self.catalog = catalog
@@ -124,6 +131,22 @@ class LiveIteration:
             drop_last=self.spec.drop_last,
         )
         self.partitions = replication_partitions(self.spec.world_size, self.spec.replication_pg)
+        self.pipeline = build_pipeline(
+            plugins or Plugins.load(entry_points=False),
+            self.spec,
+            service.get_dataset(dataset_id=self.spec.dataset_id).uid_column_name,
+        )
+        self.pipeline_spec = pipeline_spec(
+            [(s.name, s.params) for s in self.pipeline.filters],
+            (self.pipeline.collater.name, self.pipeline.collater.params)
+            if self.pipeline.collater
+            else None,
+            [(s.name, s.params) for s in self.pipeline.preprocessors],
+            self.spec.max_retry_count,
+            self.spec.skip_on_failure,
+            self.pipeline.uid_column,
+        )
+        self._output_schema: pa.Schema | None = None
         self.lock = threading.Lock()
         self._save_lock = threading.Lock()
         saved = {r.rank: r for r in catalog.load_progress(self.id)}
@@ -153,8 +176,29 @@ class LiveIteration:
 
     @property
     def schema(self) -> pa.Schema:
-        """The schema of the batches."""
+        """The schema of the rows read (before transforms)."""
         return self.reader.schema
+
+    @property
+    def output_schema(self) -> pa.Schema:
+        """The schema of the batches sent: after the collater and preprocessors.
+
+        Found by running them on the dataset's first rows; when that fails, the schema of
+        the rows read (the first message tells the truth then).
+        """
+        if self._output_schema is None:
+            schema = self.reader.schema
+            if self.pipeline.transforms_batches:
+                sample = next(self.reader.iter_rows(0, 2), None)
+                if sample is not None and sample.num_rows:
+                    try:
+                        schema = self.pipeline.process(
+                            sample.combine_chunks().to_batches()[0]
+                        ).result.schema
+                    except Exception:
+                        log.info("iteration %s: no output schema from the first rows", self.id)
+            self._output_schema = schema
+        return self._output_schema
 
     def _load_block(self, number: int) -> pa.Table:
         block = self.plan.blocks[number]
@@ -196,8 +240,14 @@ class LiveIteration:
 
     # -- streams -------------------------------------------------------------------------
 
-    def stream(self, ticket: wire.IterationTicket) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
-        """One rank's (or one worker's) batches, each with its ``BatchMetadata`` JSON."""
+    def stream(
+        self, ticket: wire.IterationTicket
+    ) -> tuple[pa.Schema, Iterator[tuple[pa.RecordBatch, pa.Buffer]]]:
+        """One rank's (or one worker's) messages, each with its ``BatchMetadata`` JSON.
+
+        With transforms the first message is made before answering: its schema is the
+        stream's.
+        """
         if ticket.rank >= self.spec.world_size:
             raise InvalidArgument(
                 f"rank {ticket.rank} is outside iteration {self.id}'s world of "
@@ -220,7 +270,13 @@ class LiveIteration:
         del schema
         with self.lock:
             generation = state.open_stream(key)
-        return self._batches(world, state, key, generation)
+        messages = self._batches(world, state, key, generation)
+        if self.pipeline.identity:
+            return self.schema, messages
+        first = next(messages, None)
+        if first is None:
+            return self.output_schema, iter(())
+        return first[0].schema, itertools.chain([first], messages)
 
     def _batches(
         self, world: World, state: RankState, key: StreamKey, generation: int
@@ -234,7 +290,10 @@ class LiveIteration:
         with self.lock:
             self._active += 1
         try:
-            yield from self._messages(world, state, key, generation)
+            if self.pipeline.identity:
+                yield from self._messages(world, state, key, generation)
+            else:
+                yield from self._transformed(world, state, key, generation)
         finally:
             with self.lock:
                 self._active -= 1
@@ -272,6 +331,110 @@ class LiveIteration:
             if message.num_rows:
                 row_bytes = max(1, message.nbytes // message.num_rows)
                 chunks = max(1, min(MAX_CHUNKS, MESSAGE_BYTES // (row_bytes * state.batch_size)))
+
+    def _transformed(
+        self, world: World, state: RankState, key: StreamKey, generation: int
+    ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+        """Messages when the iteration filters, collates or preprocesses.
+
+        Filters run here on whole read spans; the staying samples are packed into full
+        batches (a partial one waits for the next span); batches are collated and
+        preprocessed in the worker pool (or here without one), in order.
+        """
+        cursor = 0
+        partition = world.partition
+        batch_size = state.batch_size
+        carried: list[pa.Table] = []
+        carried_seq: list[np.ndarray] = []
+        schema: pa.Schema | None = None
+        while True:
+            with self.lock:
+                if not state.is_current(key, generation):
+                    return
+                units, cursor = state.next_work(world, key, cursor, self._span_chunks)
+                self.updated_at = time.time()
+            if units:
+                local = as_array([r for unit in units for r in unit])
+                table = self.read(self.plan.to_global(partition, local))
+                keep, failed = self.pipeline.filter(table.combine_chunks().to_batches()[0])
+                self._settle(state, local[~keep & ~failed], "filtered")
+                self._settle(state, local[failed], "failed")
+                carried.append(table.filter(pa.array(keep)))
+                carried_seq.append(local[keep])
+            pending = sum(len(s) for s in carried_seq)
+            if not units and pending and self.spec.drop_last:
+                self._settle(state, np.concatenate(carried_seq), "filtered")
+                return
+            if pending < batch_size and units:
+                continue
+            if not pending:
+                if not units:
+                    return
+                continue
+            rows = pa.concat_tables(carried).combine_chunks()
+            seqs = np.concatenate(carried_seq)
+            full = pending // batch_size * batch_size if units else pending
+            inputs = [
+                (
+                    rows.slice(s, batch_size).to_batches()
+                    or [pa.RecordBatch.from_pylist([], rows.schema)]
+                )[0]
+                for s in range(0, full, batch_size)
+            ]
+            carried = [rows.slice(full)]
+            carried_seq = [seqs[full:]]
+            outputs = self._process(inputs)
+            pieces, described, delivered = [], [], []
+            for index, outcome in enumerate(outputs):
+                batch_seq = seqs[index * batch_size : index * batch_size + len(inputs[index])]
+                failed_rows = np.zeros(len(batch_seq), dtype=bool)
+                failed_rows[outcome.failed] = True
+                self._settle(state, batch_seq[failed_rows], "failed")
+                kept = batch_seq[~failed_rows]
+                if outcome.result is None or (not len(kept) and not outcome.result.num_rows):
+                    continue
+                result = outcome.result
+                if schema is None:
+                    schema = result.schema
+                elif not result.schema.equals(schema):
+                    result = result.cast(schema)
+                pieces.append(result)
+                described.append([result.num_rows, runs(kept)])
+                delivered.append(kept)
+            if pieces:
+                message = pa.Table.from_batches(pieces).combine_chunks().to_batches()[0]
+                positions = self.plan.positions(
+                    self.plan.to_global(partition, np.sort(np.concatenate(delivered)))
+                )
+                metadata = {
+                    "v": 1,
+                    "iteration_id": self.id,
+                    "rank": state.rank,
+                    "batches": described,
+                    **wire.encode_positions(positions),
+                }
+                yield message, pa.py_buffer(json.dumps(metadata).encode())
+            if not units and not sum(len(s) for s in carried_seq):
+                return
+
+    @property
+    def _span_chunks(self) -> int:
+        return max(1, min(MAX_CHUNKS, (1 << 16) // self.spec.batch_size))
+
+    def _process(self, inputs: list[pa.RecordBatch]) -> list[Outcome]:
+        if self.pool is None or not self.pipeline.transforms_batches:
+            return [self.pipeline.process(batch) for batch in inputs]
+        spec = json.dumps(self.pipeline_spec)
+        futures = [self.pool.submit(spec, batch) for batch in inputs]
+        return [self.pool.outcome(future) for future in futures]
+
+    def _settle(self, state: RankState, local: np.ndarray, outcome: str) -> None:
+        if not len(local):
+            return
+        ranges = runs(np.sort(local))
+        assert ranges is not None
+        with self.lock:
+            state.settle(ranges, state.filtered if outcome == "filtered" else state.failed)
 
     # -- acknowledgements ----------------------------------------------------------------
 
@@ -348,12 +511,34 @@ class LiveIteration:
             )
 
 
+def build_pipeline(plugins: Plugins, spec: wire.IterationSpec, uid_column: str) -> Pipeline:
+    """The transforms an iteration spec asks for, validated against the server's plugins."""
+    return Pipeline.build(
+        plugins,
+        [(f.name, f.params) for f in spec.filters],
+        (spec.collater.name, spec.collater.params) if spec.collater else None,
+        [(p.name, p.params) for p in spec.preprocessors],
+        spec.max_retry_count,
+        spec.skip_on_failure,
+        uid_column,
+    )
+
+
 class IterationManager:
     """Creates, reopens and serves iterations; the live ones stay in memory."""
 
-    def __init__(self, catalog: Catalog, service: LavenderService, read_threads: int = 2) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        service: LavenderService,
+        plugins: Plugins | None = None,
+        workers: int = 0,
+        read_threads: int = 2,
+    ) -> None:
         self.catalog = catalog
         self.service = service
+        self.plugins = plugins or Plugins.load(entry_points=False)
+        self.pool = TransformPool(workers, self.plugins.modules_dir) if workers > 0 else None
         self._live: dict[str, LiveIteration] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-block")
@@ -363,6 +548,8 @@ class IterationManager:
         """Stop the read threads."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._shard_reads.shutdown(wait=False, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.close()
 
     def get(self, iteration_id: str) -> LiveIteration:
         """A live iteration, loaded from the catalog when needed (e.g. after a restart)."""
@@ -371,7 +558,13 @@ class IterationManager:
             if live is None:
                 record = self.catalog.get_iteration(iteration_id)
                 live = LiveIteration(
-                    record, self.catalog, self.service, self._executor, self._shard_reads
+                    record,
+                    self.catalog,
+                    self.service,
+                    self._executor,
+                    self._shard_reads,
+                    self.plugins,
+                    self.pool,
                 )
                 self._live[iteration_id] = live
             return live
@@ -386,7 +579,7 @@ class IterationManager:
         dataset = self.service.get_dataset(dataset_id=spec.dataset_id)
         reader = self.service.reader(dataset, spec.shardsets, spec.columns)
         replication_partitions(spec.world_size, spec.replication_pg)
-        self._check_plugins(spec)
+        build_pipeline(self.plugins, spec, dataset.uid_column_name)  # a typo fails here
         iteration_id = command.iteration_id or new_id("it")
         seed = spec.shuffle_seed if spec.shuffle_seed is not None else secrets.randbits(63)
         snapshot = [(shard.index, shard.num_rows) for shard in reader.main_shards]
@@ -418,13 +611,6 @@ class IterationManager:
         if created:
             log.info("iteration %s: %d samples, %s", iteration_id, plan.total, asked)
         return self.get(iteration_id)
-
-    @staticmethod
-    def _check_plugins(spec: wire.IterationSpec) -> None:
-        calls = [*spec.filters, *spec.preprocessors, *([spec.collater] if spec.collater else [])]
-        if calls:
-            names = ", ".join(repr(c.name) for c in calls)
-            raise InvalidArgument(f"no plugin named {names}: no plugins are installed")
 
     def list(self, dataset_id: str | None = None) -> list[IterationProgress]:
         """Progress of every iteration (of one dataset), newest first."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 
 from ..catalog import Dataset
 from ..catalog.errors import ActionNotFound, InvalidRequest
+from ..transforms import Plugins
 from . import wire
 from .errors import translate_errors, wire_errors
 from .iterations import IterationManager, LiveIteration
@@ -116,6 +118,17 @@ ACTIONS: dict[str, ActionSpec] = {
             srv.service.preview_dataset(b.dataset_id, b.offset, b.limit, b.columns)
         ),
     ),
+    "list_plugins": ActionSpec(
+        wire.Empty,
+        "Every filter, collater and preprocessor: kind, name, doc line, parameters, source; "
+        "and the module files that failed to load. As JSON.",
+        lambda srv, b: _json(
+            {
+                "plugins": [dataclasses.asdict(p) for p in srv.plugins.describe()],
+                "problems": srv.plugins.problems,
+            }
+        ),
+    ),
     "get_iteration": ActionSpec(
         wire.IterationBody,
         "Progress of an iteration {iteration_id}: current, completed, filtered, failed, the "
@@ -152,13 +165,25 @@ class LavenderFlightServer(flight.FlightServerBase):
 
     service: LavenderService
     iterations: IterationManager
+    plugins: Plugins
 
     def __init__(
-        self, service: LavenderService, location: str = "grpc://127.0.0.1:0", **kwargs: Any
+        self,
+        service: LavenderService,
+        location: str = "grpc://127.0.0.1:0",
+        plugins: Plugins | None = None,
+        workers: int = 0,
+        **kwargs: Any,
     ):
         super().__init__(location, **kwargs)
         self.service = service
-        self.iterations = IterationManager(service.catalog, service)
+        self.plugins = plugins or Plugins.load(entry_points=False)
+        self.iterations = IterationManager(service.catalog, service, self.plugins, workers)
+
+    def shutdown(self) -> None:
+        """Stop serving, then stop the read threads and preprocessing workers."""
+        super().shutdown()
+        self.iterations.close()
 
     # -- discovery -----------------------------------------------------------------------
 
@@ -197,7 +222,7 @@ class LavenderFlightServer(flight.FlightServerBase):
             for rank in range(live.spec.world_size)
         ]
         info = flight.FlightInfo(
-            live.schema,
+            live.output_schema,
             descriptor,
             endpoints,
             live.plan.total,
@@ -249,13 +274,13 @@ class LavenderFlightServer(flight.FlightServerBase):
         request = wire.decode_ticket(ticket.ticket)
         if isinstance(request, wire.IterationTicket):
             live = self.iterations.get(request.iteration_id)
-            stream = live.stream(request)
+            schema, stream = live.stream(request)
 
             def iteration_batches() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
                 with wire_errors():
                     yield from stream
 
-            return flight.GeneratorStream(live.schema, iteration_batches())
+            return flight.GeneratorStream(schema, iteration_batches())
         dataset = self.service.get_dataset(dataset_id=request.dataset_id)
         reader = self.service.reader(dataset, request.shardset_ids, request.columns)
         shard = reader.main_shard(request.shard_index)

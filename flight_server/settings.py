@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -27,6 +28,12 @@ class ServerSettings(BaseSettings):
     modules_dir: Path | None = Field(
         default=None, description="Folder of custom filter/collater/preprocessor modules."
     )
+    workers: int | None = Field(
+        default=None,
+        ge=0,
+        le=256,
+        description="Preprocessing worker processes (default: the number of cores; 0: none).",
+    )
     ui_port: int = Field(default=3000, ge=0, le=65535, description="Dashboard port.")
     no_ui: bool = Field(default=False, description="Do not serve the dashboard.")
     demo: bool = Field(default=False, description="Create the demo dataset (once) and serve it.")
@@ -41,6 +48,11 @@ class ServerSettings(BaseSettings):
     def catalog_path(self) -> Path:
         """Where the catalog file lives."""
         return (self.catalog or self.home / "catalog.db").expanduser().resolve()
+
+    @property
+    def worker_count(self) -> int:
+        """Preprocessing workers to start."""
+        return self.workers if self.workers is not None else (os.cpu_count() or 1)
 
     @property
     def url(self) -> str:

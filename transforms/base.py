@@ -1,0 +1,215 @@
+"""Plugin base classes: ``Filter``, ``Preprocessor``, ``Collater``.
+
+A subclass names itself with ``name=`` (``class UidModFilter(Filter, name="uid_mod")``) and
+overrides one method of its kind: the vectorized form over a ``pyarrow.RecordBatch``, or
+the per-sample form (the seed's API, applied row by row). Parameters are keyword-only
+arguments with defaults, after ``*``; they are validated when an iteration is created and
+are also set as attributes of the instance (the seed's examples read ``self.mod``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+from pydantic import ValidationError, create_model
+
+from ..catalog.errors import InvalidArgument
+
+__all__ = ["Collater", "Filter", "Parameter", "Plugin", "Preprocessor"]
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One parameter of a plugin."""
+
+    name: str
+    annotation: str
+    default: Any
+    required: bool
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class Plugin:
+    """What every plugin shares: a kind, a name, its parameters."""
+
+    kind: ClassVar[str] = "plugin"
+    name: ClassVar[str] = ""
+    depends_on: ClassVar[tuple[str, ...]] = ()
+    _vectorized: ClassVar[str] = ""
+    _per_sample: ClassVar[str] = ""
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.name = name
+        elif "name" not in cls.__dict__:
+            cls.name = _snake(cls.__name__.removesuffix(cls.kind.capitalize()) or cls.__name__)
+        cls.depends_on = tuple(cls.depends_on)
+
+    @classmethod
+    def is_abstract(cls) -> bool:
+        """A base class that overrides neither form (not a usable plugin)."""
+        return cls.method() is None
+
+    @classmethod
+    def method(cls) -> Callable[..., Any] | None:
+        """The method this plugin overrides: its vectorized or its per-sample form."""
+        for base in cls.__mro__:
+            if base in (Filter, Preprocessor, Collater, Plugin, object):
+                break
+            for attr in (cls._vectorized, cls._per_sample):
+                if attr in base.__dict__:
+                    return typing.cast(Callable[..., Any], getattr(cls, attr))
+        return None
+
+    @classmethod
+    def vectorized(cls) -> bool:
+        """Whether the plugin works on whole Arrow batches."""
+        method = cls.method()
+        return method is not None and method.__name__ == cls._vectorized
+
+    @classmethod
+    def parameters(cls) -> list[Parameter]:
+        """The keyword-only parameters of the overridden method."""
+        method = cls.method()
+        if method is None:
+            return []
+        found = []
+        for p in inspect.signature(method).parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            annotation = p.annotation
+            text = (
+                annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+            )
+            found.append(
+                Parameter(
+                    name=p.name,
+                    annotation="" if annotation is inspect.Parameter.empty else str(text),
+                    default=None if p.default is inspect.Parameter.empty else p.default,
+                    required=p.default is inspect.Parameter.empty,
+                )
+            )
+        return found
+
+    @classmethod
+    def doc(cls) -> str:
+        """The first line of the class docstring."""
+        return (inspect.getdoc(cls) or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @classmethod
+    def validate(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The parameters with defaults filled in, checked against the signature's types."""
+        method = cls.method()
+        assert method is not None
+        known = {p.name: p for p in cls.parameters()}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise InvalidArgument(
+                f"{cls.kind} {cls.name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                f"parameters: {', '.join(known) or 'none'}"
+            )
+        try:
+            hints = typing.get_type_hints(method)
+        except (NameError, TypeError):
+            hints = {}
+        fields: dict[str, Any] = {
+            name: (hints.get(name, Any), ... if p.required else p.default)
+            for name, p in known.items()
+        }
+        model = create_model(f"{cls.__name__}Params", **fields)
+        try:
+            checked = model(**params)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            raise InvalidArgument(f"{cls.kind} {cls.name!r}: {problems}") from None
+        return {name: getattr(checked, name) for name in known}
+
+    @classmethod
+    def create(cls, params: dict[str, Any]) -> Plugin:
+        """An instance with its parameters also set as attributes."""
+        instance = cls()
+        for key, value in params.items():
+            setattr(instance, key, value)
+        return instance
+
+
+class Filter(Plugin):
+    """Keeps the samples for which it answers True.
+
+    Override ``filter_batch(batch, **params) -> BooleanArray`` (vectorized, preferred) or
+    ``filter(sample, **params) -> bool`` (per sample).
+    """
+
+    kind = "filter"
+    _vectorized = "filter_batch"
+    _per_sample = "filter"
+
+    def filter_batch(self, batch: pa.RecordBatch, **params: Any) -> pa.BooleanArray:
+        """A mask over the batch's rows: True keeps the row."""
+        return pa.array([bool(self.filter(row, **params)) for row in batch.to_pylist()], pa.bool_())
+
+    def filter(self, sample: dict[str, Any], **params: Any) -> bool:
+        """Whether to keep one sample."""
+        raise NotImplementedError
+
+
+class Preprocessor(Plugin):
+    """Transforms batches before they reach the client (may add, replace or drop columns).
+
+    Override ``process(batch, **params) -> RecordBatch`` (vectorized, preferred) or
+    ``process_sample(sample, **params) -> dict`` (per sample). ``depends_on`` names
+    preprocessors that must run before this one.
+    """
+
+    kind = "preprocessor"
+    _vectorized = "process"
+    _per_sample = "process_sample"
+
+    def process(self, batch: pa.RecordBatch, **params: Any) -> pa.RecordBatch:
+        """The transformed batch."""
+        return pa.RecordBatch.from_pylist(
+            [self.process_sample(row, **params) for row in batch.to_pylist()]
+        )
+
+    def process_sample(self, sample: dict[str, Any], **params: Any) -> dict[str, Any]:
+        """One transformed sample."""
+        raise NotImplementedError
+
+
+class Collater(Plugin):
+    """Makes the batch the client receives out of the batch's samples.
+
+    Override ``collate_batch(batch, **params) -> RecordBatch`` (vectorized) or
+    ``collate(samples, **params) -> dict`` (the seed's form: a dict of columns).
+    """
+
+    kind = "collater"
+    _vectorized = "collate_batch"
+    _per_sample = "collate"
+
+    def collate_batch(self, batch: pa.RecordBatch, **params: Any) -> pa.RecordBatch:
+        """The batch to send."""
+        columns = self.collate(batch.to_pylist(), **params)
+        return pa.RecordBatch.from_pydict(
+            {
+                k: v.tolist() if isinstance(v, np.ndarray) and v.ndim > 1 else v
+                for k, v in columns.items()
+            }
+        )
+
+    def collate(self, samples: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
+        """The batch's columns out of its samples."""
+        raise NotImplementedError
