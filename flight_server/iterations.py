@@ -20,6 +20,7 @@ from ..catalog import Catalog, IterationProgress, IterationRecord, RankProgress,
 from ..catalog.errors import (
     InvalidArgument,
     IterationConflict,
+    LavenderError,
     SchemaMismatch,
 )
 from ..transforms import Outcome, Pipeline, Plugins
@@ -60,10 +61,10 @@ class BlockCache:
         self._load = load
         self._executor = executor
         self._capacity = capacity
-        self._blocks: OrderedDict[int, Future[pa.Table]] = OrderedDict()
+        self._blocks: OrderedDict[int, Future[Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _future(self, number: int) -> Future[pa.Table]:
+    def _future(self, number: int) -> Future[Any]:
         with self._lock:
             future = self._blocks.get(number)
             if future is None:
@@ -75,8 +76,8 @@ class BlockCache:
                 self._blocks.move_to_end(number)
             return future
 
-    def get(self, number: int) -> pa.Table:
-        """The block's rows (waits for its load)."""
+    def get(self, number: int) -> Any:
+        """The loaded block (waits for its load)."""
         future = self._future(number)
         try:
             return future.result()
@@ -200,43 +201,72 @@ class LiveIteration:
             self._output_schema = schema
         return self._output_schema
 
-    def _load_block(self, number: int) -> pa.Table:
-        block = self.plan.blocks[number]
-        reads = [
-            self._shard_reads.submit(self.reader.read, self.reader.main_shard(self.snapshot[s][0]))
-            for s in block.shard_slots
-        ]  # the shards of a block load side by side
-        tables = []
-        for slot, read in zip(block.shard_slots, reads, strict=True):
-            index, rows = self.snapshot[slot]
-            table = read.result()
+    def _read_shard(self, slot: int) -> pa.Table | None:
+        """A main shard's joined rows; None when it cannot be read and failures are skipped."""
+        index, rows = self.snapshot[slot]
+        error: Exception | None = None
+        for _ in range(self.spec.max_retry_count + 1):
+            try:
+                table = self.reader.read(self.reader.main_shard(index))
+            except (LavenderError, OSError, pa.ArrowException) as exc:
+                error = exc
+                continue
             if table.num_rows != rows:
-                raise SchemaMismatch(
+                error = SchemaMismatch(
                     f"shard {index} of the main shardset has {table.num_rows} rows, "
                     f"{rows} when iteration {self.id} started: it was rewritten"
                 )
+                continue
+            return table
+        assert error is not None
+        if not self.spec.skip_on_failure:
+            raise error
+        log.warning("iteration %s: skipping unreadable shard %d (%d samples): %s",
+                    self.id, index, rows, error)  # fmt: skip
+        return None
+
+    def _load_block(self, number: int) -> tuple[pa.Table, np.ndarray | None]:
+        """A block's rows laid end to end, and which of them could not be read (or None)."""
+        block = self.plan.blocks[number]
+        reads = [self._shard_reads.submit(self._read_shard, s) for s in block.shard_slots]
+        tables, bad = [], []
+        for slot, read in zip(block.shard_slots, reads, strict=True):
+            rows = self.snapshot[slot][1]
+            table = read.result()
+            if table is None:  # unreadable and skipped: placeholder rows, marked failed
+                table = pa.table(
+                    {f.name: pa.nulls(rows, f.type) for f in self.schema}, schema=self.schema
+                )
+            bad.append(np.full(rows, read.result() is None))
             tables.append(table)
         if not tables:
-            return self.schema.empty_table()
+            return self.schema.empty_table(), None
         table = pa.concat_tables(tables)
+        failed = np.concatenate(bad) if any(b.any() for b in bad) else None
         # random access (take) is fast on one chunk; plain slices need no copy
-        return table.combine_chunks() if self.plan.shuffle else table
+        return (table.combine_chunks() if self.plan.shuffle else table), failed
 
-    def read(self, seq: np.ndarray) -> pa.Table:
-        """Rows for ascending global sequence numbers, in that order."""
-        pieces = []
+    def read(self, seq: np.ndarray) -> tuple[pa.Table, np.ndarray | None]:
+        """Rows for ascending global sequence numbers, in that order.
+
+        Also says which rows belong to unreadable shards that were skipped (or None).
+        """
+        pieces, failed, any_failed = [], [], False
         for number, start, stop in self.plan.segments(seq):
             part = seq[start:stop]
             if number + 1 < len(self.plan.blocks):
                 self._blocks.prefetch(number + 1)  # loads side by side with this one
-            table = self._blocks.get(number)
+            table, bad = self._blocks.get(number)
             rows = self.plan.rows_in_block(number, part)
             first = int(rows[0])
             if int(rows[-1]) - first == len(rows) - 1 and not self.plan.shuffle:
                 pieces.append(table.slice(first, len(rows)))
             else:
                 pieces.append(table.take(pa.array(rows)))
-        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
+            failed.append(bad[rows] if bad is not None else np.zeros(len(rows), dtype=bool))
+            any_failed |= bad is not None
+        table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
+        return table, (np.concatenate(failed) if any_failed else None)
 
     # -- streams -------------------------------------------------------------------------
 
@@ -317,14 +347,21 @@ class LiveIteration:
                 return
             local = as_array([r for unit in units for r in unit])
             seq = self.plan.to_global(partition, local)
-            table = self.read(seq)
+            table, failed = self.read(seq)
+            described = [[sum(b - a for a, b in unit), unit] for unit in units]
+            if failed is not None and failed.any():  # rows of unreadable, skipped shards
+                self._settle(state, local[failed], "failed")
+                table, local, seq = table.filter(pa.array(~failed)), local[~failed], seq[~failed]
+                described = _without(described, set(local.tolist()))
+                if not described:
+                    continue
             batches = table.combine_chunks().to_batches()
             message = batches[0] if batches else self.schema.empty_table().to_batches()[0]
             metadata = {
                 "v": 1,
                 "iteration_id": self.id,
                 "rank": state.rank,
-                "batches": [[sum(b - a for a, b in unit), unit] for unit in units],
+                "batches": described,
                 **wire.encode_positions(self.plan.positions(seq)),
             }
             yield message, pa.py_buffer(json.dumps(metadata).encode())
@@ -355,7 +392,12 @@ class LiveIteration:
                 self.updated_at = time.time()
             if units:
                 local = as_array([r for unit in units for r in unit])
-                table = self.read(self.plan.to_global(partition, local))
+                table, unreadable = self.read(self.plan.to_global(partition, local))
+                if unreadable is not None and unreadable.any():
+                    self._settle(state, local[unreadable], "failed")
+                    table, local = table.filter(pa.array(~unreadable)), local[~unreadable]
+                if not table.num_rows:
+                    continue
                 keep, failed = self.pipeline.filter(table.combine_chunks().to_batches()[0])
                 self._settle(state, local[~keep & ~failed], "filtered")
                 self._settle(state, local[failed], "failed")
@@ -509,6 +551,17 @@ class LiveIteration:
                 updated_at=self.updated_at,
                 done=all(state.done for state in self.ranks),
             )
+
+
+def _without(described: list[list[Any]], kept: set[int]) -> list[list[Any]]:
+    """Batch descriptions keeping only the sequence numbers in ``kept`` (dropping empties)."""
+    result = []
+    for _, unit in described:
+        values = [v for a, b in unit for v in range(a, b) if v in kept]
+        if values:
+            found = runs(np.array(values, dtype=np.int64))
+            result.append([len(values), found])
+    return result
 
 
 def build_pipeline(plugins: Plugins, spec: wire.IterationSpec, uid_column: str) -> Pipeline:
