@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 
-from . import iteration
+from . import iteration, transforms
 
 
 def main() -> int:
@@ -28,6 +28,7 @@ def main() -> int:
             "python": sys.version.split()[0],
         },
         "iteration": iteration.run(rows=rows, repeat=repeat),
+        "preprocessing": transforms.run(rows=rows // 50),
     }
     results["seconds"] = round(time.time() - started, 1)
     if args.out:

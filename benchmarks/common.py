@@ -85,7 +85,7 @@ def _start(args: list[str], pattern: str, stream: str, timeout: float = 60) -> S
 
 
 @contextmanager
-def lavender_server(home: Path) -> Iterator[Server]:
+def lavender_server(home: Path, *extra: str) -> Iterator[Server]:
     """``lavender-flight serve`` in its own process on a free port."""
     server = _start(
         [
@@ -100,6 +100,7 @@ def lavender_server(home: Path) -> Iterator[Server]:
             str(home),
             "--log-level",
             "WARNING",
+            *extra,
         ],
         r"serving (grpc://\S+)",
         "stderr",

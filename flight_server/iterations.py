@@ -384,11 +384,14 @@ class LiveIteration:
         carried: list[pa.Table] = []
         carried_seq: list[np.ndarray] = []
         schema: pa.Schema | None = None
+        # small first spans: the first batch comes soon; then larger ones, to fill the workers
+        span = max(1, self.pool.workers if self.pool is not None else 1)
         while True:
             with self.lock:
                 if not state.is_current(key, generation):
                     return
-                units, cursor = state.next_work(world, key, cursor, self._span_chunks)
+                units, cursor = state.next_work(world, key, cursor, span)
+                span = min(span * 2, self._span_chunks)
                 self.updated_at = time.time()
             if units:
                 local = as_array([r for unit in units for r in unit])

@@ -212,7 +212,8 @@ def test_failure_without_skip_names_plugin_and_sample(dataset: Dataset) -> None:
     )
     with pytest.raises(
         TransformFailed,
-        match=r"^preprocessor 'picky' failed on sample uid=0: ValueError: uid divisible by 50 \(after 2 tries",
+        match=r"^preprocessor 'picky' failed on sample uid=0: ValueError: uid divisible by 50 "
+        r"\(after 2 tries",
     ):
         list(it)
 
