@@ -18,6 +18,7 @@ from typing import Protocol
 
 import pytest
 
+from lavender_flight.client import Iteration
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server.settings import ServerSettings
 
@@ -349,4 +350,31 @@ def test_a_failed_demo_creation_is_redone_next_time(
     (tmp_path / "demo").unlink()
     served = launch(args)
     check_demo(served.wait_until_serving())
+    stop_cleanly(served)
+
+
+def test_modules_dir_and_workers(launch: Launcher, connect: None, tmp_path: Path) -> None:
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "custom_filter.py").write_text(
+        "from lavender_flight.transforms import Filter\n\n"
+        'class UidModFilter(Filter, name="uid_mod"):\n'
+        "    def filter(self, sample: dict, *, mod: int = 2) -> bool:\n"
+        '        return sample["uid"] % self.mod == 0\n'
+    )
+    (modules / "broken.py").write_text("import not_a_module_anywhere\n")
+    served = launch(
+        [*lavender_flight_command(), "serve", "--no-ui", "--port", "0", "--data-home",
+         str(tmp_path), "--demo", "--modules-dir", str(modules), "--workers", "1"]
+    )  # fmt: skip
+    url = served.wait_until_serving()
+    served.wait_for(re.compile(r"plugins .*uid_mod.*; 1 preprocessing workers"))
+    served.wait_for(re.compile(r"plugins  NOT LOADED .*broken\.py: ModuleNotFoundError"))
+    lavender.init(url, timeout=30)
+    demo = lavender.get_dataset(name="demo")
+    it = Iteration.from_dataset(
+        demo.id, batch_size=100, filters=[("uid_mod", {"mod": 4})], preprocessors=["byte_tokenize"]
+    )
+    uids = [u for batch in it for u in batch["uid"]]
+    assert uids == list(range(0, demo.total_samples, 4))
     stop_cleanly(served)

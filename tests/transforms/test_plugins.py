@@ -238,3 +238,29 @@ def test_a_filter_must_answer_every_row() -> None:
         match="filter 'short' failed on sample uid=0: ValueError: returned 1 answers for 2 rows",
     ):
         Pipeline.build(plugins, filters=[("short", {})]).filter(BATCH.slice(0, 2))
+
+
+def test_entry_points_are_a_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed package offers plugins through the ``lavender_flight.filters`` group."""
+    (tmp_path / "lf_extra_plugins.py").write_text(
+        "from lavender_flight.transforms import Filter\n\n"
+        "class Positive(Filter, name='positive'):\n"
+        "    '''Keeps positive uids.'''\n"
+        "    def filter(self, sample: dict) -> bool:\n"
+        "        return sample['uid'] > 0\n"
+    )
+    info = tmp_path / "lf_extra_plugins-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lf-extra-plugins\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[lavender_flight.filters]\npositive = lf_extra_plugins:Positive\n"
+        "[lavender_flight.preprocessors]\nmissing = lf_extra_plugins:Nowhere\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins = Plugins.load()
+    assert plugins.filters.source("positive").startswith("entry point positive")
+    keep, _ = Pipeline.build(plugins, filters=[("positive", {})]).filter(BATCH)
+    assert keep.tolist() == [u > 0 for u in range(10)]
+    (problem,) = plugins.problems
+    assert "lf_extra_plugins:Nowhere" in problem and "AttributeError" in problem
+    assert "positive" not in Plugins.load(entry_points=False).filters.names()
