@@ -10,6 +10,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic_settings import BaseSettings
+
 from ..catalog import Catalog
 from ..catalog.errors import LavenderError
 from ..transforms import Plugins
@@ -29,6 +31,36 @@ def _help(field: str) -> str:
     return f"{info.description} [env {env}; default {info.default}]"
 
 
+def add_settings_flags(
+    parser: argparse.ArgumentParser,
+    settings: type[BaseSettings],
+    exclusive: Sequence[tuple[str, ...]] = (),
+) -> None:
+    """Add one ``--flag`` per settings field (booleans are switches).
+
+    A flag left out falls back to the environment, then the default, so every flag is also
+    ``LAVENDER_FLIGHT_<FLAG>``.
+    """
+    groups = {}
+    for names in exclusive:
+        group = parser.add_mutually_exclusive_group()
+        groups.update(dict.fromkeys(names, group))
+    for name, info in settings.model_fields.items():
+        target: Any = groups.get(name, parser)
+        flag = "--" + name.replace("_", "-")
+        kind = info.annotation
+        if kind is bool:
+            target.add_argument(
+                flag, action="store_true", default=argparse.SUPPRESS, help=_help(name)
+            )
+            continue
+        number = int if kind in (int, int | None) else None
+        target.add_argument(
+            flag, type=number, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(),
+            help=_help(name),
+        )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; flags left out fall back to the environment, then defaults."""
     parser = argparse.ArgumentParser(
@@ -37,18 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the Flight server (and the dashboard)")
-    s = argparse.SUPPRESS
-    serve_cmd.add_argument("--host", default=s, help=_help("host"))
-    serve_cmd.add_argument("--port", type=int, default=s, help=_help("port"))
-    serve_cmd.add_argument("--catalog", default=s, metavar="PATH", help=_help("catalog"))
-    serve_cmd.add_argument("--data-home", default=s, metavar="DIR", help=_help("data_home"))
-    serve_cmd.add_argument("--modules-dir", default=s, metavar="DIR", help=_help("modules_dir"))
-    serve_cmd.add_argument("--workers", type=int, default=s, metavar="N", help=_help("workers"))
-    ui = serve_cmd.add_mutually_exclusive_group()
-    ui.add_argument("--ui-port", type=int, default=s, help=_help("ui_port"))
-    ui.add_argument("--no-ui", action="store_true", default=s, help=_help("no_ui"))
-    serve_cmd.add_argument("--demo", action="store_true", default=s, help=_help("demo"))
-    serve_cmd.add_argument("--log-level", default=s, help=_help("log_level"))
+    add_settings_flags(serve_cmd, ServerSettings, exclusive=[("ui_port", "no_ui")])
     return parser
 
 
