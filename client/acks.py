@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from ..catalog.errors import LavenderError
 from ..flight_server import wire
 from ..flight_server.ranges import RangeSet
 from .connection import LavenderClient
 
-__all__ = ["Acknowledger"]
+__all__ = ["Acknowledger", "acknowledging"]
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +82,25 @@ class Acknowledger:
                         self.iteration_id,
                         exc,
                     )
+
+
+T = TypeVar("T")
+
+
+def acknowledging(items: Iterable[tuple[T, Any]], acks: Acknowledger) -> Iterator[T]:
+    """Yield the batches of ``(batch, seq ranges)`` items, acknowledging as the loop goes.
+
+    A batch is completed (its ranges queued for ``acks``) when the next one is asked for or
+    the loop ends.
+    """
+    consumed = None
+    try:
+        for batch, seq in items:
+            if consumed is not None:
+                acks.add(consumed)
+            consumed = seq
+            yield batch
+    finally:
+        if consumed is not None:
+            acks.add(consumed)
+        acks.close()

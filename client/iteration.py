@@ -15,7 +15,7 @@ from ..catalog import IterationProgress
 from ..catalog.errors import InvalidArgument, ServerError
 from ..flight_server import wire
 from . import api
-from .acks import Acknowledger
+from .acks import Acknowledger, acknowledging
 from .connection import LavenderClient
 from .formats import check_format, split
 
@@ -267,28 +267,22 @@ class Iteration:
         return -(-self.rank_total() // int(self.spec["batch_size"]))
 
     def __iter__(self) -> Iterator[Any]:
+        items = stream_batches(self.client, self.id, self.rank, format=self.format)
         acks = Acknowledger(self.client, self.id, self.rank)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
+        if not self.progress:
+            yield from acknowledging(items, acks)
+            return
+        from tqdm.auto import tqdm
 
-            state = self.get_progress().ranks[self.rank]
-            bar = tqdm(total=state.total, initial=state.completed, unit="samples", desc=self.id)
-        consumed: list[list[int]] | None = None
-        try:
-            for batch, seq in stream_batches(self.client, self.id, self.rank, format=self.format):
-                if consumed is not None:
-                    acks.add(consumed)
-                consumed = seq
-                if bar is not None:
+        state = self.get_progress().ranks[self.rank]
+        with tqdm(total=state.total, initial=state.completed, unit="samples", desc=self.id) as bar:
+
+            def counted() -> Iterator[tuple[Any, list[list[int]]]]:
+                for batch, seq in items:
                     bar.update(sum(b - a for a, b in seq))
-                yield batch
-        finally:
-            if consumed is not None:
-                acks.add(consumed)
-            acks.close()
-            if bar is not None:
-                bar.close()
+                    yield batch, seq
+
+            yield from acknowledging(counted(), acks)
 
     def to_torch_dataloader(
         self,

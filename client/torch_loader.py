@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.utils.data
 
-from .acks import Acknowledger
+from .acks import Acknowledger, acknowledging
 from .connection import LavenderClient
 from .iteration import stream_batches
 
@@ -96,17 +96,8 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         acks = Acknowledger(self.iteration.client, self.iteration.id, self.iteration.rank)
-        consumed: Consumed | None = None
-        try:
-            for batch, token in super().__iter__():
-                if consumed is not None:
-                    acks.add(consumed.seq)
-                consumed = token
-                yield batch
-        finally:
-            if consumed is not None:
-                acks.add(consumed.seq)
-            acks.close()
+        items = ((batch, token.seq) for batch, token in super().__iter__())
+        yield from acknowledging(items, acks)
 
     def __len__(self) -> int:
         return len(self.iteration)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ _pipelines: dict[str, Pipeline] = {}
 def initialize(modules_dir: str | None) -> None:
     """Load the server's plugins in this worker (built-ins, entry points, modules folder)."""
     global _plugins
+    # the server reported the modules that failed to load; workers need not say it again
+    logging.getLogger("lavender_flight").addHandler(logging.NullHandler())
     _plugins = Plugins.load(modules_dir)
 
 
