@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the Flight server (and the dashboard)")
     add_settings_flags(serve_cmd, ServerSettings, exclusive=[("ui_port", "no_ui")])
+    commands.add_parser(
+        "ui", help="serve only the dashboard, for a running server (lavender-flight ui --help)"
+    )
     return parser
 
 
@@ -115,13 +118,19 @@ def serve(
             file=sys.stderr,
             flush=True,
         )
+    dashboard = None
     if not settings.no_ui:
-        print(
-            f"  ui       the dashboard (port {settings.ui_port}) is not built yet; "
-            "the Flight server runs without it",
-            file=sys.stderr,
-            flush=True,
-        )
+        from ..panel_ui import serve_dashboard
+
+        try:
+            dashboard = serve_dashboard(url, settings.ui_port, settings.host)
+            line = f"{dashboard.url} (--no-ui to go without)"
+        except Exception as exc:  # the data server runs on without its dashboard
+            line = (
+                f"NOT SERVED: cannot listen on {settings.host}:{settings.ui_port} "
+                f"({type(exc).__name__}: {exc}); pick another --ui-port"
+            )
+        print(f"  ui       {line}", file=sys.stderr, flush=True)
     if ready is not None:
         ready.set()
     try:
@@ -129,6 +138,8 @@ def serve(
             pass
     finally:
         print("Lavender Flight shutting down", file=sys.stderr, flush=True)
+        if dashboard is not None:
+            dashboard.stop()
         server.shutdown()
         catalog.close()
 
@@ -136,6 +147,10 @@ def serve(
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lavender-flight`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "ui":
+        from ..panel_ui import main as ui_main
+
+        return ui_main(args[1:])
     if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
         args.insert(0, "serve")
     options: dict[str, Any] = vars(build_parser().parse_args(args))

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_LISTED_POSITIONS = 1000
 MESSAGE_BYTES = 4 << 20
+MESSAGE_ROWS = 1 << 16  # bounds the read-ahead of small rows too
 MAX_CHUNKS = 512
 
 
@@ -367,7 +368,14 @@ class LiveIteration:
             yield message, pa.py_buffer(json.dumps(metadata).encode())
             if message.num_rows:
                 row_bytes = max(1, message.nbytes // message.num_rows)
-                chunks = max(1, min(MAX_CHUNKS, MESSAGE_BYTES // (row_bytes * state.batch_size)))
+                chunks = max(
+                    1,
+                    min(
+                        MAX_CHUNKS,
+                        MESSAGE_BYTES // (row_bytes * state.batch_size),
+                        MESSAGE_ROWS // state.batch_size,
+                    ),
+                )
 
     def _transformed(
         self, world: World, state: RankState, key: StreamKey, generation: int

@@ -1,0 +1,294 @@
+"""The datasets list (with its create form) and a dataset's page (shardsets, preview, runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+import panel as pn
+import param
+
+from ..catalog import Dataset
+from . import calls
+from .common import TABLE_CSS, Page, format_bytes, format_time, html_table, link
+from .shardsets import AddShardsetForm
+
+__all__ = ["DatasetPage", "DatasetsPage", "iterations_frame"]
+
+PAGE_SIZES = [10, 25, 50, 100]
+
+
+def _dataset_link(row: Mapping[str, Any]) -> str:
+    return link("dataset", str(row["name"]), id=str(row["id"]))
+
+
+def _iteration_link(row: Mapping[str, Any]) -> str:
+    return link("iteration", str(row["id"]), id=str(row["id"]))
+
+
+def iterations_frame(iterations: list[Any]) -> pd.DataFrame:
+    """One row per iteration: its id, the four counts, what is in flight, done, created."""
+    return pd.DataFrame(
+        [
+            {
+                "id": it.id,
+                "total": it.total,
+                "current": it.current,
+                "completed": it.completed,
+                "filtered": it.filtered,
+                "failed": it.failed,
+                "in flight": sum(r.inflight for r in it.ranks),
+                "done": "yes" if it.done else "no",
+                "created": format_time(it.created_at),
+            }
+            for it in iterations
+        ],
+        columns=[
+            "id",
+            "total",
+            "current",
+            "completed",
+            "filtered",
+            "failed",
+            "in flight",
+            "done",
+            "created",
+        ],
+    )
+
+
+class DatasetsPage(Page):
+    """Every dataset (name, id, shardsets, samples, created) and a form to create one."""
+
+    datasets = param.DataFrame(default=None, doc="One row per dataset.")
+    new_name = param.String(default="", doc="Name of the dataset to create.")
+    new_uid_column = param.String(default="uid", doc="Its uid column.")
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._table = pn.pane.HTML("", stylesheets=[TABLE_CSS], sizing_mode="stretch_width")
+        self._create = pn.widgets.Button(label="Create dataset", color="primary")
+        self._create.on_click(self._on_create)
+        self.refresh()
+        self._render()
+
+    def refresh(self) -> None:
+        """Read the datasets from the server."""
+        with self.calling():
+            found = calls.list_datasets(self.connection)
+            self.datasets = pd.DataFrame(
+                [
+                    {
+                        "name": d.name,
+                        "id": d.id,
+                        "shardsets": len(d.shardsets),
+                        "samples": d.total_samples,
+                        "created": format_time(d.created_at),
+                    }
+                    for d in found
+                ],
+                columns=["name", "id", "shardsets", "samples", "created"],
+            )
+
+    def _on_create(self, _event: object) -> None:
+        self.create()
+
+    def create(self) -> Dataset | None:
+        """Create the dataset the form describes; the list then shows it."""
+        name, uid = self.new_name.strip(), self.new_uid_column.strip() or "uid"
+        if not name:
+            self.message, self.error = "", "InvalidArgument: a dataset needs a name"
+            return None
+        created: Dataset | None = None
+        with self.calling():
+            created = calls.create_dataset(self.connection, name, uid)
+        if created is None:
+            self.message = ""
+            return None
+        self.message = f"Created dataset {created.name!r} ({created.id})"
+        self.new_name = ""
+        self.refresh()
+        return created
+
+    @param.depends("datasets", watch=True)
+    def _render(self) -> None:
+        self._table.object = html_table(
+            self.datasets,
+            "datasets-table",
+            links={"name": _dataset_link},
+            empty="No datasets yet: create one below.",
+        )
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self.layout(
+            "Datasets",
+            self._table,
+            pn.pane.HTML("<h3>Create a dataset</h3>"),
+            pn.Row(
+                pn.widgets.TextInput.from_param(
+                    self.param.new_name, label="Name", placeholder="my-dataset"
+                ),
+                pn.widgets.TextInput.from_param(self.param.new_uid_column, label="uid column"),
+                pn.Column(pn.Spacer(height=18), self._create),
+            ),
+        )
+
+
+class DatasetPage(Page):
+    """One dataset: its shardsets, a paged preview of the joined rows, its iterations."""
+
+    dataset_id = param.String(default="", doc="The dataset shown.")
+    dataset = param.ClassSelector(class_=Dataset, default=None, doc="The dataset, as read.")
+    shardsets = param.DataFrame(default=None, doc="One row per shardset.")
+    iterations = param.DataFrame(default=None, doc="One row per iteration of the dataset.")
+    preview = param.DataFrame(default=None, doc="The rows of the current preview page.")
+    preview_columns = param.ListSelector(default=[], objects=[], doc="Columns to preview.")
+    offset = param.Integer(default=0, bounds=(0, None), doc="First row of the preview page.")
+    limit: param.Selector = param.Selector(
+        default=10, objects=PAGE_SIZES, doc="Rows per preview page."
+    )
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        css = [TABLE_CSS]
+        self._summary = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
+        self._shardsets = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
+        self._preview = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
+        self._iterations = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
+        self._rows = pn.pane.HTML("", stylesheets=css)
+        self._previous = pn.widgets.Button(label="Previous")
+        self._next = pn.widgets.Button(label="Next")
+        self._previous.on_click(lambda _: self.previous_page())
+        self._next.on_click(lambda _: self.next_page())
+        self.add_shardset = AddShardsetForm(client=self.client, dataset_id=self.dataset_id)
+        self.add_shardset.param.watch(lambda _: self.refresh(), "created")
+        self.refresh()
+
+    @property
+    def total(self) -> int:
+        """Samples of the dataset (rows of its main shardset)."""
+        return self.dataset.total_samples if self.dataset is not None else 0
+
+    def refresh(self) -> None:
+        """Read the dataset and its iterations, then the preview page."""
+        picked: list[str] | None = None
+        with self.calling():
+            dataset = calls.get_dataset(self.connection, self.dataset_id)
+            iterations = calls.list_iterations(self.connection, dataset.id)
+            uid = dataset.uid_column_name
+            names = list(
+                dict.fromkeys(c.name for s in dataset.shardsets for c in s.columns if c.name != uid)
+            )
+            self.shardsets = pd.DataFrame(
+                [
+                    {
+                        "id": s.id,
+                        "location": s.location,
+                        "main": "yes" if s.is_main else "",
+                        "columns": ", ".join(f"{c.name}: {c.type_}" for c in s.columns),
+                        "shards": s.shard_count,
+                        "samples": s.total_samples,
+                        "size": format_bytes(s.total_bytes),
+                    }
+                    for s in dataset.shardsets
+                ],
+                columns=["id", "location", "main", "columns", "shards", "samples", "size"],
+            )
+            self.iterations = iterations_frame(iterations)
+            # New columns start picked; the ones the user already saw keep their choice.
+            known = self.param.preview_columns.objects
+            picked = [c for c in names if c in self.preview_columns or c not in known]
+            self.param.preview_columns.objects = names
+            self.dataset = dataset
+        if picked is None:
+            return
+        if picked != list(self.preview_columns):
+            self.preview_columns = picked  # the watcher loads the preview
+        else:
+            self.load_preview()
+
+    @param.depends("preview_columns", "offset", "limit", watch=True)
+    def load_preview(self) -> None:
+        """Read the current preview page (uid column always included)."""
+        if self.dataset is None:
+            return
+        with self.calling():
+            table = calls.preview_dataset(
+                self.connection,
+                self.dataset.id,
+                offset=self.offset,
+                limit=int(self.limit),
+                columns=list(self.preview_columns),
+            )
+            self.preview = pd.DataFrame(table.to_pydict(), columns=table.column_names)
+
+    def next_page(self) -> None:
+        """Show the next page of rows, if there is one."""
+        if self.offset + int(self.limit) < self.total:
+            self.offset += int(self.limit)
+
+    def previous_page(self) -> None:
+        """Show the previous page of rows."""
+        self.offset = max(0, self.offset - int(self.limit))
+
+    @param.depends("dataset", "shardsets", "iterations", watch=True)
+    def _render(self) -> None:
+        dataset = self.dataset
+        if dataset is None:
+            self._summary.object = ""
+            return
+        self._summary.object = (
+            f'<p id="dataset-summary">id <code>{dataset.id}</code> · uid column '
+            f"<code>{dataset.uid_column_name}</code> · {dataset.total_samples} samples · "
+            f"created {format_time(dataset.created_at)}</p>"
+        )
+        self._shardsets.object = html_table(
+            self.shardsets,
+            "shardsets-table",
+            links={
+                "id": lambda row: link(
+                    "shardset", str(row["id"]), dataset=dataset.id, id=str(row["id"])
+                )
+            },
+            empty="No shardsets yet: add one below.",
+        )
+        self._iterations.object = html_table(
+            self.iterations,
+            "iterations-table",
+            links={"id": _iteration_link},
+            empty="No iterations yet.",
+        )
+
+    @param.depends("preview", watch=True)
+    def _render_preview(self) -> None:
+        shown = 0 if self.preview is None else len(self.preview)
+        first = self.offset + 1 if shown else 0
+        self._rows.object = (
+            f'<span id="preview-rows">rows {first}-{self.offset + shown} of {self.total}</span>'
+        )
+        self._preview.object = html_table(self.preview, "preview-table", empty="No rows.")
+        self._previous.disabled = self.offset == 0
+        self._next.disabled = self.offset + int(self.limit) >= self.total
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        name = self.dataset.name if self.dataset is not None else self.dataset_id
+        return self.layout(
+            f"Dataset {name}",
+            self._summary,
+            pn.pane.HTML("<h3>Shardsets</h3>"),
+            self._shardsets,
+            pn.pane.HTML("<h3>Preview</h3>"),
+            pn.widgets.CheckBoxGroup.from_param(self.param.preview_columns, inline=True),
+            pn.Row(
+                self._previous,
+                self._next,
+                pn.widgets.Select.from_param(self.param.limit, label="rows per page", width=120),
+                self._rows,
+            ),
+            self._preview,
+            pn.pane.HTML("<h3>Iterations</h3>"),
+            self._iterations,
+            pn.pane.HTML("<h3>Add a shardset</h3>"),
+            self.add_shardset,
+        )

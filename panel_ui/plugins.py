@@ -1,0 +1,98 @@
+"""The plugins page: the filters, collaters and preprocessors a server offers."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+import panel as pn
+import param
+
+from ..catalog.errors import ActionNotFound
+from . import calls
+from .common import TABLE_CSS, Page, html_table
+
+__all__ = ["PluginsPage", "describe_parameters"]
+
+NO_PLUGINS = "No plugins installed."
+NO_ACTION = (
+    "This server cannot list its plugins (it has no 'list_plugins' action): "
+    "update the server to see its filters, collaters and preprocessors."
+)
+
+
+def _parameter(p: Mapping[str, Any]) -> str:
+    text = str(p.get("name", "?"))
+    if p.get("type") not in (None, ""):
+        text += f": {p['type']}"
+    if not p.get("required", False) and "default" in p:
+        text += f" = {p['default']!r}"
+    return text
+
+
+def describe_parameters(parameters: Any) -> str:
+    """Parameters in one line, ``name: type = default, ...``, from a list or a mapping."""
+    if not parameters:
+        return ""
+    if isinstance(parameters, Mapping):  # {"name": {...}} or {"name": "type"}
+        parameters = [
+            {"name": k, **v} if isinstance(v, Mapping) else {"name": k, "type": v}
+            for k, v in parameters.items()
+        ]
+    return ", ".join(_parameter(p) if isinstance(p, Mapping) else str(p) for p in parameters)
+
+
+class PluginsPage(Page):
+    """The server's plugins: kind, name, parameters, description, where each comes from."""
+
+    plugins = param.DataFrame(default=None, doc="One row per plugin.")
+    problems = param.List(default=[], item_type=str, doc="Plugin files that failed to load.")
+    available = param.Boolean(default=True, doc="Whether the server can list its plugins.")
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._table = pn.pane.HTML("", stylesheets=[TABLE_CSS], sizing_mode="stretch_width")
+        self.refresh()
+        self._render()
+
+    def refresh(self) -> None:
+        """Ask the server for its plugins."""
+        try:
+            found, problems = calls.list_plugins(self.connection)
+        except ActionNotFound:
+            self.available, self.error = False, ""
+            self.plugins, self.problems = None, []
+            self.message = NO_ACTION
+            return
+        except Exception as exc:
+            self.error = calls.describe_error(exc)
+            return
+        self.available, self.error = True, ""
+        self.plugins = pd.DataFrame(
+            [
+                {
+                    "kind": str(p.get("kind", "")),
+                    "name": str(p.get("name", "")),
+                    "parameters": describe_parameters(p.get("parameters")),
+                    "description": str(p.get("doc") or p.get("description") or ""),
+                    "source": str(p.get("source", "")),
+                }
+                for p in found
+            ],
+            columns=["kind", "name", "parameters", "description", "source"],
+        )
+        self.problems = problems
+        self.message = "" if found else NO_PLUGINS
+
+    @param.depends("plugins", "problems", watch=True)
+    def _render(self) -> None:
+        table = "" if self.plugins is None else html_table(self.plugins, "plugins-table", empty="")
+        broken = "".join(f"<li>{html.escape(p)}</li>" for p in self.problems)
+        if broken:
+            table += f'<h3>Failed to load</h3><ul id="plugin-problems">{broken}</ul>'
+        self._table.object = table
+
+    def __panel__(self) -> pn.viewable.Viewable:
+        return self.layout("Plugins", self._table)
