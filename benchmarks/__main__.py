@@ -9,7 +9,7 @@ import platform
 import sys
 import time
 
-from . import iteration, transforms
+from . import iteration, s3, transforms
 
 
 def main() -> int:
@@ -29,6 +29,7 @@ def main() -> int:
         },
         "iteration": iteration.run(rows=rows, repeat=repeat),
         "preprocessing": transforms.run(rows=rows // 50),
+        "s3": s3.run(rows=rows // 5, repeat=repeat),
     }
     results["seconds"] = round(time.time() - started, 1)
     if args.out:

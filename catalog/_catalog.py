@@ -6,7 +6,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -225,16 +225,23 @@ class Catalog(IterationStore):
         is_main: bool = False,
         shards: Sequence[Shard] = (),
         shardset_id: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> Shardset:
         """Add a shardset (and the shards already found at its location) to a dataset.
 
         The first shardset of a dataset is its main one; ``is_main=True`` moves that role.
         Column names other than the uid must not clash with another shardset's.
+        ``storage_options`` (JSON-serializable) are kept as given, secrets included: the
+        records redact them whenever they are serialized.
         """
         shardset_id = shardset_id or new_id("ss")
         names = [column.name for column in columns]
         if len(set(names)) != len(names):
             raise InvalidArgument(f"duplicate column names in {names}")
+        try:
+            options = json.dumps(dict(storage_options or {}), sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"storage_options must be JSON values: {exc}") from None
         with self._write() as conn:
             dataset = self._run(
                 conn, "SELECT uid_column_name FROM datasets WHERE id = ?", (dataset_id,)
@@ -272,9 +279,9 @@ class Catalog(IterationStore):
                 )
             self._run(
                 conn,
-                "INSERT INTO shardsets (id, dataset_id, location, is_main, position, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (shardset_id, dataset_id, location, int(main), int(count), time.time()),
+                "INSERT INTO shardsets (id, dataset_id, location, is_main, position, created_at, "
+                "storage_options) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (shardset_id, dataset_id, location, int(main), int(count), time.time(), options),
             )
             for position, column in enumerate(columns):
                 self._run(
@@ -312,8 +319,8 @@ class Catalog(IterationStore):
 
     def _shardsets(self, dataset_id: str, shardset_id: str | None = None) -> list[Shardset]:
         sql = (
-            "SELECT s.id, s.location, s.is_main, s.created_at, count(h.shard_index), "
-            "coalesce(sum(h.num_rows), 0), coalesce(sum(h.size_bytes), 0) "
+            "SELECT s.id, s.location, s.is_main, s.created_at, s.storage_options, "
+            "count(h.shard_index), coalesce(sum(h.num_rows), 0), coalesce(sum(h.size_bytes), 0) "
             "FROM shardsets s LEFT JOIN shards h ON h.shardset_id = s.id "
             "WHERE s.dataset_id = ?"
         )
@@ -321,10 +328,13 @@ class Catalog(IterationStore):
         if shardset_id is not None:
             sql += " AND s.id = ?"
             params.append(shardset_id)
-        sql += " GROUP BY s.id, s.location, s.is_main, s.created_at, s.position ORDER BY s.position"
+        sql += (
+            " GROUP BY s.id, s.location, s.is_main, s.created_at, s.storage_options, s.position"
+            " ORDER BY s.position"
+        )
         result = []
         for row in self._query(sql, params):
-            ss_id, location, is_main, created_at, shard_count, samples, size = row
+            ss_id, location, is_main, created_at, options, shard_count, samples, size = row
             columns = [
                 DatasetColumn(name=name, type_=type_, description=description, shardset_id=ss_id)
                 for name, type_, description in self._query(
@@ -344,6 +354,7 @@ class Catalog(IterationStore):
                     total_samples=int(samples),
                     total_bytes=int(size),
                     created_at=float(created_at),
+                    storage_options=json.loads(options or "{}"),
                 )
             )
         return result

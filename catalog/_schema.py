@@ -64,6 +64,10 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (iteration_id, rank)
         )""",
     ],
+    [
+        # storage options of a shardset (JSON), merged over the server's defaults
+        "ALTER TABLE shardsets ADD COLUMN storage_options TEXT NOT NULL DEFAULT '{}'",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

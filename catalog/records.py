@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from ._types import format_type, parse_type
 
 __all__ = [
+    "REDACTED",
     "ColumnOptions",
     "Dataset",
     "DatasetColumn",
@@ -20,10 +23,67 @@ __all__ = [
     "Shardset",
     "SyncResult",
     "UidValue",
+    "is_secret_option",
+    "redact_options",
 ]
 
 UidValue = int | str | None
 """A uid as stored in the catalog: uid columns are integers or strings."""
+
+
+REDACTED = "***"
+"""What a secret storage option shows instead of its value, whenever a record is serialized."""
+
+_SECRET_WORDS = (
+    "secret",
+    "password",
+    "passwd",
+    "token",
+    "credential",
+    "access_key",
+    "accesskey",
+    "private",
+    "connection_string",
+    "sas",
+    "authorization",
+    "cookie",
+    "signature",
+)
+_USERINFO = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@:\s]*):[^/@\s]*@", re.IGNORECASE)
+
+
+def is_secret_option(name: str) -> bool:
+    """Whether a storage option of this name holds a secret (``key``, ``secret``, ``token``...).
+
+    Errs on the side of hiding: any name ending in ``key`` or mentioning a secret, password,
+    token or credential counts.
+    """
+    lowered = name.lower().replace("-", "_")
+    return lowered.endswith("key") or any(word in lowered for word in _SECRET_WORDS)
+
+
+def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of storage options fit to show: secret values become ``***``, nested too.
+
+    Passwords inside URLs (``https://user:pw@host``) are hidden as well; the names of the
+    options stay, so a user can see which ones are set.
+    """
+    return {
+        str(name): REDACTED
+        if is_secret_option(str(name)) and value not in (None, "")
+        else _redact_value(value)
+        for name, value in options.items()
+    }
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return redact_options(value)
+    if isinstance(value, (list, tuple)):
+        return [_redact_value(item) for item in value]
+    if isinstance(value, str):
+        return _USERINFO.sub(rf"\g<head>:{REDACTED}@", value)
+    return value
 
 
 class _Record(BaseModel):
@@ -82,7 +142,13 @@ class Shard(_Record):
 
 
 class Shardset(_Record):
-    """A group of columns of a dataset, stored as shard files under one location."""
+    """A group of columns of a dataset, stored as shard files under one location.
+
+    ``storage_options`` are the fsspec options given when it was created (merged over the
+    server's defaults when the location is opened). Their secrets never leave the server:
+    every serialization of the record (JSON on the wire, ``model_dump``) shows them as
+    ``***``, and ``repr`` leaves the options out.
+    """
 
     id: str
     dataset_id: str
@@ -93,6 +159,11 @@ class Shardset(_Record):
     total_samples: int = 0
     total_bytes: int = 0
     created_at: float
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+    @field_serializer("storage_options")
+    def _redacted(self, options: dict[str, Any]) -> dict[str, Any]:
+        return redact_options(options)
 
 
 class Dataset(_Record):

@@ -9,7 +9,7 @@ Call :func:`init` once with the server's URL (default ``LAVENDER_FLIGHT_API_URL`
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -113,11 +113,17 @@ def create_shardset(
     location: str,
     columns: Sequence[ColumnOptions | dict[str, Any]] | None = None,
     is_main: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Shardset:
     """Add a shardset stored at ``location`` (a folder URL such as ``file:///data/x`` or ``s3://b/p``).
 
     Shards already there are checked and registered. Without ``columns``, they are inferred
     from the first shard found at the location.
+
+    ``storage_options`` are the fsspec options of the location, laid over the server's
+    defaults, e.g. ``{"key": ..., "secret": ..., "endpoint_url": "http://minio:9000"}`` for
+    ``s3://``. They are stored with the shardset; secrets among them (keys, secrets, tokens,
+    passwords) are never shown back: the shardset's ``storage_options`` say ``"***"``.
     """
     body = wire.build(
         wire.CreateShardsetBody,
@@ -126,6 +132,7 @@ def create_shardset(
         location=location,
         columns=[_column(c) for c in columns] if columns is not None else None,
         is_main=is_main,
+        storage_options=dict(storage_options) if storage_options is not None else None,
     )
     return Shardset.model_validate(get_client().action_json("create_shardset", body))
 

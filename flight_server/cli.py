@@ -83,7 +83,7 @@ def serve(
 ) -> None:
     """Run a server until SIGINT/SIGTERM (or ``stop`` is set), then shut it down cleanly."""
     catalog = Catalog(settings.catalog_path)
-    service = LavenderService(catalog)
+    service = LavenderService(catalog, storage_defaults=settings.storage_defaults())
     if settings.demo:
         create_demo(service, settings.home)
     plugins = Plugins.load(settings.modules_dir)

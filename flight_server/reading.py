@@ -157,6 +157,7 @@ class DatasetReader:
             shard.format,
             view.schema,
             view.columns,
+            size=shard.size_bytes,  # known from the catalog: no size request to the store
         )
 
     def read(self, shard: Shard) -> pa.Table:

@@ -78,10 +78,13 @@ ACTIONS: dict[str, ActionSpec] = {
     ),
     "create_shardset": ActionSpec(
         wire.CreateShardsetBody,
-        "Add a shardset {dataset_id, location, columns?, is_main?}; shards found there are "
-        "checked and registered; columns are inferred from the first shard when omitted.",
+        "Add a shardset {dataset_id, location, columns?, is_main?, storage_options?}; shards "
+        "found there are checked and registered; columns are inferred from the first shard "
+        "when omitted; secrets in storage_options are never shown back.",
         lambda srv, b: _json(
-            srv.service.create_shardset(b.dataset_id, b.location, b.columns, b.is_main)
+            srv.service.create_shardset(
+                b.dataset_id, b.location, b.columns, b.is_main, b.storage_options
+            )
         ),
     ),
     "infer_columns": ActionSpec(

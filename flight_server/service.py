@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -30,6 +32,7 @@ from .shards import (
     check_shard_schema,
     conform,
     declared_schema,
+    fetch_shard,
     format_of,
     read_shard,
     read_shard_schema,
@@ -38,23 +41,90 @@ from .shards import (
     shard_stats,
     write_shard,
 )
-from .storage import Location, ShardFile, resolve_location
+from .storage import (
+    DEFAULT_RETRY,
+    S3_PROTOCOLS,
+    Location,
+    RetryPolicy,
+    ShardFile,
+    merge_options,
+    options_key,
+    protocol_of,
+    resolve_location,
+)
 
 __all__ = ["LavenderService"]
 
 log = logging.getLogger(__name__)
 
 MAX_PREVIEW_ROWS = 10_000
+# shards scanned side by side when a shardset in remote storage is created or synced
+SCAN_THREADS = 8
+
+Resolver = Callable[[str, Mapping[str, Any], RetryPolicy], Location]
 
 
 class LavenderService:
-    """Catalog management, shard I/O and dataset reads, independent of any protocol."""
+    """Catalog management, shard I/O and dataset reads, independent of any protocol.
+
+    Args:
+        catalog: the system of record.
+        resolve: turns a location URL and its storage options into a ``Location``.
+        storage_defaults: default storage options per protocol (``{"s3": {...}}``), laid
+            under each shardset's own options (see ``ServerSettings.storage_defaults``).
+        retry: how storage calls are retried on transient errors.
+    """
 
     def __init__(
-        self, catalog: Catalog, resolve: Callable[[str], Location] = resolve_location
+        self,
+        catalog: Catalog,
+        resolve: Resolver = resolve_location,
+        storage_defaults: Mapping[str, Mapping[str, Any]] | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.catalog = catalog
         self.resolve = resolve
+        self.storage_defaults = {k: dict(v) for k, v in (storage_defaults or {}).items()}
+        self.retry = retry
+        self._locations: dict[tuple[str, str], Location] = {}
+        self._locations_lock = threading.Lock()
+
+    # -- storage -------------------------------------------------------------------------
+
+    def storage_options(self, url: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The options a location is opened with: the server's defaults, then ``options``."""
+        protocol = protocol_of(url)
+        if protocol in S3_PROTOCOLS:
+            protocol = "s3"
+        return merge_options(self.storage_defaults.get(protocol, {}), options or {})
+
+    def locate(self, url: str, options: Mapping[str, Any] | None = None) -> Location:
+        """The resolved location of a URL opened with ``options`` over the server's defaults.
+
+        Locations are kept by URL and options, so a filesystem (an s3fs client with its
+        connection pool) is built once and reused by every read, not per shard.
+        """
+        merged = self.storage_options(url, options)
+        if protocol_of(url) == "file":  # cheap to resolve, and relative paths follow the cwd
+            return self.resolve(url, merged, self.retry)
+        key = (url.strip(), options_key(merged))
+        with self._locations_lock:
+            found = self._locations.get(key)
+        if found is not None:
+            return found
+        location = self.resolve(url, merged, self.retry)
+        with self._locations_lock:
+            found = self._locations.setdefault(key, location)
+            self._locations.setdefault((location.url, key[1]), found)
+        return found
+
+    def _where(self, shardset: Shardset) -> Location:
+        return self.locate(shardset.location, shardset.storage_options)
+
+    def _resolver(self, dataset: Dataset) -> Callable[[str], Location]:
+        """Resolves the locations of a dataset's shardsets, each with its own options."""
+        options = {s.location: s.storage_options for s in dataset.shardsets}
+        return lambda url: self.locate(url, options.get(url))
 
     # -- datasets ------------------------------------------------------------------------
 
@@ -93,13 +163,17 @@ class LavenderService:
         location: str,
         columns: Sequence[ColumnOptions] | None = None,
         is_main: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> Shardset:
         """Add a shardset stored at ``location``; shards already there are checked and registered.
 
         Without ``columns`` they are inferred from the first shard found at the location.
+        ``storage_options`` (fsspec options: s3fs ``key``, ``secret``, ``endpoint_url``,
+        ``client_kwargs``...) are stored with the shardset and laid over the server's
+        defaults whenever its location is opened; their secrets are never shown back.
         """
         dataset = self.catalog.get_dataset(dataset_id=dataset_id)
-        where = self.resolve(location)
+        where = self.locate(location, storage_options)
         files = self._shard_files(where)
         if columns is None:
             columns = self._infer(where, files)
@@ -111,17 +185,17 @@ class LavenderService:
                 "every shardset carries it to be joined by uid"
             )
         schema = declared_schema([(c.name, c.type_) for c in columns])
-        shards = [
-            self._scan_shard(where, f, index, schema, uid) for f, index in self._indexed(files, [])
-        ]
-        return self.catalog.create_shardset(dataset_id, where.url, columns, is_main, shards)
+        shards = self._scan_shards(where, list(self._indexed(files, [])), schema, uid)
+        return self.catalog.create_shardset(
+            dataset_id, where.url, columns, is_main, shards, storage_options=storage_options
+        )
 
     def infer_columns(self, location: str) -> list[ColumnOptions]:
         """The columns of the first shard file at a location.
 
         What ``create_shardset`` would infer, so a user can check and edit them first.
         """
-        where = self.resolve(location)
+        where = self.locate(location)
         return self._infer(where, self._shard_files(where))
 
     @staticmethod
@@ -156,26 +230,24 @@ class LavenderService:
         """
         dataset = self.catalog.get_dataset(dataset_id=dataset_id)
         shardset = self.catalog.get_shardset(dataset_id, shardset_id)
-        where = self.resolve(shardset.location)
+        where = self._where(shardset)
         schema = declared_schema([(c.name, c.type_) for c in shardset.columns])
         known = {s.location: s for s in self.catalog.list_shards(shardset_id)}
         files = self._shard_files(where)
         present = {where.url_of(f.path) for f in files}
         removed = [s for url, s in known.items() if url not in present]
-        added: list[Shard] = []
-        updated: list[Shard] = []
+        changed: list[tuple[ShardFile, int]] = []
         new_files = []
         for file in files:
             old = known.get(where.url_of(file.path))
             if old is None:
                 new_files.append(file)
             elif old.size_bytes != file.size:
-                updated.append(
-                    self._scan_shard(where, file, old.index, schema, dataset.uid_column_name)
-                )
+                changed.append((file, old.index))
         taken = [s.index for s in known.values() if s not in removed]
-        for file, index in self._indexed(new_files, taken):
-            added.append(self._scan_shard(where, file, index, schema, dataset.uid_column_name))
+        fresh = list(self._indexed(new_files, taken))
+        scanned = self._scan_shards(where, [*changed, *fresh], schema, dataset.uid_column_name)
+        updated, added = scanned[: len(changed)], scanned[len(changed) :]
         self.catalog.replace_shards(shardset_id, [*added, *updated], [s.index for s in removed])
         total = self.catalog.get_shardset(dataset_id, shardset_id)
         log.info(
@@ -217,16 +289,36 @@ class LavenderService:
             claimed.add(index)
             yield file, index
 
+    def _scan_shards(
+        self,
+        where: Location,
+        files: Sequence[tuple[ShardFile, int]],
+        schema: pa.Schema,
+        uid: str,
+    ) -> list[Shard]:
+        """Check and describe shard files, in order; remote ones several at a time."""
+
+        def scan(item: tuple[ShardFile, int]) -> Shard:
+            return self._scan_shard(where, item[0], item[1], schema, uid)
+
+        if where.is_local or len(files) < 2:
+            return [scan(item) for item in files]
+        with ThreadPoolExecutor(
+            min(SCAN_THREADS, len(files)), thread_name_prefix="lavender-scan"
+        ) as pool:
+            return list(pool.map(scan, files))
+
     def _scan_shard(
         self, where: Location, file: ShardFile, index: int, schema: pa.Schema, uid: str
     ) -> Shard:
         fmt = format_of(file.path) or "parquet"
         url = where.url_of(file.path)
+        data = fetch_shard(where, file.path, file.size)  # remote: fetched once, read twice
         if fmt in ("parquet", "arrow"):
-            check_shard_schema(read_shard_schema(where, file.path, fmt), schema, url)
-            table = read_shard(where, file.path, fmt, schema, [uid])
+            check_shard_schema(read_shard_schema(where, file.path, fmt, data), schema, url)
+            table = read_shard(where, file.path, fmt, schema, [uid], data)
         else:  # text formats carry no types: reading with the declared ones is the check
-            table = read_shard(where, file.path, fmt, schema)
+            table = read_shard(where, file.path, fmt, schema, data=data)
         try:
             stats = shard_stats(table, uid)
         except SchemaMismatch as exc:
@@ -266,7 +358,7 @@ class LavenderService:
                 f"shard {shard_index} of shardset {shardset_id} exists "
                 f"({existing[shard_index].location}); write with overwrite=True to replace it"
             )
-        where = self.resolve(shardset.location)
+        where = self._where(shardset)
         schema = declared_schema([(c.name, c.type_) for c in shardset.columns])
         extra = [n for n in table.column_names if n not in schema.names]
         if extra:
@@ -282,7 +374,7 @@ class LavenderService:
         url = where.url_of(path)
         if old is not None and old.location != url:
             try:
-                where.fs.rm(where.fs._strip_protocol(old.location))
+                where.remove(where.path_of(old.location))
             except OSError:
                 log.warning("could not remove replaced shard file %s", old.location)
         shard = Shard(
@@ -308,7 +400,7 @@ class LavenderService:
         columns: Sequence[str] | None = None,
     ) -> DatasetReader:
         """A reader of the joined rows of ``dataset``."""
-        return DatasetReader(self.catalog, dataset, shardset_ids, columns, self.resolve)
+        return DatasetReader(self.catalog, dataset, shardset_ids, columns, self._resolver(dataset))
 
     def dataset_schema(self, dataset: Dataset) -> pa.Schema:
         """The joined schema of all shardsets of a dataset (empty before the first one)."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["ServerSettings"]
@@ -38,6 +39,27 @@ class ServerSettings(BaseSettings):
     no_ui: bool = Field(default=False, description="Do not serve the dashboard.")
     demo: bool = Field(default=False, description="Create the demo dataset (once) and serve it.")
     log_level: str = Field(default="INFO", description="Logging level of the server.")
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3 endpoint for s3:// shardsets, e.g. http://127.0.0.1:9000 for MinIO "
+        "(default: AWS, or AWS_ENDPOINT_URL).",
+    )
+    s3_region: str | None = Field(
+        default=None, description="S3 region (default: AWS_DEFAULT_REGION or ~/.aws/config)."
+    )
+    s3_profile: str | None = Field(
+        default=None, description="Profile of ~/.aws/credentials and ~/.aws/config to use."
+    )
+    s3_access_key_id: str | None = Field(
+        default=None,
+        description="S3 access key id (default: the standard AWS chain: environment, "
+        "~/.aws, instance role).",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None,
+        description="S3 secret access key; prefer the environment variable to the flag, "
+        "which other users can see in the process list.",
+    )
 
     @property
     def home(self) -> Path:
@@ -58,3 +80,24 @@ class ServerSettings(BaseSettings):
     def url(self) -> str:
         """The URL clients connect to."""
         return f"grpc://{self.host}:{self.port}"
+
+    def storage_defaults(self) -> dict[str, dict[str, Any]]:
+        """Default storage options per protocol, from the ``s3_*`` settings that are set.
+
+        Every shardset's own storage options are laid over these (``LavenderService``).
+        """
+        s3: dict[str, Any] = {}
+        client: dict[str, Any] = {}
+        if self.s3_endpoint_url:
+            client["endpoint_url"] = self.s3_endpoint_url
+        if self.s3_region:
+            client["region_name"] = self.s3_region
+        if client:
+            s3["client_kwargs"] = client
+        if self.s3_profile:
+            s3["profile"] = self.s3_profile
+        if self.s3_access_key_id:
+            s3["key"] = self.s3_access_key_id
+        if self.s3_secret_access_key is not None:
+            s3["secret"] = self.s3_secret_access_key.get_secret_value()
+        return {"s3": s3} if s3 else {}

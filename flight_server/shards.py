@@ -16,13 +16,14 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from ..catalog import UidValue, parse_type, types_compatible
-from ..catalog.errors import InvalidArgument, SchemaMismatch, StorageError
+from ..catalog.errors import InvalidArgument, SchemaMismatch, ShardNotFound, StorageError
 from .storage import Location
 
 __all__ = [
     "FORMATS",
     "ShardStats",
     "declared_schema",
+    "fetch_shard",
     "format_of",
     "read_shard",
     "read_shard_schema",
@@ -75,16 +76,42 @@ def declared_schema(columns: Sequence[tuple[str, str]]) -> pa.Schema:
     return pa.schema([pa.field(name, parse_type(type_)) for name, type_ in columns])
 
 
-def _open(location: Location, path: str) -> pa.NativeFile:
+def fetch_shard(location: Location, path: str, size: int | None = None) -> pa.Buffer | None:
+    """A shard's bytes in memory when it lives in remote storage; None for local files.
+
+    Fetch once to read a remote shard more than once (its schema, then its rows); ``size``,
+    when known, saves a request.
+    """
+    return None if location.is_local else location.fetch(path, size)
+
+
+def _open(
+    location: Location, path: str, data: pa.Buffer | None = None, size: int | None = None
+) -> pa.NativeFile:
+    """A shard as an Arrow file: local files in place, others fetched whole into memory."""
+    if data is not None:
+        return pa.BufferReader(data)
+    if not location.is_local:
+        return pa.BufferReader(location.fetch(path, size))
     try:
         return location.arrow_fs.open_input_file(path)
+    except FileNotFoundError as exc:
+        raise ShardNotFound(
+            f"shard file {location.url_of(path)} does not exist (removed or renamed since it "
+            "was registered? sync the shardset to forget it)"
+        ) from exc
     except (OSError, pa.ArrowException) as exc:
         raise StorageError(f"cannot open shard {location.url_of(path)}: {exc}") from exc
 
 
-def read_shard_schema(location: Location, path: str, fmt: str) -> pa.Schema:
-    """The schema stored in a shard (CSV and JSON lines: inferred from its first block)."""
-    with _open(location, path) as source:
+def read_shard_schema(
+    location: Location, path: str, fmt: str, data: pa.Buffer | None = None
+) -> pa.Schema:
+    """The schema stored in a shard (CSV and JSON lines: inferred from its first block).
+
+    ``data``: the shard's bytes when already fetched (see ``fetch_shard``).
+    """
+    with _open(location, path, data) as source:
         try:
             if fmt == "parquet":
                 return pq.read_schema(source)
@@ -113,17 +140,22 @@ def read_shard(
     fmt: str,
     schema: pa.Schema,
     columns: Sequence[str] | None = None,
+    data: pa.Buffer | None = None,
+    size: int | None = None,
 ) -> pa.Table:
     """Read a shard into memory as a table of the declared ``schema``.
 
     ``columns`` projects (only those are read where the format allows). Types are cast to
     the declared ones; a column that is missing or cannot be cast raises ``SchemaMismatch``
-    naming the file and the column.
+    naming the file and the column. A shard in remote storage is fetched whole into memory
+    first (retried on transient errors; nothing touches the disk) unless its bytes are
+    given as ``data``; its ``size``, when known, saves a request. A missing one raises
+    ``ShardNotFound``.
     """
     wanted = list(columns) if columns is not None else schema.names
     target = pa.schema([schema.field(name) for name in wanted])
     url = location.url_of(path)
-    with _open(location, path) as source:
+    with _open(location, path, data, size) as source:
         try:
             if fmt == "parquet":
                 # one shard per thread: our prefetch threads run shards side by side
@@ -151,7 +183,10 @@ def read_shard(
         except KeyError as exc:
             raise SchemaMismatch(f"shard {url} has no column {exc}") from exc
         except pa.ArrowException as exc:
-            message = _name_csv_column(location, path, fmt, str(exc).splitlines()[0])
+            if data is None and not location.is_local:
+                source.seek(0)
+                data = source.read_buffer()
+            message = _name_csv_column(location, path, fmt, str(exc).splitlines()[0], data)
             raise SchemaMismatch(
                 f"cannot read shard {url} as the declared columns: {message}"
             ) from exc
@@ -160,12 +195,14 @@ def read_shard(
     return conform(table, target, url)
 
 
-def _name_csv_column(location: Location, path: str, fmt: str, message: str) -> str:
+def _name_csv_column(
+    location: Location, path: str, fmt: str, message: str, data: pa.Buffer | None
+) -> str:
     """Arrow's CSV errors say ``column #3``; a user wants the column's name."""
     match = re.search(r"CSV column #(\d+)", message)
     if fmt != "csv" or match is None:
         return message
-    names = read_shard_schema(location, path, fmt).names
+    names = read_shard_schema(location, path, fmt, data).names
     index = int(match.group(1))
     if index < len(names):
         return message.replace(match.group(0), f"CSV column {names[index]!r}")
@@ -247,39 +284,56 @@ def shard_stats(table: pa.Table, uid_column: str) -> ShardStats:
     return ShardStats(table.num_rows, bounds["min"].as_py(), bounds["max"].as_py())
 
 
+def _encode(table: pa.Table, fmt: str, sink: pa.NativeFile) -> None:
+    if fmt == "parquet":
+        pq.write_table(table, sink)
+    elif fmt == "arrow":
+        with pa_ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    elif fmt == "csv":
+        pa_csv.write_csv(table, sink)
+    else:
+        _write_jsonl(table, sink)
+
+
 def write_shard(location: Location, path: str, table: pa.Table, fmt: str) -> int:
     """Write a table as one shard file and return its size in bytes.
 
-    The file appears whole or not at all: it is written under a temporary name and renamed
-    where the storage has renames (object stores publish a put atomically anyway).
+    The file appears whole or not at all. On local disk it is written under a temporary name
+    and renamed; elsewhere it is encoded in memory and stored with one call (an object
+    store publishes a put whole), retried on transient errors.
     """
     fmt = canonical_format(fmt)
     url = location.url_of(path)
-    temporary = path + ".tmp-writing" if location.protocol == "file" else path
+    if not location.is_local:
+        sink = pa.BufferOutputStream()
+        try:
+            _encode(table, fmt, sink)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError) as exc:
+            raise _unwritable(fmt, exc) from exc
+        data = sink.getvalue()
+        location.store(path, data)
+        return data.size
+    temporary = path + ".tmp-writing"
     try:
         location.makedirs()
-        with location.arrow_fs.open_output_stream(temporary) as sink:
-            if fmt == "parquet":
-                pq.write_table(table, sink)
-            elif fmt == "arrow":
-                with pa_ipc.new_file(sink, table.schema) as writer:
-                    writer.write_table(table)
-            elif fmt == "csv":
-                pa_csv.write_csv(table, sink)
-            else:
-                _write_jsonl(table, sink)
-        if temporary != path:
-            location.arrow_fs.move(temporary, path)
+        with location.arrow_fs.open_output_stream(temporary) as stream:
+            _encode(table, fmt, stream)
+        location.arrow_fs.move(temporary, path)
         return int(location.arrow_fs.get_file_info(path).size)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError) as exc:
         _discard(location, temporary)
-        raise InvalidArgument(
-            f"cannot write these columns as {fmt} ({str(exc).splitlines()[0]}): "
-            "use format='parquet' or 'arrow' for nested or binary columns"
-        ) from exc
+        raise _unwritable(fmt, exc) from exc
     except OSError as exc:
         _discard(location, temporary)
         raise StorageError(f"cannot write shard {url}: {exc}") from exc
+
+
+def _unwritable(fmt: str, exc: Exception) -> InvalidArgument:
+    return InvalidArgument(
+        f"cannot write these columns as {fmt} ({str(exc).splitlines()[0]}): "
+        "use format='parquet' or 'arrow' for nested or binary columns"
+    )
 
 
 def _discard(location: Location, path: str) -> None:

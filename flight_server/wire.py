@@ -82,12 +82,17 @@ class DatasetBody(WireModel):
 
 
 class CreateShardsetBody(WireModel):
-    """``create_shardset``: columns may be omitted to infer them from the first shard."""
+    """``create_shardset``: columns may be omitted to infer them from the first shard.
+
+    ``storage_options`` are fsspec options of the location (s3fs: ``key``, ``secret``,
+    ``endpoint_url``, ``client_kwargs``...), laid over the server's defaults.
+    """
 
     dataset_id: str = _Id
     location: str = Field(min_length=1, max_length=4096)
     columns: list[ColumnOptions] | None = Field(default=None, max_length=10_000)
     is_main: bool = False
+    storage_options: dict[str, Any] | None = Field(default=None, max_length=100)
 
 
 class LocationBody(WireModel):
