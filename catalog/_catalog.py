@@ -28,6 +28,15 @@ from .records import ColumnOptions, Dataset, DatasetColumn, Shard, Shardset, Uid
 __all__ = ["Catalog", "new_id"]
 
 _BUSY_TIMEOUT_MS = 30_000
+# on top of SQLite's busy timeout: a few more tries when a lock is still reported
+_BUSY_RETRIES = 5
+_BUSY_WORDS = ("database is locked", "database is busy", "sqlite_busy")
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, adbc_driver_manager.Error) and any(
+        word in str(exc).lower() for word in _BUSY_WORDS
+    )
 
 
 def new_id(prefix: str) -> str:
@@ -74,7 +83,7 @@ class Catalog(IterationStore):
                 "PRAGMA synchronous=NORMAL",
                 "PRAGMA foreign_keys=ON",
             ):
-                self._run(conn, pragma)
+                self._retry_busy(conn, pragma)
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -93,17 +102,36 @@ class Catalog(IterationStore):
     def _query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         return self._run(self._connection(), sql, params)
 
+    def _retry_busy(self, conn: Any, sql: str) -> None:
+        """Run a statement that takes the write lock; retry while another writer holds it.
+
+        SQLite's busy timeout waits first; a bounded number of retries follow, so
+        ``database is locked`` does not reach a user.
+        """
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                self._run(conn, sql)
+                return
+            except adbc_driver_manager.Error as exc:
+                if not _is_busy(exc) or attempt == _BUSY_RETRIES:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+
     @contextmanager
     def _write(self) -> Iterator[Any]:
         """A write transaction: everything inside commits together or not at all."""
         conn = self._connection()
-        self._run(conn, "BEGIN IMMEDIATE")
+        self._retry_busy(conn, "BEGIN IMMEDIATE")
         try:
             yield conn
         except BaseException:
             self._run(conn, "ROLLBACK")
             raise
-        self._run(conn, "COMMIT")
+        try:
+            self._retry_busy(conn, "COMMIT")
+        except BaseException:
+            self._run(conn, "ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close every connection this catalog opened (in any thread)."""

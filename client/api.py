@@ -54,9 +54,18 @@ _client: LavenderClient | None = None
 
 
 def init(
-    api_url: str | None = None, api_key: str | None = None, timeout: float = 30.0
+    api_url: str | None = None,
+    api_key: str | None = None,
+    timeout: float = 30.0,
+    tls_root_certs: str | bytes | None = None,
+    disable_server_verification: bool = False,
 ) -> LavenderClient:
-    """Connect to a server; later calls of this module use the connection."""
+    """Connect to a server; later calls of this module use the connection.
+
+    ``api_key`` (default: ``LAVENDER_FLIGHT_API_KEY``) is sent as a bearer token on every
+    call. A ``grpc+tls://`` server's certificate is verified against the system's CAs, or
+    ``tls_root_certs`` (PEM) when given; ``disable_server_verification`` skips the check.
+    """
     global _client
     if _client is not None:
         _client.close()
@@ -64,6 +73,8 @@ def init(
         api_url or os.environ.get("LAVENDER_FLIGHT_API_URL", DEFAULT_API_URL),
         api_key if api_key is not None else os.environ.get("LAVENDER_FLIGHT_API_KEY"),
         timeout,
+        tls_root_certs,
+        disable_server_verification,
     )
     return _client
 

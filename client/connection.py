@@ -49,15 +49,35 @@ class LavenderClient:
         api_url: str = "grpc://127.0.0.1:8815",
         api_key: str | None = None,
         timeout: float = 30.0,
+        tls_root_certs: str | bytes | None = None,
+        disable_server_verification: bool = False,
     ) -> None:
+        """Connect to ``api_url``.
+
+        Args:
+            api_url: ``grpc://HOST:PORT``, or ``grpc+tls://HOST:PORT`` for a TLS server.
+            api_key: sent as ``authorization: Bearer <key>`` on every call.
+            timeout: seconds each call may take.
+            tls_root_certs: PEM of the CA that signed the server's certificate (a
+                self-signed certificate: the certificate itself); default: the system's.
+            disable_server_verification: do not check the server's certificate (testing
+                only: anyone on the network could pose as the server).
+        """
         if "://" not in api_url:
             api_url = "grpc://" + api_url
         self.api_url = api_url
         self.api_key = api_key
         self.timeout = timeout
         self._headers = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else []
+        tls: dict[str, Any] = {}
+        if tls_root_certs is not None:
+            tls["tls_root_certs"] = (
+                tls_root_certs.encode() if isinstance(tls_root_certs, str) else tls_root_certs
+            )
+        if disable_server_verification:
+            tls["disable_server_verification"] = True
         with self.errors():
-            self.flight = flight.connect(api_url)
+            self.flight = flight.connect(api_url, **tls)
 
     def options(self, timeout: float | None = -1.0) -> flight.FlightCallOptions:
         """Call options: the API key header and a timeout (None: no timeout)."""

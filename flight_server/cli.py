@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings
 from ..catalog import Catalog
 from ..catalog.errors import LavenderError
 from ..transforms import Plugins
+from .auth import ApiKeyMiddlewareFactory
 from .demo import DEMO_DATASET, create_demo
 from .server import LavenderFlightServer
 from .service import LavenderService
@@ -54,7 +55,13 @@ def add_settings_flags(
                 flag, action="store_true", default=argparse.SUPPRESS, help=_help(name)
             )
             continue
-        number = int if kind in (int, int | None) else None
+        if getattr(kind, "__origin__", None) is list or str(kind).startswith("list["):
+            target.add_argument(
+                flag, action="append", default=argparse.SUPPRESS,
+                metavar=name.split("_")[-1].upper(), help=_help(name) + " (repeatable)",
+            )  # fmt: skip
+            continue
+        number = int if kind in (int, int | None) else float if kind is float else None
         target.add_argument(
             flag, type=number, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(),
             help=_help(name),
@@ -82,22 +89,47 @@ def serve(
     stop: threading.Event | None = None,
 ) -> None:
     """Run a server until SIGINT/SIGTERM (or ``stop`` is set), then shut it down cleanly."""
+    keys = settings.api_keys()
+    tls = settings.tls_certificates()
     catalog = Catalog(settings.catalog_path)
-    service = LavenderService(catalog, storage_defaults=settings.storage_defaults())
+    service = LavenderService(
+        catalog,
+        storage_defaults=settings.storage_defaults(),
+        storage_roots=settings.storage_roots(),
+    )
     if settings.demo:
         create_demo(service, settings.home)
     plugins = Plugins.load(settings.modules_dir)
-    server = LavenderFlightServer(service, settings.url, plugins, settings.worker_count)
+    extra: dict[str, Any] = {}
+    if keys:
+        extra["middleware"] = {"auth": ApiKeyMiddlewareFactory(keys)}
+    if tls:
+        extra["tls_certificates"] = tls
+    server = LavenderFlightServer(
+        service,
+        settings.url,
+        plugins,
+        settings.worker_count,
+        lease_seconds=settings.lease_seconds,
+        **extra,
+    )
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
-    url = f"grpc://{settings.host}:{server.port}"
+    url = f"{settings.scheme}://{settings.host}:{server.port}"
     summary = service.summary()
     print(
         f"Lavender Flight serving {url}\n"
         f"  catalog  {settings.catalog_path} ({summary['datasets']} datasets, "
         f"{summary['samples']} samples)",
+        file=sys.stderr,
+        flush=True,
+    )
+    roots = ", ".join(str(r) for r in service.storage_roots or [])
+    print(
+        f"  security {len(keys)} API keys{'' if keys else ' (open: no --api-key)'}; "
+        f"{'TLS' if tls else 'no TLS'}; file:// storage under {roots}",
         file=sys.stderr,
         flush=True,
     )
@@ -123,7 +155,14 @@ def serve(
         from ..panel_ui import serve_dashboard
 
         try:
-            dashboard = serve_dashboard(url, settings.ui_port, settings.host)
+            dashboard = serve_dashboard(
+                url,
+                settings.ui_port,
+                settings.host,
+                api_key=keys[0] if keys else None,
+                # it calls this very process: its certificate may name another host
+                disable_server_verification=bool(tls),
+            )
             line = f"{dashboard.url} (--no-ui to go without)"
         except Exception as exc:  # the data server runs on without its dashboard
             line = (
@@ -140,6 +179,10 @@ def serve(
         print("Lavender Flight shutting down", file=sys.stderr, flush=True)
         if dashboard is not None:
             dashboard.stop()
+        # streams end and what they held is saved as pending before the server stops
+        parked = server.iterations.park()
+        if parked:
+            print(f"  parked   {parked} in-flight samples", file=sys.stderr, flush=True)
         server.shutdown()
         catalog.close()
 

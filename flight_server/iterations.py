@@ -110,8 +110,10 @@ class LiveIteration:
         shard_reads: ThreadPoolExecutor,
         plugins: Plugins | None = None,
         pool: TransformPool | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
         self.record = record
+        self.parked = False
         self._shard_reads = shard_reads
         self.pool = pool
         self.id = record.id
@@ -158,6 +160,7 @@ class LiveIteration:
                 rank,
                 self.plan.partition_size(self.partitions[rank]),
                 self.spec.batch_size,
+                lease_seconds,
             )
             for rank in range(self.spec.world_size)
         ]
@@ -340,8 +343,8 @@ class LiveIteration:
         chunks = 1
         while True:
             with self.lock:
-                if not state.is_current(key, generation):
-                    return  # a newer stream of this worker took over
+                if self.parked or not state.is_current(key, generation):
+                    return  # the server is stopping, or a newer stream of this worker took over
                 units, cursor = state.next_work(world, key, cursor, chunks)
                 self.updated_at = time.time()
             if not units:
@@ -396,7 +399,7 @@ class LiveIteration:
         span = max(1, self.pool.workers if self.pool is not None else 1)
         while True:
             with self.lock:
-                if not state.is_current(key, generation):
+                if self.parked or not state.is_current(key, generation):
                     return
                 units, cursor = state.next_work(world, key, cursor, span)
                 span = min(span * 2, self._span_chunks)
@@ -514,11 +517,19 @@ class LiveIteration:
             self.catalog.save_progress(records)
         return count
 
+    def park(self) -> int:
+        """End every stream and save what they held as pending (the server is stopping)."""
+        with self.lock:
+            self.parked = True
+        return self.pushback()
+
     # -- progress ------------------------------------------------------------------------
 
     def progress(self) -> IterationProgress:
         """Where every rank stands."""
         with self.lock:
+            for state in self.ranks:
+                state.expire()
             ranks = []
             inflight: dict[int, list[int]] = {}
             for state in self.ranks:
@@ -543,7 +554,7 @@ class LiveIteration:
                         failed=len(state.failed),
                         inflight=len(held),
                         inflight_positions=positions,
-                        pending=len(state.pending),
+                        pending=state.pending_count,
                         streams=len(state.generation),
                     )
                 )
@@ -598,8 +609,10 @@ class IterationManager:
         plugins: Plugins | None = None,
         workers: int = 0,
         read_threads: int = 2,
+        lease_seconds: float | None = None,
     ) -> None:
         self.catalog = catalog
+        self.lease_seconds = lease_seconds
         self.service = service
         self.plugins = plugins or Plugins.load(entry_points=False)
         self.pool = TransformPool(workers, self.plugins.modules_dir) if workers > 0 else None
@@ -615,6 +628,15 @@ class IterationManager:
         if self.pool is not None:
             self.pool.close()
 
+    def park(self) -> int:
+        """End the streams of every live iteration; save their in-flight samples as pending.
+
+        A resume after the restart delivers them. Answers how many were parked.
+        """
+        with self._lock:
+            live = list(self._live.values())
+        return sum(iteration.park() for iteration in live)
+
     def get(self, iteration_id: str) -> LiveIteration:
         """A live iteration, loaded from the catalog when needed (e.g. after a restart)."""
         with self._lock:
@@ -629,6 +651,7 @@ class IterationManager:
                     self._shard_reads,
                     self.plugins,
                     self.pool,
+                    self.lease_seconds,
                 )
                 self._live[iteration_id] = live
             return live

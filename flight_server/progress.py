@@ -7,6 +7,7 @@ flight (held by a stream, not acknowledged), acknowledged, filtered, failed.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from ..catalog import RankProgressRecord
@@ -48,13 +49,23 @@ class RankState:
     inflight: dict[StreamKey, RangeSet] = field(default_factory=dict)
     generation: dict[StreamKey, int] = field(default_factory=dict)
     covered: RangeSet = field(default_factory=RangeSet)
+    lease: float | None = None
+    """Seconds a stream may hold samples without taking work or having them acked."""
+    seen: dict[StreamKey, float] = field(default_factory=dict)
+    orphaned: RangeSet = field(default_factory=RangeSet)
+    """Samples of streams whose lease ran out: any worker of the rank takes them first."""
 
     @classmethod
     def restore(
-        cls, record: RankProgressRecord | None, rank: int, size: int, batch_size: int
+        cls,
+        record: RankProgressRecord | None,
+        rank: int,
+        size: int,
+        batch_size: int,
+        lease: float | None = None,
     ) -> RankState:
         """The state saved in the catalog; what was in flight then is handed out again."""
-        state = cls(rank=rank, size=size, batch_size=batch_size)
+        state = cls(rank=rank, size=size, batch_size=batch_size, lease=lease)
         if record is not None:
             state.acked.update(record.acked)
             state.filtered.update(record.filtered)
@@ -89,6 +100,7 @@ class RankState:
             if other == key or other[1] != key[1]:
                 self._requeue(other)
         self.generation[key] = self.generation.get(key, 0) + 1
+        self.seen[key] = time.monotonic()
         return self.generation[key]
 
     def is_current(self, key: StreamKey, generation: int) -> bool:
@@ -104,7 +116,32 @@ class RankState:
 
     def pushback(self) -> int:
         """Return every in-flight sample to the queue; how many."""
-        return sum(self._requeue(key) for key in list(self.inflight))
+        count = sum(self._requeue(key) for key in list(self.inflight))
+        self.pending.update(self.orphaned.ranges())
+        self.orphaned = RangeSet()
+        return count
+
+    def expire(self, now: float | None = None) -> int:
+        """Free the samples of streams whose lease ran out (a dead client); how many.
+
+        A stream renews its lease each time it takes work and each time samples it holds
+        are acknowledged. Freed samples can go to any worker of the rank.
+        """
+        if self.lease is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        freed = 0
+        for key, held in list(self.inflight.items()):
+            if held and now - self.seen.get(key, now) > self.lease:
+                self.inflight.pop(key)
+                self.orphaned.update(held.ranges())
+                freed += len(held)
+        return freed
+
+    @property
+    def pending_count(self) -> int:
+        """Samples waiting to be handed out again (pushed back or freed by the lease)."""
+        return len(self.pending) + len(self.orphaned)
 
     def next_work(
         self, world: World, key: StreamKey, cursor: int, max_chunks: int = 1
@@ -115,7 +152,9 @@ class RankState:
         chunks this worker owns come first; then the chunks at or after ``cursor`` with
         samples nobody has.
         """
-        units = self._pending_units(world, max_chunks)
+        self.expire()
+        self.seen[key] = time.monotonic()
+        units = self._orphaned_units(max_chunks) or self._pending_units(world, max_chunks)
         if units:
             for unit in units:
                 self._hold(key, unit)
@@ -138,6 +177,13 @@ class RankState:
             units.extend(_by_chunk(work, batch))
             cursor = end
         return units, cursor
+
+    def _orphaned_units(self, max_chunks: int) -> list[Unit]:
+        units = _by_chunk(self.orphaned.ranges(), self.batch_size)[:max_chunks]
+        for unit in units:
+            for start, stop in unit:
+                self.orphaned.remove(start, stop)
+        return units
 
     def _pending_units(self, world: World, max_chunks: int) -> list[Unit]:
         taken: list[tuple[int, int]] = []
@@ -168,7 +214,11 @@ class RankState:
             outcome.add(start, stop)
             self.covered.add(start, stop)
             self.pending.remove(start, stop)
-            for held in self.inflight.values():
+            self.orphaned.remove(start, stop)
+            now = time.monotonic()
+            for key, held in self.inflight.items():
+                if held.intersection(start, stop):
+                    self.seen[key] = now
                 held.remove(start, stop)
         return len(outcome) - before
 

@@ -176,12 +176,20 @@ class LavenderFlightServer(flight.FlightServerBase):
         location: str = "grpc://127.0.0.1:0",
         plugins: Plugins | None = None,
         workers: int = 0,
+        lease_seconds: float | None = None,
         **kwargs: Any,
     ):
+        """Listen on ``location``.
+
+        ``kwargs`` go to ``FlightServerBase`` (``middleware``, ``tls_certificates``...);
+        ``lease_seconds`` frees the samples held by dead streams.
+        """
         super().__init__(location, **kwargs)
         self.service = service
         self.plugins = plugins or Plugins.load(entry_points=False)
-        self.iterations = IterationManager(service.catalog, service, self.plugins, workers)
+        self.iterations = IterationManager(
+            service.catalog, service, self.plugins, workers, lease_seconds=lease_seconds
+        )
 
     def shutdown(self) -> None:
         """Stop serving, then stop the read threads and preprocessing workers."""

@@ -7,9 +7,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from fsspec.core import split_protocol
 
 from ..catalog import (
     Catalog,
@@ -23,6 +25,7 @@ from ..catalog import (
 from ..catalog.errors import (
     DatasetNotFound,
     InvalidArgument,
+    InvalidLocation,
     SchemaMismatch,
     ShardAlreadyExists,
 )
@@ -81,8 +84,14 @@ class LavenderService:
         resolve: Resolver = resolve_location,
         storage_defaults: Mapping[str, Mapping[str, Any]] | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
+        storage_roots: Sequence[str | Path] | None = None,
     ) -> None:
         self.catalog = catalog
+        self.storage_roots = (
+            None
+            if storage_roots is None
+            else [Path(r).expanduser().resolve() for r in storage_roots]
+        )
         self.resolve = resolve
         self.storage_defaults = {k: dict(v) for k, v in (storage_defaults or {}).items()}
         self.retry = retry
@@ -106,6 +115,7 @@ class LavenderService:
         """
         merged = self.storage_options(url, options)
         if protocol_of(url) == "file":  # cheap to resolve, and relative paths follow the cwd
+            self.check_root(url)
             return self.resolve(url, merged, self.retry)
         key = (url.strip(), options_key(merged))
         with self._locations_lock:
@@ -117,6 +127,29 @@ class LavenderService:
             found = self._locations.setdefault(key, location)
             self._locations.setdefault((location.url, key[1]), found)
         return found
+
+    def check_root(self, url: str) -> None:
+        """Refuse a ``file://`` location outside the storage roots.
+
+        ``..`` and symlinks are followed first, so neither escapes a root.
+
+        Raises:
+            InvalidLocation: the folder is outside every root.
+        """
+        if self.storage_roots is None:
+            return
+        _, path = split_protocol(url.strip())
+        try:
+            real = Path(path).expanduser().resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise InvalidLocation(f"cannot resolve location {url!r}: {exc}") from exc
+        if any(real == root or real.is_relative_to(root) for root in self.storage_roots):
+            return
+        roots = ", ".join(str(r) for r in self.storage_roots)
+        raise InvalidLocation(
+            f"location {url.strip()!r} is outside the server's storage roots ({roots}); "
+            "start the server with --storage-root to allow it"
+        )
 
     def _where(self, shardset: Shardset) -> Location:
         return self.locate(shardset.location, shardset.storage_options)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ..catalog.errors import InvalidArgument
 
 __all__ = ["ServerSettings"]
 
@@ -61,6 +63,50 @@ class ServerSettings(BaseSettings):
         "which other users can see in the process list.",
     )
 
+    api_key: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API key every client must send (repeatable, or a comma list); with no "
+        "key and no --api-keys-file the server is open. Prefer the environment variable or "
+        "--api-keys-file to the flag, which other users can see in the process list.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File of API keys, one per line (# starts a comment); adds to --api-key.",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate (chain) to serve grpc+tls:// (with --tls-key)."
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of --tls-cert.")
+    storage_root: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folder under which file:// shardset locations may be read and written "
+        "(repeatable; the environment variable takes a list separated by the path separator); "
+        "default: the data home and the folder the server was started in.",
+    )
+    lease_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="Seconds a stream may hold samples without asking for more or acking "
+        "before they go back to the queue (a dead client does not hold them forever).",
+    )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return [k.strip() for v in value for k in str(v).split(",") if k.strip()]
+        return value
+
+    @field_validator("storage_root", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p for p in value.split(os.pathsep) if p]
+        return value
+
     @property
     def home(self) -> Path:
         """The data home, with ``~`` expanded, absolute."""
@@ -77,9 +123,60 @@ class ServerSettings(BaseSettings):
         return self.workers if self.workers is not None else (os.cpu_count() or 1)
 
     @property
+    def scheme(self) -> str:
+        """``grpc+tls`` with a TLS certificate, ``grpc`` without."""
+        return "grpc+tls" if self.tls_cert is not None else "grpc"
+
+    @property
     def url(self) -> str:
         """The URL clients connect to."""
-        return f"grpc://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    def api_keys(self) -> list[str]:
+        """Every accepted API key: ``--api-key`` values, then the keys file's lines.
+
+        Raises:
+            InvalidArgument: the keys file cannot be read, or it names no key.
+        """
+        keys = [k.get_secret_value() for k in self.api_key]
+        if self.api_keys_file is not None:
+            path = self.api_keys_file.expanduser()
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as exc:
+                raise InvalidArgument(f"cannot read --api-keys-file {path}: {exc}") from exc
+            found = [ln.split("#", 1)[0].strip() for ln in lines]
+            found = [k for k in found if k]
+            if not found:
+                raise InvalidArgument(f"--api-keys-file {path} holds no key")
+            keys.extend(found)
+        return keys
+
+    def tls_certificates(self) -> list[tuple[bytes, bytes]]:
+        """``[(cert PEM, key PEM)]`` to serve TLS, or ``[]``.
+
+        Raises:
+            InvalidArgument: only one of --tls-cert/--tls-key is set, or a file is unreadable.
+        """
+        if self.tls_cert is None and self.tls_key is None:
+            return []
+        if self.tls_cert is None or self.tls_key is None:
+            raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
+        try:
+            return [
+                (self.tls_cert.expanduser().read_bytes(), self.tls_key.expanduser().read_bytes())
+            ]
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the TLS certificate or key: {exc}") from exc
+
+    def storage_roots(self, cwd: Path | None = None) -> list[Path]:
+        """Folders file:// locations must lie under.
+
+        ``--storage-root``, or else the data home and ``cwd`` (where the server started).
+        """
+        if self.storage_root:
+            return [p.expanduser().resolve() for p in self.storage_root]
+        return [self.home, (cwd or Path.cwd()).resolve()]
 
     def storage_defaults(self) -> dict[str, dict[str, Any]]:
         """Default storage options per protocol, from the ``s3_*`` settings that are set.

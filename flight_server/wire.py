@@ -173,7 +173,9 @@ def encode(model: BaseModel) -> bytes:
 
 
 _ITERATION_ID = r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$"
-Ranges = list[tuple[int, int]]
+_Seq = Annotated[int, Field(ge=0, le=1 << 62)]
+Ranges = list[tuple[_Seq, _Seq]]
+"""``[start, stop)`` ranges of sequence numbers or positions (bounded: no huge values)."""
 
 
 class PluginCall(BaseModel):

@@ -14,6 +14,7 @@ import functools
 import html
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -146,8 +147,10 @@ class DashboardServer:
         port: int,
         address: str = "127.0.0.1",
         websocket_origin: Sequence[str] = (),
+        password: str | None = None,
     ) -> None:
         self.client = client
+        self._password = password
         self.address = address
         self.port = port
         self._requested_port = port
@@ -168,6 +171,16 @@ class DashboardServer:
         host = "127.0.0.1" if self.address in ("", "0.0.0.0", "::") else self.address
         return f"http://{host}:{self.port}/"
 
+    def _auth_options(self) -> dict[str, Any]:
+        """Panel's login page on every page when there is a password.
+
+        Any user name with the password logs in; the session cookie is signed with a secret
+        made for this server.
+        """
+        if not self._password:
+            return {}
+        return {"basic_auth": self._password, "cookie_secret": secrets.token_urlsafe(32)}
+
     def _listen(self) -> None:
         # Bokeh's "server" resources: its JS and CSS (and Panel's) come from this server.
         bokeh_settings.resources = "server"
@@ -183,6 +196,7 @@ class DashboardServer:
             title={path: f"Lavender Flight · {name}" for path, name in TITLES.items()},
             verbose=False,
             server_id=self._server_id,
+            **self._auth_options(),
         )
         self._server = server
         self.port = int(server.port or 0)
@@ -277,6 +291,9 @@ def serve_dashboard(
     threaded: bool = True,
     websocket_origin: Sequence[str] = (),
     timeout: float = 30.0,
+    tls_root_certs: str | bytes | None = None,
+    require_login: bool | None = None,
+    disable_server_verification: bool = False,
 ) -> DashboardServer:
     """Serve the dashboard of the Flight server at ``api_url`` on ``http://address:port/``.
 
@@ -290,12 +307,23 @@ def serve_dashboard(
             this thread until ``stop()`` or SIGINT/SIGTERM, then return.
         websocket_origin: More ``host:port`` origins allowed to open pages (behind a proxy).
         timeout: Seconds each call to the Flight server may take.
+        tls_root_certs: PEM of the CA of a ``grpc+tls://`` server (default: the system's).
+        require_login: Guard every page with a login form whose password is ``api_key``
+            (default: whenever ``api_key`` is given), so the dashboard is no way around
+            the server's keys.
+        disable_server_verification: Do not check a ``grpc+tls://`` server's certificate
+            (for a dashboard served by the Flight server's own process).
 
     Returns:
         The running (or, unthreaded, the stopped) server: ``.url``, ``.port``, ``.stop()``.
     """
-    client = LavenderClient(api_url, api_key, timeout)
-    dashboard = DashboardServer(client, port, address, websocket_origin)
+    client = LavenderClient(api_url, api_key, timeout, tls_root_certs, disable_server_verification)
+    login = bool(api_key) if require_login is None else require_login
+    if login and not api_key:
+        raise ValueError("require_login needs the api_key that serves as the password")
+    dashboard = DashboardServer(
+        client, port, address, websocket_origin, password=api_key if login else None
+    )
     if show:
         # After listening: the port may be chosen by the system.
         opener = threading.Timer(0.5, lambda: _open_browser(dashboard))

@@ -295,7 +295,7 @@ def serve(servers: list[Served], home: Path) -> str:
     """Start ``lavender-flight serve`` on a free port and the given data home; its URL."""
     process = subprocess.Popen(
         [*lavender_flight_command(), "serve", "--no-ui", "--port", "0",
-         "--data-home", str(home)],
+         "--data-home", str(home), "--storage-root", str(home.parent)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
