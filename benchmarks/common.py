@@ -7,11 +7,13 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -59,11 +61,18 @@ class Server:
             self.process.wait(timeout=10)
 
 
-def _start(args: list[str], pattern: str, stream: str, timeout: float = 60) -> Server:
+def _drain(pipe: IO[str]) -> None:
+    for _ in pipe:
+        pass
+
+
+def _start(
+    args: list[str], pattern: str, stream: str, timeout: float = 60, cwd: Path = ROOT
+) -> Server:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAVENDER_FLIGHT_")}
     process = subprocess.Popen(
         args,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         text=True,
         stdin=subprocess.DEVNULL,
@@ -79,6 +88,8 @@ def _start(args: list[str], pattern: str, stream: str, timeout: float = 60) -> S
             break
         match = re.search(pattern, line)
         if match:
+            # keep reading what it logs so a full pipe never blocks it
+            threading.Thread(target=_drain, args=(pipe,), daemon=True).start()
             return Server(process, match.group(1))
     process.kill()
     raise RuntimeError(f"server {args} did not start")
@@ -86,7 +97,10 @@ def _start(args: list[str], pattern: str, stream: str, timeout: float = 60) -> S
 
 @contextmanager
 def lavender_server(home: Path, *extra: str) -> Iterator[Server]:
-    """``lavender-flight serve`` in its own process on a free port."""
+    """``lavender-flight serve`` in its own process on a free port.
+
+    File shardsets may live anywhere under ``home``'s parent folder.
+    """
     server = _start(
         [
             sys.executable,
@@ -98,6 +112,8 @@ def lavender_server(home: Path, *extra: str) -> Iterator[Server]:
             "0",
             "--data-home",
             str(home),
+            "--storage-root",  # the benchmarks write their shards beside the data home
+            str(home.parent),
             "--log-level",
             "WARNING",
             *extra,

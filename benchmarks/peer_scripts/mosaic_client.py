@@ -1,0 +1,90 @@
+"""Runs in mosaicml-streaming's own venv: MDSWriter the Parquet rows, then iterate them with
+``StreamingDataset`` through a torch ``DataLoader``; print JSON.
+
+Argument: a JSON object with ``folder`` (Parquet), ``out`` (the MDS folder), ``rows``,
+``columns`` (name -> MDS encoding), ``batch_size``, ``workers`` (list), ``repeat``,
+``row_bytes``. It never imports Lavender Flight.
+"""
+
+import json
+import resource
+import shutil
+import sys
+import time
+
+import numpy as np
+import pyarrow.dataset as ds
+from streaming import MDSWriter, StreamingDataset
+from streaming.base.util import clean_stale_shared_memory
+from torch.utils.data import DataLoader
+
+
+def write(spec: dict) -> float:
+    shutil.rmtree(spec["out"], ignore_errors=True)
+    start = time.perf_counter()
+    table = ds.dataset(spec["folder"], format="parquet").head(spec["rows"])
+    with MDSWriter(out=spec["out"], columns=spec["columns"], size_limit="64mb") as writer:
+        for batch in table.to_batches(max_chunksize=4096):
+            columns = {}
+            for name, encoding in spec["columns"].items():
+                column = batch.column(name)
+                if encoding.startswith("ndarray"):
+                    columns[name] = column.flatten().to_numpy().reshape(len(column), -1)
+                elif encoding == "int64":
+                    columns[name] = column.to_numpy()
+                else:
+                    columns[name] = column.to_pylist()
+            for i in range(batch.num_rows):
+                writer.write({name: values[i] for name, values in columns.items()})
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    write_seconds = write(spec)
+    out = []
+    for workers in spec["workers"]:
+        runs = []
+        for _ in range(spec["repeat"]):
+            clean_stale_shared_memory()
+            start = time.perf_counter()
+            dataset = StreamingDataset(
+                local=spec["out"], batch_size=spec["batch_size"], shuffle=False
+            )
+            loader = DataLoader(
+                dataset,
+                batch_size=spec["batch_size"],
+                num_workers=workers,
+                collate_fn=lambda samples: samples,
+            )
+            rows, first = 0, 0.0
+            for batch in loader:
+                if not rows:
+                    first = time.perf_counter() - start
+                rows += len(batch)
+            runs.append(
+                {
+                    "rows": rows,
+                    "bytes": rows * spec["row_bytes"],
+                    "seconds": time.perf_counter() - start,
+                    "first": first,
+                }
+            )
+            del loader, dataset
+        out.append({"workers": workers, "runs": runs})
+    print(
+        json.dumps(
+            {
+                "write_seconds": write_seconds,
+                "cases": out,
+                "client_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

@@ -1,0 +1,365 @@
+"""Side by side: the limits, Lavender Flight and the peers, on the same data in one run.
+
+Every case runs in a fresh client process (``benchmarks.case``) against servers in their own
+processes; the client's peak RSS is its ``ru_maxrss``, the server's is the peak of its
+process tree's RSS (``/proc``) sampled while the case runs. Figures are medians over the
+repetitions (after a warm-up run); ratios are against the bare Flight do_get (batch 1024)
+and the Parquet scan of the same data set.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lavender_flight.client import api as lavender
+
+from . import peers
+from .common import ROOT, bare_server, lavender_server, table
+from .data import DataSet, make_all
+
+BATCH = 1024
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """RSS of a process and its descendants, in MB (0 once gone)."""
+    total = 0.0
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            for line in status.splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                stack.extend(int(c) for c in children)
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+            continue
+    return total
+
+
+class PeakSampler:
+    """Samples a process tree's RSS every 20 ms in a thread; ``peak`` in MB."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while self.pid is not None and not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss_mb(self.pid))
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Medians of samples/s, MB/s and time to first batch over repetitions."""
+    return {
+        "samples_per_s": statistics.median(r["rows"] / r["seconds"] for r in runs),
+        "mb_per_s": statistics.median(r["bytes"] / r["seconds"] / 1e6 for r in runs),
+        "first_batch_s": statistics.median(r["first"] for r in runs),
+        "rows": int(runs[-1]["rows"]),
+        "runs_samples_per_s": [r["rows"] / r["seconds"] for r in runs],
+    }
+
+
+class Runner:
+    """Runs cases and collects their records."""
+
+    def __init__(self, repeat: int, warmup: int) -> None:
+        self.repeat = repeat
+        self.warmup = warmup
+        self.records: list[dict[str, Any]] = []
+
+    def case(
+        self, data: DataSet, group: str, name: str, spec: dict[str, Any], server_pid: int | None
+    ) -> None:
+        spec = {"repeat": self.repeat, "warmup": self.warmup, "row_bytes": data.row_bytes, **spec}
+        record: dict[str, Any] = {"dataset": data.name, "group": group, "case": name}
+        with PeakSampler(server_pid) as sampler:
+            done = subprocess.run(
+                [sys.executable, "-m", "benchmarks.case", json.dumps(spec)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
+        if done.returncode:
+            tail = " | ".join(done.stderr.strip().splitlines()[-2:])
+            record["not_measured"] = f"case failed: {tail}"
+        else:
+            out = json.loads(done.stdout.strip().splitlines()[-1])
+            record.update(summarize(out["runs"]))
+            record["client_rss_mb"] = out["client_rss_mb"]
+            record["workers_rss_mb"] = out["workers_rss_mb"]
+            record["server_rss_mb"] = sampler.peak if server_pid else None
+        self.add(record)
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record.get("rows") == 0:
+            record = {k: record[k] for k in ("dataset", "group", "case")}
+            record["not_measured"] = "it delivered no rows"
+        self.records.append(record)
+        if "not_measured" in record:
+            print(f"  {record['dataset']:6} {record['case']:44} not measured", flush=True)
+        else:
+            print(
+                f"  {record['dataset']:6} {record['case']:44} "
+                f"{record['samples_per_s']:>14,.0f} samples/s  "
+                f"first {record['first_batch_s']:.3f} s",
+                flush=True,
+            )
+
+
+def _lavender_cases(data: DataSet, ids: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    base = {"kind": "lavender", "dataset_id": ids["dataset"], "batch_size": BATCH}
+    only = [ids["main"]]
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("lavender arrow b1024", {**base, "shardsets": only}),
+        ("lavender arrow b1024 shuffled", {**base, "shardsets": only, "shuffle": True}),
+    ]
+    if data.name == "text":
+        cases += [
+            ("lavender arrow b32", {**base, "shardsets": only, "batch_size": 32}),
+            ("lavender arrow b1024 joined (2 shardsets)", {**base, "shardsets": None}),
+            (
+                "lavender arrow b1024 filtered (uid%2==0)",
+                {**base, "shardsets": only,
+                 "filters": [{"name": "expression", "params": {"expr": "uid % 2 == 0"}}]},
+            ),
+            (
+                "lavender arrow b1024 byte_tokenize",
+                {**base, "shardsets": only, "preprocessors": [{"name": "byte_tokenize"}]},
+            ),
+            ("lavender python b32", {**base, "shardsets": only, "batch_size": 32,
+                                     "format": "python"}),
+        ]  # fmt: skip
+    cases += [
+        ("lavender python b1024", {**base, "shardsets": only, "format": "python"}),
+        ("lavender torch loader b1024 0 workers",
+         {**base, "shardsets": only, "format": "torch", "loader_workers": 0}),
+        ("lavender torch loader b1024 2 workers",
+         {**base, "shardsets": only, "format": "torch", "loader_workers": 2}),
+    ]  # fmt: skip
+    return cases
+
+
+MDS_COLUMNS = {
+    "text": {"uid": "int64", "text": "str"},
+    "binary": {"uid": "int64", "data": "bytes"},
+    "tensor": {"uid": "int64", "x": "ndarray:float32:32", "label": "int64"},
+}
+
+
+def _not_measured(data: DataSet, name: str, reason: str) -> dict[str, Any]:
+    return {"dataset": data.name, "group": "peer", "case": name, "not_measured": reason}
+
+
+def _peer_records(runner: Runner, home: Path, sets: dict[str, DataSet], quick: bool) -> None:
+    scale = 10 if quick else 1
+    # lavender-data: its server + LavenderDataLoader, text rows only (it runs at 10^2-10^3
+    # rows/s, so it gets the first rows of the same data, not all of them)
+    text = sets["text"]
+    names = ["lavender-data b32", "lavender-data b1024", "lavender-data b1024 async 2 workers"]
+    try:
+        python = peers.venv_python("lavender-data")
+        rows = 20_000 // scale
+        folder = peers.subset(text.folder, rows, home / "peer-ld-text")
+        server = peers.lavender_data_server(python, home / "peer-ld-home")
+        try:
+            cases = [
+                {"batch_size": 32, "workers": 0, "max_rows": 1024 // scale},
+                {"batch_size": 1024, "workers": 0},
+                {"batch_size": 1024, "workers": 2},
+            ]
+            with PeakSampler(server.process.pid) as sampler:
+                out = peers.run_lavender_data(
+                    python, server, folder, rows, cases, runner.repeat, text.row_bytes
+                )
+            for name, result in zip(names, out["cases"], strict=True):
+                runner.add({
+                    "dataset": "text", "group": "peer", "case": name,
+                    **summarize(result["runs"]),
+                    "client_rss_mb": out["client_rss_mb"], "workers_rss_mb": None,
+                    "server_rss_mb": sampler.peak,
+                    "note": f"first {rows:,} rows of the same data",
+                })  # fmt: skip
+        finally:
+            server.stop()
+    except (peers.PeerError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        for name in names:
+            runner.add(_not_measured(text, name, str(exc)[:300]))
+    # MosaicML streaming: MDSWriter + StreamingDataset through a torch DataLoader
+    caps = {"text": 200_000, "binary": 20_000, "tensor": 200_000}
+    for data_name, columns in MDS_COLUMNS.items():
+        data = sets[data_name]
+        names = [f"mosaic streaming {w} workers" for w in (0, 2)]
+        try:
+            python = peers.venv_python("mosaicml-streaming")
+            rows = min(caps[data_name] // scale, data.rows)
+            out = peers.run_mosaic(
+                python, data.folder, home / f"mds-{data_name}", rows, columns, BATCH,
+                [0, 2], runner.repeat, data.row_bytes,
+            )  # fmt: skip
+            for name, result in zip(names, out["cases"], strict=True):
+                runner.add({
+                    "dataset": data_name, "group": "peer", "case": name,
+                    **summarize(result["runs"]),
+                    "client_rss_mb": out["client_rss_mb"],
+                    "workers_rss_mb": out["workers_rss_mb"], "server_rss_mb": None,
+                    "note": f"first {rows:,} rows; MDS write {out['write_seconds']:.1f} s",
+                })  # fmt: skip
+        except (peers.PeerError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            for name in names:
+                runner.add(_not_measured(data, name, str(exc)[:300]))
+
+
+def run(quick: bool, repeat: int, with_peers: bool) -> dict[str, Any]:
+    """All cases; prints progress and returns the records and the data sets."""
+    runner = Runner(repeat=repeat, warmup=1)
+    with tempfile.TemporaryDirectory(prefix="lf-bench-sbs-") as tmp:
+        home = Path(tmp)
+        started = time.time()
+        sets = make_all(home, quick)
+        print(f"  data written in {time.time() - started:.0f} s", flush=True)
+        with lavender_server(home / "server") as server:
+            lavender.init(server.url)
+            ids: dict[str, dict[str, Any]] = {}
+            for name in ("text", "binary", "tensor"):
+                dataset = lavender.create_dataset(f"bench-{name}")
+                main = lavender.create_shardset(dataset.id, sets[name].folder.as_uri())
+                ids[name] = {"dataset": dataset.id, "main": main.id}
+            lavender.create_shardset(ids["text"]["dataset"], sets["extra"].folder.as_uri())
+            for name in ("text", "binary", "tensor"):
+                data = sets[name]
+                with bare_server(data.folder) as bare:
+                    for batch in (1024, 32) if name == "text" else (1024,):
+                        runner.case(
+                            data, "limit", f"bare flight do_get b{batch}",
+                            {"kind": "bare", "url": bare.url, "batch_size": batch},
+                            bare.process.pid,
+                        )  # fmt: skip
+                runner.case(
+                    data, "limit", "parquet scan (pyarrow, 1 thread)",
+                    {"kind": "parquet", "folder": str(data.folder), "batch_size": BATCH}, None,
+                )  # fmt: skip
+                for case_name, spec in _lavender_cases(data, ids[name]):
+                    spec = {**spec, "url": server.url}
+                    runner.case(data, "lavender", case_name, spec, server.process.pid)
+        if with_peers:
+            _peer_records(runner, home, sets, quick)
+        else:
+            for data in (sets["text"], sets["binary"], sets["tensor"]):
+                runner.add(_not_measured(data, "peers", "not asked (run with --peers)"))
+        return {
+            "datasets": {
+                name: {"rows": d.rows, "row_bytes": d.row_bytes, "description": d.description}
+                for name, d in sets.items()
+            },
+            "repeat": repeat,
+            "cases": runner.records,
+        }
+
+
+# which Lavender Flight case a peer case is compared with
+EQUIVALENT = {
+    "lavender-data b32": "lavender python b32",
+    "lavender-data b1024": "lavender python b1024",
+    "lavender-data b1024 async 2 workers": "lavender torch loader b1024 2 workers",
+    "mosaic streaming 0 workers": "lavender torch loader b1024 0 workers",
+    "mosaic streaming 2 workers": "lavender torch loader b1024 2 workers",
+}
+
+
+def add_ratios(results: dict[str, Any]) -> None:
+    """``vs_bare``/``vs_parquet`` on every case, ``lavender_over_peer`` on peer cases."""
+    by = {(r["dataset"], r["case"]): r for r in results["cases"] if "samples_per_s" in r}
+    for record in results["cases"]:
+        if "samples_per_s" not in record:
+            continue
+        for key, limit in (
+            ("vs_bare", "bare flight do_get b1024"),
+            ("vs_parquet", "parquet scan (pyarrow, 1 thread)"),
+        ):
+            ref = by.get((record["dataset"], limit))
+            record[key] = record["samples_per_s"] / ref["samples_per_s"] if ref else None
+        ours = by.get((record["dataset"], EQUIVALENT.get(record["case"], "")))
+        if record["group"] == "peer" and ours:
+            record["compared_with"] = ours["case"]
+            record["lavender_over_peer"] = ours["samples_per_s"] / record["samples_per_s"]
+
+
+def _rate(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.2f} M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f} k"
+    return f"{value:.0f}"
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def render(results: dict[str, Any], markdown: bool = False) -> str:
+    """The tables, one per data set (plain text, or Markdown for the README)."""
+    header = [
+        "case", "samples/s", "MB/s", "first batch", "server RSS MB", "client RSS MB",
+        "vs bare Flight", "vs Parquet", "Lavender ÷ peer",
+    ]  # fmt: skip
+    blocks = []
+    for name, info in results["datasets"].items():
+        rows = []
+        for r in (r for r in results["cases"] if r["dataset"] == name):
+            if "not_measured" in r:
+                rows.append([r["case"], f"not measured: {r['not_measured']}"] + [""] * 7)
+                continue
+            client = _mb(r.get("client_rss_mb"))
+            if r.get("workers_rss_mb"):
+                client += f" (+{r['workers_rss_mb']:.0f})"
+            peer = ""
+            if "lavender_over_peer" in r:
+                peer = f"{r['lavender_over_peer']:,.1f}x vs {r['compared_with']}"
+            rows.append([
+                r["case"] + (f" [{r['note']}]" if r.get("note") else ""),
+                _rate(r["samples_per_s"]), f"{r['mb_per_s']:.0f}",
+                f"{r['first_batch_s'] * 1000:.0f} ms", _mb(r.get("server_rss_mb")), client,
+                _ratio(r.get("vs_bare")), _ratio(r.get("vs_parquet")), peer,
+            ])  # fmt: skip
+        if not rows:
+            continue
+        title = f"{name}: {info['rows']:,} rows of {info['description']}"
+        if markdown:
+            lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
+                     "|" + "---|" * len(header)]  # fmt: skip
+            for row in rows:
+                cells = [c.replace("|", "\\|") for c in row]
+                lines.append("| " + " | ".join(cells) + " |")
+            blocks.append("\n".join(lines))
+        else:
+            blocks.append(title + "\n" + table(rows, header))
+    return "\n\n".join(blocks)
