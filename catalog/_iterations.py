@@ -86,7 +86,8 @@ class IterationStore:
     def load_progress(self, iteration_id: str) -> list[RankProgressRecord]:
         """The saved progress of every rank of an iteration."""
         rows = self._query(
-            "SELECT rank, acked, filtered, failed, inflight, updated_at FROM iteration_ranks "
+            "SELECT rank, acked, filtered, failed, inflight, updated_at, filtered_acked, "
+            "failed_acked FROM iteration_ranks "
             "WHERE iteration_id = ? ORDER BY rank",
             (iteration_id,),
         )
@@ -99,8 +100,19 @@ class IterationStore:
                 failed=json.loads(failed),
                 inflight=json.loads(inflight),
                 updated_at=float(updated_at),
+                filtered_acked=int(filtered_acked),
+                failed_acked=int(failed_acked),
             )
-            for rank, acked, filtered, failed, inflight, updated_at in rows
+            for (
+                rank,
+                acked,
+                filtered,
+                failed,
+                inflight,
+                updated_at,
+                filtered_acked,
+                failed_acked,
+            ) in rows
         ]
 
     def save_progress(self, records: Sequence[RankProgressRecord]) -> None:
@@ -116,12 +128,15 @@ class IterationStore:
                 self._run(
                     conn,
                     "INSERT INTO iteration_ranks (iteration_id, rank, acked, filtered, failed, "
-                    "inflight, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "inflight, updated_at, filtered_acked, failed_acked) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.iteration_id,
                         record.rank,
                         *(json.dumps(getattr(record, f)) for f in _RANGE_FIELDS),
                         now,
+                        record.filtered_acked,
+                        record.failed_acked,
                     ),
                 )
 

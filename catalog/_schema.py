@@ -68,6 +68,11 @@ MIGRATIONS: list[list[str]] = [
         # storage options of a shardset (JSON), merged over the server's defaults
         "ALTER TABLE shardsets ADD COLUMN storage_options TEXT NOT NULL DEFAULT '{}'",
     ],
+    [
+        # filtered and failed samples inside acknowledged ranges, kept as counts
+        "ALTER TABLE iteration_ranks ADD COLUMN filtered_acked BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE iteration_ranks ADD COLUMN failed_acked BIGINT NOT NULL DEFAULT 0",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

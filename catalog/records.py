@@ -221,6 +221,8 @@ class RankProgressRecord(_Record):
     filtered: list[tuple[int, int]] = []
     failed: list[tuple[int, int]] = []
     inflight: list[tuple[int, int]] = []
+    filtered_acked: int = 0
+    failed_acked: int = 0
     updated_at: float = 0.0
 
 

@@ -116,6 +116,7 @@ class LiveIteration:
         self.parked = False
         self._shard_reads = shard_reads
         self.pool = pool
+        self._row_cost: float | None = None
         self.id = record.id
         self.spec = wire.IterationSpec.model_validate(record.spec)
         self.catalog = catalog
@@ -394,7 +395,17 @@ class LiveIteration:
         batch_size = state.batch_size
         carried: list[pa.Table] = []
         carried_seq: list[np.ndarray] = []
+        # every sample this stream took and no batch has spanned yet (filtered ones too)
+        consumed = np.zeros(0, dtype=np.int64)
         schema: pa.Schema | None = None
+
+        def finish() -> None:  # what no batch spans (filtered or failed) leaves the stream
+            if len(consumed):
+                tail = runs(consumed)
+                assert tail is not None
+                with self.lock:
+                    state.release(key, tail)
+
         # small first spans: the first batch comes soon; then larger ones, to fill the workers
         span = max(1, self.pool.workers if self.pool is not None else 1)
         while True:
@@ -406,25 +417,28 @@ class LiveIteration:
                 self.updated_at = time.time()
             if units:
                 local = as_array([r for unit in units for r in unit])
+                consumed = np.concatenate([consumed, local])
                 table, unreadable = self.read(self.plan.to_global(partition, local))
                 if unreadable is not None and unreadable.any():
-                    self._settle(state, local[unreadable], "failed")
+                    self._settle(state, local[unreadable], "failed", release=False)
                     table, local = table.filter(pa.array(~unreadable)), local[~unreadable]
                 if not table.num_rows:
                     continue
                 keep, failed = self.pipeline.filter(table.combine_chunks().to_batches()[0])
-                self._settle(state, local[~keep & ~failed], "filtered")
-                self._settle(state, local[failed], "failed")
+                self._settle(state, local[~keep & ~failed], "filtered", release=False)
+                self._settle(state, local[failed], "failed", release=False)
                 carried.append(table.filter(pa.array(keep)))
                 carried_seq.append(local[keep])
             pending = sum(len(s) for s in carried_seq)
             if not units and pending and self.spec.drop_last:
-                self._settle(state, np.concatenate(carried_seq), "filtered")
+                self._settle(state, np.concatenate(carried_seq), "filtered", release=False)
+                finish()
                 return
             if pending < batch_size and units:
                 continue
             if not pending:
                 if not units:
+                    finish()
                     return
                 continue
             rows = pa.concat_tables(carried).combine_chunks()
@@ -445,17 +459,20 @@ class LiveIteration:
                 batch_seq = seqs[index * batch_size : index * batch_size + len(inputs[index])]
                 failed_rows = np.zeros(len(batch_seq), dtype=bool)
                 failed_rows[outcome.failed] = True
-                self._settle(state, batch_seq[failed_rows], "failed")
+                self._settle(state, batch_seq[failed_rows], "failed", release=False)
                 kept = batch_seq[~failed_rows]
                 if outcome.result is None or (not len(kept) and not outcome.result.num_rows):
-                    continue
+                    continue  # the next batch's span takes these in
+                # the batch spans everything consumed up to its last sample (filtered too)
+                cut = int(np.searchsorted(consumed, batch_seq[-1], side="right"))
+                spanned, consumed = consumed[:cut], consumed[cut:]
                 result = outcome.result
                 if schema is None:
                     schema = result.schema
                 elif not result.schema.equals(schema):
                     result = result.cast(schema)
                 pieces.append(result)
-                described.append([result.num_rows, runs(kept)])
+                described.append([result.num_rows, runs(spanned)])
                 delivered.append(kept)
             if pieces:
                 message = pa.Table.from_batches(pieces).combine_chunks().to_batches()[0]
@@ -471,6 +488,7 @@ class LiveIteration:
                 }
                 yield message, pa.py_buffer(json.dumps(metadata).encode())
             if not units and not sum(len(s) for s in carried_seq):
+                finish()
                 return
 
     @property
@@ -478,19 +496,43 @@ class LiveIteration:
         return max(1, min(MAX_CHUNKS, (1 << 16) // self.spec.batch_size))
 
     def _process(self, inputs: list[pa.RecordBatch]) -> list[Outcome]:
-        if self.pool is None or not self.pipeline.transforms_batches:
+        """Collate and preprocess, in the worker pool when the work outweighs moving the data.
+
+        The first batches run here and are timed; the pool is used from then on only when
+        they took more than ``pool.min_row_seconds`` a row (sending a batch to a worker
+        process and back costs about that much).
+        """
+        if (
+            self.pool is None
+            or not self.pipeline.transforms_batches
+            or (self._row_cost is not None and self._row_cost < self.pool.min_row_seconds)
+        ):
             return [self.pipeline.process(batch) for batch in inputs]
+        if self._row_cost is None:
+            started = time.perf_counter()
+            outcomes = [self.pipeline.process(batch) for batch in inputs]
+            rows = max(1, sum(batch.num_rows for batch in inputs))
+            self._row_cost = (time.perf_counter() - started) / rows
+            log.info(
+                "iteration %s: preprocessing takes %.1f us a row: %s",
+                self.id,
+                self._row_cost * 1e6,
+                "worker processes" if self._row_cost >= self.pool.min_row_seconds else "inline",
+            )
+            return outcomes
         spec = json.dumps(self.pipeline_spec)
         futures = [self.pool.submit(spec, batch) for batch in inputs]
         return [self.pool.outcome(future) for future in futures]
 
-    def _settle(self, state: RankState, local: np.ndarray, outcome: str) -> None:
+    def _settle(
+        self, state: RankState, local: np.ndarray, outcome: str, release: bool = True
+    ) -> None:
         if not len(local):
             return
         ranges = runs(np.sort(local))
         assert ranges is not None
         with self.lock:
-            state.settle(ranges, state.filtered if outcome == "filtered" else state.failed)
+            state.settle(ranges, state.filtered if outcome == "filtered" else state.failed, release)
 
     # -- acknowledgements ----------------------------------------------------------------
 
@@ -501,7 +543,7 @@ class LiveIteration:
         with self._save_lock:
             with self.lock:
                 state = self.ranks[rank]
-                added = state.settle(ranges, state.acked)
+                added = state.acknowledge(ranges)
                 record = state.record(self.id)
                 self.updated_at = time.time()
             self.catalog.save_progress([record])
@@ -549,9 +591,9 @@ class LiveIteration:
                         rank=state.rank,
                         total=state.size,
                         current=len(state.covered),
-                        completed=len(state.acked),
-                        filtered=len(state.filtered),
-                        failed=len(state.failed),
+                        completed=state.completed,
+                        filtered=state.filtered_count,
+                        failed=state.failed_count,
                         inflight=len(held),
                         inflight_positions=positions,
                         pending=state.pending_count,

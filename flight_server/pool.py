@@ -24,8 +24,12 @@ class TransformPool:
     Started on first use, with ``spawn``: gRPC does not survive ``fork``.
     """
 
-    def __init__(self, workers: int, modules_dir: str | None) -> None:
+    def __init__(
+        self, workers: int, modules_dir: str | None, min_row_seconds: float = 20e-6
+    ) -> None:
         self.workers = workers
+        self.min_row_seconds = min_row_seconds
+        """Work per row below which a batch is cheaper to process than to send to a worker."""
         self.modules_dir = modules_dir
         self._executor: ProcessPoolExecutor | None = None
 

@@ -49,6 +49,10 @@ class RankState:
     inflight: dict[StreamKey, RangeSet] = field(default_factory=dict)
     generation: dict[StreamKey, int] = field(default_factory=dict)
     covered: RangeSet = field(default_factory=RangeSet)
+    filtered_acked: int = 0
+    """Filtered samples inside acknowledged ranges (no longer kept one by one)."""
+    failed_acked: int = 0
+    """Failed samples inside acknowledged ranges."""
     lease: float | None = None
     """Seconds a stream may hold samples without taking work or having them acked."""
     seen: dict[StreamKey, float] = field(default_factory=dict)
@@ -70,6 +74,8 @@ class RankState:
             state.acked.update(record.acked)
             state.filtered.update(record.filtered)
             state.failed.update(record.failed)
+            state.filtered_acked = record.filtered_acked
+            state.failed_acked = record.failed_acked
             for part in (state.acked, state.filtered, state.failed):
                 state.covered.update(part.ranges())
         return state
@@ -86,6 +92,8 @@ class RankState:
             filtered=self.filtered.ranges(),
             failed=self.failed.ranges(),
             inflight=inflight.ranges(),
+            filtered_acked=self.filtered_acked,
+            failed_acked=self.failed_acked,
         )
 
     # -- streams -------------------------------------------------------------------------
@@ -204,8 +212,36 @@ class RankState:
     def _hold(self, key: StreamKey, work: list[tuple[int, int]]) -> None:
         self.inflight.setdefault(key, RangeSet()).update(work)
 
-    def settle(self, ranges: list[tuple[int, int]], outcome: RangeSet) -> int:
-        """Mark samples acknowledged, filtered or failed (``outcome``); how many were new."""
+    def acknowledge(self, ranges: list[tuple[int, int]]) -> int:
+        """Mark consumed ranges done; how many delivered samples that completed.
+
+        A batch's ranges also span the samples filtered (or failed) on its way, so
+        acknowledged ranges stay contiguous; those samples move from the ``filtered`` and
+        ``failed`` sets into counters.
+        """
+        folded = 0
+        for start, stop in ranges:
+            for part, attr in ((self.filtered, "filtered_acked"), (self.failed, "failed_acked")):
+                inside = sum(b - a for a, b in part.intersection(start, stop))
+                if inside:
+                    part.remove(start, stop)
+                    setattr(self, attr, getattr(self, attr) + inside)
+                    folded += inside
+        return self.settle(ranges, self.acked) - folded
+
+    def release(self, key: StreamKey, ranges: list[tuple[int, int]]) -> None:
+        """A stream no longer holds these (filtered or failed) samples."""
+        held = self.inflight.get(key)
+        if held is not None:
+            for start, stop in ranges:
+                held.remove(start, stop)
+
+    def settle(self, ranges: list[tuple[int, int]], outcome: RangeSet, release: bool = True) -> int:
+        """Mark samples acknowledged, filtered or failed (``outcome``); how many were new.
+
+        ``release=False`` leaves them with the stream that holds them (the batch that spans
+        them will be acknowledged): cheap for the many small ranges a filter leaves.
+        """
         before = len(outcome)
         for start, stop in ranges:
             start, stop = max(0, start), min(self.size, stop)
@@ -213,6 +249,8 @@ class RankState:
                 continue
             outcome.add(start, stop)
             self.covered.add(start, stop)
+            if not release:
+                continue
             self.pending.remove(start, stop)
             self.orphaned.remove(start, stop)
             now = time.monotonic()
@@ -228,6 +266,21 @@ class RankState:
     def inflight_count(self) -> int:
         """Samples held by streams."""
         return sum(len(held) for held in self.inflight.values())
+
+    @property
+    def completed(self) -> int:
+        """Delivered samples acknowledged."""
+        return len(self.acked) - self.filtered_acked - self.failed_acked
+
+    @property
+    def filtered_count(self) -> int:
+        """Samples a filter dropped."""
+        return self.filtered_acked + len(self.filtered)
+
+    @property
+    def failed_count(self) -> int:
+        """Samples skipped after errors."""
+        return self.failed_acked + len(self.failed)
 
     @property
     def done(self) -> bool:

@@ -13,6 +13,7 @@ from lavender_flight.catalog.errors import InvalidArgument, TransformFailed
 from lavender_flight.client import Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
+from lavender_flight.flight_server.ranges import RangeSet
 from lavender_flight.transforms import Plugins
 
 MODULES = {
@@ -87,10 +88,19 @@ def modules_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def start(catalog: Catalog, modules_dir: Path, workers: int) -> Iterator[str]:
+def start(
+    catalog: Catalog,
+    modules_dir: Path,
+    workers: int,
+    servers: list[LavenderFlightServer] | None = None,
+) -> Iterator[str]:
     server = LavenderFlightServer(
         LavenderService(catalog), plugins=Plugins.load(modules_dir), workers=workers
     )
+    if server.iterations.pool is not None:
+        server.iterations.pool.min_row_seconds = 0.0  # cheap test plugins: use the pool anyway
+    if servers is not None:
+        servers.append(server)
     conn = lavender.init(f"grpc://127.0.0.1:{server.port}", timeout=60)
     try:
         yield f"grpc://127.0.0.1:{server.port}"
@@ -134,7 +144,7 @@ def everything(iteration: Iteration) -> list[dict]:
     return [row for batch in iteration for row in pa.Table.from_pydict(batch).to_pylist()]
 
 
-def test_seed_filter_from_the_modules_folder(dataset: Dataset) -> None:
+def test_seed_filter_from_the_modules_folder(dataset: Dataset, catalog: Catalog) -> None:
     it = Iteration.from_dataset(
         dataset.id, batch_size=16, shuffle=True, shuffle_seed=3, filters=[("uid_mod", {"mod": 3})]
     )
@@ -145,6 +155,11 @@ def test_seed_filter_from_the_modules_folder(dataset: Dataset) -> None:
     progress = lavender.get_iteration(it.id)
     assert (progress.completed, progress.filtered, progress.failed) == (100, 200, 0)
     assert progress.done
+    # batches span the samples filtered on their way: progress stays one range, not 200
+    (saved,) = catalog.load_progress(it.id)
+    assert len(saved.acked) == 1 and saved.acked[0][0] == 0
+    assert RangeSet([*saved.acked, *saved.filtered]) == RangeSet([(0, TOTAL)])
+    assert saved.filtered_acked + sum(b - a for a, b in saved.filtered) == 200
 
 
 def test_vectorized_filters_combine(dataset: Dataset) -> None:
@@ -274,9 +289,12 @@ def test_worker_processes_give_the_same_batches(
     make_dataset(data_dir)
     inline = run()
     served.close()
-    pooled_server = start(catalog, modules_dir, workers=2)
+    servers: list[LavenderFlightServer] = []
+    pooled_server = start(catalog, modules_dir, workers=2, servers=servers)
     next(pooled_server)
     pooled = run()
+    pool = servers[0].iterations.pool
+    assert pool is not None and pool._executor is not None  # the worker processes ran
     pooled_server.close()
     assert pooled == inline
     assert sorted(u for b in inline for u, _ in b) == [u for u in range(0, TOTAL, 2) if u % 50]
