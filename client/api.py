@@ -9,7 +9,9 @@ Call :func:`init` once with the server's URL (default ``LAVENDER_FLIGHT_API_URL`
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -43,6 +45,7 @@ __all__ = [
     "pushback",
     "read_dataset",
     "sync_shardset",
+    "using",
 ]
 
 DatasetColumnOptions = ColumnOptions
@@ -51,6 +54,7 @@ DatasetColumnOptions = ColumnOptions
 DEFAULT_API_URL = "grpc://127.0.0.1:8815"
 
 _client: LavenderClient | None = None
+_local = threading.local()
 
 
 def init(
@@ -80,8 +84,30 @@ def init(
 
 
 def get_client() -> LavenderClient:
-    """The connection :func:`init` made (made with the defaults on first use)."""
+    """The connection in use.
+
+    The one ``using`` set in this thread, else the one ``init`` made (made with the
+    defaults on first use).
+    """
+    chosen = getattr(_local, "client", None)
+    if chosen is not None:
+        return chosen
     return _client if _client is not None else init()
+
+
+@contextmanager
+def using(client: LavenderClient) -> Iterator[LavenderClient]:
+    """Make this module's functions use ``client`` in this thread while inside.
+
+    For programs holding several connections (the dashboard serves pages for one server
+    while a user's script talks to another).
+    """
+    previous = getattr(_local, "client", None)
+    _local.client = client
+    try:
+        yield client
+    finally:
+        _local.client = previous
 
 
 def create_dataset(name: str, uid_column_name: str = "uid") -> Dataset:

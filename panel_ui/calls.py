@@ -1,9 +1,8 @@
-"""The dashboard's calls to the server: ``client.api`` on a connection the dashboard holds.
+"""The dashboard's calls to the server: ``client.api`` on the connection the dashboard holds.
 
-``lavender_flight.client.api`` works on one module-global connection; the dashboard serves
-many browser sessions from one process and keeps its own :class:`LavenderClient`, so each
-function here takes the connection first. Every function raises the classes of
-``lavender_flight.catalog.errors`` with one-line messages, like the client API.
+The dashboard keeps its own :class:`LavenderClient` (a user's script in the same process may
+talk to another server), so each function takes the connection first and runs the client
+API on it. Every function raises the classes of ``lavender_flight.catalog.errors``.
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ import pyarrow as pa
 
 from ..catalog import ColumnOptions, Dataset, IterationProgress, Shard, Shardset, SyncResult
 from ..catalog.errors import LavenderError
+from ..client import api
 from ..client.connection import LavenderClient
-from ..flight_server import wire
 
 __all__ = [
     "create_dataset",
@@ -52,21 +51,20 @@ def describe_error(exc: BaseException) -> str:
 
 def list_datasets(client: LavenderClient) -> list[Dataset]:
     """Every dataset on the server."""
-    return [Dataset.model_validate(d) for d in client.action_json("list_datasets") or []]
+    with api.using(client):
+        return api.list_datasets()
 
 
 def get_dataset(client: LavenderClient, dataset_id: str) -> Dataset:
     """A dataset with its shardsets."""
-    body = wire.build(wire.GetDatasetBody, "arguments", dataset_id=dataset_id)
-    return Dataset.model_validate(client.action_json("get_dataset", body))
+    with api.using(client):
+        return api.get_dataset(dataset_id=dataset_id)
 
 
 def create_dataset(client: LavenderClient, name: str, uid_column_name: str = "uid") -> Dataset:
     """Create an empty dataset."""
-    body = wire.build(
-        wire.CreateDatasetBody, "arguments", name=name, uid_column_name=uid_column_name
-    )
-    return Dataset.model_validate(client.action_json("create_dataset", body))
+    with api.using(client):
+        return api.create_dataset(name, uid_column_name)
 
 
 def create_shardset(
@@ -77,50 +75,35 @@ def create_shardset(
     is_main: bool = False,
 ) -> Shardset:
     """Add a shardset at ``location``; without ``columns`` the server infers them."""
-    body = wire.build(
-        wire.CreateShardsetBody,
-        "arguments",
-        dataset_id=dataset_id,
-        location=location,
-        columns=list(columns) if columns is not None else None,
-        is_main=is_main,
-    )
-    return Shardset.model_validate(client.action_json("create_shardset", body))
+    with api.using(client):
+        return api.create_shardset(dataset_id, location, columns, is_main)
 
 
 def infer_columns(client: LavenderClient, location: str) -> list[ColumnOptions]:
     """The columns of the first shard file at ``location``, before any shardset exists.
 
-    Calls the server action ``infer_columns`` with the body ``{"v": 1, "location": ...}``;
-    it answers a JSON array of ``{"name", "type", "description"}``. Raises
-    ``ActionNotFound`` on a server without that action.
+    Raises ``ActionNotFound`` on a server without the ``infer_columns`` action.
     """
-    body = wire.build(wire.LocationBody, "arguments", location=location)
-    return [ColumnOptions.model_validate(c) for c in client.action_json("infer_columns", body)]
+    with api.using(client):
+        return api.infer_columns(location)
 
 
 def get_shardset(client: LavenderClient, dataset_id: str, shardset_id: str) -> Shardset:
     """One shardset of a dataset."""
-    body = wire.build(
-        wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
-    )
-    return Shardset.model_validate(client.action_json("get_shardset", body))
+    with api.using(client):
+        return api.get_shardset(dataset_id, shardset_id)
 
 
 def list_shards(client: LavenderClient, dataset_id: str, shardset_id: str) -> list[Shard]:
     """The shards of a shardset."""
-    body = wire.build(
-        wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
-    )
-    return [Shard.model_validate(s) for s in client.action_json("list_shards", body) or []]
+    with api.using(client):
+        return api.list_shards(dataset_id, shardset_id)
 
 
 def sync_shardset(client: LavenderClient, dataset_id: str, shardset_id: str) -> SyncResult:
     """Register the shard files added at a shardset's location since the last sync."""
-    body = wire.build(
-        wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
-    )
-    return SyncResult.model_validate(client.action_json("sync_shardset", body))
+    with api.using(client):
+        return api.sync_shardset(dataset_id, shardset_id)
 
 
 def preview_dataset(
@@ -131,40 +114,28 @@ def preview_dataset(
     columns: Sequence[str] | None = None,
 ) -> pa.Table:
     """Joined rows ``offset .. offset + limit`` of a dataset."""
-    body = wire.build(
-        wire.PreviewBody,
-        "arguments",
-        dataset_id=dataset_id,
-        offset=offset,
-        limit=limit,
-        columns=list(columns) if columns is not None else None,
-    )
-    answer = client.action("preview_dataset", body)
-    with client.errors():
-        return pa.ipc.open_stream(answer).read_all()
+    with api.using(client):
+        return api.preview_dataset(dataset_id, offset, limit, columns)
 
 
 def list_iterations(
     client: LavenderClient, dataset_id: str | None = None
 ) -> list[IterationProgress]:
     """Progress of every iteration (of one dataset), newest first."""
-    body = wire.build(wire.ListIterationsBody, "arguments", dataset_id=dataset_id)
-    return [
-        IterationProgress.model_validate(p)
-        for p in client.action_json("list_iterations", body) or []
-    ]
+    with api.using(client):
+        return api.list_iterations(dataset_id)
 
 
 def get_iteration(client: LavenderClient, iteration_id: str) -> IterationProgress:
     """Progress of one iteration."""
-    body = wire.build(wire.IterationBody, "arguments", iteration_id=iteration_id)
-    return IterationProgress.model_validate(client.action_json("get_iteration", body))
+    with api.using(client):
+        return api.get_iteration(iteration_id)
 
 
 def pushback(client: LavenderClient, iteration_id: str) -> int:
     """Return every in-flight sample of an iteration to its queue; how many."""
-    body = wire.build(wire.IterationBody, "arguments", iteration_id=iteration_id)
-    return int(client.action_json("pushback", body)["pushed_back"])
+    with api.using(client):
+        return api.pushback(iteration_id)
 
 
 def list_plugins(client: LavenderClient) -> tuple[list[dict[str, Any]], list[str]]:
