@@ -360,18 +360,10 @@ class LiveIteration:
                 described = _without(described, set(local.tolist()))
                 if not described:
                     continue
-            batches = table.combine_chunks().to_batches()
-            message = batches[0] if batches else self.schema.empty_table().to_batches()[0]
-            metadata = {
-                "v": 1,
-                "iteration_id": self.id,
-                "rank": state.rank,
-                "batches": described,
-                **wire.encode_positions(self.plan.positions(seq)),
-            }
-            yield message, pa.py_buffer(json.dumps(metadata).encode())
-            if message.num_rows:
-                row_bytes = max(1, message.nbytes // message.num_rows)
+            message = self._message(table, state, described, self.plan.positions(seq))
+            yield message
+            if message[0].num_rows:
+                row_bytes = max(1, message[0].nbytes // message[0].num_rows)
                 chunks = max(
                     1,
                     min(
@@ -475,21 +467,28 @@ class LiveIteration:
                 described.append([result.num_rows, runs(spanned)])
                 delivered.append(kept)
             if pieces:
-                message = pa.Table.from_batches(pieces).combine_chunks().to_batches()[0]
                 positions = self.plan.positions(
                     self.plan.to_global(partition, np.sort(np.concatenate(delivered)))
                 )
-                metadata = {
-                    "v": 1,
-                    "iteration_id": self.id,
-                    "rank": state.rank,
-                    "batches": described,
-                    **wire.encode_positions(positions),
-                }
-                yield message, pa.py_buffer(json.dumps(metadata).encode())
+                yield self._message(pa.Table.from_batches(pieces), state, described, positions)
             if not units and not sum(len(s) for s in carried_seq):
                 finish()
                 return
+
+    def _message(
+        self, table: pa.Table, state: RankState, described: list[list[Any]], positions: np.ndarray
+    ) -> tuple[pa.RecordBatch, pa.Buffer]:
+        """One Flight message: the batches' rows as one record batch, and its metadata."""
+        batches = table.combine_chunks().to_batches()
+        message = batches[0] if batches else self.schema.empty_table().to_batches()[0]
+        metadata = {
+            "v": 1,
+            "iteration_id": self.id,
+            "rank": state.rank,
+            "batches": described,
+            **wire.encode_positions(positions),
+        }
+        return message, pa.py_buffer(json.dumps(metadata).encode())
 
     @property
     def _span_chunks(self) -> int:

@@ -45,11 +45,17 @@ def api_url(server: LavenderFlightServer) -> str:
 
 
 @pytest.fixture
-def client(api_url: str) -> Iterator[LavenderClient]:
+def client(api_url: str, reset_client: None) -> LavenderClient:
     """The module-level client API initialised against the test server."""
-    conn = lavender.init(api_url, timeout=CALL_TIMEOUT)
-    yield conn
-    conn.close()
+    return lavender.init(api_url, timeout=CALL_TIMEOUT)
+
+
+@pytest.fixture
+def reset_client() -> Iterator[None]:
+    """Close the module-level client a test opened with ``lavender.init``."""
+    yield None
+    if lavender._client is not None:
+        lavender._client.close()
     lavender._client = None
 
 

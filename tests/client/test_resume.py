@@ -271,24 +271,7 @@ def servers() -> Iterator[list[Served]]:
     started: list[Served] = []
     yield started
     for served in started:
-        if served.process.poll() is None:
-            served.process.terminate()
-            try:
-                served.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                served.process.kill()
-                served.process.wait(timeout=STOP_TIMEOUT)
-        if served.process.stderr is not None:
-            served.process.stderr.close()
-
-
-@pytest.fixture
-def reset_client() -> Iterator[None]:
-    """Close the module-level client a test opened with ``lavender.init``."""
-    yield None
-    if lavender._client is not None:
-        lavender._client.close()
-    lavender._client = None
+        served.close()
 
 
 def serve(servers: list[Served], home: Path) -> str:

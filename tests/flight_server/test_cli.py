@@ -111,6 +111,18 @@ class Served:
         self.process.send_signal(sig)
         return self.process.wait(timeout=STOP_TIMEOUT)
 
+    def close(self) -> None:
+        """Terminate the process if it still runs (kill it if it lingers); close its pipe."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=STOP_TIMEOUT)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
 
 class Launcher(Protocol):
     def __call__(
@@ -142,24 +154,12 @@ def launch() -> Iterator[Launcher]:
 
     yield start
     for served in started:
-        if served.process.poll() is None:
-            served.process.terminate()
-            try:
-                served.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                served.process.kill()
-                served.process.wait(timeout=STOP_TIMEOUT)
-        if served.process.stderr is not None:
-            served.process.stderr.close()
+        served.close()
 
 
 @pytest.fixture
-def connect() -> Iterator[None]:
+def connect(reset_client: None) -> None:
     """Reset the module-level client after a test that used ``lavender.init``."""
-    yield None
-    if lavender._client is not None:
-        lavender._client.close()
-    lavender._client = None
 
 
 def check_demo(url: str) -> str:

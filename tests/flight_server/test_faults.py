@@ -42,11 +42,8 @@ def leased(service: LavenderService) -> Iterator[LavenderFlightServer]:
 
 
 @pytest.fixture
-def leased_client(leased: LavenderFlightServer) -> Iterator[LavenderClient]:
-    conn = lavender.init(f"grpc://127.0.0.1:{leased.port}", timeout=TIMEOUT)
-    yield conn
-    conn.close()
-    lavender._client = None
+def leased_client(leased: LavenderFlightServer, reset_client: None) -> LavenderClient:
+    return lavender.init(f"grpc://127.0.0.1:{leased.port}", timeout=TIMEOUT)
 
 
 def read_stream(

@@ -50,15 +50,6 @@ COLUMNS = [
 
 
 @pytest.fixture
-def reset_client() -> Iterator[None]:
-    """Forget the module-level client after the test."""
-    yield None
-    if lavender._client is not None:
-        lavender._client.close()
-    lavender._client = None
-
-
-@pytest.fixture
 def keyed_server(service: LavenderService) -> Iterator[LavenderFlightServer]:
     """A server that accepts two API keys."""
     srv = LavenderFlightServer(
