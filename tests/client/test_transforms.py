@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from lavender_flight.catalog import Catalog, Dataset
-from lavender_flight.catalog.errors import InvalidArgument, TransformFailed
+from lavender_flight.catalog.errors import InvalidArgument, SchemaMismatch, TransformFailed
 from lavender_flight.client import Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
@@ -250,7 +250,7 @@ def test_unreadable_shard_follows_the_policy(dataset: Dataset, data_dir: Path) -
     progress = lavender.get_iteration(skipping.id)
     assert (progress.completed, progress.failed, progress.done) == (200, 100, True)
     strict = Iteration.from_dataset(dataset.id, batch_size=32)
-    with pytest.raises(Exception, match=r"shard\.00000001\.parquet"):
+    with pytest.raises(SchemaMismatch, match=r"^cannot read shard .*shard\.00000001\.parquet"):
         list(strict)
 
 
