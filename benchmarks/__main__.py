@@ -2,7 +2,8 @@
 
 Suites: ``side`` (side by side: the limits, Lavender Flight and, with ``--peers``, the
 peers, on the same data), ``iteration`` (bare Flight vs Lavender, b32/b1024, shuffle,
-arrow/python), ``preprocessing`` (a CPU-bound preprocessor, 0/1/2 workers), ``s3`` (moto
+arrow/python; then joined with an aligned and an unaligned feature shardset vs the single
+shardset), ``preprocessing`` (a CPU-bound preprocessor, 0/1/2 workers), ``s3`` (moto
 S3 vs local files). The side-by-side table is also written as Markdown and drawn as a PNG
 chart under ``benchmarks/results/``.
 """

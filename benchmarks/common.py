@@ -33,15 +33,53 @@ def text_rows(start: int, count: int, width: int = 100, seed: int = 0) -> pa.Tab
     )
 
 
+def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
+    """``(start, count)`` of each of ``shards`` shards of ``rows`` rows (empty ones left out).
+
+    Every benchmark data set splits its rows this way, so two sets of the same rows and
+    shard count have the same shard boundaries.
+    """
+    per = -(-rows // shards)
+    bounds = [(index * per, min(per, rows - index * per)) for index in range(shards)]
+    return [(start, count) for start, count in bounds if count > 0]
+
+
 def write_text_shards(folder: Path, rows: int, shards: int) -> None:
     """``rows`` text rows in ``shards`` Parquet files named ``shard.N.parquet``."""
     folder.mkdir(parents=True, exist_ok=True)
-    per = -(-rows // shards)
-    for index in range(shards):
-        start = index * per
-        count = min(per, rows - start)
-        if count > 0:
-            pq.write_table(text_rows(start, count), folder / f"shard.{index:08d}.parquet")
+    for index, (start, count) in enumerate(shard_bounds(rows, shards)):
+        pq.write_table(text_rows(start, count), folder / f"shard.{index:08d}.parquet")
+
+
+def feature_rows(rows: int, seed: int = 7) -> pa.Table:
+    """uids ``0..rows-1`` in order + ``score`` (float32) + ``label`` (int64): a feature table."""
+    rng = np.random.default_rng(seed)
+    return pa.table(
+        {
+            "uid": pa.array(np.arange(rows, dtype=np.int64)),
+            "score": pa.array(rng.random(rows, dtype=np.float32)),
+            "label": pa.array(rng.integers(0, 10, rows, dtype=np.int64)),
+        }
+    )
+
+
+def write_feature_shards(
+    folder: Path, rows: int, shards: int, shuffle_seed: int | None = None
+) -> float:
+    """The :func:`feature_rows` of the uids of ``rows`` text rows in ``shards`` Parquet files.
+
+    Without ``shuffle_seed`` the rows keep the uid order, so with the text shards' count the
+    shards are *aligned* with them (same boundaries, same uid order); with it, the rows are
+    first permuted by ``numpy.random.default_rng(shuffle_seed)`` (an *unaligned* shardset:
+    every shard holds uids from all over the range). Returns Arrow bytes per row.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    features = feature_rows(rows)
+    if shuffle_seed is not None:
+        features = features.take(np.random.default_rng(shuffle_seed).permutation(rows))
+    for index, (start, count) in enumerate(shard_bounds(rows, shards)):
+        pq.write_table(features.slice(start, count), folder / f"shard.{index:08d}.parquet")
+    return features.nbytes / rows
 
 
 @dataclass

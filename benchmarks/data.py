@@ -1,8 +1,10 @@
 """The side-by-side data sets, made by the benchmark itself (no download).
 
 - ``text``: uid + a 100-character text (1M rows);
-- ``extra``: a second shardset of ``text`` (same uids, other shard sizes): ``score`` +
-  ``label``, for the join case;
+- ``extra-aligned``, ``extra-unaligned``: feature shardsets of ``text`` (same uids):
+  ``score`` + ``label``, for the join cases. The aligned one has ``text``'s 10 shard
+  boundaries and uid order (the server attaches its columns without copying); the unaligned
+  one has 7 shards of rows permuted by a fixed seed (joined through the uid index);
 - ``binary``: uid + a 4 KiB binary column (100k rows);
 - ``tensor``: uid + a 32-float32 vector + an int64 label (1M rows).
 """
@@ -17,18 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .common import text_rows
-
-
-def extra_rows(start: int, count: int) -> pa.Table:
-    rng = np.random.default_rng([7, start])
-    return pa.table(
-        {
-            "uid": pa.array(np.arange(start, start + count, dtype=np.int64)),
-            "score": pa.array(rng.random(count, dtype=np.float32)),
-            "label": pa.array(rng.integers(0, 10, count, dtype=np.int64)),
-        }
-    )
+from .common import shard_bounds, text_rows, write_feature_shards
 
 
 def binary_rows(start: int, count: int, width: int = 4096) -> pa.Table:
@@ -55,6 +46,9 @@ def tensor_rows(start: int, count: int, dim: int = 32) -> pa.Table:
     )
 
 
+TEXT_SHARDS = 10
+
+
 @dataclass
 class DataSet:
     """One data set on disk: a folder of Parquet shards."""
@@ -70,15 +64,11 @@ def write(
     folder: Path, make: Callable[[int, int], pa.Table], rows: int, shards: int
 ) -> tuple[Path, float]:
     folder.mkdir(parents=True, exist_ok=True)
-    per = -(-rows // shards)
     size = 0
-    for index in range(shards):
-        start = index * per
-        count = min(per, rows - start)
-        if count > 0:
-            part = make(start, count)
-            size += part.nbytes
-            pq.write_table(part, folder / f"shard.{index:08d}.parquet")
+    for index, (start, count) in enumerate(shard_bounds(rows, shards)):
+        part = make(start, count)
+        size += part.nbytes
+        pq.write_table(part, folder / f"shard.{index:08d}.parquet")
     return folder, size / rows
 
 
@@ -86,8 +76,7 @@ def make_all(home: Path, quick: bool) -> dict[str, DataSet]:
     """All data sets under ``home`` (``quick``: a tenth of the rows)."""
     scale = 10 if quick else 1
     specs = [
-        ("text", text_rows, 1_000_000 // scale, 10, "uid + 100-char text"),
-        ("extra", extra_rows, 1_000_000 // scale, 7, "uid + score + label (join side)"),
+        ("text", text_rows, 1_000_000 // scale, TEXT_SHARDS, "uid + 100-char text"),
         ("binary", binary_rows, 100_000 // scale, 10, "uid + 4 KiB binary"),
         ("tensor", tensor_rows, 1_000_000 // scale, 10, "uid + float32[32] + label"),
     ]
@@ -95,4 +84,12 @@ def make_all(home: Path, quick: bool) -> dict[str, DataSet]:
     for name, make, rows, shards, description in specs:
         folder, row_bytes = write(home / name, make, rows, shards)
         out[name] = DataSet(name, folder, rows, row_bytes, description)
+    rows = out["text"].rows
+    for name, shards, seed, description in (
+        ("extra-aligned", TEXT_SHARDS, None, "aligned with text"),
+        ("extra-unaligned", 7, 1, "7 shards, rows shuffled"),
+    ):
+        row_bytes = write_feature_shards(home / name, rows, shards, shuffle_seed=seed)
+        description = f"uid + score + label (join side, {description})"
+        out[name] = DataSet(name, home / name, rows, row_bytes, description)
     return out

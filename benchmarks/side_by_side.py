@@ -4,7 +4,9 @@ Every case runs in a fresh client process (``benchmarks.case``) against servers 
 processes; the client's peak RSS is its ``ru_maxrss``, the server's is the peak of its
 process tree's RSS (``/proc``) sampled while the case runs. Figures are medians over the
 repetitions (after a warm-up run); ratios are against the bare Flight do_get (batch 1024)
-and the Parquet scan of the same data set.
+and the Parquet scan of the same data set, and, for the joined cases (``text`` + an aligned
+or an unaligned feature shardset, each its own dataset over the same ``text`` shards), against
+the single-shardset ``lavender arrow b1024``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from .common import ROOT, bare_server, lavender_server, table
 from .data import DataSet, make_all
 
 BATCH = 1024
+SINGLE = "lavender arrow b1024"
+# the joined cases: which feature data set joins ``text`` in each
+JOINS = {
+    "lavender arrow b1024 joined aligned (2 shardsets)": "extra-aligned",
+    "lavender arrow b1024 joined unaligned (2 shardsets)": "extra-unaligned",
+}
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -119,10 +127,10 @@ class Runner:
             record["not_measured"] = "it delivered no rows"
         self.records.append(record)
         if "not_measured" in record:
-            print(f"  {record['dataset']:6} {record['case']:44} not measured", flush=True)
+            print(f"  {record['dataset']:6} {record['case']:51} not measured", flush=True)
         else:
             print(
-                f"  {record['dataset']:6} {record['case']:44} "
+                f"  {record['dataset']:6} {record['case']:51} "
                 f"{record['samples_per_s']:>14,.0f} samples/s  "
                 f"first {record['first_batch_s']:.3f} s",
                 flush=True,
@@ -133,13 +141,14 @@ def _lavender_cases(data: DataSet, ids: dict[str, Any]) -> list[tuple[str, dict[
     base = {"kind": "lavender", "dataset_id": ids["dataset"], "batch_size": BATCH}
     only = [ids["main"]]
     cases: list[tuple[str, dict[str, Any]]] = [
-        ("lavender arrow b1024", {**base, "shardsets": only}),
+        (SINGLE, {**base, "shardsets": only}),
         ("lavender arrow b1024 shuffled", {**base, "shardsets": only, "shuffle": True}),
     ]
     if data.name == "text":
         cases += [
             ("lavender arrow b32", {**base, "shardsets": only, "batch_size": 32}),
-            ("lavender arrow b1024 joined (2 shardsets)", {**base, "shardsets": None}),
+            *((name, {**base, "dataset_id": ids[feature], "shardsets": None})
+              for name, feature in JOINS.items()),
             (
                 "lavender arrow b1024 filtered (uid%2==0)",
                 {**base, "shardsets": only,
@@ -247,7 +256,12 @@ def run(quick: bool, repeat: int, with_peers: bool) -> dict[str, Any]:
                 dataset = lavender.create_dataset(f"bench-{name}")
                 main = lavender.create_shardset(dataset.id, sets[name].folder.as_uri())
                 ids[name] = {"dataset": dataset.id, "main": main.id}
-            lavender.create_shardset(ids["text"]["dataset"], sets["extra"].folder.as_uri())
+            for feature in JOINS.values():
+                # its own dataset: the same text shards as main + one feature shardset
+                dataset = lavender.create_dataset(f"bench-text-{feature}")
+                lavender.create_shardset(dataset.id, sets["text"].folder.as_uri(), is_main=True)
+                lavender.create_shardset(dataset.id, sets[feature].folder.as_uri())
+                ids["text"][feature] = dataset.id
             for name in ("text", "binary", "tensor"):
                 data = sets[name]
                 with bare_server(data.folder) as bare:
@@ -290,7 +304,10 @@ EQUIVALENT = {
 
 
 def add_ratios(results: dict[str, Any]) -> None:
-    """``vs_bare``/``vs_parquet`` on every case, ``lavender_over_peer`` on peer cases."""
+    """``vs_bare``/``vs_parquet`` on every case, ``lavender_over_peer`` on peer cases.
+
+    Joined cases also get ``vs_single``: over the single-shardset ``lavender arrow b1024``.
+    """
     by = {(r["dataset"], r["case"]): r for r in results["cases"] if "samples_per_s" in r}
     for record in results["cases"]:
         if "samples_per_s" not in record:
@@ -301,6 +318,10 @@ def add_ratios(results: dict[str, Any]) -> None:
         ):
             ref = by.get((record["dataset"], limit))
             record[key] = record["samples_per_s"] / ref["samples_per_s"] if ref else None
+        single = by.get((record["dataset"], SINGLE))
+        if record["case"] in JOINS and single:
+            record["single_samples_per_s"] = single["samples_per_s"]
+            record["vs_single"] = record["samples_per_s"] / single["samples_per_s"]
         ours = by.get((record["dataset"], EQUIVALENT.get(record["case"], "")))
         if record["group"] == "peer" and ours:
             record["compared_with"] = ours["case"]
@@ -353,13 +374,23 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
         if not rows:
             continue
         title = f"{name}: {info['rows']:,} rows of {info['description']}"
-        if markdown:
-            lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
-                     "|" + "---|" * len(header)]  # fmt: skip
-            for row in rows:
-                cells = [c.replace("|", "\\|") for c in row]
-                lines.append("| " + " | ".join(cells) + " |")
-            blocks.append("\n".join(lines))
-        else:
-            blocks.append(title + "\n" + table(rows, header))
+        blocks.append(_block(title, rows, header, markdown))
+    joined = [
+        [f"{r['dataset']}: {r['case']}", _rate(r["samples_per_s"]),
+         _rate(r["single_samples_per_s"]), _ratio(r["vs_single"])]
+        for r in results["cases"] if "vs_single" in r
+    ]  # fmt: skip
+    if joined:
+        header = ["case", "samples/s", f"single shardset ({SINGLE})", "joined ÷ single"]
+        blocks.append(_block("joins vs the single shardset", joined, header, markdown))
     return "\n\n".join(blocks)
+
+
+def _block(title: str, rows: list[list[str]], header: list[str], markdown: bool) -> str:
+    if not markdown:
+        return title + "\n" + table(rows, header)
+    lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [c.replace("|", "\\|") for c in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
