@@ -5,7 +5,16 @@ from __future__ import annotations
 from ..catalog import errors
 from . import api
 from .connection import LavenderClient
+from .features import FeatureWriter, write_feature_shardset
 from .iteration import Iteration
 from .writer import Writer
 
-__all__ = ["Iteration", "LavenderClient", "Writer", "api", "errors"]
+__all__ = [
+    "FeatureWriter",
+    "Iteration",
+    "LavenderClient",
+    "Writer",
+    "api",
+    "errors",
+    "write_feature_shardset",
+]

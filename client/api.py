@@ -25,6 +25,7 @@ from .connection import LavenderClient
 
 __all__ = [
     "DatasetColumnOptions",
+    "FeatureWriter",
     "create_dataset",
     "create_shardset",
     "delete_dataset",
@@ -46,6 +47,7 @@ __all__ = [
     "read_dataset",
     "sync_shardset",
     "using",
+    "write_feature_shardset",
 ]
 
 DatasetColumnOptions = ColumnOptions
@@ -280,3 +282,7 @@ def infer_columns(location: str) -> list[ColumnOptions]:
 def list_plugins() -> dict[str, Any]:
     """The server's plugins: ``{"plugins": [{kind, name, doc, parameters...}], "problems": []}``."""
     return dict(get_client().action_json("list_plugins"))
+
+
+# Last: the features module calls this one's functions (an import cycle, resolved here).
+from .features import FeatureWriter, write_feature_shardset  # noqa: E402
