@@ -203,6 +203,7 @@ class Iteration:
         preprocessors: Sequence[PluginArg] | None = None,
         max_retry_count: int = 0,
         skip_on_failure: bool = False,
+        join: str = "left",
         iteration_id: str | None = None,
         format: str = "python",
         progress: bool = False,
@@ -213,6 +214,12 @@ class Iteration:
         ``torch.distributed``/torchrun can choose it): the first creates the iteration, the
         others join it. Without an id and with one rank, every call makes a new iteration.
         ``drop_last=True`` gives every rank the same number of full batches (DDP-safe).
+
+        ``shardsets`` and ``columns`` choose what is read (the main shardset always is; a
+        shardset none of whose columns is wanted is never opened). ``join="left"`` keeps
+        every sample of the main shardset (columns a feature shardset lacks are null);
+        ``join="inner"`` keeps those present in every selected shardset, and counts the
+        others as filtered.
         """
         rank, world_size = default_world(rank, world_size)
         spec = wire.build(
@@ -233,6 +240,7 @@ class Iteration:
             preprocessors=[_plugin(p) for p in preprocessors or ()],
             max_retry_count=max_retry_count,
             skip_on_failure=skip_on_failure,
+            join=join,
         )
         if iteration_id is None and world_size > 1:
             iteration_id = _shared_iteration_id(spec, rank)

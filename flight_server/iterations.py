@@ -177,8 +177,15 @@ class LiveIteration:
         """The reader of the iteration's shardsets and columns (opened on first read)."""
         if self._reader is None:
             dataset = self.service.get_dataset(dataset_id=self.spec.dataset_id)
-            self._reader = self.service.reader(dataset, self.spec.shardsets, self.spec.columns)
+            self._reader = self.service.reader(
+                dataset, self.spec.shardsets, self.spec.columns, self.spec.join
+            )
         return self._reader
+
+    @property
+    def plain(self) -> bool:
+        """Rows go out as read: no transform, and no inner join leaving samples out."""
+        return self.pipeline.identity and self.spec.join == "left"
 
     @property
     def schema(self) -> pa.Schema:
@@ -206,13 +213,17 @@ class LiveIteration:
             self._output_schema = schema
         return self._output_schema
 
-    def _read_shard(self, slot: int) -> pa.Table | None:
-        """A main shard's joined rows; None when it cannot be read and failures are skipped."""
+    def _read_shard(self, slot: int) -> tuple[pa.Table, np.ndarray | None] | None:
+        """A main shard's joined rows, and those an inner join leaves out.
+
+        See ``DatasetReader.read_joined``; None when it cannot be read and failures are
+        skipped.
+        """
         index, rows = self.snapshot[slot]
         error: Exception | None = None
         for _ in range(self.spec.max_retry_count + 1):
             try:
-                table = self.reader.read(self.reader.main_shard(index))
+                table, missing = self.reader.read_joined(self.reader.main_shard(index))
             except (LavenderError, OSError, pa.ArrowException) as exc:
                 error = exc
                 continue
@@ -222,7 +233,7 @@ class LiveIteration:
                     f"{rows} when iteration {self.id} started: it was rewritten"
                 )
                 continue
-            return table
+            return table, missing
         assert error is not None
         if not self.spec.skip_on_failure:
             raise error
@@ -230,48 +241,63 @@ class LiveIteration:
                     self.id, index, rows, error)  # fmt: skip
         return None
 
-    def _load_block(self, number: int) -> tuple[pa.Table, np.ndarray | None]:
-        """A block's rows laid end to end, and which of them could not be read (or None)."""
+    def _load_block(self, number: int) -> tuple[pa.Table, np.ndarray | None, np.ndarray | None]:
+        """A block's rows laid end to end, with two masks (each None when no row is set).
+
+        Which rows could not be read, and which an inner join leaves out.
+        """
         block = self.plan.blocks[number]
         reads = [self._shard_reads.submit(self._read_shard, s) for s in block.shard_slots]
-        tables, bad = [], []
+        tables, bad, absent = [], [], []
         for slot, read in zip(block.shard_slots, reads, strict=True):
             rows = self.snapshot[slot][1]
-            table = read.result()
-            if table is None:  # unreadable and skipped: placeholder rows, marked failed
+            result = read.result()
+            if result is None:  # unreadable and skipped: placeholder rows, marked failed
                 table = pa.table(
                     {f.name: pa.nulls(rows, f.type) for f in self.schema}, schema=self.schema
                 )
-            bad.append(np.full(rows, read.result() is None))
+                missing = None
+            else:
+                table, missing = result
+            bad.append(np.full(rows, result is None))
+            absent.append(missing if missing is not None else np.zeros(rows, dtype=bool))
             tables.append(table)
         if not tables:
-            return self.schema.empty_table(), None
+            return self.schema.empty_table(), None, None
         table = pa.concat_tables(tables)
         failed = np.concatenate(bad) if any(b.any() for b in bad) else None
+        left_out = np.concatenate(absent) if any(a.any() for a in absent) else None
         # random access (take) is fast on one chunk; plain slices need no copy
-        return (table.combine_chunks() if self.plan.shuffle else table), failed
+        return (table.combine_chunks() if self.plan.shuffle else table), failed, left_out
 
-    def read(self, seq: np.ndarray) -> tuple[pa.Table, np.ndarray | None]:
+    def read(self, seq: np.ndarray) -> tuple[pa.Table, np.ndarray | None, np.ndarray | None]:
         """Rows for ascending global sequence numbers, in that order.
 
-        Also says which rows belong to unreadable shards that were skipped (or None).
+        Also says which rows belong to unreadable shards that were skipped, and which an
+        inner join leaves out (each None when none).
         """
-        pieces, failed, any_failed = [], [], False
+        pieces: list[pa.Table] = []
+        masks: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        found = [False, False]
         for number, start, stop in self.plan.segments(seq):
             part = seq[start:stop]
             if number + 1 < len(self.plan.blocks):
                 self._blocks.prefetch(number + 1)  # loads side by side with this one
-            table, bad = self._blocks.get(number)
+            table, *flags = self._blocks.get(number)
             rows = self.plan.rows_in_block(number, part)
             first = int(rows[0])
             if int(rows[-1]) - first == len(rows) - 1 and not self.plan.shuffle:
                 pieces.append(table.slice(first, len(rows)))
             else:
                 pieces.append(table.take(pa.array(rows)))
-            failed.append(bad[rows] if bad is not None else np.zeros(len(rows), dtype=bool))
-            any_failed |= bad is not None
+            for which, flag in enumerate(flags):
+                masks[which].append(flag[rows] if flag is not None else np.zeros(len(rows), bool))
+                found[which] |= flag is not None
         table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
-        return table, (np.concatenate(failed) if any_failed else None)
+        failed, missing = (
+            np.concatenate(masks[which]) if found[which] else None for which in (0, 1)
+        )
+        return table, failed, missing
 
     # -- streams -------------------------------------------------------------------------
 
@@ -306,7 +332,7 @@ class LiveIteration:
         with self.lock:
             generation = state.open_stream(key)
         messages = self._batches(world, state, key, generation)
-        if self.pipeline.identity:
+        if self.plain:
             return self.schema, messages
         first = next(messages, None)
         if first is None:
@@ -325,7 +351,7 @@ class LiveIteration:
         with self.lock:
             self._active += 1
         try:
-            if self.pipeline.identity:
+            if self.plain:
                 yield from self._messages(world, state, key, generation)
             else:
                 yield from self._transformed(world, state, key, generation)
@@ -352,7 +378,7 @@ class LiveIteration:
                 return
             local = as_array([r for unit in units for r in unit])
             seq = self.plan.to_global(partition, local)
-            table, failed = self.read(seq)
+            table, failed, _ = self.read(seq)  # a left join: no sample is left out
             described = [[sum(b - a for a, b in unit), unit] for unit in units]
             if failed is not None and failed.any():  # rows of unreadable, skipped shards
                 self._settle(state, local[failed], "failed")
@@ -410,10 +436,15 @@ class LiveIteration:
             if units:
                 local = as_array([r for unit in units for r in unit])
                 consumed = np.concatenate([consumed, local])
-                table, unreadable = self.read(self.plan.to_global(partition, local))
+                table, unreadable, missing = self.read(self.plan.to_global(partition, local))
                 if unreadable is not None and unreadable.any():
                     self._settle(state, local[unreadable], "failed", release=False)
                     table, local = table.filter(pa.array(~unreadable)), local[~unreadable]
+                    if missing is not None:
+                        missing = missing[~unreadable]
+                if missing is not None:  # an inner join leaves them out: they count as filtered
+                    self._settle(state, local[missing], "filtered", release=False)
+                    table, local = table.filter(pa.array(~missing)), local[~missing]
                 if not table.num_rows:
                     continue
                 keep, failed = self.pipeline.filter(table.combine_chunks().to_batches()[0])
@@ -705,7 +736,7 @@ class IterationManager:
             return self.get(command.iteration_id)
         spec = command.spec
         dataset = self.service.get_dataset(dataset_id=spec.dataset_id)
-        reader = self.service.reader(dataset, spec.shardsets, spec.columns)
+        reader = self.service.reader(dataset, spec.shardsets, spec.columns, spec.join)
         replication_partitions(spec.world_size, spec.replication_pg)
         build_pipeline(self.plugins, spec, dataset.uid_column_name)  # a typo fails here
         iteration_id = command.iteration_id or new_id("it")
@@ -730,10 +761,12 @@ class IterationManager:
             created_at=time.time(),
         )
         stored, created = self.catalog.create_iteration(record)
-        if not created and stored.spec != asked:
+        # a spec stored before a field existed reads as that field's default
+        known = wire.IterationSpec.model_validate(stored.spec).model_dump(mode="json")
+        if not created and known != asked:
             raise IterationConflict(
                 f"iteration {iteration_id!r} exists with another spec "
-                f"({_spec_differences(stored.spec, asked)}): ranks of one job must pass the "
+                f"({_spec_differences(known, asked)}): ranks of one job must pass the "
                 "same arguments; pick a new iteration_id for a new run"
             )
         if created:

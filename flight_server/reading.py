@@ -1,21 +1,104 @@
-"""Reading a dataset: its main shardset shard by shard, other shardsets joined by uid."""
+"""Reading a dataset: its main shardset shard by shard, other shardsets joined by uid.
+
+A shardset that adds columns joins one of two ways, chosen per main shard:
+
+- **aligned**: a feature shard with the main shard's row count and uid range (recorded at
+  sync) is read and its uid column compared with the main one; when they are equal its
+  columns are attached as they are, without a copy;
+- **by uid**: otherwise the shardset's uid index (built at sync, see ``uid_index``) says
+  which feature shards and rows hold the main shard's uids; only those shards are read
+  (kept in a cache shared by every read, bounded in bytes) and their rows taken.
+
+Under a left join a uid the feature shardset lacks gets nulls; under an inner join the
+reader also says which rows lack a feature row, for the caller to leave out.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..catalog import Catalog, Dataset, Shard, Shardset
+from ..catalog import Catalog, Dataset, Shard, Shardset, UidValue
 from ..catalog.errors import InvalidArgument, ShardNotFound, ShardsetNotFound
 from .shards import declared_schema, read_shard
 from .storage import Location, resolve_location
+from .uid_index import UidIndex, UidIndexes, shard_digest
 
-__all__ = ["DatasetReader", "ShardsetView"]
+__all__ = ["DatasetReader", "Join", "ShardCache", "ShardsetView"]
+
+log = logging.getLogger(__name__)
+
+Join = Literal["left", "inner"]
+"""How feature shardsets join the main one: ``left`` keeps every main sample (missing
+values are null), ``inner`` keeps the samples present in every selected shardset."""
+
+DEFAULT_CACHE_BYTES = 512 << 20
+
+
+class ShardCache:
+    """Feature shards read for joins by uid, shared by every read of a server, bounded in bytes.
+
+    A main shard joining a shuffled feature shardset needs rows of many feature shards,
+    and so does the next one: keeping them saves reading each again per main shard.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._tables: OrderedDict[Hashable, pa.Table] = OrderedDict()
+        self._bytes = 0
+        self._pending: dict[Hashable, Future[pa.Table]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return self._bytes
+
+    def get(self, key: Hashable, read: Callable[[], pa.Table]) -> pa.Table:
+        """The table cached under ``key``, else ``read()`` (kept when it fits).
+
+        Readers asking for a table being read wait for that read instead of repeating it.
+        """
+        with self._lock:
+            found = self._tables.get(key)
+            if found is not None:
+                self._tables.move_to_end(key)
+                return found
+            pending = self._pending.get(key)
+            owner = pending is None
+            if pending is None:
+                pending = self._pending[key] = Future()
+        if not owner:
+            return pending.result()
+        try:
+            table = read()
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._pending[key]
+        pending.set_result(table)
+        size = table.nbytes
+        if size > self.max_bytes:
+            return table
+        with self._lock:
+            if key not in self._tables:
+                self._tables[key] = table
+                self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._tables.popitem(last=False)
+                self._bytes -= dropped.nbytes
+        return table
 
 
 @dataclass
@@ -27,31 +110,34 @@ class ShardsetView:
     schema: pa.Schema
     columns: list[str]
     shards: list[Shard]
+    by_index: dict[int, Shard] = field(init=False)
+    by_span: dict[tuple[int, UidValue, UidValue], Shard] = field(init=False)
 
-    def overlapping(self, low: object, high: object) -> list[Shard]:
-        """The shards whose uid range meets ``[low, high]`` (all when ranges are unknown)."""
-        found = []
-        for shard in self.shards:
-            if shard.num_rows == 0:
-                continue
-            if shard.uid_min is None or low is None:
-                found.append(shard)
-                continue
-            try:
-                if shard.uid_max < low or shard.uid_min > high:  # type: ignore[operator]
-                    continue
-            except TypeError:  # uids of mixed kinds: be safe, read it
-                pass
-            found.append(shard)
-        return found
+    def __post_init__(self) -> None:
+        self.by_index = {shard.index: shard for shard in self.shards}
+        spans: Counter[tuple[int, UidValue, UidValue]] = Counter(map(_span, self.shards))
+        self.by_span = {_span(s): s for s in self.shards if s.num_rows and spans[_span(s)] == 1}
+
+    def aligned_with(self, main_shard: Shard) -> Shard | None:
+        """The one shard with the main shard's row count and uid range, if any."""
+        return self.by_span.get(_span(main_shard)) if main_shard.num_rows else None
+
+
+def _span(shard: Shard) -> tuple[int, UidValue, UidValue]:
+    return shard.num_rows, shard.uid_min, shard.uid_max
 
 
 class DatasetReader:
     """Reads the joined rows of a dataset, one main shard at a time.
 
     The main shardset decides which samples exist and their order; every other selected
-    shardset adds its columns by uid (left join: missing values are null). Only the
-    shardsets and columns asked for are opened.
+    shardset adds its columns by uid. Only the shardsets and columns asked for are opened:
+    a shardset none of whose columns is wanted is never read.
+
+    Args:
+        join: ``left`` (missing values are null) or ``inner`` (see ``read_joined``).
+        indexes: the server's uid indexes (in memory only when not given).
+        cache: the server's cache of feature shards (a private one when not given).
     """
 
     def __init__(
@@ -61,9 +147,17 @@ class DatasetReader:
         shardset_ids: Sequence[str] | None = None,
         columns: Sequence[str] | None = None,
         resolve: Callable[[str], Location] = resolve_location,
-        cache_size: int = 4,
+        join: Join = "left",
+        indexes: UidIndexes | None = None,
+        cache: ShardCache | None = None,
     ) -> None:
+        if join not in ("left", "inner"):
+            raise InvalidArgument(f"join must be 'left' or 'inner', not {join!r}")
         self.dataset = dataset
+        self.join = join
+        self.indexes = indexes or UidIndexes(None)
+        self.cache = cache or ShardCache()
+        self.reads: Counter[str] = Counter()  # shard files read from storage, by shardset id
         uid = dataset.uid_column_name
         main = dataset.main_shardset
         if main is None:
@@ -76,7 +170,8 @@ class DatasetReader:
                     f"no shardset {shardset_id!r} in dataset {dataset.name!r}; "
                     f"it has {', '.join(by_id) or 'none'}"
                 )
-            chosen.append(by_id[shardset_id])
+            if by_id[shardset_id] not in chosen:
+                chosen.append(by_id[shardset_id])
         if main not in chosen:
             chosen.insert(0, main)
         chosen.sort(key=lambda s: (not s.is_main, dataset.shardsets.index(s)))
@@ -108,8 +203,6 @@ class DatasetReader:
         for view in self.views:
             fields.extend(view.schema.field(name) for name in view.columns[1:])
         self.schema = pa.schema(fields)
-        self._cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
-        self._cache_size = cache_size
         self._lock = threading.Lock()  # streams and prefetch threads share one reader
 
     @property
@@ -119,74 +212,115 @@ class DatasetReader:
 
     @property
     def total_rows(self) -> int:
-        """Rows of the dataset (of its main shardset)."""
+        """Rows of the main shardset (an inner join may deliver fewer)."""
         return sum(shard.num_rows for shard in self.main.shards)
 
     def main_shard(self, index: int) -> Shard:
         """The main shard with catalog index ``index``."""
-        for shard in self.main.shards:
-            if shard.index == index:
-                return shard
-        raise ShardNotFound(f"no shard {index} in shardset {self.main.shardset.id}")
+        shard = self.main.by_index.get(index)
+        if shard is None:
+            raise ShardNotFound(f"no shard {index} in shardset {self.main.shardset.id}")
+        return shard
 
-    def _read(self, view: ShardsetView, shard: Shard) -> pa.Table:
-        """Read one shard of a view.
+    # -- storage -------------------------------------------------------------------------
 
-        Feature shards are cached, since neighbouring main shards often join with them.
-        """
-        if view is self.main:
-            return self._read_uncached(view, shard)
-        key = (view.shardset.id, shard.index)
+    def _read(self, view: ShardsetView, shard: Shard, columns: list[str] | None = None) -> pa.Table:
+        """Read one shard of a view from storage (its ``columns``, by default the view's)."""
         with self._lock:
-            table = self._cache.get(key)
-            if table is not None:
-                self._cache.move_to_end(key)
-                return table
-        table = self._read_uncached(view, shard)
-        with self._lock:
-            self._cache[key] = table
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return table
-
-    @staticmethod
-    def _read_uncached(view: ShardsetView, shard: Shard) -> pa.Table:
+            self.reads[view.shardset.id] += 1
         return read_shard(
             view.location,
-            view.location.fs._strip_protocol(shard.location),
+            view.location.path_of(shard.location),
             shard.format,
             view.schema,
-            view.columns,
+            columns or view.columns,
             size=shard.size_bytes,  # known from the catalog: no size request to the store
         )
 
-    def read(self, shard: Shard) -> pa.Table:
-        """The joined rows of one main shard."""
-        table = self._read(self.main, shard)
-        for view in self.views[1:]:
-            table = self._join(table, view, shard)
-        return table
+    def _cached(self, view: ShardsetView, shard: Shard) -> pa.Table:
+        key = (view.shardset.id, shard.index, shard_digest(shard), tuple(view.columns))
+        return self.cache.get(key, lambda: self._read(view, shard))
 
-    def _join(self, table: pa.Table, view: ShardsetView, main_shard: Shard) -> pa.Table:
+    def _index(self, view: ShardsetView) -> UidIndex:
         uid = self.dataset.uid_column_name
-        parts = [
-            self._read(view, s) for s in view.overlapping(main_shard.uid_min, main_shard.uid_max)
-        ]
+        return self.indexes.get(
+            view.shardset.id,
+            view.shards,
+            exact=pa.types.is_integer(view.schema.field(uid).type),
+            read_uids=lambda shard: self._read(view, shard, [uid]).column(uid),
+            unique=True,
+        )
+
+    # -- joins ---------------------------------------------------------------------------
+
+    def read(self, shard: Shard) -> pa.Table:
+        """The joined rows of one main shard (an inner join leaves out the incomplete ones)."""
+        table, missing = self.read_joined(shard)
+        return table if missing is None else table.filter(pa.array(~missing))
+
+    def read_joined(self, shard: Shard) -> tuple[pa.Table, np.ndarray | None]:
+        """Every row of one main shard, left-joined, and which rows an inner join leaves out.
+
+        The mask is None under a left join, or when no row lacks a feature row.
+        """
+        table = self._read(self.main, shard)
+        missing: np.ndarray | None = None
+        for view in self.views[1:]:
+            table, absent = self._join(table, view, shard)
+            if self.join == "inner" and absent is not None:
+                missing = absent if missing is None else missing | absent
+        return table, missing
+
+    def _join(
+        self, table: pa.Table, view: ShardsetView, main_shard: Shard
+    ) -> tuple[pa.Table, np.ndarray | None]:
+        uid = self.dataset.uid_column_name
         names = view.columns[1:]
-        if len(parts) == 1 and parts[0].column(uid).equals(table.column(uid)):
-            # Aligned shards (same uids, same order): attach the columns as they are.
-            feature = parts[0]
-        elif parts:
-            other = pa.concat_tables(parts)
-            positions = pc.index_in(table.column(uid), value_set=other.column(uid))
-            feature = other.select(names).take(positions)
-        else:
-            feature = pa.table(
-                {n: pa.nulls(table.num_rows, view.schema.field(n).type) for n in names}
-            )
-        for name in names:
+        absent: np.ndarray | None = None
+        partner = view.aligned_with(main_shard)
+        feature = self._read(view, partner) if partner is not None else None
+        if feature is None or not feature.column(uid).equals(table.column(uid)):
+            feature, absent = self._by_uid(table.column(uid), view)
+        for name in names:  # aligned: the columns as read, no copy
             table = table.append_column(view.schema.field(name), feature.column(name))
-        return table
+        return table, absent
+
+    def _by_uid(
+        self, uids: pa.ChunkedArray, view: ShardsetView
+    ) -> tuple[pa.Table, np.ndarray | None]:
+        """The view's columns for ``uids`` (nulls where it lacks one), and which it lacks."""
+        uid = self.dataset.uid_column_name
+        names = view.columns[1:]
+        index = self._index(view)
+        matches = index.lookup(uids)
+        pieces, asked = [], []
+        for shard_index, part in matches.by_shard():
+            rows = self._cached(view, view.by_index[shard_index])
+            pieces.append(rows.take(pa.array(matches.rows[part])))
+            asked.append(matches.asked[part])
+        target = np.full(len(uids), -1, dtype=np.int64)
+        found = pa.concat_tables(pieces) if pieces else None
+        if found is not None and found.num_rows:
+            candidates = np.concatenate(asked)
+            theirs = found.column(uid)
+            ours = uids.take(pa.array(candidates))
+            if theirs.type != ours.type:
+                theirs = theirs.cast(ours.type)
+            same = np.asarray(pc.equal(theirs, ours).to_numpy(zero_copy_only=False), dtype=bool)
+            if index.exact and not same.all():
+                log.warning(
+                    "shardset %s: %d uid(s) are not where its uid index says: its files "
+                    "changed without a sync? Sync it; those rows join as missing meanwhile",
+                    view.shardset.id,
+                    int((~same).sum()),
+                )
+            target[candidates[same]] = np.flatnonzero(same)
+        absent = target < 0
+        if found is None or absent.all():
+            columns = {n: pa.nulls(len(uids), view.schema.field(n).type) for n in names}
+            return pa.table(columns), (absent if len(uids) else None)
+        feature = found.select(names).take(pa.array(target, mask=absent))
+        return feature, (absent if absent.any() else None)
 
     def iter_rows(self, offset: int = 0, limit: int | None = None) -> Iterator[pa.Table]:
         """Joined rows ``offset .. offset + limit`` in dataset order, a main shard at a time."""
@@ -196,10 +330,11 @@ class DatasetReader:
             if remaining <= 0:
                 return
             end = start + shard.num_rows
-            if end > offset:
+            if self.join == "inner" or end > offset:  # an inner join's counts are unknown
                 table = self.read(shard)
-                skip = max(0, offset - start)
-                piece = table.slice(skip, remaining)
-                remaining -= piece.num_rows
-                yield piece
+                end = start + table.num_rows
+                if end > offset:
+                    piece = table.slice(max(0, offset - start), remaining)
+                    remaining -= piece.num_rows
+                    yield piece
             start = end

@@ -116,9 +116,10 @@ ACTIONS: dict[str, ActionSpec] = {
     ),
     "preview_dataset": ActionSpec(
         wire.PreviewBody,
-        "Joined rows {dataset_id, offset, limit, columns?}; answers an Arrow IPC stream.",
+        "Joined rows {dataset_id, offset, limit, columns?, join?: left|inner}; answers an "
+        "Arrow IPC stream.",
         lambda srv, b: _ipc(
-            srv.service.preview_dataset(b.dataset_id, b.offset, b.limit, b.columns)
+            srv.service.preview_dataset(b.dataset_id, b.offset, b.limit, b.columns, b.join)
         ),
     ),
     "list_plugins": ActionSpec(
@@ -293,7 +294,7 @@ class LavenderFlightServer(flight.FlightServerBase):
 
             return flight.GeneratorStream(schema, iteration_batches())
         dataset = self.service.get_dataset(dataset_id=request.dataset_id)
-        reader = self.service.reader(dataset, request.shardset_ids, request.columns)
+        reader = self.service.reader(dataset, request.shardset_ids, request.columns, request.join)
         shard = reader.main_shard(request.shard_index)
 
         def batches() -> Iterator[pa.RecordBatch]:

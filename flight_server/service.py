@@ -21,6 +21,8 @@ from ..catalog import (
     Shardset,
     SyncResult,
     format_type,
+    new_id,
+    parse_type,
 )
 from ..catalog.errors import (
     DatasetNotFound,
@@ -29,7 +31,7 @@ from ..catalog.errors import (
     SchemaMismatch,
     ShardAlreadyExists,
 )
-from .reading import DatasetReader
+from .reading import DEFAULT_CACHE_BYTES, DatasetReader, Join, ShardCache
 from .shards import (
     canonical_format,
     check_shard_schema,
@@ -55,6 +57,7 @@ from .storage import (
     protocol_of,
     resolve_location,
 )
+from .uid_index import UidIndexes
 
 __all__ = ["LavenderService"]
 
@@ -76,6 +79,11 @@ class LavenderService:
         storage_defaults: default storage options per protocol (``{"s3": {...}}``), laid
             under each shardset's own options (see ``ServerSettings.storage_defaults``).
         retry: how storage calls are retried on transient errors.
+        storage_roots: folders ``file://`` locations must be under (None: anywhere).
+        index_dir: where uid indexes are kept (default: ``<catalog file>.indexes`` beside
+            the catalog).
+        join_cache_bytes: memory for feature shards read by joins by uid, shared by
+            every read.
     """
 
     def __init__(
@@ -85,8 +93,14 @@ class LavenderService:
         storage_defaults: Mapping[str, Mapping[str, Any]] | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         storage_roots: Sequence[str | Path] | None = None,
+        index_dir: Path | None = None,
+        join_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.catalog = catalog
+        self.indexes = UidIndexes(
+            index_dir or catalog.path.with_name(catalog.path.name + ".indexes")
+        )
+        self.join_cache = ShardCache(join_cache_bytes)
         self.storage_roots = (
             None
             if storage_roots is None
@@ -186,7 +200,10 @@ class LavenderService:
 
     def delete_dataset(self, dataset_id: str) -> None:
         """Forget a dataset (its shard files stay where they are)."""
+        shardsets = self.catalog.get_dataset(dataset_id=dataset_id).shardsets
         self.catalog.delete_dataset(dataset_id)
+        for shardset in shardsets:
+            self.indexes.drop(shardset.id)
 
     # -- shardsets -----------------------------------------------------------------------
 
@@ -210,6 +227,37 @@ class LavenderService:
         files = self._shard_files(where)
         if columns is None:
             columns = self._infer(where, files)
+        self._check_joinable(dataset, columns)
+        uid = dataset.uid_column_name
+        schema = declared_schema([(c.name, c.type_) for c in columns])
+        scanned = self._scan_shards(where, list(self._indexed(files, [])), schema, uid)
+        shardset_id = new_id("ss")
+        shards = [shard for shard, _ in scanned]
+        for shard, uids in scanned:
+            self.indexes.save_run(shardset_id, shard, uids)
+        main = is_main or dataset.main_shardset is None
+        if not main:  # it adds columns: joins look its uids up, each must be there once
+            self._build_index(shardset_id, shards, schema, where, uid)
+        elif dataset.main_shardset is not None:  # the old main one starts adding columns
+            self._index_of(dataset, dataset.main_shardset)
+        return self.catalog.create_shardset(
+            dataset_id,
+            where.url,
+            columns,
+            is_main,
+            shards,
+            shardset_id=shardset_id,
+            storage_options=storage_options,
+        )
+
+    @staticmethod
+    def _check_joinable(dataset: Dataset, columns: Sequence[ColumnOptions]) -> None:
+        """Refuse, before reading any shard, columns that cannot join the dataset's others.
+
+        Raises:
+            InvalidArgument: the uid column is missing, of another kind (integer or string)
+                than in the other shardsets, or a column name is taken by another shardset.
+        """
         uid = dataset.uid_column_name
         names = [c.name for c in columns]
         if uid not in names:
@@ -217,10 +265,50 @@ class LavenderService:
                 f"the shardset's columns {names} lack the dataset's uid column {uid!r}: "
                 "every shardset carries it to be joined by uid"
             )
-        schema = declared_schema([(c.name, c.type_) for c in columns])
-        shards = self._scan_shards(where, list(self._indexed(files, [])), schema, uid)
-        return self.catalog.create_shardset(
-            dataset_id, where.url, columns, is_main, shards, storage_options=storage_options
+        owners = {c.name: s.id for s in dataset.shardsets for c in s.columns if c.name != uid}
+        clashes = [f"{n!r} (in {owners[n]})" for n in names if n != uid and n in owners]
+        if clashes:
+            raise InvalidArgument(
+                f"column names clash with other shardsets of the dataset: {', '.join(clashes)}; "
+                "rename them (every column but the uid belongs to one shardset)"
+            )
+        uid_type = parse_type(next(c.type_ for c in columns if c.name == uid))
+        for other in dataset.shardsets:
+            theirs = parse_type(next(c.type_ for c in other.columns if c.name == uid))
+            if pa.types.is_integer(theirs) != pa.types.is_integer(uid_type):
+                raise InvalidArgument(
+                    f"uid column {uid!r} is {format_type(uid_type)} here but "
+                    f"{format_type(theirs)} in shardset {other.id}: shardsets join by uid, "
+                    "so they must agree on integer or string uids"
+                )
+
+    def _build_index(
+        self,
+        shardset_id: str,
+        shards: Sequence[Shard],
+        schema: pa.Schema,
+        where: Location,
+        uid: str,
+    ) -> None:
+        """Build a shardset's uid index now (at sync), refusing a uid held twice."""
+        self.indexes.get(
+            shardset_id,
+            shards,
+            exact=pa.types.is_integer(schema.field(uid).type),
+            read_uids=lambda shard: read_shard(
+                where, where.path_of(shard.location), shard.format, schema, [uid]
+            ).column(uid),
+            unique=True,
+        )
+
+    def _index_of(self, dataset: Dataset, shardset: Shardset) -> None:
+        schema = declared_schema([(c.name, c.type_) for c in shardset.columns])
+        self._build_index(
+            shardset.id,
+            self.catalog.list_shards(shardset.id),
+            schema,
+            self._where(shardset),
+            dataset.uid_column_name,
         )
 
     def infer_columns(self, location: str) -> list[ColumnOptions]:
@@ -249,6 +337,7 @@ class LavenderService:
     def delete_shardset(self, dataset_id: str, shardset_id: str) -> None:
         """Forget a shardset (its files stay)."""
         self.catalog.delete_shardset(dataset_id, shardset_id)
+        self.indexes.drop(shardset_id)
 
     def list_shards(self, dataset_id: str, shardset_id: str) -> list[Shard]:
         """The shards of a shardset."""
@@ -279,8 +368,16 @@ class LavenderService:
                 changed.append((file, old.index))
         taken = [s.index for s in known.values() if s not in removed]
         fresh = list(self._indexed(new_files, taken))
-        scanned = self._scan_shards(where, [*changed, *fresh], schema, dataset.uid_column_name)
-        updated, added = scanned[: len(changed)], scanned[len(changed) :]
+        uid = dataset.uid_column_name
+        scanned = self._scan_shards(where, [*changed, *fresh], schema, uid)
+        for shard, uids in scanned:
+            self.indexes.save_run(shardset_id, shard, uids)
+        updated = [shard for shard, _ in scanned[: len(changed)]]
+        added = [shard for shard, _ in scanned[len(changed) :]]
+        if not shardset.is_main:  # refused before the catalog changes when a uid repeats
+            final = {s.index: s for s in known.values() if s not in removed}
+            final.update((s.index, s) for s in [*updated, *added])
+            self._build_index(shardset_id, list(final.values()), schema, where, uid)
         self.catalog.replace_shards(shardset_id, [*added, *updated], [s.index for s in removed])
         total = self.catalog.get_shardset(dataset_id, shardset_id)
         log.info(
@@ -328,10 +425,13 @@ class LavenderService:
         files: Sequence[tuple[ShardFile, int]],
         schema: pa.Schema,
         uid: str,
-    ) -> list[Shard]:
-        """Check and describe shard files, in order; remote ones several at a time."""
+    ) -> list[tuple[Shard, pa.ChunkedArray]]:
+        """Check and describe shard files, in order; remote ones several at a time.
 
-        def scan(item: tuple[ShardFile, int]) -> Shard:
+        Each comes with its uids (for the shardset's uid index).
+        """
+
+        def scan(item: tuple[ShardFile, int]) -> tuple[Shard, pa.ChunkedArray]:
             return self._scan_shard(where, item[0], item[1], schema, uid)
 
         if where.is_local or len(files) < 2:
@@ -343,7 +443,7 @@ class LavenderService:
 
     def _scan_shard(
         self, where: Location, file: ShardFile, index: int, schema: pa.Schema, uid: str
-    ) -> Shard:
+    ) -> tuple[Shard, pa.ChunkedArray]:
         fmt = format_of(file.path) or "parquet"
         url = where.url_of(file.path)
         data = fetch_shard(where, file.path, file.size)  # remote: fetched once, read twice
@@ -356,7 +456,7 @@ class LavenderService:
             stats = shard_stats(table, uid)
         except SchemaMismatch as exc:
             raise SchemaMismatch(f"shard {url}: {exc}") from exc
-        return Shard(
+        shard = Shard(
             shardset_id="",
             index=index,
             location=url,
@@ -367,6 +467,7 @@ class LavenderService:
             uid_max=stats.uid_max,
             created_at=time.time(),
         )
+        return shard, table.column(uid)
 
     # -- shards through the server -------------------------------------------------------
 
@@ -421,6 +522,7 @@ class LavenderService:
             uid_max=stats.uid_max,
             created_at=time.time(),
         )
+        self.indexes.save_run(shardset_id, shard, table.column(dataset.uid_column_name))
         self.catalog.replace_shards(shardset_id, [shard])
         return shard
 
@@ -431,9 +533,19 @@ class LavenderService:
         dataset: Dataset,
         shardset_ids: Sequence[str] | None = None,
         columns: Sequence[str] | None = None,
+        join: Join = "left",
     ) -> DatasetReader:
-        """A reader of the joined rows of ``dataset``."""
-        return DatasetReader(self.catalog, dataset, shardset_ids, columns, self._resolver(dataset))
+        """A reader of the joined rows of ``dataset`` (sharing the uid indexes and cache)."""
+        return DatasetReader(
+            self.catalog,
+            dataset,
+            shardset_ids,
+            columns,
+            self._resolver(dataset),
+            join=join,
+            indexes=self.indexes,
+            cache=self.join_cache,
+        )
 
     def dataset_schema(self, dataset: Dataset) -> pa.Schema:
         """The joined schema of all shardsets of a dataset (empty before the first one)."""
@@ -447,6 +559,7 @@ class LavenderService:
         offset: int = 0,
         limit: int = 10,
         columns: Sequence[str] | None = None,
+        join: Join = "left",
     ) -> pa.Table:
         """Joined rows ``offset .. offset + limit`` of a dataset."""
         if offset < 0 or not 0 <= limit <= MAX_PREVIEW_ROWS:
@@ -456,7 +569,7 @@ class LavenderService:
         dataset = self.catalog.get_dataset(dataset_id=dataset_id)
         if dataset.main_shardset is None:
             return pa.table({})
-        reader = self.reader(dataset, columns=columns)
+        reader = self.reader(dataset, columns=columns, join=join)
         pieces = list(reader.iter_rows(offset, limit))
         if not pieces:
             return reader.schema.empty_table()

@@ -115,6 +115,7 @@ class PreviewBody(WireModel):
     offset: int = Field(default=0, ge=0, le=1 << 62)
     limit: int = Field(default=10, ge=0, le=10_000)
     columns: list[str] | None = Field(default=None, max_length=10_000)
+    join: Literal["left", "inner"] = "left"
 
 
 class ShardTicket(WireModel):
@@ -125,6 +126,7 @@ class ShardTicket(WireModel):
     shard_index: int = Field(ge=0, le=1 << 40)
     shardset_ids: list[str] | None = Field(default=None, max_length=1000)
     columns: list[str] | None = Field(default=None, max_length=10_000)
+    join: Literal["left", "inner"] = "left"
 
 
 class PutShardCommand(WireModel):
@@ -205,6 +207,7 @@ class IterationSpec(WireModel):
     preprocessors: list[PluginCall] = Field(default_factory=list, max_length=100)
     max_retry_count: int = Field(default=0, ge=0, le=100)
     skip_on_failure: bool = False
+    join: Literal["left", "inner"] = "left"
 
 
 class IterationCommand(WireModel):
