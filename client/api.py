@@ -209,9 +209,17 @@ def sync_shardset(dataset_id: str, shardset_id: str) -> SyncResult:
 
 
 def preview_dataset(
-    dataset_id: str, offset: int = 0, limit: int = 10, columns: Sequence[str] | None = None
+    dataset_id: str,
+    offset: int = 0,
+    limit: int = 10,
+    columns: Sequence[str] | None = None,
+    join: str = "left",
 ) -> pa.Table:
-    """Rows ``offset .. offset + limit`` of a dataset, its shardsets joined, as a table."""
+    """Rows ``offset .. offset + limit`` of a dataset, its shardsets joined, as a table.
+
+    ``join="inner"`` leaves out the samples some shardset lacks (``left``: their values are
+    null).
+    """
     body = wire.build(
         wire.PreviewBody,
         "arguments",
@@ -219,6 +227,7 @@ def preview_dataset(
         offset=offset,
         limit=limit,
         columns=list(columns) if columns is not None else None,
+        join=join,
     )
     answer = get_client().action("preview_dataset", body)
     return pa.ipc.open_stream(answer).read_all()

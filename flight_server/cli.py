@@ -96,6 +96,7 @@ def serve(
         catalog,
         storage_defaults=settings.storage_defaults(),
         storage_roots=settings.storage_roots(),
+        join_cache_bytes=settings.join_cache_mb << 20,
     )
     if settings.demo:
         create_demo(service, settings.home)

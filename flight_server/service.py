@@ -233,10 +233,10 @@ class LavenderService:
         scanned = self._scan_shards(where, list(self._indexed(files, [])), schema, uid)
         shardset_id = new_id("ss")
         shards = [shard for shard, _ in scanned]
-        for shard, uids in scanned:
-            self.indexes.save_run(shardset_id, shard, uids)
         main = is_main or dataset.main_shardset is None
         if not main:  # it adds columns: joins look its uids up, each must be there once
+            for shard, uids in scanned:
+                self.indexes.save_run(shardset_id, shard, uids)
             self._build_index(shardset_id, shards, schema, where, uid)
         elif dataset.main_shardset is not None:  # the old main one starts adding columns
             self._index_of(dataset, dataset.main_shardset)
@@ -370,8 +370,9 @@ class LavenderService:
         fresh = list(self._indexed(new_files, taken))
         uid = dataset.uid_column_name
         scanned = self._scan_shards(where, [*changed, *fresh], schema, uid)
-        for shard, uids in scanned:
-            self.indexes.save_run(shardset_id, shard, uids)
+        if not shardset.is_main:  # a main shardset is never looked up: no index to keep
+            for shard, uids in scanned:
+                self.indexes.save_run(shardset_id, shard, uids)
         updated = [shard for shard, _ in scanned[: len(changed)]]
         added = [shard for shard, _ in scanned[len(changed) :]]
         if not shardset.is_main:  # refused before the catalog changes when a uid repeats
@@ -522,7 +523,8 @@ class LavenderService:
             uid_max=stats.uid_max,
             created_at=time.time(),
         )
-        self.indexes.save_run(shardset_id, shard, table.column(dataset.uid_column_name))
+        if not shardset.is_main:
+            self.indexes.save_run(shardset_id, shard, table.column(dataset.uid_column_name))
         self.catalog.replace_shards(shardset_id, [shard])
         return shard
 

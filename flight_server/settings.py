@@ -91,6 +91,14 @@ class ServerSettings(BaseSettings):
         "before they go back to the queue (a dead client does not hold them forever).",
     )
 
+    join_cache_mb: int = Field(
+        default=512,
+        ge=0,
+        le=1 << 30,
+        description="Memory (MiB) for feature shards read by joins by uid (shardsets not "
+        "aligned with the main one), shared by every read of the server.",
+    )
+
     @field_validator("api_key", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:

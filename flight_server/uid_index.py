@@ -4,12 +4,13 @@ A shardset's index is its uids' 64-bit keys, sorted, each with the shard and row
 Integer uids are their own keys; string uids are hashed, and every match is checked against
 the uid actually read, so a hash collision never joins the wrong row.
 
-Indexes are built from what sync reads anyway: each shard scanned (or written) leaves a
-*run* of its keys in a file; the shardset's index merges the runs and is built at sync for
-shardsets that add columns, or on first use (e.g. after a shard was written through the
-server). Files live in one folder beside the catalog, named by a digest of the shards they
-describe: a shard rewritten or a shardset synced gives new names, so a stale index is never
-read. Indexes are memory-mapped: a lookup touches a few pages of the file, not all of it.
+Indexes are built from what sync reads anyway: each shard of a shardset that adds columns,
+scanned or written, leaves a *run* of its keys in a file; the shardset's index merges the
+runs at sync, or on first use (after a shard was written through the server, or when the
+main shardset handed its role to another and became one that adds columns). Files live in
+one folder beside the catalog, named by a digest of the shards they describe: a shard
+rewritten or a shardset synced gives new names, so a stale index is never read. Indexes are
+memory-mapped: a lookup touches a few pages of the file, not all of it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,10 @@ class UidIndex:
     shards: np.ndarray
     rows: np.ndarray
     exact: bool  # integer uids: equal keys are equal uids
+    repeats: bool = field(init=False)  # some key is held twice (a hash collision, say)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "repeats", bool(len(self.duplicates())))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -137,15 +142,24 @@ class UidIndex:
         """The candidates of each uid (none for a uid the shardset lacks)."""
         keys = uid_keys(uids)
         low = np.searchsorted(self.keys, keys, side="left")
-        high = np.searchsorted(self.keys, keys, side="right")
-        counts = high - low
-        total = int(counts.sum())
-        asked = np.repeat(np.arange(len(keys), dtype=np.int64), counts)
-        # the index positions low[i] .. high[i] of every asking row i, laid end to end
-        first = np.repeat(low - (np.cumsum(counts) - counts), counts)
-        where = first + np.arange(total, dtype=np.int64)
+        if self.repeats:
+            high = np.searchsorted(self.keys, keys, side="right")
+            counts = high - low
+            total = int(counts.sum())
+            asked = np.repeat(np.arange(len(keys), dtype=np.int64), counts)
+            # the index positions low[i] .. high[i] of every asking row i, end to end
+            first = np.repeat(low - (np.cumsum(counts) - counts), counts)
+            where = first + np.arange(total, dtype=np.int64)
+        else:  # one candidate at most: where the key would be, if it is there
+            inside = low < len(self.keys)
+            hit = np.zeros(len(keys), dtype=bool)
+            hit[inside] = self.keys[low[inside]] == keys[inside]
+            asked = np.flatnonzero(hit)
+            where = low[asked]
         shards = self.shards[where]
-        order = np.argsort(shards, kind="stable")
+        # a stable radix sort when shard indices fit 16 bits (the usual case)
+        small = bool(len(shards)) and int(shards.max()) < (1 << 15)
+        order = np.argsort(shards.astype(np.int16) if small else shards, kind="stable")
         return Matches(asked[order], shards[order], self.rows[where][order])
 
     def duplicates(self) -> np.ndarray:

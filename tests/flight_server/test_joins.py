@@ -371,3 +371,61 @@ def test_indexes_are_built_at_sync_and_reused_after_a_restart(
     assert len(list(folder.glob("index-*.arrow"))) == 1  # the old one is gone
     lavender.delete_shardset(dataset.id, shardset.id)
     assert not folder.exists()
+
+
+def test_inner_join_over_two_ranks_resumes_without_loss_or_repeats(
+    dataset: Dataset, data_dir: Path
+) -> None:
+    uids = main_table().column("uid").to_numpy()
+    kept = uids[uids % 5 != 0]
+    write_shards(data_dir / "f", feature(kept[::-1], k=kept[::-1]), [0, 33, len(kept)])
+    lavender.create_shardset(dataset.id, (data_dir / "f").as_uri())
+    spec: dict[str, Any] = {
+        "batch_size": 10,
+        "shuffle": True,
+        "shuffle_seed": 4,
+        "world_size": 2,
+        "join": "inner",
+        "iteration_id": "inner-run",
+        "format": "arrow",
+    }
+
+    first_part = []
+    for number, batch in enumerate(Iteration.from_dataset(dataset.id, rank=0, **spec)):
+        first_part.extend(batch.column("uid").to_pylist())
+        if number == 3:
+            break  # the job stops mid-epoch (a batch handed out counts as consumed)
+    rest = [
+        u
+        for batch in Iteration.resume("inner-run", rank=0, format="arrow")
+        for u in batch.column("uid").to_pylist()
+    ]
+    other = [
+        u
+        for batch in Iteration.from_dataset(dataset.id, rank=1, **spec)
+        for u in batch.column("uid").to_pylist()
+    ]
+
+    delivered = first_part + rest + other
+    assert len(first_part) == 40
+    assert len(delivered) == len(set(delivered))  # nothing twice
+    assert sorted(delivered) == sorted(kept.tolist())  # nothing lost, nothing missing joined
+    progress = lavender.get_iteration("inner-run")
+    assert progress.done
+    assert (progress.completed, progress.filtered) == (len(kept), ROWS - len(kept))
+
+
+def test_a_new_main_shardset_takes_over_and_the_old_one_adds_columns(
+    dataset: Dataset, data_dir: Path
+) -> None:
+    uids = main_table().column("uid").to_numpy()
+    chosen = uids[::3][::-1]  # a third of the samples, in another order
+    write_shards(data_dir / "new-main", feature(chosen, rank=np.arange(len(chosen))), [0, 60, 100])
+    lavender.create_shardset(dataset.id, (data_dir / "new-main").as_uri(), is_main=True)
+
+    table = epoch(dataset.id)
+
+    assert table.column_names == ["uid", "rank", "text"]
+    assert table.column("uid").to_pylist() == chosen.tolist()  # the new main decides
+    texts = dict(zip(uids.tolist(), main_table().column("text").to_pylist(), strict=True))
+    assert as_dict(table, "text") == {int(u): texts[int(u)] for u in chosen}
