@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,16 @@ class Watch:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.files: collections.Counter[str] = collections.Counter()
+        self.tables: dict[str, pa.Table] = {}  # the last table read from each file
         self.lookups = 0
         real_read = shards.read_shard
         real_lookup = uid_index_module.UidIndex.lookup
 
         def read_shard(location: Any, path: str, *args: Any, **kwargs: Any) -> pa.Table:
-            self.files[Path(path).parent.name + "/" + Path(path).name] += 1
-            return real_read(location, path, *args, **kwargs)
+            name = Path(path).parent.name + "/" + Path(path).name
+            self.files[name] += 1
+            self.tables[name] = real_read(location, path, *args, **kwargs)
+            return self.tables[name]
 
         def lookup(index: Any, uids: Any) -> Any:
             self.lookups += 1
@@ -121,6 +125,14 @@ def test_aligned_shardset_attaches_columns_without_lookups(
     }
     assert watch.lookups == 0
     assert service.join_cache.nbytes == before  # nothing went through the join cache
+    # attached without a copy: the joined column is the very memory read from the file
+    reader = service.reader(service.get_dataset(dataset_id=dataset.id))
+    joined, missing = reader.read_joined(reader.main_shard(1))
+    read = watch.tables["aligned/shard.00001.parquet"].column("score")
+    assert missing is None
+    assert [c.buffers()[1].address for c in joined.column("score").chunks] == [
+        c.buffers()[1].address for c in read.chunks
+    ]
 
 
 def test_unaligned_shardset_joins_by_uid_in_order_and_shuffled(
@@ -429,3 +441,41 @@ def test_a_new_main_shardset_takes_over_and_the_old_one_adds_columns(
     assert table.column("uid").to_pylist() == chosen.tolist()  # the new main decides
     texts = dict(zip(uids.tolist(), main_table().column("text").to_pylist(), strict=True))
     assert as_dict(table, "text") == {int(u): texts[int(u)] for u in chosen}
+
+
+def test_the_join_cache_stays_within_its_bytes_and_shares_reads() -> None:
+    cache = reading_module.ShardCache(max_bytes=3 * 8000)
+    reads: list[int] = []
+
+    def table(n: int) -> pa.Table:
+        reads.append(n)
+        return pa.table({"x": np.full(1000, n, dtype=np.int64)})  # 8,000 bytes
+
+    for n in range(5):
+        assert cache.get(n, lambda n=n: table(n)).column("x")[0].as_py() == n
+        assert cache.nbytes <= cache.max_bytes
+    cache.get(4, lambda: table(4))
+    cache.get(0, lambda: table(0))  # evicted long ago: read again
+    assert reads == [0, 1, 2, 3, 4, 0]
+    big = cache.get("big", lambda: pa.table({"x": np.zeros(10_000)}))  # larger than the cache
+    assert big.num_rows == 10_000 and cache.nbytes <= cache.max_bytes
+
+    # threads missing the same key at once share one read
+    gate = threading.Event()
+    slow_reads: list[int] = []
+
+    def slow() -> pa.Table:
+        slow_reads.append(1)
+        gate.wait(5)
+        return pa.table({"x": [1]})
+
+    results: list[pa.Table] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get("slow", slow))) for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 4 and slow_reads == [1]
