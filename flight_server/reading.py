@@ -33,7 +33,7 @@ from .shards import declared_schema, read_shard
 from .storage import Location, resolve_location
 from .uid_index import UidIndex, UidIndexes, shard_digest
 
-__all__ = ["DatasetReader", "Join", "ShardCache", "ShardsetView"]
+__all__ = ["DatasetReader", "Join", "ShardCache", "ShardsetView", "aligned_partners"]
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ class ShardsetView:
 
     def __post_init__(self) -> None:
         self.by_index = {shard.index: shard for shard in self.shards}
-        spans: Counter[tuple[int, UidValue, UidValue]] = Counter(map(_span, self.shards))
-        self.by_span = {_span(s): s for s in self.shards if s.num_rows and spans[_span(s)] == 1}
+        self.by_span = _by_span(self.shards)
 
     def aligned_with(self, main_shard: Shard) -> Shard | None:
         """The one shard with the main shard's row count and uid range, if any."""
@@ -125,6 +124,25 @@ class ShardsetView:
 
 def _span(shard: Shard) -> tuple[int, UidValue, UidValue]:
     return shard.num_rows, shard.uid_min, shard.uid_max
+
+
+def _by_span(shards: Sequence[Shard]) -> dict[tuple[int, UidValue, UidValue], Shard]:
+    """Shards by row count and uid range, leaving out empty ones and spans held twice."""
+    spans = Counter(_span(s) for s in shards)
+    return {_span(s): s for s in shards if s.num_rows and spans[_span(s)] == 1}
+
+
+def aligned_partners(shards: Sequence[Shard], main_shards: Sequence[Shard]) -> dict[int, int]:
+    """Which main shard each shard of a feature shardset pairs with (by index).
+
+    The pairing reads use: a shard pairs with the one main shard of its row count and uid
+    range; when their uids then compare equal, its columns are attached as read. Shards
+    with no partner join by uid.
+    """
+    mine = _by_span(shards)
+    return {
+        mine[key].index: main.index for key, main in _by_span(main_shards).items() if key in mine
+    }
 
 
 class DatasetReader:

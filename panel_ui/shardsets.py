@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from ..catalog import ColumnOptions, Shardset, SyncResult
 from ..catalog.errors import ActionNotFound, InvalidArgument
 from ..flight_server import wire
+from ..flight_server.reading import aligned_partners
 from . import calls
 from .common import TABLE_CSS, Page, format_bytes, format_time, html_table, link
 
@@ -170,6 +171,9 @@ class ShardsetPage(Page):
     shardset_id = param.String(default="", doc="The shardset shown.")
     shardset = param.ClassSelector(class_=Shardset, default=None, doc="The shardset, as read.")
     shards = param.DataFrame(default=None, doc="One row per shard file.")
+    aligned = param.Integer(
+        default=None, allow_None=True, doc="Shards aligned with a main shard (None: main)."
+    )
     last_sync = param.ClassSelector(class_=SyncResult, default=None, doc="The last sync's result.")
 
     def __init__(self, **params: Any) -> None:
@@ -187,6 +191,12 @@ class ShardsetPage(Page):
         with self.calling():
             shardset = calls.get_shardset(self.connection, self.dataset_id, self.shardset_id)
             shards = calls.list_shards(self.connection, self.dataset_id, self.shardset_id)
+            partners: dict[int, int] | None = None
+            if not shardset.is_main:
+                main = calls.get_dataset(self.connection, self.dataset_id).main_shardset
+                if main is not None:
+                    main_shards = calls.list_shards(self.connection, self.dataset_id, main.id)
+                    partners = aligned_partners(shards, main_shards)
             self.shards = pd.DataFrame(
                 [
                     {
@@ -196,11 +206,17 @@ class ShardsetPage(Page):
                         "rows": s.num_rows,
                         "size": format_bytes(s.size_bytes),
                         "uid range": _uid_range(s),
+                        "joins": "main"
+                        if partners is None
+                        else f"aligned with main shard {partners[s.index]}"
+                        if s.index in partners
+                        else "by uid",
                     }
                     for s in shards
                 ],
-                columns=["index", "file", "format", "rows", "size", "uid range"],
+                columns=["index", "file", "format", "rows", "size", "uid range", "joins"],
             )
+            self.aligned = None if partners is None else len(partners)
             self.shardset = shardset
 
     def _on_sync(self, _event: object) -> None:
@@ -242,7 +258,14 @@ class ShardsetPage(Page):
             f"location <code>{html.escape(s.location)}</code> · "
             f"{'main · ' if s.is_main else ''}{s.shard_count} shards · {s.total_samples} "
             f"samples · {format_bytes(s.total_bytes)} · created {format_time(s.created_at)}</p>"
-            '<table class="lf-table" id="columns-table"><thead><tr><th>column</th><th>type</th>'
+            + (
+                ""
+                if self.aligned is None
+                else f'<p id="shardset-joins">adds columns to the main shardset: '
+                f"{self.aligned} of {s.shard_count} shards aligned with a main shard "
+                "(attached as read); the rest join by uid through the index built at sync</p>"
+            )
+            + '<table class="lf-table" id="columns-table"><thead><tr><th>column</th><th>type</th>'
             f"<th>description</th></tr></thead><tbody>{columns}</tbody></table>"
         )
         self._shards.object = html_table(

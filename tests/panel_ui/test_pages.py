@@ -13,7 +13,7 @@ import pytest
 
 from lavender_flight.catalog import Catalog
 from lavender_flight.catalog.errors import ActionNotFound, InvalidArgument
-from lavender_flight.client import Iteration
+from lavender_flight.client import Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
@@ -281,6 +281,33 @@ def test_shardset_shards_and_sync(client: LavenderClient, data_dir: Path) -> Non
     )
     assert page.shards["file"].tolist()[-1] == "shard.00000002.parquet"
     assert page.shardset is not None and page.shardset.total_samples == 25
+
+
+def test_a_feature_shardset_page_says_how_its_shards_join(
+    client: LavenderClient, data_dir: Path
+) -> None:
+    dataset_id = write_dataset("ds", data_dir / "main", shards=2, rows=10)  # uids 0-9, 10-19
+    feature = lavender.create_shardset(
+        dataset_id,
+        (data_dir / "f").as_uri(),
+        [
+            lavender.DatasetColumnOptions(name="uid", type_="int"),
+            lavender.DatasetColumnOptions(name="score", type_="float"),
+        ],
+    )
+    writer = Writer.get(dataset_id=dataset_id, shardset_id=feature.id)
+    writer.write([{"uid": u, "score": u / 2} for u in range(10)], shard_index=0)  # aligned
+    writer.write([{"uid": u, "score": u / 2} for u in range(19, 9, -1)][:7], shard_index=1)
+
+    page = ShardsetPage(client=client, dataset_id=dataset_id, shardset_id=feature.id)
+
+    assert page.shards["joins"].tolist() == ["aligned with main shard 0", "by uid"]
+    assert page.aligned == 1
+    assert "1 of 2 shards aligned with a main shard" in page._summary.object
+    main_id = lavender.get_dataset(dataset_id).main_shardset.id  # type: ignore[union-attr]
+    main = ShardsetPage(client=client, dataset_id=dataset_id, shardset_id=main_id)
+    assert main.shards["joins"].tolist() == ["main", "main"] and main.aligned is None
+    assert 'id="shardset-joins"' not in main._summary.object
 
 
 def test_sync_errors_are_messages(client: LavenderClient, data_dir: Path) -> None:
