@@ -251,7 +251,10 @@ class UidIndexes:
                 found = self._runs.get((shardset_id, digest))
         else:
             path = self._folder(shardset_id) / f"run-{shard.index}-{digest}.arrow"
-            found = _numpy(_read_ipc(path), "key") if path.exists() else None
+            try:
+                found = _numpy(_read_ipc(path), "key")
+            except (FileNotFoundError, pa.ArrowInvalid):  # none, or another server's half
+                found = None
         if found is not None and len(found) == shard.num_rows:
             return found
         uids = read_uids(shard)
@@ -308,9 +311,10 @@ class UidIndexes:
         if self.root is None:
             return None
         path = self._folder(shardset_id) / f"index-{digest}.arrow"
-        if not path.exists():
+        try:
+            table = _read_ipc(path)
+        except (FileNotFoundError, pa.ArrowInvalid):  # not built yet (or just replaced)
             return None
-        table = _read_ipc(path)
         return UidIndex(_numpy(table, "key"), _numpy(table, "shard"), _numpy(table, "row"), exact)
 
     def _build(
