@@ -18,6 +18,7 @@ from .records import (
     Shardset,
     SyncResult,
     UidValue,
+    column_clashes,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Shardset",
     "SyncResult",
     "UidValue",
+    "column_clashes",
     "errors",
     "format_type",
     "new_id",

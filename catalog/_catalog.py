@@ -23,7 +23,15 @@ from .errors import (
     LavenderError,
     ShardsetNotFound,
 )
-from .records import ColumnOptions, Dataset, DatasetColumn, Shard, Shardset, UidValue
+from .records import (
+    ColumnOptions,
+    Dataset,
+    DatasetColumn,
+    Shard,
+    Shardset,
+    UidValue,
+    column_clashes,
+)
 
 __all__ = ["Catalog", "new_id"]
 
@@ -288,11 +296,7 @@ class Catalog(IterationStore):
                 "JOIN shardsets s ON s.id = c.shardset_id WHERE s.dataset_id = ?",
                 (dataset_id,),
             )
-            clashes = sorted(
-                f"{name!r} (in {owner})"
-                for name, owner in taken
-                if name in names and name != uid_column_name
-            )
+            clashes = column_clashes(uid_column_name, names, taken)
             if clashes:
                 raise InvalidArgument(
                     f"column names clash with other shardsets of the dataset: {', '.join(clashes)}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_serializer, field_validator
@@ -23,6 +23,7 @@ __all__ = [
     "Shardset",
     "SyncResult",
     "UidValue",
+    "column_clashes",
     "is_secret_option",
     "redact_options",
 ]
@@ -50,6 +51,16 @@ _SECRET_WORDS = (
     "signature",
 )
 _USERINFO = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@:\s]*):[^/@\s]*@", re.IGNORECASE)
+
+
+def column_clashes(uid: str, names: Iterable[str], taken: Iterable[tuple[str, str]]) -> list[str]:
+    """The ``names`` another shardset of a dataset already has, the uid aside.
+
+    ``taken`` pairs each column name of the dataset's shardsets with its shardset id; each
+    clash reads ``'text' (in shardset ss-...)``.
+    """
+    owners = dict(taken)
+    return [f"{n!r} (in shardset {owners[n]})" for n in names if n != uid and n in owners]
 
 
 def is_secret_option(name: str) -> bool:

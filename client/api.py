@@ -45,6 +45,7 @@ __all__ = [
     "preview_dataset",
     "pushback",
     "read_dataset",
+    "read_shard",
     "sync_shardset",
     "using",
     "write_feature_shardset",
@@ -239,11 +240,37 @@ def read_dataset(name: str, shardset_ids: Sequence[str] | None = None) -> pa.Tab
     descriptor = flight.FlightDescriptor.for_path(name, *(shardset_ids or ()))
     with client.errors():
         info = client.flight.get_flight_info(descriptor, client.options())
-        tables = [
-            client.flight.do_get(endpoint.ticket, client.options(None)).read_all()
-            for endpoint in info.endpoints
-        ]
+    tables = [_read_ticket(client, endpoint.ticket) for endpoint in info.endpoints]
     return pa.concat_tables(tables) if tables else info.schema.empty_table()
+
+
+def read_shard(
+    dataset_id: str,
+    shard_index: int,
+    shardset_ids: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+    join: str = "left",
+) -> pa.Table:
+    """The rows of one main shard (by its index), its shardsets joined, over plain Flight.
+
+    ``shardset_ids`` and ``columns`` choose what is read; ``join="inner"`` leaves out the
+    samples some selected shardset lacks.
+    """
+    ticket = wire.build(
+        wire.ShardTicket,
+        "arguments",
+        dataset_id=dataset_id,
+        shard_index=shard_index,
+        shardset_ids=list(shardset_ids) if shardset_ids is not None else None,
+        columns=list(columns) if columns is not None else None,
+        join=join,
+    )
+    return _read_ticket(get_client(), flight.Ticket(wire.encode(ticket)))
+
+
+def _read_ticket(client: LavenderClient, ticket: flight.Ticket) -> pa.Table:
+    with client.errors():
+        return client.flight.do_get(ticket, client.options(None)).read_all()
 
 
 def list_actions() -> list[tuple[str, str]]:

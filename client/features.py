@@ -24,12 +24,17 @@ from typing import Any, TypeAlias
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.flight as flight
 from pydantic import ValidationError
 
-from ..catalog import ColumnOptions, Shard, Shardset, format_type, parse_type
+from ..catalog import (
+    ColumnOptions,
+    Shard,
+    Shardset,
+    column_clashes,
+    format_type,
+    parse_type,
+)
 from ..catalog.errors import InvalidArgument, SchemaMismatch
-from ..flight_server import wire
 from ..flight_server.shards import canonical_format
 from . import api
 from .writer import Writer
@@ -183,13 +188,12 @@ class _Target:
                 f"location {location!r} is the main shardset of dataset {self.dataset.name!r}; "
                 "a feature shardset needs a folder of its own"
             )
-        self.taken = {
-            c.name: s.id
+        self.taken = [
+            (c.name, s.id)
             for s in self.dataset.shardsets
             if s is not self.shardset
             for c in s.columns
-            if c.name != self.uid
-        }
+        ]
         uid_type = next((c.type_ for c in main.columns if c.name == self.uid), None)
         self.uid_type = parse_type(uid_type) if uid_type else pa.int64()
         self.declared: list[ColumnOptions] | None = None
@@ -223,7 +227,7 @@ class _Target:
                 f"{where}: no column besides the uid {self.uid!r}; a feature shardset adds at "
                 "least one"
             )
-        clashes = [f"{n!r} (in shardset {self.taken[n]})" for n in names if n in self.taken]
+        clashes = column_clashes(self.uid, names, self.taken)
         if clashes:
             raise InvalidArgument(
                 f"{where}: column name(s) {', '.join(clashes)} already in dataset "
@@ -343,24 +347,6 @@ def _rate(value: float) -> str:
     return f"{value:.0f}"
 
 
-def _read_main_shard(
-    dataset_id: str, index: int, shardset_ids: list[str], columns: list[str] | None
-) -> pa.Table:
-    """The joined rows of main shard ``index`` (plain Flight ``do_get`` of a shard ticket)."""
-    client = api.get_client()
-    ticket = wire.build(
-        wire.ShardTicket,
-        "ticket",
-        dataset_id=dataset_id,
-        shard_index=index,
-        shardset_ids=shardset_ids,
-        columns=columns,
-    )
-    with client.errors():
-        reader = client.flight.do_get(flight.Ticket(wire.encode(ticket)), client.options(None))
-        return reader.read_all()
-
-
 def write_feature_shardset(
     dataset_id: str,
     location: str,
@@ -451,7 +437,7 @@ def write_feature_shardset(
         if target.written(main_shard):
             report.skipped(position, main_shard.num_rows, "already written")
             continue
-        rows = _read_main_shard(dataset_id, main_shard.index, read_ids, read_columns)
+        rows = api.read_shard(dataset_id, main_shard.index, read_ids, read_columns)
         pieces = []
         for number, start in enumerate(range(0, rows.num_rows, batch_size)):
             batch = rows.slice(start, batch_size)

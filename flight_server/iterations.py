@@ -248,7 +248,9 @@ class LiveIteration:
         """
         block = self.plan.blocks[number]
         reads = [self._shard_reads.submit(self._read_shard, s) for s in block.shard_slots]
-        tables, bad, absent = [], [], []
+        tables: list[pa.Table] = []
+        bad: list[np.ndarray | None] = []
+        absent: list[np.ndarray | None] = []
         for slot, read in zip(block.shard_slots, reads, strict=True):
             rows = self.snapshot[slot][1]
             result = read.result()
@@ -256,19 +258,20 @@ class LiveIteration:
                 table = pa.table(
                     {f.name: pa.nulls(rows, f.type) for f in self.schema}, schema=self.schema
                 )
-                missing = None
+                bad.append(np.ones(rows, dtype=bool))
+                absent.append(None)
             else:
                 table, missing = result
-            bad.append(np.full(rows, result is None))
-            absent.append(missing if missing is not None else np.zeros(rows, dtype=bool))
+                bad.append(None)
+                absent.append(missing)
             tables.append(table)
         if not tables:
             return self.schema.empty_table(), None, None
         table = pa.concat_tables(tables)
-        failed = np.concatenate(bad) if any(b.any() for b in bad) else None
-        left_out = np.concatenate(absent) if any(a.any() for a in absent) else None
+        sizes = [t.num_rows for t in tables]
         # random access (take) is fast on one chunk; plain slices need no copy
-        return (table.combine_chunks() if self.plan.shuffle else table), failed, left_out
+        table = table.combine_chunks() if self.plan.shuffle else table
+        return table, _joined_masks(bad, sizes), _joined_masks(absent, sizes)
 
     def read(self, seq: np.ndarray) -> tuple[pa.Table, np.ndarray | None, np.ndarray | None]:
         """Rows for ascending global sequence numbers, in that order.
@@ -277,27 +280,24 @@ class LiveIteration:
         inner join leaves out (each None when none).
         """
         pieces: list[pa.Table] = []
-        masks: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-        found = [False, False]
+        failed: list[np.ndarray | None] = []
+        missing: list[np.ndarray | None] = []
         for number, start, stop in self.plan.segments(seq):
             part = seq[start:stop]
             if number + 1 < len(self.plan.blocks):
                 self._blocks.prefetch(number + 1)  # loads side by side with this one
-            table, *flags = self._blocks.get(number)
+            table, bad, absent = self._blocks.get(number)
             rows = self.plan.rows_in_block(number, part)
             first = int(rows[0])
             if int(rows[-1]) - first == len(rows) - 1 and not self.plan.shuffle:
                 pieces.append(table.slice(first, len(rows)))
             else:
                 pieces.append(table.take(pa.array(rows)))
-            for which, flag in enumerate(flags):
-                masks[which].append(flag[rows] if flag is not None else np.zeros(len(rows), bool))
-                found[which] |= flag is not None
+            failed.append(None if bad is None else bad[rows])
+            missing.append(None if absent is None else absent[rows])
         table = pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
-        failed, missing = (
-            np.concatenate(masks[which]) if found[which] else None for which in (0, 1)
-        )
-        return table, failed, missing
+        sizes = [p.num_rows for p in pieces]
+        return table, _joined_masks(failed, sizes), _joined_masks(missing, sizes)
 
     # -- streams -------------------------------------------------------------------------
 
@@ -645,6 +645,15 @@ class LiveIteration:
                 updated_at=self.updated_at,
                 done=all(state.done for state in self.ranks),
             )
+
+
+def _joined_masks(masks: list[np.ndarray | None], sizes: list[int]) -> np.ndarray | None:
+    """Row masks of pieces laid end to end (None for a piece with no row set, or for all)."""
+    if all(mask is None or not mask.any() for mask in masks):
+        return None
+    return np.concatenate(
+        [np.zeros(n, dtype=bool) if m is None else m for m, n in zip(masks, sizes, strict=True)]
+    )
 
 
 def _without(described: list[list[Any]], kept: set[int]) -> list[list[Any]]:

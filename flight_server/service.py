@@ -20,6 +20,7 @@ from ..catalog import (
     Shard,
     Shardset,
     SyncResult,
+    column_clashes,
     format_type,
     new_id,
     parse_type,
@@ -265,8 +266,8 @@ class LavenderService:
                 f"the shardset's columns {names} lack the dataset's uid column {uid!r}: "
                 "every shardset carries it to be joined by uid"
             )
-        owners = {c.name: s.id for s in dataset.shardsets for c in s.columns if c.name != uid}
-        clashes = [f"{n!r} (in {owners[n]})" for n in names if n != uid and n in owners]
+        taken = [(c.name, s.id) for s in dataset.shardsets for c in s.columns]
+        clashes = column_clashes(uid, names, taken)
         if clashes:
             raise InvalidArgument(
                 f"column names clash with other shardsets of the dataset: {', '.join(clashes)}; "
@@ -370,12 +371,12 @@ class LavenderService:
         fresh = list(self._indexed(new_files, taken))
         uid = dataset.uid_column_name
         scanned = self._scan_shards(where, [*changed, *fresh], schema, uid)
-        if not shardset.is_main:  # a main shardset is never looked up: no index to keep
-            for shard, uids in scanned:
-                self.indexes.save_run(shardset_id, shard, uids)
         updated = [shard for shard, _ in scanned[: len(changed)]]
         added = [shard for shard, _ in scanned[len(changed) :]]
-        if not shardset.is_main:  # refused before the catalog changes when a uid repeats
+        if not shardset.is_main:  # (a main shardset is never looked up: it has no index)
+            for shard, uids in scanned:
+                self.indexes.save_run(shardset_id, shard, uids)
+            # built before the catalog changes: a uid held twice leaves it as it was
             final = {s.index: s for s in known.values() if s not in removed}
             final.update((s.index, s) for s in [*updated, *added])
             self._build_index(shardset_id, list(final.values()), schema, where, uid)

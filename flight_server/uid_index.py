@@ -22,7 +22,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -130,10 +131,11 @@ class UidIndex:
     shards: np.ndarray
     rows: np.ndarray
     exact: bool  # integer uids: equal keys are equal uids
-    repeats: bool = field(init=False)  # some key is held twice (a hash collision, say)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "repeats", bool(len(self.duplicates())))
+    @cached_property
+    def repeats(self) -> bool:
+        """Whether some key is held twice (a hash collision, or a uid held twice)."""
+        return bool(len(self.duplicates()))
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -48,6 +48,11 @@ def feature(uids: np.ndarray | list[Any], **columns: Any) -> pa.Table:
     return pa.table({"uid": uids, **columns})
 
 
+def columns(**types: str) -> list[lavender.DatasetColumnOptions]:
+    """Column declarations ``name=type``."""
+    return [lavender.DatasetColumnOptions(name=n, type_=t) for n, t in types.items()]
+
+
 def as_dict(table: pa.Table, column: str) -> dict[Any, Any]:
     return dict(zip(table.column("uid").to_pylist(), table.column(column).to_pylist(), strict=True))
 
@@ -208,6 +213,7 @@ def test_missing_uids_are_null_under_left_join_and_filtered_under_inner(
     ticket = wire.ShardTicket(dataset_id=dataset.id, shard_index=0, join="inner")
     first = raw_flight.do_get(flight.Ticket(wire.encode(ticket)), call_options()).read_all()
     assert first.column("uid").to_pylist() == [u for u in uids[:100].tolist() if u in expected]
+    assert lavender.read_shard(dataset.id, 0, join="inner").equals(first)  # the client's way
 
 
 def test_three_shardsets_aligned_unaligned_and_partial(dataset: Dataset, data_dir: Path) -> None:
@@ -265,10 +271,7 @@ def test_clashing_names_and_other_uid_kinds_are_refused_before_any_read(
     write_shards(data_dir / "clash", feature(uids, text=["again"] * ROWS), [0, ROWS])
     write_shards(data_dir / "strings", feature([str(u) for u in uids], s=uids), [0, ROWS])
 
-    def columns(**types: str) -> list[lavender.DatasetColumnOptions]:
-        return [lavender.DatasetColumnOptions(name=n, type_=t) for n, t in types.items()]
-
-    with pytest.raises(InvalidArgument, match=r"column names clash.*'text' \(in ss-"):
+    with pytest.raises(InvalidArgument, match=r"column names clash.*'text' \(in shardset ss-"):
         lavender.create_shardset(
             dataset.id, (data_dir / "clash").as_uri(), columns(uid="int", text="str")
         )
@@ -329,12 +332,7 @@ def test_shards_written_through_the_server_join_and_replace(
 ) -> None:
     uids = main_table().column("uid").to_numpy()
     shardset = lavender.create_shardset(
-        dataset.id,
-        (data_dir / "written").as_uri(),
-        [
-            lavender.DatasetColumnOptions(name="uid", type_="int"),
-            lavender.DatasetColumnOptions(name="v", type_="int64"),
-        ],
+        dataset.id, (data_dir / "written").as_uri(), columns(uid="int", v="int64")
     )
     writer = Writer.get(dataset_id=dataset.id, shardset_id=shardset.id)
     writer.write(feature(uids[::2], v=uids[::2]), shard_index=0)
