@@ -14,16 +14,14 @@ from typing import Any
 import adbc_driver_manager
 import adbc_driver_sqlite.dbapi as sqlite_dbapi
 
-from ._iterations import IterationStore
-from ._schema import MIGRATIONS, SCHEMA_VERSION
-from .errors import (
+from ..protocol.errors import (
     DatasetAlreadyExists,
     DatasetNotFound,
     InvalidArgument,
     LavenderError,
     ShardsetNotFound,
 )
-from .records import (
+from ..protocol.records import (
     ColumnOptions,
     Dataset,
     DatasetColumn,
@@ -32,6 +30,8 @@ from .records import (
     UidValue,
     column_clashes,
 )
+from ._iterations import IterationStore
+from ._schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["Catalog", "new_id"]
 

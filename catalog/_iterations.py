@@ -7,8 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import DatasetNotFound, IterationNotFound
-from .records import IterationRecord, RankProgressRecord
+from ..protocol.errors import DatasetNotFound, IterationNotFound
+from ..protocol.records import IterationRecord, RankProgressRecord
 
 __all__ = ["IterationStore"]
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..catalog import errors
-from . import api
+from . import api, errors
 from .connection import LavenderClient
 from .features import FeatureWriter, write_feature_shardset
 from .iteration import Iteration

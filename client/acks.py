@@ -7,9 +7,9 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from ..catalog.errors import LavenderError
-from ..flight_server import wire
-from ..flight_server.ranges import RangeSet
+from ..protocol import wire
+from ..protocol.errors import LavenderError
+from ..protocol.ranges import RangeSet
 from .connection import LavenderClient
 
 __all__ = ["Acknowledger", "acknowledging"]

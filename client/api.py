@@ -18,9 +18,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from pydantic import ValidationError
 
-from ..catalog import ColumnOptions, Dataset, IterationProgress, Shard, Shardset, SyncResult
-from ..catalog.errors import InvalidArgument
-from ..flight_server import wire
+from ..protocol import ColumnOptions, Dataset, IterationProgress, Shard, Shardset, SyncResult, wire
+from ..protocol.errors import InvalidArgument
 from .connection import LavenderClient
 
 __all__ = [

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from pydantic import BaseModel
 
-from ..catalog.errors import LavenderError, ServerError, ServerUnavailable, error_class
+from ..protocol.errors import LavenderError, ServerError, ServerUnavailable, error_class
 
 __all__ = ["LavenderClient", "domain_error"]
 

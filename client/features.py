@@ -26,16 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import ValidationError
 
-from ..catalog import (
-    ColumnOptions,
-    Shard,
-    Shardset,
-    column_clashes,
-    format_type,
-    parse_type,
-)
-from ..catalog.errors import InvalidArgument, SchemaMismatch
-from ..flight_server.shards import canonical_format
+from ..protocol import ColumnOptions, Shard, Shardset, column_clashes, format_type, parse_type
+from ..protocol.errors import InvalidArgument, SchemaMismatch
+from ..protocol.shards import canonical_format
 from . import api
 from .writer import Writer
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..catalog.errors import InvalidArgument
+from ..protocol.errors import InvalidArgument
 
 __all__ = ["FORMATS", "convert", "split"]
 

@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..catalog import IterationProgress
-from ..catalog.errors import InvalidArgument, ServerError
-from ..flight_server import wire
+from ..protocol import IterationProgress, wire
+from ..protocol.errors import InvalidArgument, ServerError
 from . import api
 from .acks import Acknowledger, acknowledging
 from .connection import LavenderClient

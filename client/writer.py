@@ -8,9 +8,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..catalog import Shard, Shardset, parse_type
-from ..catalog.errors import SchemaMismatch
-from ..flight_server import wire
+from ..protocol import Shard, Shardset, parse_type, wire
+from ..protocol.errors import SchemaMismatch
 from . import api
 from .connection import LavenderClient
 

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic_settings import BaseSettings
 
 from ..catalog import Catalog
-from ..catalog.errors import LavenderError
+from ..protocol.errors import LavenderError
 from ..transforms import Plugins
 from .auth import ApiKeyMiddlewareFactory
 from .demo import DEMO_DATASET, create_demo

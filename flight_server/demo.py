@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..catalog import ColumnOptions, Dataset
-from ..catalog.errors import DatasetNotFound
+from ..protocol import ColumnOptions, Dataset
+from ..protocol.errors import DatasetNotFound
 from .service import LavenderService
 
 __all__ = ["DEMO_DATASET", "create_demo"]

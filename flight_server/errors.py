@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..catalog.errors import (
+from ..protocol.errors import (
     InvalidArgument,
     LavenderError,
     NotFound,

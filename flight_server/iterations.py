@@ -16,20 +16,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..catalog import Catalog, IterationProgress, IterationRecord, RankProgress, new_id
-from ..catalog.errors import (
+from ..catalog import Catalog, new_id
+from ..protocol import IterationProgress, IterationRecord, RankProgress, wire
+from ..protocol.errors import (
     InvalidArgument,
     IterationConflict,
     LavenderError,
     SchemaMismatch,
 )
+from ..protocol.ranges import RangeSet, as_array, runs
 from ..transforms import Outcome, Pipeline, Plugins
 from ..transforms.pipeline import pipeline_spec
-from . import wire
 from .plan import EpochPlan
 from .pool import TransformPool
 from .progress import RankState, StreamKey
-from .ranges import RangeSet, as_array, runs
 from .reading import DatasetReader
 from .service import LavenderService
 from .world import World, replication_partitions

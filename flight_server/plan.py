@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..catalog.errors import InvalidArgument
+from ..protocol.errors import InvalidArgument
 
 __all__ = ["Block", "EpochPlan"]
 

@@ -9,7 +9,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from ..catalog.errors import TransformFailed
+from ..protocol.errors import TransformFailed
 from ..transforms import Outcome
 from ..transforms import worker as transform_worker
 

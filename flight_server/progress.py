@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..catalog import RankProgressRecord
-from .ranges import RangeSet
+from ..protocol import RankProgressRecord
+from ..protocol.ranges import RangeSet
 from .world import World
 
 __all__ = ["RankState", "StreamKey", "Unit"]

@@ -27,13 +27,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..catalog import Catalog, Dataset, Shard, Shardset, UidValue
-from ..catalog.errors import InvalidArgument, ShardNotFound, ShardsetNotFound
+from ..catalog import Catalog
+from ..protocol import Dataset, Shard, Shardset
+from ..protocol.errors import InvalidArgument, ShardNotFound, ShardsetNotFound
+from ..protocol.shards import Span, by_span, span_of
 from .shards import declared_schema, read_shard
 from .storage import Location, resolve_location
 from .uid_index import UidIndex, UidIndexes, shard_digest
 
-__all__ = ["DatasetReader", "Join", "ShardCache", "ShardsetView", "aligned_partners"]
+__all__ = ["DatasetReader", "Join", "ShardCache", "ShardsetView"]
 
 log = logging.getLogger(__name__)
 
@@ -111,38 +113,15 @@ class ShardsetView:
     columns: list[str]
     shards: list[Shard]
     by_index: dict[int, Shard] = field(init=False)
-    by_span: dict[tuple[int, UidValue, UidValue], Shard] = field(init=False)
+    by_span: dict[Span, Shard] = field(init=False)
 
     def __post_init__(self) -> None:
         self.by_index = {shard.index: shard for shard in self.shards}
-        self.by_span = _by_span(self.shards)
+        self.by_span = by_span(self.shards)
 
     def aligned_with(self, main_shard: Shard) -> Shard | None:
         """The one shard with the main shard's row count and uid range, if any."""
-        return self.by_span.get(_span(main_shard)) if main_shard.num_rows else None
-
-
-def _span(shard: Shard) -> tuple[int, UidValue, UidValue]:
-    return shard.num_rows, shard.uid_min, shard.uid_max
-
-
-def _by_span(shards: Sequence[Shard]) -> dict[tuple[int, UidValue, UidValue], Shard]:
-    """Shards by row count and uid range, leaving out empty ones and spans held twice."""
-    spans = Counter(_span(s) for s in shards)
-    return {_span(s): s for s in shards if s.num_rows and spans[_span(s)] == 1}
-
-
-def aligned_partners(shards: Sequence[Shard], main_shards: Sequence[Shard]) -> dict[int, int]:
-    """Which main shard each shard of a feature shardset pairs with (by index).
-
-    The pairing reads use: a shard pairs with the one main shard of its row count and uid
-    range; when their uids then compare equal, its columns are attached as read. Shards
-    with no partner join by uid.
-    """
-    mine = _by_span(shards)
-    return {
-        mine[key].index: main.index for key, main in _by_span(main_shards).items() if key in mine
-    }
+        return self.by_span.get(span_of(main_shard)) if main_shard.num_rows else None
 
 
 class DatasetReader:

@@ -13,10 +13,9 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from pydantic import BaseModel
 
-from ..catalog import Dataset
-from ..catalog.errors import ActionNotFound, InvalidRequest
+from ..protocol import Dataset, wire
+from ..protocol.errors import ActionNotFound, InvalidRequest
 from ..transforms import Plugins
-from . import wire
 from .errors import translate_errors, wire_errors
 from .iterations import IterationManager, LiveIteration
 from .service import LavenderService

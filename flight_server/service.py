@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow as pa
 from fsspec.core import split_protocol
 
-from ..catalog import (
-    Catalog,
+from ..catalog import Catalog, new_id
+from ..protocol import (
     ColumnOptions,
     Dataset,
     Shard,
@@ -22,10 +22,9 @@ from ..catalog import (
     SyncResult,
     column_clashes,
     format_type,
-    new_id,
     parse_type,
 )
-from ..catalog.errors import (
+from ..protocol.errors import (
     DatasetNotFound,
     InvalidArgument,
     InvalidLocation,

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ..catalog.errors import InvalidArgument
+from ..protocol.errors import InvalidArgument
 
 __all__ = ["ServerSettings"]
 

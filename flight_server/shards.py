@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,8 +14,15 @@ import pyarrow.ipc as pa_ipc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from ..catalog import UidValue, parse_type, types_compatible
-from ..catalog.errors import InvalidArgument, SchemaMismatch, ShardNotFound, StorageError
+from ..protocol import UidValue, parse_type, types_compatible
+from ..protocol.errors import InvalidArgument, SchemaMismatch, ShardNotFound, StorageError
+from ..protocol.shards import (
+    FORMATS,
+    canonical_format,
+    format_of,
+    shard_file_name,
+    shard_index_of,
+)
 from .storage import Location
 
 __all__ = [
@@ -32,43 +38,6 @@ __all__ = [
     "shard_stats",
     "write_shard",
 ]
-
-FORMATS: dict[str, tuple[str, ...]] = {
-    "parquet": (".parquet", ".pq"),
-    "arrow": (".arrow", ".feather", ".ipc"),
-    "csv": (".csv",),
-    "jsonl": (".jsonl", ".ndjson", ".json"),
-}
-_FORMAT_ALIASES = {"feather": "arrow", "ipc": "arrow", "json": "jsonl", "ndjson": "jsonl"}
-_SHARD_NAME = re.compile(r"^shard\.(\d+)\.[A-Za-z0-9]+$")
-
-
-def canonical_format(name: str) -> str:
-    """The canonical name of a shard format (``feather`` -> ``arrow``), or a clear error."""
-    fmt = _FORMAT_ALIASES.get(name.lower(), name.lower())
-    if fmt not in FORMATS:
-        raise InvalidArgument(f"unknown shard format {name!r}; known: {', '.join(FORMATS)}")
-    return fmt
-
-
-def format_of(path: str) -> str | None:
-    """The shard format a file name says, or None for files that are not shards."""
-    lowered = path.lower()
-    for fmt, extensions in FORMATS.items():
-        if lowered.endswith(extensions):
-            return fmt
-    return None
-
-
-def shard_file_name(index: int, fmt: str) -> str:
-    """The file name ``Writer`` gives shard ``index``: ``shard.00000007.parquet``."""
-    return f"shard.{index:08d}{FORMATS[canonical_format(fmt)][0]}"
-
-
-def shard_index_of(path: str) -> int | None:
-    """The index in a ``shard.N.ext`` file name, or None for other names."""
-    match = _SHARD_NAME.match(posixpath.basename(path))
-    return int(match.group(1)) if match else None
 
 
 def declared_schema(columns: Sequence[tuple[str, str]]) -> pa.Schema:

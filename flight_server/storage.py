@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from fsspec.core import split_protocol
 
-from ..catalog.errors import InvalidLocation, LavenderError, ShardNotFound, StorageError
+from ..protocol.errors import InvalidLocation, LavenderError, ShardNotFound, StorageError
 
 __all__ = [
     "DEFAULT_RETRY",

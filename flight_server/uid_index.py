@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..catalog import Shard, UidValue
-from ..catalog.errors import SchemaMismatch
+from ..protocol import Shard, UidValue
+from ..protocol.errors import SchemaMismatch
 
 __all__ = ["Matches", "UidIndex", "UidIndexes", "uid_keys"]
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..catalog import ColumnOptions, Dataset, IterationProgress, Shard, Shardset, SyncResult
-from ..catalog.errors import LavenderError
 from ..client import api
 from ..client.connection import LavenderClient
+from ..protocol import ColumnOptions, Dataset, IterationProgress, Shard, Shardset, SyncResult
+from ..protocol.errors import LavenderError
 
 __all__ = [
     "create_dataset",

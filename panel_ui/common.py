@@ -18,8 +18,8 @@ import pandas as pd
 import panel as pn
 import param
 
-from ..catalog.errors import ServerUnavailable
 from ..client.connection import LavenderClient
+from ..protocol.errors import ServerUnavailable
 from .calls import describe_error
 
 __all__ = [

@@ -9,7 +9,7 @@ import pandas as pd
 import panel as pn
 import param
 
-from ..catalog import Dataset
+from ..protocol import Dataset
 from . import calls
 from .common import TABLE_CSS, Page, format_bytes, format_time, html_table, link
 from .shardsets import AddShardsetForm

@@ -10,7 +10,7 @@ import pandas as pd
 import panel as pn
 import param
 
-from ..catalog.errors import ActionNotFound
+from ..protocol.errors import ActionNotFound
 from . import calls
 from .common import TABLE_CSS, Page, html_table
 

@@ -11,10 +11,9 @@ import panel as pn
 import param
 from pydantic import ValidationError
 
-from ..catalog import ColumnOptions, Shardset, SyncResult
-from ..catalog.errors import ActionNotFound, InvalidArgument
-from ..flight_server import wire
-from ..flight_server.reading import aligned_partners
+from ..protocol import ColumnOptions, Shardset, SyncResult, wire
+from ..protocol.errors import ActionNotFound, InvalidArgument
+from ..protocol.shards import aligned_partners
 from . import calls
 from .common import TABLE_CSS, Page, format_bytes, format_time, html_table, link
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["catalog", "flight_server", "transforms", "client", "panel_ui"]
+PACKAGES = ["catalog", "flight_server", "transforms", "client", "panel_ui", "protocol"]
 
 
 def test_ruff_lint_and_format() -> None:

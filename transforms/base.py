@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ValidationError, create_model
 
-from ..catalog.errors import InvalidArgument
+from ..protocol.errors import InvalidArgument
 
 __all__ = ["Collater", "Filter", "Parameter", "Plugin", "Preprocessor"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..catalog.errors import InvalidArgument
+from ..protocol.errors import InvalidArgument
 from .base import Collater, Filter, Preprocessor
 
 __all__ = ["ArrowCollater", "ByteTokenizer", "ExpressionFilter", "RangeFilter", "SampleFilter"]

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from ..catalog.errors import InvalidArgument, TransformFailed
+from ..protocol.errors import InvalidArgument, TransformFailed
 from .base import Plugin
 from .registry import Plugins
 

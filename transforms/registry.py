@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
-from ..catalog.errors import AlreadyExists, InvalidArgument
+from ..protocol.errors import AlreadyExists, InvalidArgument
 from .base import Collater, Filter, Plugin, Preprocessor
 
 __all__ = ["ENTRY_POINT_GROUPS", "PluginInfo", "Plugins", "Registry"]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..catalog.errors import TransformFailed
+from ..protocol.errors import TransformFailed
 from .pipeline import Pipeline, from_spec
 from .registry import Plugins
 

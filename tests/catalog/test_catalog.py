@@ -9,16 +9,15 @@ import adbc_driver_manager
 import pyarrow as pa
 import pytest
 
-from lavender_flight.catalog import (
-    SCHEMA_VERSION,
-    Catalog,
+from lavender_flight.catalog import SCHEMA_VERSION, Catalog
+from lavender_flight.protocol import (
     ColumnOptions,
     Shard,
     format_type,
     parse_type,
     types_compatible,
 )
-from lavender_flight.catalog.errors import (
+from lavender_flight.protocol.errors import (
     DatasetAlreadyExists,
     DatasetNotFound,
     InvalidArgument,

@@ -11,7 +11,8 @@ from typing import Any
 import adbc_driver_manager
 import pytest
 
-from lavender_flight.catalog import Catalog, IterationRecord, RankProgressRecord
+from lavender_flight.catalog import Catalog
+from lavender_flight.protocol import IterationRecord, RankProgressRecord
 
 THREADS = 8
 WRITES = 25

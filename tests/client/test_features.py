@@ -11,12 +11,12 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from lavender_flight.catalog import Dataset, Shardset
-from lavender_flight.catalog.errors import InvalidArgument, SchemaMismatch
 from lavender_flight.client import FeatureWriter, Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
 from lavender_flight.client.features import normalize_location
+from lavender_flight.protocol import Dataset, Shardset
+from lavender_flight.protocol.errors import InvalidArgument, SchemaMismatch
 
 SHARD_ROWS = [40, 25, 33]
 TOTAL = sum(SHARD_ROWS)

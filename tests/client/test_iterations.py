@@ -12,17 +12,17 @@ import pyarrow.flight as flight
 import pytest
 import torch
 
-from lavender_flight.catalog import Dataset
-from lavender_flight.catalog.errors import (
+from lavender_flight.client import Iteration, Writer
+from lavender_flight.client import api as lavender
+from lavender_flight.client.connection import LavenderClient
+from lavender_flight.protocol import Dataset
+from lavender_flight.protocol.errors import (
     InvalidArgument,
     IterationConflict,
     IterationNotFound,
     ShardsetNotFound,
 )
-from lavender_flight.client import Iteration, Writer
-from lavender_flight.client import api as lavender
-from lavender_flight.client.connection import LavenderClient
-from lavender_flight.flight_server.wire import decode_positions
+from lavender_flight.protocol.wire import decode_positions
 from tests.conftest import call_options
 
 SHARD_ROWS = [100, 250, 37, 0, 180, 99, 64]

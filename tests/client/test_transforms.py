@@ -8,12 +8,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from lavender_flight.catalog import Catalog, Dataset
-from lavender_flight.catalog.errors import InvalidArgument, SchemaMismatch, TransformFailed
+from lavender_flight.catalog import Catalog
 from lavender_flight.client import Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
-from lavender_flight.flight_server.ranges import RangeSet
+from lavender_flight.protocol import Dataset
+from lavender_flight.protocol.errors import InvalidArgument, SchemaMismatch, TransformFailed
+from lavender_flight.protocol.ranges import RangeSet
 from lavender_flight.transforms import Plugins
 
 MODULES = {

@@ -17,11 +17,12 @@ from pathlib import Path
 import pyarrow.flight as flight
 import pytest
 
-from lavender_flight.catalog.errors import LavenderError, ServerError
 from lavender_flight.client import Iteration
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
-from lavender_flight.flight_server import LavenderFlightServer, LavenderService, wire
+from lavender_flight.flight_server import LavenderFlightServer, LavenderService
+from lavender_flight.protocol import wire
+from lavender_flight.protocol.errors import LavenderError, ServerError
 from tests.client.test_resume import Child, children, write_dataset  # noqa: F401
 from tests.flight_server.test_cli import (  # noqa: F401  (launch is a fixture)
     Launcher,
@@ -224,7 +225,7 @@ DYING_WORKER = """
 import json, sys, time
 import pyarrow.flight as flight
 from lavender_flight.client.connection import LavenderClient
-from lavender_flight.flight_server import wire
+from lavender_flight.protocol import wire
 
 url, iteration_id = sys.argv[1:3]
 client = LavenderClient(url, timeout=10)

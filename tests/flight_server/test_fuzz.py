@@ -17,18 +17,18 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from lavender_flight.catalog import Catalog
-from lavender_flight.catalog.errors import (
+from lavender_flight.client import Iteration, Writer
+from lavender_flight.client import api as lavender
+from lavender_flight.client.connection import LavenderClient, domain_error
+from lavender_flight.flight_server.server import ACTIONS
+from lavender_flight.protocol import wire
+from lavender_flight.protocol.errors import (
     InvalidArgument,
     InvalidRequest,
     LavenderError,
     NotFound,
     ServerError,
 )
-from lavender_flight.client import Iteration, Writer
-from lavender_flight.client import api as lavender
-from lavender_flight.client.connection import LavenderClient, domain_error
-from lavender_flight.flight_server import wire
-from lavender_flight.flight_server.server import ACTIONS
 from tests.conftest import call_options
 
 MODELS: list[type[BaseModel]] = sorted(

@@ -18,15 +18,15 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
-from lavender_flight.catalog import Dataset
-from lavender_flight.catalog.errors import InvalidArgument, SchemaMismatch, ShardNotFound
 from lavender_flight.client import Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
-from lavender_flight.flight_server import LavenderFlightServer, LavenderService, shards, wire
+from lavender_flight.flight_server import LavenderFlightServer, LavenderService, shards
 from lavender_flight.flight_server import reading as reading_module
 from lavender_flight.flight_server import service as service_module
 from lavender_flight.flight_server import uid_index as uid_index_module
+from lavender_flight.protocol import Dataset, wire
+from lavender_flight.protocol.errors import InvalidArgument, SchemaMismatch, ShardNotFound
 from tests.conftest import call_options
 
 ROWS = 300

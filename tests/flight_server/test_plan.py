@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from lavender_flight.catalog.errors import InvalidArgument
 from lavender_flight.flight_server.plan import EpochPlan
 from lavender_flight.flight_server.progress import RankState
-from lavender_flight.flight_server.ranges import RangeSet, runs
 from lavender_flight.flight_server.world import World, replication_partitions
+from lavender_flight.protocol.errors import InvalidArgument
+from lavender_flight.protocol.ranges import RangeSet, runs
 
 SHARDS = [10, 25, 0, 13, 40, 7]
 TOTAL = sum(SHARDS)

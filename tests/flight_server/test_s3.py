@@ -32,14 +32,15 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from lavender_flight.catalog import Catalog, Dataset
-from lavender_flight.catalog.errors import ShardNotFound, StorageError
+from lavender_flight.catalog import Catalog
 from lavender_flight.client import Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.flight_server.settings import ServerSettings
 from lavender_flight.flight_server.storage import RetryPolicy, is_transient
+from lavender_flight.protocol import Dataset
+from lavender_flight.protocol.errors import ShardNotFound, StorageError
 from tests.conftest import CALL_TIMEOUT, call_options
 
 pytestmark = pytest.mark.s3

@@ -21,11 +21,6 @@ import pyarrow.flight as flight
 import pytest
 
 from lavender_flight.catalog import Catalog
-from lavender_flight.catalog.errors import (
-    InvalidLocation,
-    ServerUnavailable,
-    Unauthenticated,
-)
 from lavender_flight.client import Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
@@ -33,6 +28,11 @@ from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.flight_server.auth import ApiKeyMiddlewareFactory
 from lavender_flight.flight_server.settings import ServerSettings
 from lavender_flight.panel_ui import serve_dashboard
+from lavender_flight.protocol.errors import (
+    InvalidLocation,
+    ServerUnavailable,
+    Unauthenticated,
+)
 from tests.flight_server.test_cli import (  # noqa: F401  (launch is a fixture)
     Launcher,
     clean_env,

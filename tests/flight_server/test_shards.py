@@ -6,7 +6,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lavender_flight.catalog.errors import InvalidArgument, InvalidLocation, SchemaMismatch
 from lavender_flight.flight_server.shards import (
     declared_schema,
     format_of,
@@ -18,6 +17,7 @@ from lavender_flight.flight_server.shards import (
     write_shard,
 )
 from lavender_flight.flight_server.storage import resolve_location
+from lavender_flight.protocol.errors import InvalidArgument, InvalidLocation, SchemaMismatch
 
 SCHEMA = declared_schema([("uid", "int"), ("text", "str"), ("score", "float32")])
 TABLE = pa.table(

@@ -7,9 +7,9 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from lavender_flight.catalog import ColumnOptions
-from lavender_flight.catalog.errors import InvalidArgument, SchemaMismatch, ShardAlreadyExists
 from lavender_flight.flight_server import LavenderService
+from lavender_flight.protocol import ColumnOptions
+from lavender_flight.protocol.errors import InvalidArgument, SchemaMismatch, ShardAlreadyExists
 
 
 def rows(start: int, stop: int) -> pa.Table:

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lavender_flight.catalog import Shard
-from lavender_flight.catalog.errors import SchemaMismatch
 from lavender_flight.flight_server.uid_index import UidIndex, UidIndexes, uid_keys
+from lavender_flight.protocol import Shard
+from lavender_flight.protocol.errors import SchemaMismatch
 
 
 def shard(index: int, rows: int, location: str = "") -> Shard:

@@ -12,7 +12,6 @@ import pyarrow.flight as flight
 import pytest
 
 from lavender_flight.catalog import Catalog
-from lavender_flight.catalog.errors import ActionNotFound, InvalidArgument
 from lavender_flight.client import Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
@@ -31,6 +30,7 @@ from lavender_flight.panel_ui import (
 )
 from lavender_flight.panel_ui.common import html_table
 from lavender_flight.panel_ui.plugins import NO_ACTION, NO_PLUGINS, describe_parameters
+from lavender_flight.protocol.errors import ActionNotFound, InvalidArgument
 from lavender_flight.transforms import Plugins
 from tests.panel_ui.conftest import write_dataset, write_parquet, write_text_shard
 

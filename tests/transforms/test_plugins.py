@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lavender_flight.catalog.errors import AlreadyExists, InvalidArgument, TransformFailed
+from lavender_flight.protocol.errors import AlreadyExists, InvalidArgument, TransformFailed
 from lavender_flight.transforms import Collater, Filter, Pipeline, Plugins, Preprocessor
 
 SEED_FILTER = """

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
-from ._types import format_type, parse_type
+from .types import format_type, parse_type
 
 __all__ = [
     "REDACTED",

@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from ..catalog import ColumnOptions
-from ..catalog.errors import InvalidArgument, InvalidRequest
+from .errors import InvalidArgument, InvalidRequest
 from .ranges import runs
+from .records import ColumnOptions
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
