@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..protocol.errors import DatasetNotFound, IterationNotFound
-from ..protocol.records import IterationRecord, RankProgressRecord
+from ..protocol.iterations import IterationRecord, RankProgressRecord
 
 __all__ = ["IterationStore"]
 

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from ..protocol import wire
+from ..protocol import iterations
 from ..protocol.errors import LavenderError
 from ..protocol.ranges import RangeSet
 from .connection import LavenderClient
@@ -59,7 +59,7 @@ class Acknowledger:
         if not ranges:
             return
         try:
-            body = wire.AckBody(iteration_id=self.iteration_id, rank=self.rank, seq=ranges)
+            body = iterations.AckBody(iteration_id=self.iteration_id, rank=self.rank, seq=ranges)
             self.client.action("ack", body)
         except BaseException:
             with self._lock:

@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from pydantic import ValidationError
 
-from ..protocol import ColumnOptions, Dataset, IterationProgress, Shard, Shardset, SyncResult, wire
+from ..protocol import ColumnOptions, Dataset, Shard, Shardset, SyncResult, wire
 from ..protocol.errors import InvalidArgument
+from ..protocol.iterations import IterationBody, IterationProgress, ListIterationsBody
 from .connection import LavenderClient
 
 __all__ = [
@@ -281,13 +282,13 @@ def list_actions() -> list[tuple[str, str]]:
 
 def get_iteration(iteration_id: str) -> IterationProgress:
     """Progress of an iteration: current, completed, filtered, failed, in flight per rank."""
-    body = wire.build(wire.IterationBody, "arguments", iteration_id=iteration_id)
+    body = wire.build(IterationBody, "arguments", iteration_id=iteration_id)
     return IterationProgress.model_validate(get_client().action_json("get_iteration", body))
 
 
 def list_iterations(dataset_id: str | None = None) -> list[IterationProgress]:
     """Progress of every iteration (of one dataset), newest first."""
-    body = wire.build(wire.ListIterationsBody, "arguments", dataset_id=dataset_id)
+    body = wire.build(ListIterationsBody, "arguments", dataset_id=dataset_id)
     return [
         IterationProgress.model_validate(p)
         for p in get_client().action_json("list_iterations", body)
@@ -296,13 +297,13 @@ def list_iterations(dataset_id: str | None = None) -> list[IterationProgress]:
 
 def pushback(iteration_id: str) -> int:
     """Return every in-flight sample of an iteration to its queue; how many."""
-    body = wire.build(wire.IterationBody, "arguments", iteration_id=iteration_id)
+    body = wire.build(IterationBody, "arguments", iteration_id=iteration_id)
     return int(get_client().action_json("pushback", body)["pushed_back"])
 
 
 def delete_iteration(iteration_id: str) -> None:
     """Forget an iteration and its progress."""
-    body = wire.build(wire.IterationBody, "arguments", iteration_id=iteration_id)
+    body = wire.build(IterationBody, "arguments", iteration_id=iteration_id)
     get_client().action("delete_iteration", body)
 
 

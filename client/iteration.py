@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..protocol import IterationProgress, wire
+from ..protocol import iterations, wire
 from ..protocol.errors import InvalidArgument, ServerError
+from ..protocol.iterations import IterationProgress
 from . import api
 from .acks import Acknowledger, acknowledging
 from .connection import LavenderClient
@@ -29,13 +30,13 @@ PluginArg = str | tuple[str, dict[str, Any]] | dict[str, Any]
 _epochs: dict[str, int] = {}
 
 
-def _plugin(value: PluginArg) -> wire.PluginCall:
+def _plugin(value: PluginArg) -> iterations.PluginCall:
     if isinstance(value, str):
-        return wire.PluginCall(name=value)
+        return iterations.PluginCall(name=value)
     if isinstance(value, tuple):
         name, params = value
-        return wire.PluginCall(name=name, params=params)
-    return wire.PluginCall.model_validate(value)
+        return iterations.PluginCall(name=name, params=params)
+    return iterations.PluginCall.model_validate(value)
 
 
 def default_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -58,7 +59,7 @@ def default_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     )
 
 
-def _shared_iteration_id(spec: wire.IterationSpec, rank: int) -> str:
+def _shared_iteration_id(spec: iterations.IterationSpec, rank: int) -> str:
     """The id every rank of a job computes alike, when the job did not name its iteration.
 
     Under ``torch.distributed``, rank 0 picks a fresh id and broadcasts it. Under torchrun
@@ -95,7 +96,7 @@ def stream_messages(
 
     Each message comes with its batches' row counts and ``seq`` ranges (``BatchMetadata``).
     """
-    ticket = wire.IterationTicket(
+    ticket = iterations.IterationTicket(
         iteration_id=iteration_id, rank=rank, worker=worker, num_workers=num_workers
     )
     with client.errors():
@@ -163,7 +164,7 @@ class Iteration:
     @classmethod
     def _open(
         cls,
-        command: wire.IterationCommand,
+        command: iterations.IterationCommand,
         rank: int,
         format: str,
         progress: bool,
@@ -222,7 +223,7 @@ class Iteration:
         """
         rank, world_size = default_world(rank, world_size)
         spec = wire.build(
-            wire.IterationSpec,
+            iterations.IterationSpec,
             "iteration",
             dataset_id=dataset_id,
             shardsets=list(shardsets) if shardsets is not None else None,
@@ -244,7 +245,7 @@ class Iteration:
         if iteration_id is None and world_size > 1:
             iteration_id = _shared_iteration_id(spec, rank)
         command = wire.build(
-            wire.IterationCommand, "iteration", iteration_id=iteration_id, spec=spec
+            iterations.IterationCommand, "iteration", iteration_id=iteration_id, spec=spec
         )
         return cls._open(command, rank, format, progress)
 
@@ -258,7 +259,7 @@ class Iteration:
     ) -> Iteration:
         """Continue an iteration (after a crash, a restart, or in another process)."""
         rank, _ = default_world(rank, None)
-        command = wire.build(wire.IterationCommand, "iteration", iteration_id=iteration_id)
+        command = wire.build(iterations.IterationCommand, "iteration", iteration_id=iteration_id)
         return cls._open(command, rank, format, progress)
 
     def get_progress(self) -> IterationProgress:

@@ -17,13 +17,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..catalog import Catalog, new_id
-from ..protocol import IterationProgress, IterationRecord, RankProgress, wire
+from ..protocol import iterations
 from ..protocol.errors import (
     InvalidArgument,
     IterationConflict,
     LavenderError,
     SchemaMismatch,
 )
+from ..protocol.iterations import IterationProgress, IterationRecord, RankProgress
 from ..protocol.ranges import RangeSet, as_array, runs
 from ..transforms import Outcome, Pipeline, Plugins
 from ..transforms.pipeline import pipeline_spec
@@ -118,7 +119,7 @@ class LiveIteration:
         self.pool = pool
         self._row_cost: float | None = None
         self.id = record.id
-        self.spec = wire.IterationSpec.model_validate(record.spec)
+        self.spec = iterations.IterationSpec.model_validate(record.spec)
         self.catalog = catalog
         self.service = service
         self.snapshot: list[tuple[int, int]] = [
@@ -302,7 +303,7 @@ class LiveIteration:
     # -- streams -------------------------------------------------------------------------
 
     def stream(
-        self, ticket: wire.IterationTicket
+        self, ticket: iterations.IterationTicket
     ) -> tuple[pa.Schema, Iterator[tuple[pa.RecordBatch, pa.Buffer]]]:
         """One rank's (or one worker's) messages, each with its ``BatchMetadata`` JSON.
 
@@ -517,7 +518,7 @@ class LiveIteration:
             "iteration_id": self.id,
             "rank": state.rank,
             "batches": described,
-            **wire.encode_positions(positions),
+            **iterations.encode_positions(positions),
         }
         return message, pa.py_buffer(json.dumps(metadata).encode())
 
@@ -667,7 +668,7 @@ def _without(described: list[list[Any]], kept: set[int]) -> list[list[Any]]:
     return result
 
 
-def build_pipeline(plugins: Plugins, spec: wire.IterationSpec, uid_column: str) -> Pipeline:
+def build_pipeline(plugins: Plugins, spec: iterations.IterationSpec, uid_column: str) -> Pipeline:
     """The transforms an iteration spec asks for, validated against the server's plugins."""
     return Pipeline.build(
         plugins,
@@ -737,7 +738,7 @@ class IterationManager:
                 self._live[iteration_id] = live
             return live
 
-    def open(self, command: wire.IterationCommand) -> LiveIteration:
+    def open(self, command: iterations.IterationCommand) -> LiveIteration:
         """Create an iteration, join the one of the same id and spec, or reopen one by id."""
         if command.spec is None:
             if command.iteration_id is None:
@@ -771,7 +772,7 @@ class IterationManager:
         )
         stored, created = self.catalog.create_iteration(record)
         # a spec stored before a field existed reads as that field's default
-        known = wire.IterationSpec.model_validate(stored.spec).model_dump(mode="json")
+        known = iterations.IterationSpec.model_validate(stored.spec).model_dump(mode="json")
         if not created and known != asked:
             raise IterationConflict(
                 f"iteration {iteration_id!r} exists with another spec "

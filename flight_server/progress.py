@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..protocol import RankProgressRecord
+from ..protocol.iterations import RankProgressRecord
 from ..protocol.ranges import RangeSet
 from .world import World
 

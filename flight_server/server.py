@@ -15,6 +15,14 @@ from pydantic import BaseModel
 
 from ..protocol import Dataset, wire
 from ..protocol.errors import ActionNotFound, InvalidRequest
+from ..protocol.iterations import (
+    AckBody,
+    IterationBody,
+    IterationCommand,
+    IterationTicket,
+    ListIterationsBody,
+    decode_ticket,
+)
 from ..transforms import Plugins
 from .errors import translate_errors, wire_errors
 from .iterations import IterationManager, LiveIteration
@@ -133,30 +141,30 @@ ACTIONS: dict[str, ActionSpec] = {
         ),
     ),
     "get_iteration": ActionSpec(
-        wire.IterationBody,
+        IterationBody,
         "Progress of an iteration {iteration_id}: current, completed, filtered, failed, the "
         "positions in flight per rank; as JSON.",
         lambda srv, b: _json(srv.iterations.get(b.iteration_id).progress()),
     ),
     "list_iterations": ActionSpec(
-        wire.ListIterationsBody,
+        ListIterationsBody,
         "Progress of every iteration {dataset_id?}, newest first; as a JSON array.",
         lambda srv, b: _json(srv.iterations.list(b.dataset_id)),
     ),
     "ack": ActionSpec(
-        wire.AckBody,
+        AckBody,
         "Acknowledge consumed samples {iteration_id, rank, seq: [[start, stop], ...]} (the "
         "'seq' of batch metadata); saved before the answer {completed: new samples}.",
         lambda srv, b: _json({"completed": srv.iterations.get(b.iteration_id).ack(b.rank, b.seq)}),
     ),
     "pushback": ActionSpec(
-        wire.IterationBody,
+        IterationBody,
         "Return every in-flight sample of an iteration {iteration_id} to its queue; "
         "answers {pushed_back: samples}.",
         lambda srv, b: _json({"pushed_back": srv.iterations.get(b.iteration_id).pushback()}),
     ),
     "delete_iteration": ActionSpec(
-        wire.IterationBody,
+        IterationBody,
         "Forget an iteration {iteration_id} and its progress.",
         lambda srv, b: _deleted(srv.iterations.delete, b.iteration_id),
     ),
@@ -227,9 +235,7 @@ class LavenderFlightServer(flight.FlightServerBase):
         self, live: LiveIteration, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         endpoints = [
-            flight.FlightEndpoint(
-                wire.encode(wire.IterationTicket(iteration_id=live.id, rank=rank)), []
-            )
+            flight.FlightEndpoint(wire.encode(IterationTicket(iteration_id=live.id, rank=rank)), [])
             for rank in range(live.spec.world_size)
         ]
         info = flight.FlightInfo(
@@ -265,7 +271,7 @@ class LavenderFlightServer(flight.FlightServerBase):
         per rank.
         """
         if descriptor.descriptor_type == flight.DescriptorType.CMD:
-            command = wire.decode(wire.IterationCommand, descriptor.command, "command")
+            command = wire.decode(IterationCommand, descriptor.command, "command")
             return self._iteration_info(self.iterations.open(command), descriptor)
         if descriptor.descriptor_type != flight.DescriptorType.PATH or not descriptor.path:
             raise InvalidRequest(
@@ -282,8 +288,8 @@ class LavenderFlightServer(flight.FlightServerBase):
         self, context: flight.ServerCallContext, ticket: flight.Ticket
     ) -> flight.FlightDataStream:
         """Stream an iteration's rank, or one main shard of a dataset joined with the others."""
-        request = wire.decode_ticket(ticket.ticket)
-        if isinstance(request, wire.IterationTicket):
+        request = decode_ticket(ticket.ticket)
+        if isinstance(request, IterationTicket):
             live = self.iterations.get(request.iteration_id)
             schema, stream = live.stream(request)
 

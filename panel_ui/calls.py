@@ -15,8 +15,9 @@ import pyarrow as pa
 
 from ..client import api
 from ..client.connection import LavenderClient
-from ..protocol import ColumnOptions, Dataset, IterationProgress, Shard, Shardset, SyncResult
+from ..protocol import ColumnOptions, Dataset, Shard, Shardset, SyncResult
 from ..protocol.errors import LavenderError
+from ..protocol.iterations import IterationProgress
 
 __all__ = [
     "create_dataset",

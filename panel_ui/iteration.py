@@ -12,7 +12,7 @@ import param
 from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
-from ..protocol import IterationProgress
+from ..protocol.iterations import IterationProgress
 from . import calls
 from .common import TABLE_CSS, Page, format_time, html_table, link
 

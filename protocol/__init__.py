@@ -7,25 +7,22 @@ pydantic only.
 - ``errors``: the one exception tree, each class with its Flight status.
 - ``records``: datasets, shardsets, columns, shards, iteration progress (pydantic).
 - ``types``: column type names (``int``, ``str``, Arrow type strings) and their checks.
-- ``wire``: every request and answer that crosses Flight (bodies, tickets, commands,
-  batch metadata), versioned.
+- ``wire``: the versioned envelope of every payload, the catalog's bodies and answers.
+- ``iterations``: the iteration spec, commands, tickets, acks, batch metadata, progress.
 - ``ranges``: ``[start, stop)`` sets of sequence numbers, as progress is recorded.
 - ``shards``: shard formats, file names and how shards of two shardsets pair up.
 """
 
 from __future__ import annotations
 
-from . import errors, ranges, records, shards, types, wire
+from . import errors, iterations, ranges, records, shards, types, wire
+from .iterations import IterationProgress, IterationRecord, RankProgress, RankProgressRecord
 from .ranges import RangeSet
 from .records import (
     REDACTED,
     ColumnOptions,
     Dataset,
     DatasetColumn,
-    IterationProgress,
-    IterationRecord,
-    RankProgress,
-    RankProgressRecord,
     Shard,
     Shardset,
     SyncResult,
@@ -53,6 +50,7 @@ __all__ = [
     "column_clashes",
     "errors",
     "format_type",
+    "iterations",
     "is_secret_option",
     "parse_type",
     "ranges",

@@ -15,10 +15,6 @@ __all__ = [
     "ColumnOptions",
     "Dataset",
     "DatasetColumn",
-    "IterationProgress",
-    "IterationRecord",
-    "RankProgress",
-    "RankProgressRecord",
     "Shard",
     "Shardset",
     "SyncResult",
@@ -210,66 +206,3 @@ class SyncResult(_Record):
     removed: list[str]
     shard_count: int
     total_samples: int
-
-
-class IterationRecord(_Record):
-    """An iteration as the catalog stores it: its spec and its frozen plan (opaque JSON)."""
-
-    id: str
-    dataset_id: str
-    spec: dict[str, Any]
-    plan: dict[str, Any]
-    total: int
-    created_at: float
-
-
-class RankProgressRecord(_Record):
-    """Progress of one rank, as ranges of its local sequence numbers."""
-
-    iteration_id: str
-    rank: int
-    acked: list[tuple[int, int]] = []
-    filtered: list[tuple[int, int]] = []
-    failed: list[tuple[int, int]] = []
-    inflight: list[tuple[int, int]] = []
-    filtered_acked: int = 0
-    failed_acked: int = 0
-    updated_at: float = 0.0
-
-
-class RankProgress(BaseModel):
-    """Where one rank of an iteration stands."""
-
-    rank: int
-    total: int
-    current: int
-    completed: int
-    filtered: int
-    failed: int
-    inflight: int
-    inflight_positions: list[int] = []
-    pending: int = 0
-    streams: int = 0
-
-
-class IterationProgress(BaseModel):
-    """Progress of an iteration: the dashboard's four bars and the positions in flight.
-
-    ``current`` counts samples handed out at least once, ``completed`` those acknowledged,
-    ``filtered`` those a filter dropped, ``failed`` those skipped after errors; ``inflight``
-    maps each rank to the dataset positions it holds but has not acknowledged.
-    """
-
-    id: str
-    dataset_id: str
-    spec: dict[str, Any]
-    total: int
-    current: int
-    completed: int
-    filtered: int
-    failed: int
-    inflight: dict[int, list[int]]
-    ranks: list[RankProgress]
-    created_at: float
-    updated_at: float
-    done: bool

@@ -12,7 +12,7 @@ import adbc_driver_manager
 import pytest
 
 from lavender_flight.catalog import Catalog
-from lavender_flight.protocol import IterationRecord, RankProgressRecord
+from lavender_flight.protocol.iterations import IterationRecord, RankProgressRecord
 
 THREADS = 8
 WRITES = 25

@@ -22,7 +22,7 @@ from lavender_flight.protocol.errors import (
     IterationNotFound,
     ShardsetNotFound,
 )
-from lavender_flight.protocol.wire import decode_positions
+from lavender_flight.protocol.iterations import decode_positions
 from tests.conftest import call_options
 
 SHARD_ROWS = [100, 250, 37, 0, 180, 99, 64]

@@ -26,7 +26,7 @@ import pytest
 from lavender_flight.client import Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
-from lavender_flight.protocol import IterationProgress
+from lavender_flight.protocol.iterations import IterationProgress
 from tests.flight_server.test_cli import (
     START_TIMEOUT,
     STOP_TIMEOUT,

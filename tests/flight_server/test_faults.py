@@ -21,7 +21,7 @@ from lavender_flight.client import Iteration
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
-from lavender_flight.protocol import wire
+from lavender_flight.protocol import iterations, wire
 from lavender_flight.protocol.errors import LavenderError, ServerError
 from tests.client.test_resume import Child, children, write_dataset  # noqa: F401
 from tests.flight_server.test_cli import (  # noqa: F401  (launch is a fixture)
@@ -51,7 +51,7 @@ def read_stream(
     client: LavenderClient, iteration_id: str, worker: int, num_workers: int, messages: int
 ) -> list[tuple[list[int], list[list[int]]]]:
     """Up to ``messages`` messages of one worker's stream: uids and seq ranges of each."""
-    ticket = wire.IterationTicket(
+    ticket = iterations.IterationTicket(
         iteration_id=iteration_id, rank=0, worker=worker, num_workers=num_workers
     )
     reader = client.flight.do_get(flight.Ticket(wire.encode(ticket)), client.options(TIMEOUT))
@@ -187,7 +187,7 @@ def test_sigterm_mid_iteration_parks_in_flight_work_and_keeps_acks(
         client = lavender.init(url, timeout=TIMEOUT)
         dataset_id = write_dataset("graceful", data, shards=4, rows=25)
         iteration = Iteration.from_dataset(dataset_id, batch_size=5)
-        ticket = wire.IterationTicket(iteration_id=iteration.id, rank=0)
+        ticket = iterations.IterationTicket(iteration_id=iteration.id, rank=0)
         reader = client.flight.do_get(flight.Ticket(wire.encode(ticket)), client.options(None))
         first = reader.read_chunk()
         assert first.app_metadata is not None
@@ -225,11 +225,11 @@ DYING_WORKER = """
 import json, sys, time
 import pyarrow.flight as flight
 from lavender_flight.client.connection import LavenderClient
-from lavender_flight.protocol import wire
+from lavender_flight.protocol import iterations, wire
 
 url, iteration_id = sys.argv[1:3]
 client = LavenderClient(url, timeout=10)
-ticket = wire.IterationTicket(iteration_id=iteration_id, rank=0, worker=0, num_workers=2)
+ticket = iterations.IterationTicket(iteration_id=iteration_id, rank=0, worker=0, num_workers=2)
 reader = client.flight.do_get(flight.Ticket(wire.encode(ticket)), client.options(None))
 chunk = reader.read_chunk()
 meta = json.loads(chunk.app_metadata.to_pybytes())

@@ -29,10 +29,11 @@ from lavender_flight.protocol.errors import (
     NotFound,
     ServerError,
 )
+from lavender_flight.protocol.iterations import IterationCommand, IterationTicket, decode_ticket
 from tests.conftest import call_options
 
 MODELS: list[type[BaseModel]] = sorted(
-    {spec.body for spec in ACTIONS.values()} | {wire.IterationCommand, wire.PutShardCommand},
+    {spec.body for spec in ACTIONS.values()} | {IterationCommand, wire.PutShardCommand},
     key=lambda m: m.__name__,
 )
 FAST = settings(
@@ -84,7 +85,7 @@ def test_any_json(model: type[BaseModel], value: Any) -> None:
 ))  # fmt: skip
 def test_tickets(payload: bytes) -> None:
     try:
-        wire.decode_ticket(payload)
+        decode_ticket(payload)
     except InvalidRequest as exc:
         assert str(exc).startswith("invalid ticket: ")
 
@@ -94,23 +95,23 @@ def test_oversized_and_deeply_nested_payloads_are_refused() -> None:
     with pytest.raises(InvalidRequest, match="bytes; the limit is"):
         wire.decode(wire.CreateDatasetBody, huge, "create_dataset body")
     with pytest.raises(InvalidRequest, match="bytes; the limit is"):
-        wire.decode_ticket(huge)
+        decode_ticket(huge)
     deep = ("[" * 5000 + "]" * 5000).encode()
     body = b'{"dataset_id": "d", "location": "file:///x", "storage_options": {"a": ' + deep + b"}}"
     decodes_or_says_invalid(wire.CreateShardsetBody, body)
     with pytest.raises(InvalidRequest, match="batch_size: Input should be less than"):
         wire.decode(
-            wire.IterationCommand,
+            IterationCommand,
             b'{"spec": {"dataset_id": "d", "batch_size": 100000000000000000000000}}',
             "body",
         )
 
 
 def test_every_truncation_of_a_real_ticket_is_invalid_not_a_crash() -> None:
-    ticket = wire.encode(wire.IterationTicket(iteration_id="it-1", rank=3, worker=1, num_workers=2))
+    ticket = wire.encode(IterationTicket(iteration_id="it-1", rank=3, worker=1, num_workers=2))
     for cut in range(len(ticket)):
         with pytest.raises(InvalidRequest, match="invalid ticket"):
-            wire.decode_ticket(ticket[:cut])
+            decode_ticket(ticket[:cut])
 
 
 # -- through a live server ----------------------------------------------------------------
