@@ -31,6 +31,7 @@ from ..protocol.records import (
     column_clashes,
 )
 from ._iterations import IterationStore
+from ._progress import ProgressRows
 from ._schema import MIGRATIONS, SCHEMA_VERSION
 
 __all__ = ["Catalog", "new_id"]
@@ -60,7 +61,7 @@ def _decode_uid(text: str | None) -> UidValue:
     return None if text is None else json.loads(text)
 
 
-class Catalog(IterationStore):
+class Catalog(IterationStore, ProgressRows):
     """The system of record: every other layer reads and writes state through this class.
 
     One SQLite file in WAL mode, one ADBC connection per thread (readers never block the
@@ -237,11 +238,12 @@ class Catalog(IterationStore):
             if not self._run(conn, "SELECT id FROM datasets WHERE id = ?", (dataset_id,)):
                 raise DatasetNotFound(f"no dataset with id {dataset_id!r}")
             iterations = "SELECT id FROM iterations WHERE dataset_id = ?"
-            self._run(
-                conn,
-                f"DELETE FROM iteration_ranks WHERE iteration_id IN ({iterations})",
-                (dataset_id,),
-            )
+            for table in ("iteration_ranks", "iteration_rank_states"):
+                self._run(
+                    conn,
+                    f"DELETE FROM {table} WHERE iteration_id IN ({iterations})",
+                    (dataset_id,),
+                )
             self._run(conn, "DELETE FROM iterations WHERE dataset_id = ?", (dataset_id,))
             shardsets = "SELECT id FROM shardsets WHERE dataset_id = ?"
             for table in ("shards", "shardset_columns"):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from ..protocol.errors import DatasetNotFound, IterationNotFound
-from ..protocol.iterations import IterationRecord, RankProgressRecord
+from ..protocol.iterations import (
+    IterationPlan,
+    IterationRecord,
+    IterationSpec,
+    RankProgressRecord,
+)
 
 __all__ = ["IterationStore"]
 
@@ -43,8 +47,8 @@ class IterationStore:
                     (
                         record.id,
                         record.dataset_id,
-                        json.dumps(record.spec),
-                        json.dumps(record.plan),
+                        record.spec.model_dump_json(),
+                        record.plan.model_dump_json(),
                         record.total,
                         record.created_at,
                     ),
@@ -77,14 +81,14 @@ class IterationStore:
         return IterationRecord(
             id=iteration_id,
             dataset_id=dataset_id,
-            spec=json.loads(spec),
-            plan=json.loads(plan),
+            spec=IterationSpec.model_validate_json(spec),
+            plan=IterationPlan.model_validate_json(plan),
             total=int(total),
             created_at=float(created_at),
         )
 
     def load_progress(self, iteration_id: str) -> list[RankProgressRecord]:
-        """The saved progress of every rank of an iteration."""
+        """Progress saved before epochs existed (catalog schema 4), to carry it over."""
         rows = self._query(
             "SELECT rank, acked, filtered, failed, inflight, updated_at, filtered_acked, "
             "failed_acked FROM iteration_ranks "
@@ -115,35 +119,16 @@ class IterationStore:
             ) in rows
         ]
 
-    def save_progress(self, records: Sequence[RankProgressRecord]) -> None:
-        """Replace the saved progress of the given ranks, all in one transaction."""
-        now = time.time()
+    def drop_progress(self, iteration_id: str) -> None:
+        """Forget progress saved before epochs existed (once carried over)."""
         with self._write() as conn:
-            for record in records:
-                self._run(
-                    conn,
-                    "DELETE FROM iteration_ranks WHERE iteration_id = ? AND rank = ?",
-                    (record.iteration_id, record.rank),
-                )
-                self._run(
-                    conn,
-                    "INSERT INTO iteration_ranks (iteration_id, rank, acked, filtered, failed, "
-                    "inflight, updated_at, filtered_acked, failed_acked) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.iteration_id,
-                        record.rank,
-                        *(json.dumps(getattr(record, f)) for f in _RANGE_FIELDS),
-                        now,
-                        record.filtered_acked,
-                        record.failed_acked,
-                    ),
-                )
+            self._run(conn, "DELETE FROM iteration_ranks WHERE iteration_id = ?", (iteration_id,))
 
     def delete_iteration(self, iteration_id: str) -> None:
         """Forget an iteration and its progress."""
         with self._write() as conn:
             if not self._run(conn, "SELECT id FROM iterations WHERE id = ?", (iteration_id,)):
                 raise IterationNotFound(f"no iteration with id {iteration_id!r}")
-            self._run(conn, "DELETE FROM iteration_ranks WHERE iteration_id = ?", (iteration_id,))
+            for table in ("iteration_ranks", "iteration_rank_states"):
+                self._run(conn, f"DELETE FROM {table} WHERE iteration_id = ?", (iteration_id,))
             self._run(conn, "DELETE FROM iterations WHERE id = ?", (iteration_id,))

@@ -73,6 +73,29 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE iteration_ranks ADD COLUMN filtered_acked BIGINT NOT NULL DEFAULT 0",
         "ALTER TABLE iteration_ranks ADD COLUMN failed_acked BIGINT NOT NULL DEFAULT 0",
     ],
+    [
+        # iteration state per epoch and rank, shared by every server on the catalog: one
+        # JSON state per row, changed only inside a write transaction holding the row
+        """CREATE TABLE iteration_rank_states (
+            iteration_id TEXT NOT NULL REFERENCES iterations (id),
+            epoch INTEGER NOT NULL,
+            rank INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            expires_at DOUBLE PRECISION,
+            nodes TEXT NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (iteration_id, epoch, rank)
+        )""",
+        "CREATE INDEX rank_states_by_expiry ON iteration_rank_states (expires_at)",
+        # servers sharing the catalog, each with its advertised location and heartbeat
+        """CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            location TEXT NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            heartbeat_at DOUBLE PRECISION NOT NULL,
+            info TEXT NOT NULL
+        )""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,14 +1,26 @@
-"""Acknowledgements sent in bulk from a background thread, off the training loop's path."""
+"""What a training loop reports: the batches it takes and completes, sent off its path.
+
+A batch is *taken* when it is handed to the loop and *completed* when the loop asks for the
+next one (or ends). A background thread sends both in bulk: taken reports soon (the
+server keeps its read-ahead within a budget measured from them), completions every
+``interval`` seconds. The server saves completions before it answers, so what was sent is
+never delivered again; what was not sent when the process dies is delivered again.
+
+When reports cannot be sent (the server is gone), the loop is let run on for a bounded
+number of batches, then waits for the server (retrying) for up to ``reconnect_seconds``,
+and raises ``ServerUnavailable`` saying how much was not recorded if it does not come back.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from ..protocol import iterations
-from ..protocol.errors import LavenderError
+from ..protocol.errors import LavenderError, ServerUnavailable
+from ..protocol.iterations import AckBody
 from ..protocol.ranges import RangeSet
 from .connection import LavenderClient
 
@@ -16,91 +28,195 @@ __all__ = ["Acknowledger", "acknowledging"]
 
 log = logging.getLogger(__name__)
 
+Ranges = list[tuple[int, int]] | list[list[int]]
+
+MAX_UNSENT_BATCHES = 16
+"""Completed batches the loop may run ahead of reports that cannot be sent."""
+
+
+def _size(ranges: RangeSet) -> int:
+    return len(ranges)
+
 
 class Acknowledger:
-    """Collects consumed batches' sequence ranges and sends them every ``interval`` seconds.
+    """Sends a rank's taken and completed batches from a background thread (see module doc).
 
-    The server saves an acknowledgement before answering it, so what was sent is never
-    delivered again; what was not sent yet when the process dies is delivered again.
+    Args:
+        client: the connection.
+        iteration_id, rank, epoch: whose batches.
+        interval: seconds between sends of completions.
+        reconnect_seconds: how long the loop waits for an unreachable server.
     """
 
     def __init__(
-        self, client: LavenderClient, iteration_id: str, rank: int, interval: float = 0.25
+        self,
+        client: LavenderClient,
+        iteration_id: str,
+        rank: int,
+        epoch: int,
+        interval: float = 0.25,
+        reconnect_seconds: float = 30.0,
     ) -> None:
         self.client = client
         self.iteration_id = iteration_id
         self.rank = rank
+        self.epoch = epoch
         self.interval = interval
-        self._pending = RangeSet()
+        self.reconnect_seconds = reconnect_seconds
+        self.report_every = 1
+        """Samples of taken batches after which a report goes at once (the server says)."""
+        self._taken = RangeSet()
+        self._completed = RangeSet()
+        self._unsent_batches = 0
+        self._failing_since: float | None = None
+        self._error: LavenderError | None = None
+        self._gave_up = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._sent = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="lavender-acks", daemon=True)
         self._thread.start()
 
-    def add(self, ranges: list[tuple[int, int]] | list[list[int]]) -> None:
-        """Queue the ranges of one consumed batch."""
+    # -- what the loop says --------------------------------------------------------------
+
+    def take(self, ranges: Ranges) -> None:
+        """The loop was handed the batch of these ranges."""
         with self._lock:
             for start, stop in ranges:
-                self._pending.add(start, stop)
+                self._taken.add(start, stop)
+            due = _size(self._taken) >= self.report_every
+        if due:
+            self._wake.set()
+
+    def complete(self, ranges: Ranges) -> None:
+        """The loop is done with the batch of these ranges.
+
+        Waits (retrying) when reports have been failing for ``MAX_UNSENT_BATCHES`` batches.
+        """
+        with self._lock:
+            for start, stop in ranges:
+                self._completed.add(start, stop)
+            self._unsent_batches += 1
+            stuck = self._failing_since is not None and self._unsent_batches > MAX_UNSENT_BATCHES
+        if stuck:
+            self._wait_for_server()
+
+    def _wait_for_server(self) -> None:
+        with self._lock:
+            since = self._failing_since or time.monotonic()
+            while self._failing_since is not None:
+                left = since + self.reconnect_seconds - time.monotonic()
+                if left <= 0:
+                    self._gave_up = True
+                    raise self.unrecorded()
+                self._wake.set()
+                self._sent.wait(min(left, 1.0))
+
+    def unrecorded(self) -> ServerUnavailable:
+        """The error that says what could not be recorded (call with the lock held)."""
+        count = _size(self._completed)
+        reason = f": {self._error}" if self._error is not None else ""
+        return ServerUnavailable(
+            f"the server did not come back within {self.reconnect_seconds:g} s; "
+            f"{count} completed sample(s) of iteration {self.iteration_id} rank {self.rank} "
+            f"were not recorded (they will be delivered again on resume){reason}"
+        )
+
+    # -- sending -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
             try:
                 self.flush()
-            except LavenderError as exc:  # kept for the next try; logged, never raised here
-                log.warning("acknowledging %s failed, will retry: %s", self.iteration_id, exc)
+            except LavenderError:
+                pass  # kept for the next try; flush said it once
 
     def flush(self) -> None:
-        """Send what is queued now."""
+        """Send what is queued now (nothing is lost when it fails: it is kept for later)."""
         with self._lock:
-            ranges = self._pending.ranges()
-            self._pending = RangeSet()
-        if not ranges:
+            taken, completed = self._taken.ranges(), self._completed.ranges()
+            self._taken, self._completed = RangeSet(), RangeSet()
+            batches, self._unsent_batches = self._unsent_batches, 0
+        if not taken and not completed:
             return
+        body = AckBody(
+            iteration_id=self.iteration_id,
+            rank=self.rank,
+            epoch=self.epoch,
+            taken=taken,
+            completed=completed,
+        )
         try:
-            body = iterations.AckBody(iteration_id=self.iteration_id, rank=self.rank, seq=ranges)
             self.client.action("ack", body)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
-                self._pending.update(ranges)
+                self._taken.update(taken)
+                self._completed.update(completed)
+                self._unsent_batches += batches
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                    log.warning(
+                        "cannot report progress of %s to the server (%s); retrying for up to "
+                        "%g s", self.iteration_id, exc, self.reconnect_seconds,
+                    )  # fmt: skip
+                if isinstance(exc, LavenderError):
+                    self._error = exc
             raise
+        with self._lock:
+            if self._failing_since is not None:
+                log.warning("reporting progress of %s works again", self.iteration_id)
+            self._failing_since = None
+            self._error = None
+            self._sent.notify_all()
 
     def close(self) -> None:
-        """Stop the thread and send what is left (a few tries)."""
+        """Stop the thread and send what is left (retrying for up to ``reconnect_seconds``)."""
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=10)
-        for attempt in range(3):
+        deadline = time.monotonic() + (0 if self._gave_up else self.reconnect_seconds)
+        delay = 0.2
+        while True:
             try:
                 self.flush()
                 return
             except LavenderError as exc:
-                if attempt == 2:
-                    log.warning(
-                        "could not acknowledge the last batches of %s (they will be delivered "
-                        "again on resume): %s",
-                        self.iteration_id,
-                        exc,
-                    )
+                if time.monotonic() + delay > deadline:
+                    with self._lock:
+                        error = self.unrecorded()
+                    log.warning("%s", error)
+                    raise error from exc
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
 
 
 T = TypeVar("T")
 
 
 def acknowledging(items: Iterable[tuple[T, Any]], acks: Acknowledger) -> Iterator[T]:
-    """Yield the batches of ``(batch, seq ranges)`` items, acknowledging as the loop goes.
+    """Yield the batches of ``(batch, seq ranges)`` items, reporting as the loop goes.
 
-    A batch is completed (its ranges queued for ``acks``) when the next one is asked for or
-    the loop ends.
+    A batch is taken when it is yielded and completed when the next one is asked for or
+    the loop ends. A batch this loop was already handed (sent again after a reconnect) is
+    completed again but not yielded twice.
     """
+    seen = RangeSet()
     consumed = None
     try:
         for batch, seq in items:
+            if seq and all(not seen.gaps(a, b) for a, b in seq):
+                continue  # a repeat after a reconnect: the loop had it already
             if consumed is not None:
-                acks.add(consumed)
+                acks.complete(consumed)
+            for a, b in seq:
+                seen.add(a, b)
+            acks.take(seq)
             consumed = seq
             yield batch
     finally:
         if consumed is not None:
-            acks.add(consumed)
+            acks.complete(consumed)
         acks.close()

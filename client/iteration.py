@@ -1,19 +1,40 @@
-"""``Iteration``: a training job's view of an iteration, iterable over batches."""
+"""``Iteration``: a training job's view of an iteration, iterable over batches, epoch by epoch.
+
+An ``Iteration`` is lazy: ``from_dataset`` checks the spec with the server but creates
+nothing there until the first batch is asked for (or ``.id`` is read), so the spawned
+workers of a DataLoader, which run the script's top level again, create nothing.
+
+Iterating it is one epoch: a ``for`` loop streams the rank's share of the epoch; the next
+``for`` loop is the next epoch (shuffled anew, from a seed derived from the iteration's
+seed and the epoch number); ``set_epoch(n)`` picks one explicitly. A new ``Iteration`` over
+an existing iteration (``resume``, or ``from_dataset`` with its id) starts where the rank
+is: the rest of its current epoch, or the next one when it is done.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
-from collections.abc import Iterator, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ..protocol import iterations, wire
-from ..protocol.errors import InvalidArgument, ServerError
-from ..protocol.iterations import IterationProgress
+from ..protocol import wire
+from ..protocol.errors import InvalidArgument, ServerError, ServerUnavailable
+from ..protocol.iterations import (
+    BatchMetadata,
+    IterationCommand,
+    IterationInfo,
+    IterationProgress,
+    IterationSpec,
+    IterationTicket,
+    PluginCall,
+)
 from . import api
 from .acks import Acknowledger, acknowledging
 from .connection import LavenderClient
@@ -24,34 +45,43 @@ if TYPE_CHECKING:
 
 __all__ = ["Iteration", "PluginArg", "stream_batches", "stream_messages"]
 
+log = logging.getLogger(__name__)
+
 PluginArg = str | tuple[str, dict[str, Any]] | dict[str, Any]
 """A plugin by name, or ``(name, params)``."""
 
-_epochs: dict[str, int] = {}
+_opened: dict[str, int] = {}
 
 
-def _plugin(value: PluginArg) -> iterations.PluginCall:
+def _plugin(value: PluginArg) -> PluginCall:
     if isinstance(value, str):
-        return iterations.PluginCall(name=value)
+        return PluginCall(name=value)
     if isinstance(value, tuple):
         name, params = value
-        return iterations.PluginCall(name=name, params=params)
-    return iterations.PluginCall.model_validate(value)
+        return PluginCall(name=name, params=params)
+    return PluginCall.model_validate(value)
+
+
+def _distributed() -> Any | None:
+    """``torch.distributed`` when the job imported torch and initialized it (else None).
+
+    Torch is never imported here: a job that did not import it is not distributed by it.
+    """
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def default_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Rank and world size: as given, else from ``torch.distributed``, else the environment."""
     if rank is not None and world_size is not None:
         return rank, world_size
-    found_rank, found_size = 0, 1
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            found_rank, found_size = dist.get_rank(), dist.get_world_size()
-        else:
-            raise RuntimeError
-    except (ImportError, RuntimeError):
+    dist = _distributed()
+    if dist is not None:
+        found_rank, found_size = dist.get_rank(), dist.get_world_size()
+    else:
         found_rank = int(os.environ.get("RANK", 0))
         found_size = int(os.environ.get("WORLD_SIZE", 1))
     return (found_rank if rank is None else rank), (
@@ -59,7 +89,7 @@ def default_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     )
 
 
-def _shared_iteration_id(spec: iterations.IterationSpec, rank: int) -> str:
+def _shared_iteration_id(spec: IterationSpec, rank: int) -> str:
     """The id every rank of a job computes alike, when the job did not name its iteration.
 
     Under ``torch.distributed``, rank 0 picks a fresh id and broadcasts it. Under torchrun
@@ -68,37 +98,27 @@ def _shared_iteration_id(spec: iterations.IterationSpec, rank: int) -> str:
     a rank restarted by torchrun rejoins (resumes) the iteration it was in.
     """
     digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            chosen = [f"it-{os.urandom(6).hex()}" if rank == 0 else ""]
-            dist.broadcast_object_list(chosen, src=0)
-            return str(chosen[0])
-    except ImportError:
-        pass
+    dist = _distributed()
+    if dist is not None:
+        chosen = [f"it-{os.urandom(6).hex()}" if rank == 0 else ""]
+        dist.broadcast_object_list(chosen, src=0)
+        return str(chosen[0])
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id:
-        epoch = _epochs.get(digest, 0)
-        _epochs[digest] = epoch + 1
-        return f"{run_id}-{digest}-{epoch}"[:128]
+        count = _opened.get(digest, 0)
+        _opened[digest] = count + 1
+        return f"{run_id}-{digest}-{count}"[:128]
     raise InvalidArgument(
         f"world_size={spec.world_size} needs iteration_id=... (a name the job chooses, the same "
-        "on every rank, e.g. 'run7-epoch3') so its ranks join one iteration; under torchrun "
-        "or torch.distributed it is chosen for you"
+        "on every rank, e.g. 'run7') so its ranks join one iteration; under torchrun or "
+        "torch.distributed it is chosen for you"
     )
 
 
 def stream_messages(
-    client: LavenderClient, iteration_id: str, rank: int, worker: int = 0, num_workers: int = 1
-) -> Iterator[tuple[pa.RecordBatch, list[tuple[int, list[list[int]]]]]]:
-    """Messages of one rank's stream (or a worker's share), with their batches.
-
-    Each message comes with its batches' row counts and ``seq`` ranges (``BatchMetadata``).
-    """
-    ticket = iterations.IterationTicket(
-        iteration_id=iteration_id, rank=rank, worker=worker, num_workers=num_workers
-    )
+    client: LavenderClient, ticket: IterationTicket
+) -> Iterator[tuple[pa.RecordBatch, BatchMetadata]]:
+    """The messages of one stream, each with its parsed ``BatchMetadata``."""
     with client.errors():
         reader = client.flight.do_get(flight.Ticket(wire.encode(ticket)), client.options(None))
     try:
@@ -110,78 +130,186 @@ def stream_messages(
                     return
             if chunk.app_metadata is None:
                 raise ServerError("a batch came without its metadata")
-            metadata = json.loads(chunk.app_metadata.to_pybytes())
-            yield chunk.data, metadata["batches"]
+            yield chunk.data, BatchMetadata.model_validate_json(chunk.app_metadata.to_pybytes())
     finally:
         reader.cancel()
 
 
+def _reconnect_seconds(client: LavenderClient) -> float:
+    settings = getattr(client, "settings", None)
+    return float(getattr(settings, "reconnect_seconds", 30.0))
+
+
 def stream_batches(
     client: LavenderClient,
-    iteration_id: str,
-    rank: int,
-    worker: int = 0,
-    num_workers: int = 1,
+    ticket: IterationTicket,
     format: str = "arrow",
-) -> Iterator[tuple[Any, list[list[int]]]]:
-    """Batches of one rank's stream (or a worker's share) in ``format``, with their ``seq``.
+    on_metadata: Callable[[BatchMetadata], None] | None = None,
+    before_reconnect: Callable[[], None] | None = None,
+) -> Iterator[tuple[Any, list[tuple[int, int]]]]:
+    """Batches of one stream in ``format``, each with its ``seq`` ranges.
 
-    A Flight message may carry several batches; they are cut apart here (as views).
+    A Flight message may carry several batches; they are cut apart here (as views). When
+    the server goes away mid-stream, the stream is opened again (after
+    ``before_reconnect``, which sends what the loop reported) for up to the client's
+    reconnect window; batches sent again are the caller's to skip.
     """
-    for message, batches in stream_messages(client, iteration_id, rank, worker, num_workers):
-        sizes = [rows for rows, _ in batches]
-        for batch, (_, seq) in zip(split(message, sizes, format), batches, strict=True):
-            yield batch, seq
+    window = _reconnect_seconds(client)
+    down_since: float | None = None
+    delay = 0.2
+    while True:
+        try:
+            for message, metadata in stream_messages(client, ticket):
+                if down_since is not None:
+                    log.warning("reconnected to %s: %s goes on", client.api_url,
+                                ticket.iteration_id)  # fmt: skip
+                    down_since, delay = None, 0.2
+                if on_metadata is not None:
+                    on_metadata(metadata)
+                sizes = [rows for rows, _ in metadata.batches]
+                for batch, (_, seq) in zip(
+                    split(message, sizes, format), metadata.batches, strict=True
+                ):
+                    yield batch, seq
+            return
+        except ServerUnavailable as exc:
+            now = time.monotonic()
+            if down_since is None:
+                down_since = now
+                log.warning(
+                    "lost the server at %s (%s): reconnecting for up to %g s",
+                    client.api_url, exc, window,
+                )  # fmt: skip
+            if now - down_since + delay > window:
+                raise ServerUnavailable(
+                    f"the server at {client.api_url} did not come back within {window:g} s "
+                    f"({exc}); resume iteration {ticket.iteration_id} later: nothing "
+                    "completed is lost"
+                ) from None
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+            if before_reconnect is not None:
+                try:
+                    before_reconnect()
+                except ServerUnavailable:
+                    pass  # still down: the next open will tell
 
 
 class Iteration:
-    """Batches of one rank of an iteration; create with ``from_dataset`` or ``resume``.
+    """Batches of one rank of an iteration, epoch after epoch (see the module docstring).
 
-    Iterating yields batches in ``format``; a batch counts as completed when the next one is
-    asked for (or the iterator is closed), and completions reach the server in bulk from a
-    background thread. A new ``for`` loop over the same object (or ``Iteration.resume`` in a
-    new process) continues with what is not completed yet.
+    Create with ``from_dataset`` or ``resume``. A batch counts as completed when the next
+    one is asked for (or the loop ends); what the loop takes and completes reaches the
+    server in bulk from a background thread.
     """
 
     def __init__(
         self,
-        client: LavenderClient,
-        iteration_id: str,
+        command: IterationCommand,
         rank: int,
-        schema: pa.Schema,
-        spec: dict[str, Any],
         format: str = "python",
         progress: bool = False,
+        client: LavenderClient | None = None,
     ) -> None:
-        self.client = client
-        self.id = iteration_id
+        self._command = command
         self.rank = rank
-        self.schema = schema
-        self.spec = spec
         self.format = check_format(format)
         self.progress = progress
+        self._client = client
+        self._info: IterationInfo | None = None
+        self._schema: pa.Schema | None = None
+        self._ticket: IterationTicket | None = None
+        self._epoch: int | None = None
+        self._requested: int | None = None
 
-    @classmethod
-    def _open(
-        cls,
-        command: iterations.IterationCommand,
-        rank: int,
-        format: str,
-        progress: bool,
-        client: LavenderClient | None = None,
-    ) -> Iteration:
-        client = client or api.get_client()
-        descriptor = flight.FlightDescriptor.for_command(wire.encode(command))
-        with client.errors():
-            info = client.flight.get_flight_info(descriptor, client.options())
-        meta = json.loads(info.app_metadata)
-        spec = meta["spec"]
-        if not 0 <= rank < spec["world_size"]:
-            raise InvalidArgument(
-                f"rank {rank} is outside iteration {meta['iteration_id']}'s world of "
-                f"{spec['world_size']}"
-            )
-        return cls(client, meta["iteration_id"], rank, info.schema, spec, format, progress)
+    # -- on the server -------------------------------------------------------------------
+
+    @property
+    def client(self) -> LavenderClient:
+        """The connection this iteration uses (the default one unless given)."""
+        if self._client is None:
+            self._client = api.get_client()
+        return self._client
+
+    def _ensure(self) -> IterationInfo:
+        """Create (or join, or reopen) the iteration on the server, once."""
+        if self._info is None:
+            client = self.client
+            descriptor = flight.FlightDescriptor.for_command(wire.encode(self._command))
+            with client.errors():
+                info = client.flight.get_flight_info(descriptor, client.options())
+            found = IterationInfo.model_validate_json(info.app_metadata)
+            if not 0 <= self.rank < found.spec.world_size:
+                raise InvalidArgument(
+                    f"rank {self.rank} is outside iteration {found.iteration_id}'s world of "
+                    f"{found.spec.world_size}"
+                )
+            endpoint = info.endpoints[self.rank]  # the server's ticket for this rank
+            self._ticket = IterationTicket.model_validate_json(endpoint.ticket.ticket)
+            self._schema = info.schema
+            self._info = found
+        return self._info
+
+    @property
+    def id(self) -> str:
+        """The iteration's id (creating it on the server if it is not there yet)."""
+        return self._ensure().iteration_id
+
+    @property
+    def spec(self) -> IterationSpec:
+        """What the iteration delivers."""
+        return self._ensure().spec
+
+    @property
+    def seed(self) -> int:
+        """The shuffle seed in use (chosen by the server when the spec gave none)."""
+        return self._ensure().seed
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The schema of its batches."""
+        self._ensure()
+        assert self._schema is not None
+        return self._schema
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch the last (or current) loop iterates; None before the first."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next loop iterate epoch ``epoch`` (as torch's ``DistributedSampler``)."""
+        if epoch < 0:
+            raise InvalidArgument(f"epochs are numbered from 0, got {epoch}")
+        self._requested = epoch
+
+    def next_epoch(self) -> int:
+        """The epoch the next loop iterates (and take it as the current one).
+
+        ``set_epoch``'s, else the one after the last loop's, else where the rank stands:
+        its current epoch, or the next when it is done.
+        """
+        if self._requested is not None:
+            epoch, self._requested = self._requested, None
+        elif self._epoch is not None:
+            epoch = self._epoch + 1
+        else:
+            self._ensure()
+            rank = self.get_progress().ranks[self.rank]
+            # a rank that finished its epoch goes on with the next (an empty one stays)
+            epoch = rank.epoch + 1 if rank.done and rank.current else rank.epoch
+        self._epoch = epoch
+        return epoch
+
+    def ticket(self, epoch: int, worker: int = 0, num_workers: int = 1) -> IterationTicket:
+        """The ticket of one stream of this rank: the server's, for an epoch and worker."""
+        self._ensure()
+        assert self._ticket is not None
+        return self._ticket.model_copy(
+            update={"epoch": epoch, "worker": worker, "num_workers": num_workers, "window": True}
+        )
+
+    # -- creating ------------------------------------------------------------------------
 
     @classmethod
     def from_dataset(
@@ -195,6 +323,7 @@ class Iteration:
         shuffle_seed: int | None = None,
         shuffle_block_size: int = 4,
         drop_last: bool = False,
+        epochs: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         replication_pg: Sequence[Sequence[int]] | None = None,
@@ -207,23 +336,26 @@ class Iteration:
         iteration_id: str | None = None,
         format: str = "python",
         progress: bool = False,
+        client: LavenderClient | None = None,
     ) -> Iteration:
-        """Create an iteration over a dataset, or join the one ``iteration_id`` names.
+        """An iteration over a dataset, or the one ``iteration_id`` names (joined).
 
-        Ranks of one job pass the same arguments (and ``iteration_id``, unless
-        ``torch.distributed``/torchrun can choose it): the first creates the iteration, the
-        others join it. Without an id and with one rank, every call makes a new iteration.
-        ``drop_last=True`` gives every rank the same number of full batches (DDP-safe).
+        The spec is checked with the server at once (a typo in a column or plugin fails
+        here), but nothing is created until the first batch is asked for. Ranks of one
+        job pass the same arguments (and ``iteration_id``, unless ``torch.distributed`` or
+        torchrun can choose it): the first to start creates the iteration, the others join
+        it. Without an id and with one rank, every call makes a new iteration.
 
-        ``shardsets`` and ``columns`` choose what is read (the main shardset always is; a
-        shardset none of whose columns is wanted is never opened). ``join="left"`` keeps
-        every sample of the main shardset (columns a feature shardset lacks are null);
-        ``join="inner"`` keeps those present in every selected shardset, and counts the
-        others as filtered.
+        ``epochs``: how many passes (None: as many as the loop makes; each ``for`` over
+        the iteration is the next epoch). ``drop_last=True`` gives every rank the same
+        number of full batches (DDP-safe). ``shardsets`` and ``columns`` choose what is
+        read. ``join="left"`` keeps every sample of the main shardset (columns a feature
+        shardset lacks are null); ``join="inner"`` keeps those present in every selected
+        shardset, and counts the others as filtered.
         """
         rank, world_size = default_world(rank, world_size)
         spec = wire.build(
-            iterations.IterationSpec,
+            IterationSpec,
             "iteration",
             dataset_id=dataset_id,
             shardsets=list(shardsets) if shardsets is not None else None,
@@ -233,6 +365,7 @@ class Iteration:
             shuffle_seed=shuffle_seed,
             shuffle_block_size=shuffle_block_size,
             drop_last=drop_last,
+            epochs=epochs,
             world_size=world_size,
             replication_pg=[list(g) for g in replication_pg] if replication_pg else None,
             filters=[_plugin(f) for f in filters or ()],
@@ -242,12 +375,14 @@ class Iteration:
             skip_on_failure=skip_on_failure,
             join=join,
         )
+        if not 0 <= rank < world_size:
+            raise InvalidArgument(f"rank {rank} is outside the world of {world_size}")
         if iteration_id is None and world_size > 1:
             iteration_id = _shared_iteration_id(spec, rank)
-        command = wire.build(
-            iterations.IterationCommand, "iteration", iteration_id=iteration_id, spec=spec
-        )
-        return cls._open(command, rank, format, progress)
+        command = wire.build(IterationCommand, "iteration", iteration_id=iteration_id, spec=spec)
+        client = client or api.get_client()
+        client.action("check_iteration", command)  # fails now on a typo; creates nothing
+        return cls(command, rank, format, progress, client)
 
     @classmethod
     def resume(
@@ -256,36 +391,73 @@ class Iteration:
         rank: int | None = None,
         format: str = "python",
         progress: bool = False,
+        client: LavenderClient | None = None,
     ) -> Iteration:
-        """Continue an iteration (after a crash, a restart, or in another process)."""
+        """Continue an iteration (after a crash, a restart, or in another process).
+
+        The first loop delivers the rest of the rank's current epoch (or the next epoch
+        when that one is done).
+        """
         rank, _ = default_world(rank, None)
-        command = wire.build(iterations.IterationCommand, "iteration", iteration_id=iteration_id)
-        return cls._open(command, rank, format, progress)
+        command = wire.build(IterationCommand, "iteration", iteration_id=iteration_id)
+        iteration = cls(command, rank, format, progress, client)
+        iteration._ensure()  # a wrong id fails here
+        return iteration
+
+    # -- progress ------------------------------------------------------------------------
 
     def get_progress(self) -> IterationProgress:
         """Where the iteration stands, every rank included."""
         return api.get_iteration(self.id)
 
     def rank_total(self) -> int:
-        """Samples this rank delivers in the epoch."""
+        """Samples this rank delivers in an epoch."""
         return self.get_progress().ranks[self.rank].total
 
     def __len__(self) -> int:
         """Batches this rank delivers in a full epoch."""
-        return -(-self.rank_total() // int(self.spec["batch_size"]))
+        return -(-self.rank_total() // self.spec.batch_size)
+
+    # -- iterating -----------------------------------------------------------------------
+
+    def acknowledger(self, epoch: int) -> Acknowledger:
+        """The reporter of one loop over ``epoch``."""
+        return Acknowledger(
+            self.client,
+            self.id,
+            self.rank,
+            epoch,
+            reconnect_seconds=_reconnect_seconds(self.client),
+        )
 
     def __iter__(self) -> Iterator[Any]:
-        items = stream_batches(self.client, self.id, self.rank, format=self.format)
-        acks = Acknowledger(self.client, self.id, self.rank)
+        epoch = self.next_epoch()
+        ticket = self.ticket(epoch)
+        acks = self.acknowledger(epoch)
+
+        def learn(metadata: BatchMetadata) -> None:
+            if metadata.report_every:
+                acks.report_every = metadata.report_every
+
+        def flush() -> None:
+            try:
+                acks.flush()
+            except Exception:  # still down; the reopen that follows tells
+                pass
+
+        items = stream_batches(self.client, ticket, self.format, learn, flush)
         if not self.progress:
             yield from acknowledging(items, acks)
             return
         from tqdm.auto import tqdm
 
         state = self.get_progress().ranks[self.rank]
-        with tqdm(total=state.total, initial=state.completed, unit="samples", desc=self.id) as bar:
+        start = state.completed if state.epoch == epoch else 0
+        with tqdm(
+            total=state.total, initial=start, unit="samples", desc=f"{self.id} epoch {epoch}"
+        ) as bar:
 
-            def counted() -> Iterator[tuple[Any, list[list[int]]]]:
+            def counted() -> Iterator[tuple[Any, list[tuple[int, int]]]]:
                 for batch, seq in items:
                     bar.update(sum(b - a for a, b in seq))
                     yield batch, seq
@@ -300,12 +472,14 @@ class Iteration:
         num_workers: int = 0,
         multiprocessing_context: str | None = None,
         timeout: float = 0,
+        persistent_workers: bool | None = None,
     ) -> LavenderDataLoader:
         """A torch ``DataLoader`` over this rank's batches (``python`` format becomes ``torch``).
 
         Each worker opens its own Flight connection and streams its share of the rank's
         batches (never a copy); workers start with ``spawn`` by default, since gRPC does not
-        survive ``fork``. Batches are acknowledged by the loop that consumes them.
+        survive ``fork``, and stay for the next epochs (``persistent_workers``, default on
+        with workers). Iterating the loader again is the next epoch, as with the iteration.
         """
         from .torch_loader import LavenderDataLoader
 
@@ -317,4 +491,5 @@ class Iteration:
             num_workers=num_workers,
             multiprocessing_context=multiprocessing_context,
             timeout=timeout,
+            persistent_workers=persistent_workers,
         )

@@ -1,14 +1,23 @@
-"""``LavenderDataLoader``: a torch ``DataLoader`` over an iteration, acknowledging as it goes."""
+"""``LavenderDataLoader``: a torch ``DataLoader`` over an iteration, epoch after epoch.
+
+Each worker process streams its share of the rank's batches over its own connection; the
+loop in the main process reports what it takes and completes. Iterating the loader again
+is the next epoch: the main process decides which (``Iteration.next_epoch``) and tells its
+workers through a shared value, so a rank and its workers always agree. Workers stay for
+the next epochs by default (the ``spawn`` start-up is paid once per job).
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch.utils.data
 
-from .acks import Acknowledger, acknowledging
+from ..protocol.iterations import IterationTicket
+from .acks import acknowledging
 from .connection import LavenderClient
 from .iteration import stream_batches
 
@@ -22,7 +31,7 @@ __all__ = ["IterationDataset", "LavenderDataLoader"]
 class Consumed:
     """The sequence ranges of one batch, carried beside it from a worker to the loop."""
 
-    seq: list[list[int]]
+    seq: list[tuple[int, int]]
 
 
 def passthrough(item: Any) -> Any:
@@ -31,37 +40,46 @@ def passthrough(item: Any) -> Any:
 
 
 class IterationDataset(torch.utils.data.IterableDataset):
-    """One rank's stream; in a worker process, that worker's share of it."""
+    """One rank's stream; in a worker process, that worker's share of it.
+
+    ``epoch`` is shared with the workers (set by the main process before each epoch).
+    """
 
     def __init__(
         self,
-        api_url: str,
-        api_key: str | None,
-        timeout: float,
-        iteration_id: str,
-        rank: int,
+        connect: dict[str, Any],
+        ticket: IterationTicket | None,
         format: str,
+        epoch: Any,
     ) -> None:
-        self.api_url = api_url
-        self.api_key = api_key
-        self.timeout = timeout
-        self.iteration_id = iteration_id
-        self.rank = rank
+        self.connect = connect
+        self.ticket = ticket
         self.format = format
+        self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[Any, Consumed]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # A connection of this process: gRPC channels do not survive fork.
-        with LavenderClient(self.api_url, self.api_key, self.timeout) as client:
-            for batch, seq in stream_batches(
-                client, self.iteration_id, self.rank, worker, num_workers, self.format
-            ):
+        assert self.ticket is not None, "the loader sets the ticket before the first epoch"
+        ticket = self.ticket.model_copy(
+            update={"epoch": int(self.epoch.value), "worker": worker, "num_workers": num_workers}
+        )
+        # a connection of this process: gRPC channels do not survive fork
+        with LavenderClient(**self.connect) as client:
+            for batch, seq in stream_batches(client, ticket, self.format):
                 yield batch, Consumed(seq)
 
 
+def _connect_args(client: LavenderClient) -> dict[str, Any]:
+    """What a worker needs to open the same connection (the client's settings)."""
+    settings = getattr(client, "settings", None)
+    if settings is not None:
+        return {"settings": settings}
+    return {"api_url": client.api_url, "api_key": client.api_key, "timeout": client.timeout}
+
+
 class LavenderDataLoader(torch.utils.data.DataLoader):
-    """A ``DataLoader`` over an iteration's rank; iterate it like any other."""
+    """A ``DataLoader`` over an iteration's rank; iterate it like any other, once an epoch."""
 
     def __init__(
         self,
@@ -72,15 +90,17 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         num_workers: int = 0,
         multiprocessing_context: str | None = None,
         timeout: float = 0,
+        persistent_workers: bool | None = None,
     ) -> None:
         self.iteration = iteration
         fmt = iteration.format if iteration.format != "python" else "torch"
-        client = iteration.client
-        dataset = IterationDataset(
-            client.api_url, client.api_key, client.timeout, iteration.id, iteration.rank, fmt
-        )
         if num_workers > 0 and multiprocessing_context is None:
             multiprocessing_context = "spawn"
+        context = multiprocessing.get_context(multiprocessing_context or "spawn")
+        self._epoch = context.Value("q", 0)
+        # the ticket is set at the first epoch: a script's top level, which spawned
+        # workers run again, builds the loader but must create nothing on the server
+        dataset = IterationDataset(_connect_args(iteration.client), None, fmt, self._epoch)
         super().__init__(
             dataset,
             batch_size=None,
@@ -90,14 +110,26 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
             pin_memory=pin_memory,
             pin_memory_device=pin_memory_device,
             multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
-            persistent_workers=False,
+            persistent_workers=(num_workers > 0)
+            if persistent_workers is None
+            else persistent_workers,
             timeout=timeout,
         )
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        acks = Acknowledger(self.iteration.client, self.iteration.id, self.iteration.rank)
+        epoch = self.iteration.next_epoch()
+        self._epoch.value = epoch
+        dataset = self.dataset
+        assert isinstance(dataset, IterationDataset)
+        if dataset.ticket is None:  # before the workers start: they get it with the dataset
+            dataset.ticket = self.iteration.ticket(epoch)
+        acks = self.iteration.acknowledger(epoch)
         items = ((batch, token.seq) for batch, token in super().__iter__())
         yield from acknowledging(items, acks)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass iterate epoch ``epoch`` (as torch's ``DistributedSampler``)."""
+        self.iteration.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.iteration)

@@ -16,7 +16,9 @@ from pydantic import BaseModel
 from ..protocol import Dataset, wire
 from ..protocol.errors import ActionNotFound, InvalidRequest
 from ..protocol.iterations import (
+    AckAnswer,
     AckBody,
+    DeleteIterationBody,
     IterationBody,
     IterationCommand,
     IterationTicket,
@@ -24,8 +26,8 @@ from ..protocol.iterations import (
     decode_ticket,
 )
 from ..transforms import Plugins
+from .engine import IterationManager, LiveIteration, ReadAhead
 from .errors import translate_errors, wire_errors
-from .iterations import IterationManager, LiveIteration
 from .service import LavenderService
 
 __all__ = ["ACTIONS", "LavenderFlightServer"]
@@ -140,22 +142,30 @@ ACTIONS: dict[str, ActionSpec] = {
             }
         ),
     ),
+    "check_iteration": ActionSpec(
+        IterationCommand,
+        "Check an iteration command {iteration_id?, spec?} as get_flight_info would, creating "
+        "nothing; answers {exists, total} (samples per epoch).",
+        lambda srv, b: _json(srv.iterations.check(b)),
+    ),
     "get_iteration": ActionSpec(
         IterationBody,
         "Progress of an iteration {iteration_id}: current, completed, filtered, failed, the "
         "positions in flight per rank; as JSON.",
-        lambda srv, b: _json(srv.iterations.get(b.iteration_id).progress()),
+        lambda srv, b: _json(srv.iterations.get(b.iteration_id).progress(ranks=True)),
     ),
     "list_iterations": ActionSpec(
         ListIterationsBody,
-        "Progress of every iteration {dataset_id?}, newest first; as a JSON array.",
-        lambda srv, b: _json(srv.iterations.list(b.dataset_id)),
+        "Progress of every iteration {dataset_id?, ranks?: false}, newest first; as a JSON "
+        "array (each rank's progress only with ranks=true).",
+        lambda srv, b: _json(srv.iterations.list(b.dataset_id, b.ranks)),
     ),
     "ack": ActionSpec(
         AckBody,
-        "Acknowledge consumed samples {iteration_id, rank, seq: [[start, stop], ...]} (the "
-        "'seq' of batch metadata); saved before the answer {completed: new samples}.",
-        lambda srv, b: _json({"completed": srv.iterations.get(b.iteration_id).ack(b.rank, b.seq)}),
+        "Report what a rank's loop took and completed {iteration_id, rank, epoch?, taken: "
+        "[[start, stop], ...], completed: [...]} (the 'seq' ranges of batch metadata; 'seq' "
+        "is accepted for completed); saved before the answer {completed: new samples}.",
+        lambda srv, b: _json(AckAnswer(completed=srv.iterations.get(b.iteration_id).ack(b))),
     ),
     "pushback": ActionSpec(
         IterationBody,
@@ -164,9 +174,10 @@ ACTIONS: dict[str, ActionSpec] = {
         lambda srv, b: _json({"pushed_back": srv.iterations.get(b.iteration_id).pushback()}),
     ),
     "delete_iteration": ActionSpec(
-        IterationBody,
-        "Forget an iteration {iteration_id} and its progress.",
-        lambda srv, b: _deleted(srv.iterations.delete, b.iteration_id),
+        DeleteIterationBody,
+        "Forget an iteration {iteration_id, force?: false} and its progress; one with open "
+        "streams only with force (its readers then get IterationNotFound).",
+        lambda srv, b: _deleted(lambda i: srv.iterations.delete(i, b.force), b.iteration_id),
     ),
 }
 
@@ -185,19 +196,36 @@ class LavenderFlightServer(flight.FlightServerBase):
         plugins: Plugins | None = None,
         workers: int = 0,
         lease_seconds: float | None = None,
+        advertise: str | None = None,
+        node_timeout: float = 10.0,
+        read_ahead: ReadAhead | None = None,
         **kwargs: Any,
     ):
         """Listen on ``location``.
 
         ``kwargs`` go to ``FlightServerBase`` (``middleware``, ``tls_certificates``...);
-        ``lease_seconds`` frees the samples held by dead streams.
+        ``lease_seconds`` frees the samples held by streams whose server is cut off;
+        ``advertise`` is the URL clients reach this server at (default: ``location`` with
+        the port it got); ``node_timeout``: seconds without a heartbeat after which a
+        server on the same catalog counts as dead; ``read_ahead``: the budget of windowed
+        streams.
         """
         super().__init__(location, **kwargs)
         self.service = service
         self.plugins = plugins or Plugins.load(entry_points=False)
+        scheme, _, rest = location.partition("://")
+        host = rest.rsplit(":", 1)[0] if ":" in rest else rest
         self.iterations = IterationManager(
-            service.catalog, service, self.plugins, workers, lease_seconds=lease_seconds
+            service.catalog,
+            service,
+            self.plugins,
+            workers,
+            lease_seconds=lease_seconds,
+            location=advertise or f"{scheme}://{host}:{self.port}",
+            node_timeout=node_timeout,
+            budget=read_ahead,
         )
+        self.iterations.start()
 
     def shutdown(self) -> None:
         """Stop serving, then stop the read threads and preprocessing workers."""
@@ -238,17 +266,14 @@ class LavenderFlightServer(flight.FlightServerBase):
             flight.FlightEndpoint(wire.encode(IterationTicket(iteration_id=live.id, rank=rank)), [])
             for rank in range(live.spec.world_size)
         ]
-        info = flight.FlightInfo(
+        return flight.FlightInfo(
             live.output_schema,
             descriptor,
             endpoints,
-            live.plan.total,
+            live.setup.total,
             -1,
-            app_metadata=_json(
-                {"iteration_id": live.id, "spec": live.record.spec, "seed": live.plan.seed}
-            ),
+            app_metadata=wire.encode(live.info()),
         )
-        return info
 
     @translate_errors
     def list_flights(
@@ -291,7 +316,7 @@ class LavenderFlightServer(flight.FlightServerBase):
         request = decode_ticket(ticket.ticket)
         if isinstance(request, IterationTicket):
             live = self.iterations.get(request.iteration_id)
-            schema, stream = live.stream(request)
+            schema, stream = live.stream(request, context.is_cancelled)
 
             def iteration_batches() -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
                 with wire_errors():

@@ -162,11 +162,11 @@ class IterationPage(Page):
             )
         spec = p.spec
         held = sum(r.inflight for r in p.ranks)
-        shuffle = f"yes (seed {spec.get('shuffle_seed')})" if spec.get("shuffle") else "no"
+        shuffle = f"yes (seed {p.seed})" if spec.shuffle else "no"
         self._summary.object = (
             f'<p id="iteration-summary">dataset {link("dataset", p.dataset_id, id=p.dataset_id)}'
-            f" · batch size {html.escape(str(spec.get('batch_size')))} · shuffle "
-            f"{html.escape(shuffle)} · world size {html.escape(str(spec.get('world_size')))}"
+            f" · batch size {spec.batch_size} · shuffle "
+            f"{html.escape(shuffle)} · world size {spec.world_size}"
             f" · created {format_time(p.created_at)} · updated {format_time(p.updated_at)}"
             f' · <b id="lf-state">{"done" if p.done else "running"}</b></p>'
             f'<p>in flight: <b id="lf-inflight">{held}</b> samples'

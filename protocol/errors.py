@@ -18,7 +18,8 @@ error, and the client turns that back into the same class, so a user sees
     ├── InvalidArgument                bad input, nothing changed   (INVALID_ARGUMENT)
     │   ├── InvalidLocation            unknown protocol, a file, unreachable
     │   ├── SchemaMismatch             a shard disagrees with the declared columns
-    │   └── InvalidRequest             garbage body, ticket or descriptor
+    │   ├── InvalidRequest             garbage body, ticket or descriptor
+    │   └── IterationBusy              still has open streams (force=True ends them)
     ├── TransformFailed                a plugin raised on a sample  (INTERNAL)
     ├── StorageError                   reading or writing storage failed (UNAVAILABLE)
     ├── ServerUnavailable              the client cannot reach the server (UNAVAILABLE)
@@ -41,6 +42,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidLocation",
     "InvalidRequest",
+    "IterationBusy",
     "IterationConflict",
     "IterationNotFound",
     "LavenderError",
@@ -134,6 +136,13 @@ class SchemaMismatch(InvalidArgument):
 
 class InvalidRequest(InvalidArgument):
     """An action body, descriptor or ticket could not be decoded or validated."""
+
+
+class IterationBusy(InvalidArgument):
+    """An iteration (or the dataset it reads) still has open streams.
+
+    End them first, or delete with ``force=True``.
+    """
 
 
 class TransformFailed(LavenderError):

@@ -6,7 +6,7 @@ import base64
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import InvalidRequest
 from .ranges import runs
@@ -14,10 +14,16 @@ from .records import _Record
 from .wire import MAX_PAYLOAD_BYTES, Ranges, ShardTicket, WireModel, _Id, problems
 
 __all__ = [
+    "MAX_WORLD_SIZE",
+    "AckAnswer",
     "AckBody",
     "BatchMetadata",
+    "CheckAnswer",
+    "DeleteIterationBody",
     "IterationBody",
     "IterationCommand",
+    "IterationInfo",
+    "IterationPlan",
     "IterationSpec",
     "IterationTicket",
     "ListIterationsBody",
@@ -43,8 +49,16 @@ class PluginCall(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+MAX_WORLD_SIZE = 16_384
+"""The most ranks one iteration may have (each rank's progress is kept and reported)."""
+
+
 class IterationSpec(WireModel):
-    """What an iteration delivers; ranks that join one iteration must send the same spec."""
+    """What an iteration delivers; ranks that join one iteration must send the same spec.
+
+    ``epochs``: how many passes the iteration makes (None: as many as the job asks for;
+    each new pass over the iteration is the next epoch, shuffled anew).
+    """
 
     dataset_id: str = _Id
     shardsets: list[str] | None = Field(default=None, max_length=1000)
@@ -54,14 +68,29 @@ class IterationSpec(WireModel):
     shuffle_seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
     shuffle_block_size: int = Field(default=4, ge=1, le=1_000_000)
     drop_last: bool = False
-    world_size: int = Field(default=1, ge=1, le=65_536)
-    replication_pg: list[list[int]] | None = Field(default=None, max_length=65_536)
+    world_size: int = Field(default=1, ge=1, le=MAX_WORLD_SIZE)
+    replication_pg: list[list[int]] | None = Field(default=None, max_length=MAX_WORLD_SIZE)
     filters: list[PluginCall] = Field(default_factory=list, max_length=100)
     collater: PluginCall | None = None
     preprocessors: list[PluginCall] = Field(default_factory=list, max_length=100)
     max_retry_count: int = Field(default=0, ge=0, le=100)
     skip_on_failure: bool = False
     join: Literal["left", "inner"] = "left"
+    epochs: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class IterationPlan(BaseModel):
+    """What an iteration froze when it was created: the main shards it reads, and its seed.
+
+    Every epoch reads the same shards (their row counts as they were then); epoch ``e``
+    shuffles with a seed derived from ``seed`` and ``e``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    shards: list[tuple[int, int]]
+    """``(shard index, rows)`` of each main shard, in shard order."""
+    seed: int
 
 
 class IterationCommand(WireModel):
@@ -72,22 +101,68 @@ class IterationCommand(WireModel):
     spec: IterationSpec | None = None
 
 
+class CheckAnswer(WireModel):
+    """``check_iteration``: the spec is valid; whether the iteration exists, and its size."""
+
+    exists: bool
+    total: int
+    """Samples per epoch, every rank together."""
+
+
+class IterationInfo(WireModel):
+    """The ``app_metadata`` of an iteration's FlightInfo: what the iteration is."""
+
+    iteration_id: str
+    spec: IterationSpec
+    seed: int
+    """The shuffle seed in use (the one the server chose when the spec gave none)."""
+    total: int
+    """Samples per epoch, every rank together."""
+
+
 class IterationTicket(WireModel):
-    """``do_get`` ticket of an iteration: one rank's stream (or one worker's share of it)."""
+    """``do_get`` ticket of an iteration: one rank's stream (or one worker's share of it).
+
+    ``epoch`` None streams the epoch the rank is in (its latest; 0 at first). A client that
+    sets ``window`` reports the batches its loop takes (``ack`` with ``taken``), and the
+    server keeps what it sends ahead of the loop within a small budget; without it, the
+    server sends as fast as the client reads. ``positions`` asks for the dataset positions
+    of every row in the metadata.
+    """
 
     kind: Literal["iteration"] = "iteration"
     iteration_id: str = Field(pattern=_ITERATION_ID)
-    rank: int = Field(default=0, ge=0, le=65_535)
+    rank: int = Field(default=0, ge=0, lt=MAX_WORLD_SIZE)
     worker: int = Field(default=0, ge=0, le=1023)
     num_workers: int = Field(default=1, ge=1, le=1024)
+    epoch: int | None = Field(default=None, ge=0, le=1_000_000)
+    window: bool = False
+    positions: bool = False
 
 
 class AckBody(WireModel):
-    """``ack``: the local sequence ranges of batches a rank has consumed."""
+    """``ack``: the batches a rank's loop has taken, and those it has completed.
+
+    Ranges are the local sequence ranges of the batch metadata (``seq``). A completed batch
+    counts as taken too. ``seq`` is the older name of ``completed``. ``epoch`` None: the
+    epoch the rank is in.
+    """
 
     iteration_id: str = Field(pattern=_ITERATION_ID)
-    rank: int = Field(default=0, ge=0, le=65_535)
-    seq: Ranges = Field(max_length=1_000_000)
+    rank: int = Field(default=0, ge=0, lt=MAX_WORLD_SIZE)
+    epoch: int | None = Field(default=None, ge=0, le=1_000_000)
+    taken: Ranges = Field(default_factory=list, max_length=1_000_000)
+    completed: Ranges = Field(
+        default_factory=list,
+        max_length=1_000_000,
+        validation_alias=AliasChoices("completed", "seq"),
+    )
+
+
+class AckAnswer(WireModel):
+    """What an ``ack`` changed: delivered samples newly completed."""
+
+    completed: int
 
 
 class IterationBody(WireModel):
@@ -96,10 +171,18 @@ class IterationBody(WireModel):
     iteration_id: str = Field(pattern=_ITERATION_ID)
 
 
+class DeleteIterationBody(WireModel):
+    """``delete_iteration``: ``force`` ends its live streams first (else they refuse it)."""
+
+    iteration_id: str = Field(pattern=_ITERATION_ID)
+    force: bool = False
+
+
 class ListIterationsBody(WireModel):
-    """``list_iterations``, of one dataset or all."""
+    """``list_iterations``, of one dataset or all; ``ranks`` adds each rank's progress."""
 
     dataset_id: str | None = Field(default=None, max_length=128)
+    ranks: bool = False
 
 
 class BatchMetadata(WireModel):
@@ -107,16 +190,19 @@ class BatchMetadata(WireModel):
 
     A message's record batch holds one or more consecutive batches: ``batches`` lists each
     one's row count and the rank's local sequence ranges it carries (what to acknowledge,
-    in the ``ack`` action). The dataset positions of the message's rows, in row order, are
-    ``positions`` (``[start, stop)`` runs) when they run in order, else ``positions_i64``
-    (base64 of little-endian int64s).
+    in the ``ack`` action). When the ticket asked for them, the dataset positions of the
+    message's rows, in row order, are ``positions`` (``[start, stop)`` runs) when they run
+    in order, else ``positions_i64`` (base64 of little-endian int64s). ``report_every``
+    (windowed streams): report taken batches at least every that many samples.
     """
 
     iteration_id: str
     rank: int
+    epoch: int = 0
     batches: list[tuple[int, Ranges]]
     positions: Ranges | None = None
     positions_i64: str | None = None
+    report_every: int | None = None
 
 
 def encode_positions(positions: np.ndarray, max_runs: int = 32) -> dict[str, Any]:
@@ -152,18 +238,22 @@ def decode_ticket(payload: bytes) -> ShardTicket | IterationTicket:
 
 
 class IterationRecord(_Record):
-    """An iteration as the catalog stores it: its spec and its frozen plan (opaque JSON)."""
+    """An iteration as the catalog stores it: its spec and its frozen plan."""
 
     id: str
     dataset_id: str
-    spec: dict[str, Any]
-    plan: dict[str, Any]
+    spec: IterationSpec
+    plan: IterationPlan
     total: int
+    """Samples per epoch, every rank together."""
     created_at: float
 
 
 class RankProgressRecord(_Record):
-    """Progress of one rank, as ranges of its local sequence numbers."""
+    """Progress of one rank as catalog schema 4 kept it (before epochs).
+
+    Read once, to carry an iteration created then over to epoch-aware progress.
+    """
 
     iteration_id: str
     rank: int
@@ -177,37 +267,52 @@ class RankProgressRecord(_Record):
 
 
 class RankProgress(BaseModel):
-    """Where one rank of an iteration stands."""
+    """Where one rank of an iteration stands in its current epoch, as its loop sees it.
+
+    ``current``: samples the loop has taken (their batches handed to the loop, filtered and
+    failed ones on their way included); ``completed``: delivered samples the loop finished;
+    ``inflight``: taken, not completed; ``read_ahead``: sent or claimed by the server ahead
+    of the loop (bounded by ``read_ahead_limit`` for windowed streams); ``pending``: to be
+    handed out again (pushed back, or left by a stream that ended).
+    """
 
     rank: int
+    epoch: int = 0
     total: int
     current: int
     completed: int
     filtered: int
     failed: int
     inflight: int
+    read_ahead: int = 0
+    read_ahead_limit: int | None = None
     inflight_positions: list[int] = Field(default_factory=list)
     pending: int = 0
     streams: int = 0
+    done: bool = False
 
 
 class IterationProgress(BaseModel):
-    """Progress of an iteration: the dashboard's four bars and the positions in flight.
+    """Progress of an iteration: the dashboard's four bars and what is in flight.
 
-    ``current`` counts samples handed out at least once, ``completed`` those acknowledged,
-    ``filtered`` those a filter dropped, ``failed`` those skipped after errors; ``inflight``
-    maps each rank to the dataset positions it holds but has not acknowledged.
+    Counts add the ranks up, each in its current epoch (``epoch`` is the latest of them).
+    ``inflight`` maps each rank to the dataset positions its loop holds (taken, not
+    completed; the first thousand). ``read_ahead`` is what the server holds ahead of the
+    loops. ``done``: every rank finished its current epoch (and, with ``epochs``, the last).
     """
 
     id: str
     dataset_id: str
-    spec: dict[str, Any]
+    spec: IterationSpec
+    seed: int
+    epoch: int = 0
     total: int
     current: int
     completed: int
     filtered: int
     failed: int
     inflight: dict[int, list[int]]
+    read_ahead: int = 0
     ranks: list[RankProgress]
     created_at: float
     updated_at: float

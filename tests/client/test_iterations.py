@@ -214,7 +214,7 @@ def test_rank_and_world_from_the_environment(
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     it = Iteration.from_dataset(dataset.id, batch_size=8, iteration_id="env")
-    assert (it.rank, it.spec["world_size"]) == (1, 2)
+    assert (it.rank, it.spec.world_size) == (1, 2)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run42")
     first = Iteration.from_dataset(dataset.id, batch_size=8)
     second = Iteration.from_dataset(dataset.id, batch_size=8)

@@ -11,6 +11,9 @@ Terms used throughout the iteration engine:
 Shuffling permutes the shard order, then cuts it into blocks of ``block_size`` shards and
 permutes the samples of each block. Only the permutation of a block being read is ever in
 memory, so memory is bounded by the block, whatever the dataset size.
+
+Every epoch has its own order: epoch ``e`` draws from seeds derived from the iteration's
+seed and ``e`` (epoch 0 keeps the order iterations had before epochs existed).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..protocol.errors import InvalidArgument
+from ...protocol.errors import InvalidArgument
 
 __all__ = ["Block", "EpochPlan"]
 
@@ -48,6 +51,7 @@ class EpochPlan:
         seed: int = 0,
         block_size: int = 1,
         drop_last: bool = False,
+        epoch: int = 0,
     ) -> None:
         if batch_size < 1:
             raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
@@ -58,6 +62,7 @@ class EpochPlan:
         self.partitions = partitions
         self.shuffle = shuffle
         self.seed = seed
+        self.epoch = epoch
         self.drop_last = drop_last
         self.shard_starts = np.concatenate(([0], np.cumsum(self.shard_rows, dtype=np.int64)))
         available = int(self.shard_starts[-1])
@@ -70,7 +75,7 @@ class EpochPlan:
             self.total = available
         order = list(range(len(self.shard_rows)))
         if shuffle:
-            order = np.random.default_rng([seed, 0]).permutation(len(order)).tolist()
+            order = np.random.default_rng(self._seed(0)).permutation(len(order)).tolist()
         if not shuffle:
             block_size = 1
         self.blocks: list[Block] = []
@@ -82,6 +87,10 @@ class EpochPlan:
             start += size
         self._block_starts = np.array([b.start for b in self.blocks] + [start], dtype=np.int64)
         self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _seed(self, *parts: int) -> list[int]:
+        """The seed of one random draw of this epoch's order."""
+        return [self.seed, *parts] + ([self.epoch] if self.epoch else [])
 
     @property
     def num_chunks(self) -> int:
@@ -129,7 +138,7 @@ class EpochPlan:
             return np.arange(block.size, dtype=np.int64)
         perm = self._perms.get(number)
         if perm is None:
-            perm = np.random.default_rng([self.seed, 1, number]).permutation(block.size)
+            perm = np.random.default_rng(self._seed(1, number)).permutation(block.size)
             self._perms[number] = perm
             while len(self._perms) > 4:
                 self._perms.popitem(last=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..protocol.errors import InvalidArgument
+from ...protocol.errors import InvalidArgument
 
 __all__ = ["World", "replication_partitions"]
 

@@ -1,4 +1,4 @@
-"""The iteration's arithmetic, without a server: ranges, world, plan, rank state."""
+"""The iteration's arithmetic, without a server: ranges, world, epoch plans."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from lavender_flight.flight_server.plan import EpochPlan
-from lavender_flight.flight_server.progress import RankState
-from lavender_flight.flight_server.world import World, replication_partitions
+from lavender_flight.flight_server.engine import EpochPlan, World, replication_partitions
 from lavender_flight.protocol.errors import InvalidArgument
 from lavender_flight.protocol.ranges import RangeSet, runs
 
@@ -117,58 +115,17 @@ def test_plan_refuses_bad_sizes() -> None:
         EpochPlan(SHARDS, 4, shuffle=True, block_size=0)
 
 
-def test_rank_state_streams_pushback_and_acks() -> None:
-    state = RankState(rank=0, size=20, batch_size=8)
-    world = World()
-    key = (0, 1)
-    generation = state.open_stream(key)
-    work, cursor = state.next_work(world, key, 0)
-    assert (work, cursor) == ([[(0, 8)]], 8)
-    work, cursor = state.next_work(world, key, cursor)
-    assert work == [[(8, 16)]]
-    state.settle([(0, 8)], state.acked)
-    assert state.pushback() == 8  # (8, 16) back to the queue
-    assert state.next_work(world, key, cursor) == ([[(8, 16)]], cursor)  # pending first
-    assert state.next_work(world, key, cursor) == ([[(16, 20)]], 20)
-    assert state.next_work(world, key, 20) == ([], 20)
-    # a new stream of the same worker supersedes the old one and takes back what it held
-    assert state.open_stream(key) == generation + 1
-    assert not state.is_current(key, generation)
-    assert len(state.pending) == 12 and state.inflight_count == 0
-    state.settle([(8, 20)], state.acked)
-    assert state.done and len(state.acked) == 20
+def test_each_epoch_has_its_own_order_and_epoch_zero_keeps_the_old_one() -> None:
+    def order(epoch: int, seed: int = 5) -> list[int]:
+        plan = EpochPlan(SHARDS, 4, shuffle=True, seed=seed, block_size=2, epoch=epoch)
+        return plan.positions(np.arange(plan.total)).tolist()
 
-
-def test_rank_state_workers_share_a_rank() -> None:
-    state = RankState(rank=0, size=30, batch_size=5)
-    got: dict[int, list[list[tuple[int, int]]]] = {0: [], 1: []}
-    worlds = {w: World(worker=w, num_workers=2) for w in (0, 1)}
-    cursors = {0: 0, 1: 0}
-    for w in (0, 1):
-        state.open_stream((w, 2))
-    while True:
-        progressed = False
-        for w in (0, 1):
-            work, cursors[w] = state.next_work(worlds[w], (w, 2), cursors[w], max_chunks=2)
-            got[w].extend(work)
-            progressed |= bool(work)
-        if not progressed:
-            break
-    assert got[0] == [[(0, 5)], [(10, 15)], [(20, 25)]]
-    assert got[1] == [[(5, 10)], [(15, 20)], [(25, 30)]]
-
-
-def test_rank_state_takes_runs_of_chunks() -> None:
-    state = RankState(rank=0, size=23, batch_size=5)
-    key = (0, 1)
-    state.open_stream(key)
-    state.settle([(7, 9)], state.acked)  # acknowledged earlier (e.g. before a restart)
-    units, cursor = state.next_work(World(), key, 0, max_chunks=3)
-    assert units == [[(0, 5)], [(5, 7), (9, 10)], [(10, 15)]] and cursor == 15
-    assert state.pushback() == 13
-    units, _ = state.next_work(World(), key, cursor, max_chunks=2)
-    assert units == [[(0, 5)], [(5, 7), (9, 10)]]  # pushed back, in order, by chunk
-    units, cursor = state.next_work(World(), key, cursor, max_chunks=10)
-    assert units == [[(10, 15)]]
-    units, cursor = state.next_work(World(), key, cursor, max_chunks=10)
-    assert units == [[(15, 20)], [(20, 23)]] and cursor == 23
+    orders = [order(e) for e in range(3)]
+    assert all(sorted(o) == list(range(TOTAL)) for o in orders)  # each epoch: every sample
+    assert len({tuple(o) for o in orders}) == 3  # epochs differ
+    assert orders == [order(e) for e in range(3)]  # the same seed: the same three orders
+    # epoch 0 draws from the seeds iterations used before epochs existed
+    legacy = np.random.default_rng([5, 0]).permutation(len(SHARDS)).tolist()
+    assert EpochPlan(SHARDS, 4, shuffle=True, seed=5, block_size=2).blocks[0].shard_slots == (
+        tuple(legacy[:2])
+    )

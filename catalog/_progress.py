@@ -1,0 +1,211 @@
+"""Iteration state rows: one per iteration, epoch and rank, changed in write transactions.
+
+The catalog does not interpret the state (the iteration engine does, ``engine/state.py``):
+it stores it as JSON text with two columns the servers query across iterations, when the
+first lease of the row runs out (``expires_at``) and which servers serve its streams
+(``nodes``, as ``,a,b,``). ``update_rank_states`` is the one way to change rows: it loads
+them inside a write transaction that holds them, hands them to a function, and writes back
+the ones it changed, so two servers never hand out the same sample.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..protocol.errors import IterationNotFound
+
+__all__ = ["NodeRecord", "ProgressRows", "RankRow"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class RankRow:
+    """The stored state of one rank in one epoch (``state`` None: no row yet)."""
+
+    epoch: int
+    rank: int
+    state: str | None
+    expires_at: float | None = None
+    nodes: tuple[str, ...] = ()
+    updated_at: float = 0.0
+
+    def set(self, state: str, expires_at: float | None, nodes: Sequence[str]) -> None:
+        """Replace the state (written back when the transaction ends)."""
+        self.state = state
+        self.expires_at = expires_at
+        self.nodes = tuple(nodes)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A server registered on the catalog."""
+
+    id: str
+    location: str
+    started_at: float
+    heartbeat_at: float
+    info: str
+
+
+def _nodes_text(nodes: Sequence[str]) -> str:
+    return "," + ",".join(nodes) + "," if nodes else ""
+
+
+def _nodes_of(text: str) -> tuple[str, ...]:
+    return tuple(n for n in text.split(",") if n)
+
+
+class ProgressRows:
+    """The iteration-state half of ``Catalog`` (mixed in; uses its connection helpers)."""
+
+    def _query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _run(
+        self, conn: Any, sql: str, params: Sequence[Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _write(self) -> Any:
+        raise NotImplementedError
+
+    def update_rank_states(
+        self,
+        iteration_id: str,
+        epoch: int,
+        ranks: Sequence[int],
+        change: Callable[[dict[int, RankRow]], T],
+    ) -> T:
+        """Change the state rows of some ranks of one epoch, all in one transaction.
+
+        ``change`` gets every asked rank's row (``state`` None where there is none yet) and
+        may ``set`` them; changed rows are written back, and nothing is when it raises.
+
+        Raises:
+            IterationNotFound: the iteration does not exist (or was deleted meanwhile).
+        """
+        wanted = sorted(set(ranks))
+        with self._write() as conn:
+            if not self._run(conn, "SELECT id FROM iterations WHERE id = ?", (iteration_id,)):
+                raise IterationNotFound(f"no iteration with id {iteration_id!r}")
+            rows = self._rows(conn, iteration_id, epoch, wanted)
+            before = {rank: (row.state, row.expires_at, row.nodes) for rank, row in rows.items()}
+            result = change(rows)
+            now = time.time()
+            for rank, row in rows.items():
+                if row.state is None or (row.state, row.expires_at, row.nodes) == before[rank]:
+                    continue
+                if before[rank][0] is None:
+                    self._run(
+                        conn,
+                        "INSERT INTO iteration_rank_states (iteration_id, epoch, rank, state, "
+                        "expires_at, nodes, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (iteration_id, epoch, rank, row.state, row.expires_at,
+                         _nodes_text(row.nodes), now),
+                    )  # fmt: skip
+                else:
+                    self._run(
+                        conn,
+                        "UPDATE iteration_rank_states SET state = ?, expires_at = ?, nodes = ?, "
+                        "updated_at = ? WHERE iteration_id = ? AND epoch = ? AND rank = ?",
+                        (row.state, row.expires_at, _nodes_text(row.nodes), now,
+                         iteration_id, epoch, rank),
+                    )  # fmt: skip
+                row.updated_at = now
+            return result
+
+    def _rows(
+        self, conn: Any, iteration_id: str, epoch: int, ranks: list[int]
+    ) -> dict[int, RankRow]:
+        found: dict[int, RankRow] = {}
+        if len(ranks) == 1:
+            sql = "AND rank = ?"
+            params: tuple[Any, ...] = (iteration_id, epoch, ranks[0])
+        else:
+            sql, params = "", (iteration_id, epoch)
+        wanted = set(ranks)
+        for rank, state, expires_at, nodes, updated_at in self._run(
+            conn,
+            "SELECT rank, state, expires_at, nodes, updated_at FROM iteration_rank_states "
+            f"WHERE iteration_id = ? AND epoch = ? {sql}",
+            params,
+        ):
+            if int(rank) in wanted:
+                found[int(rank)] = RankRow(
+                    epoch, int(rank), state, expires_at, _nodes_of(nodes), float(updated_at)
+                )
+        for rank in ranks:
+            found.setdefault(rank, RankRow(epoch, rank, None))
+        return found
+
+    def load_rank_states(self, iteration_id: str, epoch: int | None = None) -> list[RankRow]:
+        """The stored rows of an iteration (of one epoch, or all), by epoch and rank."""
+        sql = (
+            "SELECT epoch, rank, state, expires_at, nodes, updated_at "
+            "FROM iteration_rank_states WHERE iteration_id = ?"
+        )
+        params: tuple[Any, ...] = (iteration_id,)
+        if epoch is not None:
+            sql += " AND epoch = ?"
+            params = (iteration_id, epoch)
+        return [
+            RankRow(int(e), int(r), s, x, _nodes_of(n), float(u))
+            for e, r, s, x, n, u in self._query(sql + " ORDER BY epoch, rank", params)
+        ]
+
+    def latest_rank_states(self, iteration_id: str) -> dict[int, RankRow]:
+        """Each rank's row of the latest epoch it started."""
+        latest: dict[int, RankRow] = {}
+        for row in self.load_rank_states(iteration_id):
+            latest[row.rank] = row  # rows come by epoch, so the last one wins
+        return latest
+
+    def rank_states_to_expire(
+        self, now: float, dead_nodes: Sequence[str] = ()
+    ) -> list[tuple[str, int, int]]:
+        """``(iteration, epoch, rank)`` of rows with a lease run out or a dead node's stream."""
+        sql = "SELECT iteration_id, epoch, rank FROM iteration_rank_states WHERE expires_at < ?"
+        params: list[Any] = [now]
+        for node in dead_nodes:
+            sql += " OR nodes LIKE ?"
+            params.append(f"%,{node},%")
+        return [(str(i), int(e), int(r)) for i, e, r in self._query(sql, params)]
+
+    # -- nodes ---------------------------------------------------------------------------
+
+    def heartbeat_node(self, node_id: str, location: str, started_at: float, info: str) -> None:
+        """Register a server, or say it is still alive."""
+        now = time.time()
+        with self._write() as conn:
+            if self._run(conn, "SELECT id FROM nodes WHERE id = ?", (node_id,)):
+                self._run(
+                    conn,
+                    "UPDATE nodes SET heartbeat_at = ?, location = ?, info = ? WHERE id = ?",
+                    (now, location, info, node_id),
+                )
+            else:
+                self._run(
+                    conn,
+                    "INSERT INTO nodes (id, location, started_at, heartbeat_at, info) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (node_id, location, started_at, now, info),
+                )
+
+    def list_nodes(self) -> list[NodeRecord]:
+        """Every registered server, oldest first."""
+        return [
+            NodeRecord(str(i), str(loc), float(s), float(h), str(info))
+            for i, loc, s, h, info in self._query(
+                "SELECT id, location, started_at, heartbeat_at, info FROM nodes "
+                "ORDER BY started_at, id"
+            )
+        ]
+
+    def remove_node(self, node_id: str) -> None:
+        """Forget a server (it stopped, or its heartbeat lapsed long ago)."""
+        with self._write() as conn:
+            self._run(conn, "DELETE FROM nodes WHERE id = ?", (node_id,))

@@ -1,0 +1,39 @@
+"""The iteration engine: plans, state in the catalog, block reads, batching, streams.
+
+- ``plan``: the seeded order of each epoch, block by block; ``world``: ranks, replication
+  groups and DataLoader workers.
+- ``state``: what one rank of one epoch has been handed, taken and finished (a value).
+- ``store``: that state in the catalog, changed one transaction at a time, so several
+  servers on one catalog act as one.
+- ``setup``: reader, transforms, partitions and epoch plans, built once per iteration.
+- ``blocks``: block reads shared by the streams; ``batching``: claimed work to messages.
+- ``flow``: the read-ahead budget and what a server knows of a loop's pace.
+- ``live``: one served iteration (streams, acks, pushback, progress); ``manager``: all of
+  them, and the janitor that keeps leases and dead servers' samples right.
+"""
+
+from __future__ import annotations
+
+from .flow import ReadAhead
+from .live import LiveIteration
+from .manager import IterationManager
+from .plan import Block, EpochPlan
+from .setup import IterationSetup, build_pipeline
+from .state import RankState
+from .store import ProgressStore, StreamHandle
+from .world import World, replication_partitions
+
+__all__ = [
+    "Block",
+    "EpochPlan",
+    "IterationManager",
+    "IterationSetup",
+    "LiveIteration",
+    "ProgressStore",
+    "RankState",
+    "ReadAhead",
+    "StreamHandle",
+    "World",
+    "build_pipeline",
+    "replication_partitions",
+]

@@ -1,0 +1,142 @@
+"""Read-ahead: how far a server runs ahead of a training loop, and what it knows of it.
+
+A client that reports the batches its loop *takes* (a windowed stream) lets the server
+bound what it holds ahead of the loop: about ``seconds`` of the loop's recent pace, never
+more than ``max_bytes``, never less than ``min_batches`` batches. That bound is what a
+crash or a pushback can repeat. ``RankFlow`` is one server's view of one rank's loop in one
+epoch: the streams it serves for that rank, what they hold, what the loop took, and the
+samples dropped (filtered, failed) inside batches the loop has not completed yet.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from ...protocol.ranges import RangeSet
+from .state import RankState
+from .store import StreamHandle
+
+__all__ = ["RankFlow", "ReadAhead"]
+
+
+@dataclass(frozen=True)
+class ReadAhead:
+    """The read-ahead budget of windowed streams."""
+
+    seconds: float = 0.5
+    """Of the loop's recent pace."""
+    max_bytes: int = 64 << 20
+    min_batches: int = 2
+
+    def describe(self) -> str:
+        """The bound in words (for the server's banner and the docs)."""
+        return (
+            f"about {self.seconds:g} s of each loop's pace, at most "
+            f"{self.max_bytes >> 20} MiB, at least {self.min_batches} batches"
+        )
+
+
+class RankFlow:
+    """What this server knows of one rank's loop in one epoch (see the module docstring).
+
+    Every method is called with ``cond`` held unless it says otherwise.
+    """
+
+    def __init__(self, batch_size: int, budget: ReadAhead, clock=time.monotonic) -> None:
+        self.batch_size = batch_size
+        self.budget = budget
+        self.clock = clock
+        self.cond = threading.Condition()
+        self.ack_lock = threading.Lock()
+        """Serializes acks of the rank (counting dropped samples, then saving)."""
+        self.taken = RangeSet()
+        self.held: dict[StreamHandle, RangeSet] = {}
+        self.windowed: set[StreamHandle] = set()
+        self.filtered = RangeSet()
+        self.failed = RangeSet()
+        self.row_bytes: float | None = None
+        self.stale = False
+        """Set when the catalog changed under the streams (a pushback): re-read it."""
+        self._pace: deque[tuple[float, int]] = deque()
+
+    # -- the budget ----------------------------------------------------------------------
+
+    def ahead(self) -> int:
+        """Samples the streams here hold that the loop has not taken."""
+        total = 0
+        for held in self.held.values():
+            for start, stop in held:
+                total += sum(b - a for a, b in self.taken.gaps(start, stop))
+        return total
+
+    def pace(self) -> float | None:
+        """Samples the loop took per second lately (None: not known yet)."""
+        if len(self._pace) < 2:
+            return None
+        (t0, n0), (t1, n1) = self._pace[0], self._pace[-1]
+        return (n1 - n0) / (t1 - t0) if t1 - t0 >= 0.005 else None
+
+    def window(self) -> int:
+        """Samples the streams may hold ahead of the loop."""
+        low = self.budget.min_batches * self.batch_size
+        high = max(low, int(self.budget.max_bytes / (self.row_bytes or 1024)))
+        pace = self.pace()
+        wanted = low if pace is None else int(pace * self.budget.seconds)
+        return max(low, min(high, wanted))
+
+    def room(self) -> int:
+        """Samples the windowed streams may claim now."""
+        return max(0, self.window() - self.ahead())
+
+    # -- what happens ---------------------------------------------------------------------
+
+    def claimed(self, handle: StreamHandle, ranges: list[tuple[int, int]]) -> None:
+        """A stream here claimed samples."""
+        self.held.setdefault(handle, RangeSet()).update(ranges)
+
+    def released(self, handle: StreamHandle, ranges: list[tuple[int, int]]) -> None:
+        """A stream here no longer holds samples."""
+        held = self.held.get(handle)
+        if held is not None:
+            for start, stop in ranges:
+                held.remove(start, stop)
+
+    def sent(self, rows: int, nbytes: int) -> None:
+        """A message went out: learn the size of a row."""
+        if rows:
+            size = nbytes / rows
+            self.row_bytes = size if self.row_bytes is None else 0.8 * self.row_bytes + 0.2 * size
+
+    def learn(self, state: RankState) -> None:
+        """The rank's state as the catalog has it now: what was taken, what streams hold."""
+        before = len(self.taken)
+        self.taken = state.taken.copy()
+        for start, stop in state.finished:
+            self.taken.add(start, stop)
+        for handle in list(self.held):
+            stream = state.stream(handle.key, handle.generation)
+            self.held[handle] = stream.held.copy() if stream is not None else RangeSet()
+        now = self.clock()
+        if len(self.taken) != before or not self._pace:
+            self._pace.append((now, len(self.taken)))
+        while len(self._pace) > 2 and now - self._pace[0][0] > 2.0:
+            self._pace.popleft()
+        self.stale = False
+        self.cond.notify_all()
+
+    def dropped_in(self, ranges: list[tuple[int, int]]) -> tuple[RangeSet, RangeSet]:
+        """The filtered and failed samples inside ``ranges`` that streams here dropped."""
+        found = (RangeSet(), RangeSet())
+        for source, target in zip((self.filtered, self.failed), found, strict=True):
+            for a, b in ranges:
+                target.update(source.intersection(a, b))
+        return found
+
+    def forget(self, dropped: tuple[RangeSet, RangeSet]) -> None:
+        """Dropped samples now counted in the catalog."""
+        for source, done in zip((self.filtered, self.failed), dropped, strict=True):
+            for a, b in done:
+                source.remove(a, b)

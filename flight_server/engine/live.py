@@ -1,0 +1,497 @@
+"""``LiveIteration``: one iteration served by this server: its streams, acks and progress.
+
+Its state lives in the catalog (``store``); what it keeps in memory is what can be derived
+again (the setup, the blocks being read, the pace of the loops it serves), so an idle live
+iteration can be dropped and a restarted server picks up where the catalog says.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+from ...protocol.errors import InvalidArgument, IterationNotFound
+from ...protocol.iterations import (
+    AckBody,
+    BatchMetadata,
+    IterationInfo,
+    IterationProgress,
+    IterationRecord,
+    IterationTicket,
+    RankProgress,
+    encode_positions,
+)
+from ...protocol.ranges import RangeSet
+from ...transforms import Outcome
+from ..pool import TransformPool
+from .batching import Message, PlainBatcher, TransformedBatcher
+from .blocks import BlockReader
+from .flow import RankFlow, ReadAhead
+from .setup import IterationSetup
+from .state import RankState, Unit
+from .store import ProgressStore, StreamHandle
+from .world import World
+
+__all__ = ["LiveIteration"]
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED_POSITIONS = 1000
+UNBOUNDED = 1 << 62
+WAIT_SECONDS = 0.25
+"""How often a stream waiting on its budget looks at the catalog (acks through another
+server, a pushback) and at whether it should stop."""
+
+
+class _Stopped(Exception):
+    """The stream must end (superseded, server parking, iteration deleted, client gone)."""
+
+
+class _StreamWork:
+    """The ``Work`` a batcher does for one stream: claims within the budget."""
+
+    def __init__(
+        self,
+        live: LiveIteration,
+        handle: StreamHandle,
+        world: World,
+        flow: RankFlow,
+        windowed: bool,
+        cancelled: Callable[[], bool],
+    ) -> None:
+        self.live = live
+        self.handle = handle
+        self.world = world
+        self.flow = flow
+        self.windowed = windowed
+        self.cancelled = cancelled
+
+    def _check(self) -> None:
+        if self.live.parked or self.live.deleted or self.cancelled():
+            raise _Stopped
+
+    def room(self) -> int:
+        if not self.windowed:
+            return UNBOUNDED
+        with self.flow.cond:
+            return max(self.flow.room(), self.flow.batch_size)
+
+    def _wait_for_room(self) -> None:
+        flow = self.flow
+        with flow.cond:
+            while True:
+                self._check()
+                if flow.stale:
+                    self._refresh()
+                    continue
+                # claim when half the budget is free: fewer, larger claims
+                if flow.room() >= max(1, flow.window() // 2) or flow.ahead() == 0:
+                    return
+                if not flow.cond.wait(WAIT_SECONDS):
+                    self._refresh()
+
+    def _refresh(self) -> None:
+        """Re-read the rank from the catalog (called with the flow's lock held)."""
+        state = self.live.store.state(self.handle.iteration_id, self.handle.epoch, self.handle.rank)
+        if state is None:
+            raise _Stopped
+        self.flow.learn(state)
+
+    def claim(self, max_chunks: int) -> list[Unit]:
+        self._check()
+        if self.windowed:
+            self._wait_for_room()
+            with self.flow.cond:
+                room = self.flow.room()
+            max_chunks = max(1, min(max_chunks, -(-room // self.flow.batch_size)))
+        try:
+            found = self.live.store.claim(self.handle, self.world, max_chunks)
+        except IterationNotFound:
+            self.live.deleted = True
+            raise
+        if found is None:
+            raise _Stopped  # a newer stream of this worker took over
+        with self.flow.cond:
+            for unit in found.units:
+                self.flow.claimed(self.handle, unit)
+        return found.units
+
+    def release(self, ranges: list[tuple[int, int]], filtered: int, failed: int) -> None:
+        self.live.store.release(self.handle, ranges, filtered, failed)
+        with self.flow.cond:
+            self.flow.released(self.handle, ranges)
+
+
+class LiveIteration:
+    """One iteration this server serves; see the module docstring.
+
+    Args:
+        record: the iteration as stored.
+        setup: what the manager derived from it (built once).
+        store: the iteration state in the catalog.
+        blocks: threads that assemble blocks; ``shard_reads``: threads that read shards.
+        pool: preprocessing worker processes (None: preprocess in this process).
+        budget: the read-ahead budget of windowed streams.
+    """
+
+    def __init__(
+        self,
+        record: IterationRecord,
+        setup: IterationSetup,
+        store: ProgressStore,
+        blocks: ThreadPoolExecutor,
+        shard_reads: ThreadPoolExecutor,
+        pool: TransformPool | None = None,
+        budget: ReadAhead | None = None,
+    ) -> None:
+        self.record = record
+        self.id = record.id
+        self.spec = record.spec
+        self.setup = setup
+        self.store = store
+        self.pool = pool
+        self.budget = budget or ReadAhead()
+        self.blocks = BlockReader(
+            setup.reader,
+            setup.plan.shards,
+            setup.spec.max_retry_count,
+            setup.spec.skip_on_failure,
+            blocks,
+            shard_reads,
+            iteration_id=record.id,
+        )
+        self.parked = False
+        self.deleted = False
+        self.last_used = time.monotonic()
+        self._flows: dict[tuple[int, int], RankFlow] = {}
+        self._open: dict[StreamHandle, RankFlow] = {}
+        self._lock = threading.Lock()
+        self._row_cost: float | None = None
+        self._output_schema: pa.Schema | None = None
+
+    # -- what it is ----------------------------------------------------------------------
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The schema of the rows read (before transforms)."""
+        return self.setup.reader.schema
+
+    @property
+    def output_schema(self) -> pa.Schema:
+        """The schema of the batches sent: after the collater and preprocessors.
+
+        Found by running them on the dataset's first rows; when that fails, the schema of
+        the rows read (the first message tells the truth then).
+        """
+        if self._output_schema is None:
+            schema = self.schema
+            if self.setup.pipeline.transforms_batches:
+                sample = next(self.setup.reader.iter_rows(0, 2), None)
+                if sample is not None and sample.num_rows:
+                    try:
+                        batch = sample.combine_chunks().to_batches()[0]
+                        schema = self.setup.pipeline.process(batch).result.schema
+                    except Exception:
+                        log.info("iteration %s: no output schema from the first rows", self.id)
+            self._output_schema = schema
+        return self._output_schema
+
+    def info(self) -> IterationInfo:
+        """What a FlightInfo says of the iteration."""
+        return IterationInfo(
+            iteration_id=self.id,
+            spec=self.spec,
+            seed=self.setup.plan.seed,
+            total=self.setup.total,
+        )
+
+    @property
+    def open_streams(self) -> list[StreamHandle]:
+        """The streams this server is sending now."""
+        with self._lock:
+            return list(self._open)
+
+    def _flow(self, epoch: int, rank: int) -> RankFlow:
+        with self._lock:
+            flow = self._flows.get((epoch, rank))
+            if flow is None:
+                flow = self._flows[(epoch, rank)] = RankFlow(self.spec.batch_size, self.budget)
+            return flow
+
+    def epoch_of(self, rank: int) -> int:
+        """The epoch a rank is in: the latest it started (0 before the first)."""
+        found = self.store.latest(self.id).get(rank)
+        return found[0] if found is not None else 0
+
+    # -- streams -------------------------------------------------------------------------
+
+    def stream(
+        self, ticket: IterationTicket, cancelled: Callable[[], bool] = lambda: False
+    ) -> tuple[pa.Schema, Iterator[tuple[pa.RecordBatch, pa.Buffer]]]:
+        """One rank's (or one worker's) messages, each with its ``BatchMetadata`` JSON.
+
+        With transforms the first message is made before answering: its schema is the
+        stream's.
+        """
+        world = self.setup.world(ticket.rank, ticket.worker, ticket.num_workers)
+        epoch = ticket.epoch if ticket.epoch is not None else self.epoch_of(ticket.rank)
+        plan = self.setup.epoch(epoch)
+        schema = self.schema  # fail before streaming when the data is gone
+        self.last_used = time.monotonic()
+        handle = self.store.open_stream(
+            self.id,
+            epoch,
+            ticket.rank,
+            (ticket.worker, ticket.num_workers),
+            self.setup.rank_size,
+            self.spec.batch_size,
+        )
+        flow = self._flow(epoch, ticket.rank)
+        with flow.cond:
+            flow.held[handle] = RangeSet()
+            if ticket.window:
+                flow.windowed.add(handle)
+        with self._lock:
+            self._open[handle] = flow
+        work = _StreamWork(self, handle, world, flow, ticket.window, cancelled)
+        batcher: Iterator[Message]
+        if self.setup.plain:
+            batcher = iter(PlainBatcher(plan, self.blocks, world, work, schema))
+        else:
+            batcher = iter(
+                TransformedBatcher(
+                    plan,
+                    self.blocks,
+                    world,
+                    work,
+                    self.setup.pipeline,
+                    self._process,
+                    schema,
+                    first_chunks=max(1, self.pool.workers if self.pool is not None else 1),
+                    max_chunks=max(1, min(512, (1 << 16) // self.spec.batch_size)),
+                )
+            )
+        messages = self._messages(batcher, handle, flow, plan, ticket)
+        if self.setup.plain:
+            return schema, messages
+        try:
+            first = next(messages, None)
+        except BaseException:
+            messages.close()
+            raise
+        if first is None:
+            return self.output_schema, iter(())
+        return first[0].schema, itertools.chain([first], messages)
+
+    def _messages(
+        self,
+        batcher: Iterator[Message],
+        handle: StreamHandle,
+        flow: RankFlow,
+        plan: object,
+        ticket: IterationTicket,
+    ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+        try:
+            for message in batcher:
+                with flow.cond:
+                    flow.filtered.update(message.filtered.ranges())
+                    flow.failed.update(message.failed.ranges())
+                    flow.sent(message.batch.num_rows, message.batch.nbytes)
+                    report = max(1, flow.window() // 4) if ticket.window else None
+                metadata = BatchMetadata(
+                    iteration_id=self.id,
+                    rank=handle.rank,
+                    epoch=handle.epoch,
+                    batches=message.batches,
+                    report_every=report,
+                )
+                fields = metadata.model_dump(exclude_none=True)
+                if ticket.positions:
+                    fields.update(
+                        encode_positions(self.setup.epoch(handle.epoch).positions(message.seq))
+                    )
+                self.last_used = time.monotonic()
+                yield message.batch, pa.py_buffer(json.dumps(fields).encode())
+        except _Stopped:
+            return
+        finally:
+            with self._lock:
+                self._open.pop(handle, None)
+            with flow.cond:
+                flow.held.pop(handle, None)
+                flow.windowed.discard(handle)
+            if not self.deleted:
+                try:
+                    self.store.end_stream(handle)
+                except Exception as exc:  # deleted meanwhile, or the catalog is down
+                    log.info("iteration %s: ending a stream of rank %d: %s",
+                             self.id, handle.rank, exc)  # fmt: skip
+
+    def _process(self, inputs: list[pa.RecordBatch]) -> list[Outcome]:
+        """Collate and preprocess, in the worker pool when the work outweighs moving the data.
+
+        The first batches run here and are timed; the pool is used from then on only when
+        they took more than ``pool.min_row_seconds`` a row (sending a batch to a worker
+        process and back costs about that much).
+        """
+        pipeline = self.setup.pipeline
+        if (
+            self.pool is None
+            or not pipeline.transforms_batches
+            or (self._row_cost is not None and self._row_cost < self.pool.min_row_seconds)
+        ):
+            return [pipeline.process(batch) for batch in inputs]
+        if self._row_cost is None:
+            started = time.perf_counter()
+            outcomes = [pipeline.process(batch) for batch in inputs]
+            rows = max(1, sum(batch.num_rows for batch in inputs))
+            self._row_cost = (time.perf_counter() - started) / rows
+            log.info(
+                "iteration %s: preprocessing takes %.1f us a row: %s",
+                self.id,
+                self._row_cost * 1e6,
+                "worker processes" if self._row_cost >= self.pool.min_row_seconds else "inline",
+            )
+            return outcomes
+        spec = json.dumps(self.setup.worker_spec())
+        futures = [self.pool.submit(spec, batch) for batch in inputs]
+        return [self.pool.outcome(future) for future in futures]
+
+    # -- what loops report ---------------------------------------------------------------
+
+    def ack(self, body: AckBody) -> int:
+        """Record what a rank's loop took and completed; saved before answering."""
+        self.setup.world(body.rank)
+        epoch = body.epoch if body.epoch is not None else self.epoch_of(body.rank)
+        flow = self._flow(epoch, body.rank)
+        with flow.ack_lock:
+            with flow.cond:
+                dropped = flow.dropped_in(body.completed)
+            added, state = self.store.ack(
+                self.id,
+                epoch,
+                body.rank,
+                body.taken,
+                body.completed,
+                len(dropped[0]),
+                len(dropped[1]),
+            )
+            with flow.cond:
+                flow.forget(dropped)
+                flow.learn(state)
+        self.last_used = time.monotonic()
+        return added
+
+    def pushback(self) -> int:
+        """Return every sample held by a stream to the queue of its rank; how many.
+
+        Held means ahead of the loop, or taken by it and not completed.
+        """
+        latest = self.store.latest(self.id)
+        count = self.store.pushback(self.id, {rank: epoch for rank, (epoch, _) in latest.items()})
+        with self._lock:
+            flows = list(self._flows.values())
+        for flow in flows:
+            with flow.cond:
+                flow.stale = True
+                flow.cond.notify_all()
+        return count
+
+    def park(self) -> None:
+        """End every stream (the server is stopping); what they held returns to pending."""
+        self.parked = True
+        with self._lock:
+            flows = list(self._flows.values())
+        for flow in flows:
+            with flow.cond:
+                flow.cond.notify_all()
+
+    # -- progress ------------------------------------------------------------------------
+
+    def progress(self, ranks: bool = True) -> IterationProgress:
+        """Where every rank stands in its current epoch (``ranks`` False: totals only)."""
+        latest = self.store.latest(self.id)
+        rows: list[RankProgress] = []
+        inflight: dict[int, list[int]] = {}
+        for rank in range(self.spec.world_size):
+            epoch, state = latest.get(rank, (0, None))
+            if state is None:
+                state = RankState(self.setup.rank_size(rank), self.spec.batch_size)
+            rows.append(self._rank_progress(rank, epoch, state, inflight if ranks else None))
+        updated = max(
+            (row.updated_at for row in self.store.catalog.latest_rank_states(self.id).values()),
+            default=self.record.created_at,
+        )
+        return IterationProgress(
+            id=self.id,
+            dataset_id=self.spec.dataset_id,
+            spec=self.spec,
+            seed=self.setup.plan.seed,
+            epoch=max((r.epoch for r in rows), default=0),
+            total=sum(r.total for r in rows),
+            current=sum(r.current for r in rows),
+            completed=sum(r.completed for r in rows),
+            filtered=sum(r.filtered for r in rows),
+            failed=sum(r.failed for r in rows),
+            inflight=inflight,
+            read_ahead=sum(r.read_ahead for r in rows),
+            ranks=rows if ranks else [],
+            created_at=self.record.created_at,
+            updated_at=updated,
+            done=all(r.done for r in rows)
+            and (self.spec.epochs is None or max(r.epoch for r in rows) + 1 >= self.spec.epochs),
+        )
+
+    def _rank_progress(
+        self, rank: int, epoch: int, state: RankState, inflight: dict[int, list[int]] | None
+    ) -> RankProgress:
+        flow = self._flows.get((epoch, rank))
+        filtered = failed = 0
+        limit = None
+        held = state.inflight
+        if flow is not None:
+            with flow.cond:
+                # dropped inside batches the loop took but did not complete yet
+                extra = flow.dropped_in(held.ranges())
+                filtered, failed = len(extra[0]), len(extra[1])
+                limit = flow.window() if flow.windowed else None
+        if inflight is not None:
+            positions: list[int] = []
+            for a, b in held:
+                if len(positions) >= MAX_LISTED_POSITIONS:
+                    break
+                local = np.arange(a, min(b, a + MAX_LISTED_POSITIONS - len(positions)))
+                plan = self.setup.epoch(epoch)
+                seq = plan.to_global(self.setup.partitions[rank], local)
+                positions.extend(plan.positions(np.sort(seq)).tolist())
+            inflight[rank] = positions
+        return RankProgress(
+            rank=rank,
+            epoch=epoch,
+            total=state.size,
+            current=state.current,
+            completed=state.completed,
+            filtered=state.filtered + filtered,
+            failed=state.failed + failed,
+            inflight=max(0, len(held) - filtered - failed),
+            read_ahead=state.read_ahead,
+            read_ahead_limit=limit,
+            pending=state.pending_count,
+            streams=len(state.streams),
+            done=state.done,
+        )
+
+    def check_rank(self, rank: int) -> None:
+        """Refuse a rank outside the iteration's world."""
+        if not 0 <= rank < self.spec.world_size:
+            raise InvalidArgument(
+                f"rank {rank} is outside iteration {self.id}'s world of {self.spec.world_size}"
+            )

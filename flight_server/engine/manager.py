@@ -1,0 +1,314 @@
+"""``IterationManager``: creates, reopens, serves and forgets iterations; keeps them healthy.
+
+Live iterations are kept in memory while they are used and dropped when idle (their state
+is in the catalog). A janitor thread keeps this server's part of the shared state right:
+it says the server is alive (``nodes``), renews the leases of the streams it serves, and
+frees the samples of streams whose server died or whose lease ran out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ...catalog import Catalog, new_id
+from ...protocol.errors import (
+    InvalidArgument,
+    IterationBusy,
+    IterationConflict,
+    IterationNotFound,
+)
+from ...protocol.iterations import (
+    CheckAnswer,
+    IterationCommand,
+    IterationProgress,
+    IterationRecord,
+    IterationSpec,
+)
+from ...transforms import Plugins
+from ..pool import TransformPool
+from ..service import LavenderService
+from .flow import ReadAhead
+from .live import LiveIteration
+from .setup import IterationSetup
+from .state import RankState
+from .store import ProgressStore
+
+__all__ = ["IterationManager"]
+
+log = logging.getLogger(__name__)
+
+
+def _differences(stored: IterationSpec, asked: IterationSpec) -> str:
+    a, b = stored.model_dump(mode="json"), asked.model_dump(mode="json")
+    keys = sorted(set(a) | set(b))
+    return ", ".join(f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
+
+
+class IterationManager:
+    """Creates, reopens and serves iterations (see the module docstring).
+
+    Args:
+        catalog: where iterations and their state live.
+        service: datasets, shardsets and readers.
+        plugins: the server's filters, collaters and preprocessors.
+        workers: preprocessing worker processes (0: preprocess in the server process).
+        read_threads: threads that read shards (and as many that assemble blocks).
+        lease_seconds: how long a stream's samples stay its own without a renewal.
+        node: this server's id on the catalog (default: a fresh one).
+        location: the URL clients reach this server at (registered with the node).
+        node_timeout: seconds without a heartbeat after which a server counts as dead.
+        idle_seconds: a live iteration with no stream for this long is dropped from memory.
+        budget: the read-ahead budget of windowed streams.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        service: LavenderService,
+        plugins: Plugins | None = None,
+        workers: int = 0,
+        read_threads: int = 2,
+        lease_seconds: float | None = None,
+        node: str | None = None,
+        location: str = "",
+        node_timeout: float = 10.0,
+        idle_seconds: float = 300.0,
+        budget: ReadAhead | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.service = service
+        self.plugins = plugins or Plugins.load(entry_points=False)
+        self.pool = TransformPool(workers, self.plugins.modules_dir) if workers > 0 else None
+        self.node = node or new_id("nd")
+        self.location = location
+        self.node_timeout = node_timeout
+        self.idle_seconds = idle_seconds
+        self.budget = budget or ReadAhead()
+        self.store = ProgressStore(catalog, self.node, lease_seconds or 300.0)
+        self.started_at = time.time()
+        self._live: dict[str, LiveIteration] = {}
+        self._lock = threading.Lock()
+        self._blocks = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-block")
+        self._shard_reads = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-read")
+        self._stop = threading.Event()
+        self._janitor: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register this server on the catalog and start the janitor thread."""
+        self._heartbeat()
+        self._janitor = threading.Thread(target=self._tend, name="lavender-janitor", daemon=True)
+        self._janitor.start()
+
+    def _heartbeat(self) -> None:
+        info = json.dumps({"streams": sum(len(i.open_streams) for i in self._all())})
+        self.catalog.heartbeat_node(self.node, self.location, self.started_at, info)
+
+    def _all(self) -> list[LiveIteration]:
+        with self._lock:
+            return list(self._live.values())
+
+    def _tend(self) -> None:
+        beat = max(0.2, self.node_timeout / 4)
+        renew = max(0.2, self.store.lease_seconds / 4)
+        last_renew = last_expire = 0.0
+        while not self._stop.wait(beat):
+            try:
+                self._heartbeat()
+                now = time.monotonic()
+                if now - last_renew >= renew:
+                    self.store.renew([h for i in self._all() for h in i.open_streams])
+                    last_renew = now
+                if now - last_expire >= beat * 2:
+                    self.store.expire(self.dead_nodes())
+                    last_expire = now
+                self._evict_idle()
+            except Exception as exc:  # the catalog is down: try again next round
+                log.warning("keeping iteration state: %s", exc)
+
+    def dead_nodes(self) -> list[str]:
+        """Servers whose heartbeat lapsed."""
+        limit = time.time() - self.node_timeout
+        return [n.id for n in self.catalog.list_nodes() if n.heartbeat_at < limit]
+
+    def _evict_idle(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for iteration_id, live in list(self._live.items()):
+                if not live.open_streams and now - live.last_used > self.idle_seconds:
+                    del self._live[iteration_id]
+                    live.blocks.clear()
+
+    def close(self) -> None:
+        """Stop the janitor, the read threads and the workers; leave the catalog."""
+        self._stop.set()
+        if self._janitor is not None:
+            self._janitor.join(timeout=5)
+        self._blocks.shutdown(wait=False, cancel_futures=True)
+        self._shard_reads.shutdown(wait=False, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.close()
+        try:
+            self.catalog.remove_node(self.node)
+        except Exception as exc:
+            log.info("could not unregister this server: %s", exc)
+
+    def park(self) -> int:
+        """End the streams of every live iteration (the server is stopping); how many.
+
+        What they held returns to pending as each stream ends; a resume delivers it.
+        """
+        live = self._all()
+        count = sum(len(i.open_streams) for i in live)
+        for iteration in live:
+            iteration.park()
+        return count
+
+    # -- iterations ----------------------------------------------------------------------
+
+    def _make(self, record: IterationRecord, setup: IterationSetup) -> LiveIteration:
+        live = LiveIteration(
+            record, setup, self.store, self._blocks, self._shard_reads, self.pool, self.budget
+        )
+        self._carry_over(record, setup)
+        return live
+
+    def _carry_over(self, record: IterationRecord, setup: IterationSetup) -> None:
+        """Progress saved before epochs existed becomes epoch 0's state (once)."""
+        legacy = {r.rank: r for r in self.catalog.load_progress(record.id)}
+        if not legacy:
+            return
+
+        def apply(rows: dict) -> None:
+            for rank, row in rows.items():
+                old = legacy.get(rank)
+                if row.state is None and old is not None:
+                    state = RankState.carried_over(
+                        setup.rank_size(rank),
+                        setup.spec.batch_size,
+                        old.acked,
+                        old.filtered_acked + sum(b - a for a, b in old.filtered),
+                        old.failed_acked + sum(b - a for a, b in old.failed),
+                    )
+                    for a, b in [*old.filtered, *old.failed]:
+                        state.finished.add(a, b)
+                        state.covered.add(a, b)
+                    row.set(state.to_json(), None, ())
+
+        self.catalog.update_rank_states(record.id, 0, sorted(legacy), apply)
+        self.catalog.drop_progress(record.id)
+        log.info("iteration %s: progress of %d rank(s) carried over to epochs", record.id,
+                 len(legacy))  # fmt: skip
+
+    def get(self, iteration_id: str) -> LiveIteration:
+        """A live iteration, loaded from the catalog when needed (e.g. after a restart)."""
+        with self._lock:
+            live = self._live.get(iteration_id)
+        if live is not None:
+            return live
+        record = self.catalog.get_iteration(iteration_id)
+        setup = IterationSetup.build(record.spec, self.service, self.plugins, plan=record.plan)
+        with self._lock:
+            live = self._live.get(iteration_id)
+            if live is None:
+                live = self._live[iteration_id] = self._make(record, setup)
+        return live
+
+    def open(self, command: IterationCommand) -> LiveIteration:
+        """Create an iteration, join the one of the same id and spec, or reopen one by id."""
+        if command.spec is None:
+            if command.iteration_id is None:
+                raise InvalidArgument("give an iteration spec, an iteration_id, or both")
+            return self.get(command.iteration_id)
+        spec = command.spec
+        iteration_id = command.iteration_id or new_id("it")
+        if command.iteration_id is not None:
+            try:
+                stored = self.catalog.get_iteration(iteration_id)
+            except IterationNotFound:
+                pass
+            else:
+                self._check_same(stored, spec)
+                return self.get(iteration_id)
+        seed = spec.shuffle_seed if spec.shuffle_seed is not None else secrets.randbits(63)
+        setup = IterationSetup.build(spec, self.service, self.plugins, seed=seed)  # typos fail here
+        record = IterationRecord(
+            id=iteration_id,
+            dataset_id=spec.dataset_id,
+            spec=spec,
+            plan=setup.plan,
+            total=setup.total,
+            created_at=time.time(),
+        )
+        stored, created = self.catalog.create_iteration(record)
+        if not created:  # another rank created it meanwhile
+            self._check_same(stored, spec)
+            return self.get(iteration_id)
+        log.info("iteration %s: %d samples per epoch over dataset %s", iteration_id,
+                 setup.total, spec.dataset_id)  # fmt: skip
+        log.debug("iteration %s: %s", iteration_id, spec.model_dump_json())
+        with self._lock:
+            live = self._live[iteration_id] = self._make(record, setup)
+        return live
+
+    def check(self, command: IterationCommand) -> CheckAnswer:
+        """Check a command as ``open`` would, creating nothing."""
+        if command.iteration_id is not None:
+            try:
+                stored = self.catalog.get_iteration(command.iteration_id)
+            except IterationNotFound:
+                if command.spec is None:
+                    raise
+            else:
+                if command.spec is not None:
+                    self._check_same(stored, command.spec)
+                return CheckAnswer(exists=True, total=stored.total)
+        assert command.spec is not None
+        setup = IterationSetup.build(command.spec, self.service, self.plugins)
+        return CheckAnswer(exists=False, total=setup.total)
+
+    @staticmethod
+    def _check_same(stored: IterationRecord, spec: IterationSpec) -> None:
+        if stored.spec != spec:
+            raise IterationConflict(
+                f"iteration {stored.id!r} exists with another spec "
+                f"({_differences(stored.spec, spec)}): ranks of one job must pass the "
+                "same arguments; pick a new iteration_id for a new run"
+            )
+
+    def list(self, dataset_id: str | None = None, ranks: bool = False) -> list[IterationProgress]:
+        """Progress of every iteration (of one dataset), newest first."""
+        found = []
+        for record in self.catalog.list_iterations(dataset_id):
+            try:
+                found.append(self.get(record.id).progress(ranks=ranks))
+            except IterationNotFound:  # deleted meanwhile
+                continue
+        return found
+
+    def busy(self, iteration_id: str) -> int:
+        """Open streams of an iteration, on any server."""
+        return sum(len(state.streams) for _, state in self.store.latest(iteration_id).values())
+
+    def delete(self, iteration_id: str, force: bool = False) -> None:
+        """Forget an iteration; one with open streams only with ``force`` (they end)."""
+        self.catalog.get_iteration(iteration_id)  # IterationNotFound first
+        streams = self.busy(iteration_id)
+        if streams and not force:
+            raise IterationBusy(
+                f"iteration {iteration_id} has {streams} open stream(s): stop the job that "
+                "reads it, or delete it with force=True (its readers then get "
+                "IterationNotFound)"
+            )
+        with self._lock:
+            live = self._live.pop(iteration_id, None)
+        if live is not None:
+            live.deleted = True
+            live.park()
+        self.catalog.delete_iteration(iteration_id)
