@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,19 +40,29 @@ def _plugin(value: PluginArg) -> iterations.PluginCall:
     return iterations.PluginCall.model_validate(value)
 
 
+def _torch_distributed() -> Any | None:
+    """``torch.distributed`` when it is initialized; never imports torch for it.
+
+    A job under ``torch.distributed`` has imported torch to start its process group, so a
+    program that has not gets nothing (and does not pay the import).
+    """
+    if "torch" not in sys.modules:
+        return None
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def default_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Rank and world size: as given, else from ``torch.distributed``, else the environment."""
     if rank is not None and world_size is not None:
         return rank, world_size
-    found_rank, found_size = 0, 1
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            found_rank, found_size = dist.get_rank(), dist.get_world_size()
-        else:
-            raise RuntimeError
-    except (ImportError, RuntimeError):
+    dist = _torch_distributed()
+    if dist is not None:
+        found_rank, found_size = int(dist.get_rank()), int(dist.get_world_size())
+    else:
         found_rank = int(os.environ.get("RANK", 0))
         found_size = int(os.environ.get("WORLD_SIZE", 1))
     return (found_rank if rank is None else rank), (
@@ -68,15 +79,11 @@ def _shared_iteration_id(spec: iterations.IterationSpec, rank: int) -> str:
     a rank restarted by torchrun rejoins (resumes) the iteration it was in.
     """
     digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            chosen = [f"it-{os.urandom(6).hex()}" if rank == 0 else ""]
-            dist.broadcast_object_list(chosen, src=0)
-            return str(chosen[0])
-    except ImportError:
-        pass
+    dist = _torch_distributed()
+    if dist is not None:
+        chosen = [f"it-{os.urandom(6).hex()}" if rank == 0 else ""]
+        dist.broadcast_object_list(chosen, src=0)
+        return str(chosen[0])
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id:
         epoch = _epochs.get(digest, 0)
@@ -207,6 +214,7 @@ class Iteration:
         iteration_id: str | None = None,
         format: str = "python",
         progress: bool = False,
+        client: LavenderClient | None = None,
     ) -> Iteration:
         """Create an iteration over a dataset, or join the one ``iteration_id`` names.
 
@@ -219,7 +227,7 @@ class Iteration:
         shardset none of whose columns is wanted is never opened). ``join="left"`` keeps
         every sample of the main shardset (columns a feature shardset lacks are null);
         ``join="inner"`` keeps those present in every selected shardset, and counts the
-        others as filtered.
+        others as filtered. ``client``: the connection to use (default: the default client).
         """
         rank, world_size = default_world(rank, world_size)
         spec = wire.build(
@@ -247,7 +255,7 @@ class Iteration:
         command = wire.build(
             iterations.IterationCommand, "iteration", iteration_id=iteration_id, spec=spec
         )
-        return cls._open(command, rank, format, progress)
+        return cls._open(command, rank, format, progress, client)
 
     @classmethod
     def resume(
@@ -256,15 +264,16 @@ class Iteration:
         rank: int | None = None,
         format: str = "python",
         progress: bool = False,
+        client: LavenderClient | None = None,
     ) -> Iteration:
         """Continue an iteration (after a crash, a restart, or in another process)."""
         rank, _ = default_world(rank, None)
         command = wire.build(iterations.IterationCommand, "iteration", iteration_id=iteration_id)
-        return cls._open(command, rank, format, progress)
+        return cls._open(command, rank, format, progress, client)
 
     def get_progress(self) -> IterationProgress:
         """Where the iteration stands, every rank included."""
-        return api.get_iteration(self.id)
+        return self.client.get_iteration(self.id)
 
     def rank_total(self) -> int:
         """Samples this rank delivers in the epoch."""

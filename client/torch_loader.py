@@ -1,4 +1,8 @@
-"""``LavenderDataLoader``: a torch ``DataLoader`` over an iteration, acknowledging as it goes."""
+"""``LavenderDataLoader``: a torch ``DataLoader`` over an iteration, acknowledging as it goes.
+
+Importing this module imports torch: without it, the import fails with one line saying what
+to install (``Iteration.to_torch_dataloader`` imports it on first use).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch.utils.data
-
 from .acks import Acknowledger, acknowledging
 from .connection import LavenderClient
+from .formats import torch_missing
 from .iteration import stream_batches
+from .settings import ClientSettings
+
+try:
+    import torch.utils.data
+except ModuleNotFoundError as exc:
+    if exc.name != "torch":
+        raise
+    raise torch_missing("to_torch_dataloader()") from None
 
 if TYPE_CHECKING:
     from .iteration import Iteration
@@ -31,20 +42,14 @@ def passthrough(item: Any) -> Any:
 
 
 class IterationDataset(torch.utils.data.IterableDataset):
-    """One rank's stream; in a worker process, that worker's share of it."""
+    """One rank's stream; in a worker process, that worker's share of it.
 
-    def __init__(
-        self,
-        api_url: str,
-        api_key: str | None,
-        timeout: float,
-        iteration_id: str,
-        rank: int,
-        format: str,
-    ) -> None:
-        self.api_url = api_url
-        self.api_key = api_key
-        self.timeout = timeout
+    It carries the whole :class:`ClientSettings` (URLs, key, timeout, TLS), pickled into
+    each worker, so a worker connects exactly as the loop's process does.
+    """
+
+    def __init__(self, settings: ClientSettings, iteration_id: str, rank: int, format: str) -> None:
+        self.settings = settings
         self.iteration_id = iteration_id
         self.rank = rank
         self.format = format
@@ -53,7 +58,7 @@ class IterationDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # A connection of this process: gRPC channels do not survive fork.
-        with LavenderClient(self.api_url, self.api_key, self.timeout) as client:
+        with LavenderClient(self.settings) as client:
             for batch, seq in stream_batches(
                 client, self.iteration_id, self.rank, worker, num_workers, self.format
             ):
@@ -75,10 +80,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
     ) -> None:
         self.iteration = iteration
         fmt = iteration.format if iteration.format != "python" else "torch"
-        client = iteration.client
-        dataset = IterationDataset(
-            client.api_url, client.api_key, client.timeout, iteration.id, iteration.rank, fmt
-        )
+        dataset = IterationDataset(iteration.client.settings, iteration.id, iteration.rank, fmt)
         if num_workers > 0 and multiprocessing_context is None:
             multiprocessing_context = "spawn"
         super().__init__(

@@ -52,7 +52,7 @@ def _json(value: Any) -> bytes:
 
 def _deleted(delete: Callable[..., None], *ids: str) -> bytes:
     delete(*ids)
-    return _json({"deleted": ids[-1]})
+    return _json(wire.Deleted(deleted=ids[-1]))
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -134,10 +134,13 @@ ACTIONS: dict[str, ActionSpec] = {
         "Every filter, collater and preprocessor: kind, name, doc line, parameters, source; "
         "and the module files that failed to load. As JSON.",
         lambda srv, b: _json(
-            {
-                "plugins": [dataclasses.asdict(p) for p in srv.plugins.describe()],
-                "problems": srv.plugins.problems,
-            }
+            wire.PluginList(
+                plugins=[
+                    wire.PluginDescription.model_validate(dataclasses.asdict(p))
+                    for p in srv.plugins.describe()
+                ],
+                problems=srv.plugins.problems,
+            )
         ),
     ),
     "get_iteration": ActionSpec(
@@ -155,13 +158,17 @@ ACTIONS: dict[str, ActionSpec] = {
         AckBody,
         "Acknowledge consumed samples {iteration_id, rank, seq: [[start, stop], ...]} (the "
         "'seq' of batch metadata); saved before the answer {completed: new samples}.",
-        lambda srv, b: _json({"completed": srv.iterations.get(b.iteration_id).ack(b.rank, b.seq)}),
+        lambda srv, b: _json(
+            wire.Acked(completed=srv.iterations.get(b.iteration_id).ack(b.rank, b.seq))
+        ),
     ),
     "pushback": ActionSpec(
         IterationBody,
         "Return every in-flight sample of an iteration {iteration_id} to its queue; "
         "answers {pushed_back: samples}.",
-        lambda srv, b: _json({"pushed_back": srv.iterations.get(b.iteration_id).pushback()}),
+        lambda srv, b: _json(
+            wire.PushedBack(pushed_back=srv.iterations.get(b.iteration_id).pushback())
+        ),
     ),
     "delete_iteration": ActionSpec(
         IterationBody,

@@ -18,9 +18,8 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
-from lavender_flight.client import Iteration, Writer
+from lavender_flight.client import ClientSettings, Iteration, LavenderClient, Writer
 from lavender_flight.client import api as lavender
-from lavender_flight.client.connection import LavenderClient
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService, shards
 from lavender_flight.flight_server import reading as reading_module
 from lavender_flight.flight_server import service as service_module
@@ -365,8 +364,8 @@ def test_indexes_are_built_at_sync_and_reused_after_a_restart(
     again = LavenderService(service.catalog)
     second = LavenderFlightServer(again, "grpc://127.0.0.1:0")
     try:
-        with lavender.using(LavenderClient(f"grpc://127.0.0.1:{second.port}")):
-            assert as_dict(epoch(dataset.id), "f") == dict(
+        with LavenderClient(ClientSettings(f"grpc://127.0.0.1:{second.port}")) as other:
+            assert as_dict(epoch(dataset.id, client=other), "f") == dict(
                 zip(uids[::-1].tolist(), uids.tolist(), strict=True)
             )
     finally:

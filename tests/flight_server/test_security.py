@@ -21,9 +21,8 @@ import pyarrow.flight as flight
 import pytest
 
 from lavender_flight.catalog import Catalog
-from lavender_flight.client import Writer
+from lavender_flight.client import ClientSettings, LavenderClient, Writer
 from lavender_flight.client import api as lavender
-from lavender_flight.client.connection import LavenderClient
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.flight_server.auth import ApiKeyMiddlewareFactory
 from lavender_flight.flight_server.settings import ServerSettings
@@ -211,9 +210,12 @@ def test_dashboard_of_a_keyed_server_needs_the_key_for_its_own_calls(
     keyed_server: LavenderFlightServer,
 ) -> None:
     url = f"grpc://127.0.0.1:{keyed_server.port}"
-    with LavenderClient(url, KEY, TIMEOUT) as client:
+    with LavenderClient(ClientSettings(url, api_key=KEY, timeout=TIMEOUT)) as client:
         assert client.action_json("list_datasets") == []
-    with LavenderClient(url, None, TIMEOUT) as client, pytest.raises(Unauthenticated):
+    with (
+        LavenderClient(ClientSettings(url, timeout=TIMEOUT)) as client,
+        pytest.raises(Unauthenticated),
+    ):
         client.action_json("list_datasets")
 
 
