@@ -52,11 +52,12 @@ def client(api_url: str, reset_client: None) -> LavenderClient:
 
 @pytest.fixture
 def reset_client() -> Iterator[None]:
-    """Close the module-level client a test opened with ``lavender.init``."""
+    """Close the module-level client a test opened with ``lavender.init`` (or failed to)."""
     yield None
     if lavender._client is not None:
         lavender._client.close()
     lavender._client = None
+    lavender._failure = None
 
 
 @pytest.fixture

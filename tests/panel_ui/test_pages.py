@@ -107,6 +107,19 @@ def test_unreachable_server_is_a_message(tmp_path: Path) -> None:
     assert "\n" not in page.error and "Traceback" not in page.error
 
 
+def test_pages_call_their_own_client_never_the_default_one(
+    api_url: str, reset_client: None
+) -> None:
+    with pytest.raises(InvalidArgument, match="is an HTTP address"):
+        lavender.init("http://localhost:8000")  # a user's script in the same process
+    with LavenderClient(ClientSettings(api_url, timeout=30.0)) as conn:
+        page = DatasetsPage(client=conn)
+        page.new_name = "mine"
+        assert page.create() is not None
+    assert page.error == "" and page.datasets["name"].tolist() == ["mine"]
+    assert lavender._client is None
+
+
 # -- one dataset -------------------------------------------------------------------------
 
 
