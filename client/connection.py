@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,29 +11,14 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from pydantic import BaseModel
 
-from ..protocol.errors import LavenderError, ServerError, ServerUnavailable, error_class
+from ..protocol.errors import LavenderError, from_flight_error
 
 __all__ = ["LavenderClient", "domain_error"]
-
-_WIRE_MESSAGE = re.compile(r"^(?P<cls>[A-Z][A-Za-z]+): (?P<message>.*)$", re.DOTALL)
 
 
 def domain_error(exc: BaseException, url: str = "") -> LavenderError:
     """The error of ours that a Flight error stands for (its class is named in the message)."""
-    text = str(exc).split(". Detail: ", 1)[0].strip()
-    match = _WIRE_MESSAGE.match(text)
-    if match:
-        cls = error_class(match.group("cls"))
-        if cls is not None:
-            return cls(match.group("message"))
-    if isinstance(exc, flight.FlightUnavailableError):
-        return ServerUnavailable(
-            f"cannot reach the Lavender Flight server at {url or 'its address'}: {text} "
-            "(is `lavender-flight serve` running?)"
-        )
-    if isinstance(exc, flight.FlightTimedOutError):
-        return ServerUnavailable(f"the server at {url} did not answer in time: {text}")
-    return ServerError(text)
+    return from_flight_error(exc, url)
 
 
 class LavenderClient:
