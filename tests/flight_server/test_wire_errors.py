@@ -35,6 +35,7 @@ from lavender_flight.protocol.errors import (
     IterationNotFound,
     LavenderError,
     ServerError,
+    ShardNotFound,
     StorageError,
     TransformFailed,
     Unauthenticated,
@@ -99,6 +100,7 @@ class WireWorld:
     shardset_id: str
     broken_shard: bytes  # a ticket of a shard whose file became a folder
     failing_iteration: bytes  # a ticket of an iteration whose preprocessor fails on uid 0
+    vanishing_iteration: bytes  # a ticket of an iteration whose second shard file is gone
 
 
 @pytest.fixture
@@ -127,6 +129,15 @@ def wire_world(tmp_path: Path, reset_client: None) -> Iterator[WireWorld]:
         failing = Iteration.from_dataset(dataset.id, batch_size=2, preprocessors=["picky"])
         (data / "main" / "shard.00000001.parquet").unlink()
         (data / "main" / "shard.00000001.parquet").mkdir()
+        gone = lavender.create_dataset("gone")
+        gone_main = lavender.create_shardset(
+            gone.id, (data / "gone").as_uri(), [{"name": "uid", "type": "int"}]
+        )
+        writer = Writer.get(dataset_id=gone.id, shardset_id=gone_main.id)
+        for index in range(2):
+            writer.write([{"uid": index * 3 + i} for i in range(3)], shard_index=index)
+        vanishing = Iteration.from_dataset(gone.id, batch_size=3)
+        (data / "gone" / "shard.00000001.parquet").unlink()
         yield WireWorld(
             url=url,
             dataset_id=dataset.id,
@@ -134,6 +145,9 @@ def wire_world(tmp_path: Path, reset_client: None) -> Iterator[WireWorld]:
             broken_shard=wire.encode(wire.ShardTicket(dataset_id=dataset.id, shard_index=1)),
             failing_iteration=wire.encode(
                 iterations.IterationTicket(iteration_id=failing.id, rank=0)
+            ),
+            vanishing_iteration=wire.encode(
+                iterations.IterationTicket(iteration_id=vanishing.id, rank=0)
             ),
         )
     finally:
@@ -330,6 +344,13 @@ CASES = [
         "NOT_FOUND",
         DatasetNotFound,
         r"ds-nope",
+    ),
+    Case(
+        "an iteration stream whose second shard file is gone",
+        lambda w: RawCall("DoGet", body=w.vanishing_iteration),
+        "NOT_FOUND",
+        ShardNotFound,
+        r"shard file file://.*gone/shard\.00000001\.parquet does not exist",
     ),
     # UNAVAILABLE
     Case(
