@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -30,6 +29,7 @@ from .logs import configure_logging
 from .server import LavenderFlightServer
 from .service import LavenderService
 from .settings import ServerSettings
+from .shutdown import stop_server
 from .startup import StartupError, catalog_problem, listen_problem, setting_problems
 
 __all__ = ["build_parser", "main", "serve"]
@@ -207,13 +207,13 @@ def serve(
     """Run a server until SIGINT/SIGTERM (or ``stop`` is set), then shut it down.
 
     Stopping parks every iteration stream (their in-flight samples are saved as pending, so a
-    resume delivers them), then waits up to ``settings.shutdown_grace`` seconds for the open
-    calls to end; a second signal cuts the wait short.
+    resume delivers them), waits up to ``settings.shutdown_grace`` seconds for the open calls
+    to end (a second signal cuts the wait short), then cuts the connections of those still
+    open (``shutdown.stop_server``).
 
     Returns:
-        True if every call ended; False if some were still open after the grace (a client
-        holding a stream it does not read): the Flight server is left stopping, and the
-        caller should end the process (``main`` does).
+        True if the Flight server stopped; False if it still waits for calls even after the
+        cut: the caller should end the process (``main`` does).
 
     Raises:
         StartupError: the server could not start (busy port, unreadable catalog...).
@@ -284,33 +284,9 @@ def serve(
         _say("Lavender Flight shutting down")
         if dashboard is not None:
             dashboard.stop()
-        ended = _stop(server, settings.shutdown_grace, hurry)
+        ended = stop_server(server, settings.shutdown_grace, hurry, _say)
         catalog.close()
     return ended
-
-
-def _stop(server: LavenderFlightServer, grace: float, hurry: threading.Event) -> bool:
-    """Park the streams, then give open calls ``grace`` seconds to end; True if they did."""
-    # streams end at their next batch and what they held is saved as pending first
-    parked = server.iterations.park()
-    if parked:
-        _say(f"  parked   {parked} in-flight samples")
-    # pyarrow's shutdown() waits for every call, without a deadline: a stream blocked on a
-    # client that stopped reading never ends. Wait for it on the side, for a bounded time.
-    stopping = threading.Thread(target=server.shutdown, name="lavender-shutdown", daemon=True)
-    stopping.start()
-    deadline = time.monotonic() + grace
-    while stopping.is_alive() and not hurry.is_set() and time.monotonic() < deadline:
-        stopping.join(0.1)
-    if not stopping.is_alive():
-        return True
-    # what the streams held is saved; the workers and read threads go, the calls are cut
-    server.iterations.close()
-    _say(
-        f"  stopped  calls still open after the {grace:g}s --shutdown-grace (a client not "
-        "reading its stream) are cut"
-    )
-    return False
 
 
 def _usage_error(message: str) -> int:
@@ -355,9 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return FAILED
     if not ended:
-        # gRPC still waits for the cut calls, and would at interpreter exit too: what the
-        # streams held is saved, the catalog closed; nothing is left to do but end.
-        logging.shutdown()
-        sys.stderr.flush()
-        os._exit(0)
+        _end_process(0)
     return 0
+
+
+def _end_process(code: int) -> NoReturn:
+    """End the process although gRPC still waits for calls (interpreter exit would too).
+
+    What the streams held is saved and the catalog closed before this is called.
+    """
+    sys.stderr.flush()
+    os._exit(code)
