@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "ui", help="serve only the dashboard, for a running server (lavender-flight ui --help)"
     )
-    Parser.known_flags = tuple(serve_cmd._option_string_actions)
+    parser.known_flags = tuple(serve_cmd._option_string_actions)
     return parser
 
 
