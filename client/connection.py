@@ -8,7 +8,6 @@ the methods above it parse every answer with the models of ``protocol``.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -23,15 +22,12 @@ from ..protocol.errors import (
     LavenderError,
     SchemaMismatch,
     ServerError,
-    ServerUnavailable,
-    error_class,
+    from_flight_error,
 )
 from ..protocol.iterations import IterationBody, IterationProgress, ListIterationsBody
 from .settings import ClientSettings
 
 __all__ = ["LavenderClient", "column_options", "domain_error"]
-
-_WIRE_MESSAGE = re.compile(r"^(?P<cls>[A-Z][A-Za-z]+): (?P<message>.*)$", re.DOTALL)
 
 T = TypeVar("T")
 
@@ -43,20 +39,7 @@ _PROGRESSES: TypeAdapter[list[IterationProgress]] = TypeAdapter(list[IterationPr
 
 def domain_error(exc: BaseException, url: str = "") -> LavenderError:
     """The error of ours that a Flight error stands for (its class is named in the message)."""
-    text = str(exc).split(". Detail: ", 1)[0].strip()
-    match = _WIRE_MESSAGE.match(text)
-    if match:
-        cls = error_class(match.group("cls"))
-        if cls is not None:
-            return cls(match.group("message"))
-    if isinstance(exc, flight.FlightUnavailableError):
-        return ServerUnavailable(
-            f"cannot reach the Lavender Flight server at {url or 'its address'}: {text} "
-            "(is `lavender-flight serve` running?)"
-        )
-    if isinstance(exc, flight.FlightTimedOutError):
-        return ServerUnavailable(f"the server at {url} did not answer in time: {text}")
-    return ServerError(text)
+    return from_flight_error(exc, url)
 
 
 def column_options(column: ColumnOptions | Mapping[str, Any]) -> ColumnOptions:

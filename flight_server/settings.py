@@ -11,7 +11,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ..protocol.errors import InvalidArgument
 
-__all__ = ["ServerSettings"]
+__all__ = ["LOG_LEVELS", "ServerSettings"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ServerSettings(BaseSettings):
@@ -40,7 +42,11 @@ class ServerSettings(BaseSettings):
     ui_port: int = Field(default=3000, ge=0, le=65535, description="Dashboard port.")
     no_ui: bool = Field(default=False, description="Do not serve the dashboard.")
     demo: bool = Field(default=False, description="Create the demo dataset (once) and serve it.")
-    log_level: str = Field(default="INFO", description="Logging level of the server.")
+    log_level: str = Field(
+        default="INFO",
+        description="Logging level of the server: DEBUG, INFO, WARNING, ERROR or CRITICAL "
+        "(DEBUG also shows the dashboard's access log and gRPC's own logging).",
+    )
     s3_endpoint_url: str | None = Field(
         default=None,
         description="S3 endpoint for s3:// shardsets, e.g. http://127.0.0.1:9000 for MinIO "
@@ -98,6 +104,22 @@ class ServerSettings(BaseSettings):
         description="Memory (MiB) for feature shards read by joins by uid (shardsets not "
         "aligned with the main one), shared by every read of the server.",
     )
+
+    shutdown_grace: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="Seconds a stopping server (SIGTERM, Ctrl-C) gives open calls to end after "
+        "saving what the streams held; calls still open then (a client not reading its "
+        "stream) are cut.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_level(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().upper() in LOG_LEVELS:
+            return value.strip().upper()
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
 
     @field_validator("api_key", mode="before")
     @classmethod

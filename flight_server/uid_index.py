@@ -349,8 +349,10 @@ class UidIndexes:
                 self._forget_others(shardset_id, digest, shards)
             except OSError as exc:
                 log.warning("cannot save the uid index of shardset %s: %s", shardset_id, exc)
-        log.info(
-            "uid index of shardset %s: %d uids in %d shards, built in %.2fs",
+        # an empty one (a feature shardset just created) is not news
+        log.log(
+            logging.INFO if len(index) else logging.DEBUG,
+            "built the uid index of shardset %s: %d uids in %d shards (%.2fs)",
             shardset_id,
             len(index),
             len(shards),
