@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from .redaction import redact_urls
+
 __all__ = [
     "ActionNotFound",
     "AlreadyExists",
@@ -59,11 +61,16 @@ __all__ = [
 
 
 class LavenderError(Exception):
-    """Base class of every error Lavender Flight raises on purpose."""
+    """Base class of every error Lavender Flight raises on purpose.
+
+    A password inside a URL of the message (``https://user:pw@host``) is shown as ``***``:
+    messages name locations, and they reach clients and logs.
+    """
 
     code: ClassVar[str] = "INTERNAL"
 
     def __init__(self, message: str) -> None:
+        message = redact_urls(message)
         super().__init__(message)
         self.message = message
 
