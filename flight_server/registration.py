@@ -394,9 +394,14 @@ class Registrar:
             )
         where = self.locations.of(shardset, write=True)
         return ShardTarget(
-            dataset, shardset, shard_index, fmt, where, _schema_of(shardset),
-            existing.get(shard_index),
-        )  # fmt: skip
+            dataset=dataset,
+            shardset=shardset,
+            index=shard_index,
+            fmt=fmt,
+            where=where,
+            schema=_schema_of(shardset),
+            replaces=existing.get(shard_index),
+        )
 
     def check_columns(self, target: ShardTarget, schema: pa.Schema) -> None:
         """Refuse columns the shardset does not declare, or cannot take, before any row.
