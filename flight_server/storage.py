@@ -33,7 +33,8 @@ import pyarrow.fs as pafs
 from fsspec.core import split_protocol
 
 from ..protocol.errors import InvalidLocation, LavenderError, ShardNotFound, StorageError
-from ..protocol.redaction import redact_urls
+from ..protocol.records import hidden_values
+from ..protocol.redaction import redact_urls, scrub_values
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -236,6 +237,7 @@ class Location:
     fs: fsspec.AbstractFileSystem = field(repr=False, compare=False)
     arrow_fs: pafs.FileSystem = field(repr=False, compare=False)
     retry: RetryPolicy = field(default=DEFAULT_RETRY, repr=False, compare=False)
+    hidden: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     @property
     def is_local(self) -> bool:
@@ -264,6 +266,10 @@ class Location:
         """The storage path of a URL the catalog recorded."""
         return str(self.fs._strip_protocol(url))
 
+    def describe(self, exc: BaseException) -> str:
+        """A storage error in one line, without a secret of the location's options in it."""
+        return scrub_values(_describe(exc), self.hidden)
+
     def call(self, operation: Callable[[], T], what: str) -> T:
         """Run one storage call, retried on transient errors under the location's policy.
 
@@ -282,17 +288,23 @@ class Location:
                 raise
             except Exception as exc:
                 if not is_transient(exc):
-                    raise StorageError(f"{what}: {_describe(exc)}") from exc
+                    raise StorageError(f"{what}: {self.describe(exc)}") from exc
                 pause = self.retry.delay(attempt)
                 elapsed = time.monotonic() - start
                 if attempt >= self.retry.attempts or elapsed + pause > self.retry.deadline:
                     raise StorageError(
-                        f"{what}: {_describe(exc)} (still failing after {attempt} attempts "
+                        f"{what}: {self.describe(exc)} (still failing after {attempt} attempts "
                         f"over {elapsed:.1f}s)"
                     ) from exc
                 log.warning(
                     "%s: %s; retrying in %.1fs (attempt %d of %d)",
-                    *(redact_urls(what), _describe(exc), pause, attempt + 1, self.retry.attempts),
+                    *(
+                        redact_urls(what),
+                        self.describe(exc),
+                        pause,
+                        attempt + 1,
+                        self.retry.attempts,
+                    ),
                 )
                 time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -355,7 +367,7 @@ class Location:
             self.call(lambda: self.fs.pipe_file(path, payload), f"cannot write {url}")
         except FileNotFoundError as exc:
             raise StorageError(
-                f"cannot write {url}: its bucket or folder does not exist ({_describe(exc)})"
+                f"cannot write {url}: its bucket or folder does not exist ({self.describe(exc)})"
             ) from exc
 
     def remove(self, path: str) -> None:
@@ -374,7 +386,7 @@ class Location:
                 lambda: self.fs.makedirs(self.path, exist_ok=True), f"cannot create {self.url}"
             )
         except FileNotFoundError as exc:
-            raise StorageError(f"cannot create {self.url}: {_describe(exc)}") from exc
+            raise StorageError(f"cannot create {self.url}: {self.describe(exc)}") from exc
 
 
 def resolve_location(
@@ -406,6 +418,7 @@ def resolve_location(
             "az:// or another protocol fsspec knows"
         )
     options = dict(storage_options or {})
+    hidden = hidden_values(options)  # never quoted back, even by a library's error
     if protocol in S3_PROTOCOLS:
         options = merge_options(_S3_BASELINE, options)
     try:
@@ -416,7 +429,8 @@ def resolve_location(
             f"protocol {protocol!r} of {url!r} needs a package that is not installed: {exc}"
         ) from exc
     except (TypeError, ValueError, KeyError) as exc:
-        raise InvalidLocation(f"cannot open {url!r} with these storage options: {exc}") from exc
+        reason = scrub_values(str(exc), hidden)
+        raise InvalidLocation(f"cannot open {url!r} with these storage options: {reason}") from exc
     if protocol in S3_PROTOCOLS:
         fs.retries = 1
     _, path = split_protocol(url)
@@ -429,7 +443,13 @@ def resolve_location(
         canonical = str(fs.unstrip_protocol(path))
         arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     location = Location(
-        url=canonical, protocol=protocol, path=path, fs=fs, arrow_fs=arrow_fs, retry=retry
+        url=canonical,
+        protocol=protocol,
+        path=path,
+        fs=fs,
+        arrow_fs=arrow_fs,
+        retry=retry,
+        hidden=hidden,
     )
     if location.read_only:  # a web server answers for a folder as for a file: no telling
         return location

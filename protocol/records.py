@@ -21,6 +21,7 @@ __all__ = [
     "SyncResult",
     "UidValue",
     "column_clashes",
+    "hidden_values",
     "is_secret_option",
     "redact_options",
     "redact_urls",
@@ -120,6 +121,34 @@ def redact_options(
         else:
             shown[str(name)] = REDACTED
     return shown
+
+
+def hidden_values(
+    options: Mapping[str, Any], safe: Mapping[str, Any] = SAFE_OPTIONS
+) -> frozenset[str]:
+    """The text values ``redact_options`` hides (4 characters or more), nested ones included.
+
+    What to scrub from a storage library's error message, which may quote an option.
+    """
+    found: set[str] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str) and len(value) >= 4:
+            found.add(value)
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+
+    for name, value in options.items():
+        rule = safe.get(str(name))
+        if isinstance(rule, Mapping) and isinstance(value, Mapping):
+            found |= hidden_values(value, rule)
+        elif rule is not True or not (value is None or isinstance(value, (str, bool, int, float))):
+            collect(value)
+    return frozenset(found)
 
 
 class _Record(BaseModel):

@@ -18,7 +18,7 @@ import pytest
 from lavender_flight.catalog import Catalog
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
-from lavender_flight.flight_server.storage import RetryPolicy
+from lavender_flight.flight_server.storage import RetryPolicy, resolve_location
 from lavender_flight.panel_ui import DatasetPage, ShardsetPage
 from lavender_flight.protocol import ColumnOptions, Shard, Shardset, redact_options
 from lavender_flight.protocol.errors import (
@@ -27,6 +27,7 @@ from lavender_flight.protocol.errors import (
     ShardNotFound,
     StorageError,
 )
+from lavender_flight.protocol.records import hidden_values
 from lavender_flight.protocol.redaction import redact_urls
 from tests.conftest import CALL_TIMEOUT, call_options
 from tests.flight_server.conftest import Web
@@ -232,3 +233,27 @@ def test_shardset_records_redact_whenever_serialized() -> None:
     dumped = [record.model_dump_json(), json.dumps(record.model_dump(mode="json"))]
     assert [d for d in dumped if PASSWORD in d] == []
     assert record.model_dump()["storage_options"] == {"secret": "***", "region": "eu"}
+
+
+def test_a_storage_library_quoting_a_hidden_option_is_scrubbed(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert hidden_values(OPTIONS) == {
+        "p4ss-phrase", "auth-t0ken", "nested-p4ss", "http://me:proxy-p4ss@proxy", "AKIAKEY",
+        "https://not-a-plain-value",
+    }  # fmt: skip
+    where = resolve_location(data_dir.as_uri(), OPTIONS, FAST)
+    attempts: list[int] = []
+
+    def quoting() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionResetError(104, "reset while sending auth-t0ken")
+        raise PermissionError("p4ss-phrase is not the passphrase of AKIAKEY")
+
+    caplog.set_level(logging.WARNING, logger="lavender_flight")
+    with pytest.raises(StorageError) as failed:
+        where.call(quoting, f"cannot read {where.url}")
+    assert str(failed.value).endswith("PermissionError: *** is not the passphrase of ***")
+    assert "reset while sending ***; retrying" in caplog.text
+    assert [s for s in SECRETS if s in caplog.text + str(failed.value)] == []
