@@ -181,7 +181,8 @@ def _announce(
     roots = ", ".join(str(r) for r in service.storage_roots or [])
     _say(
         f"  security {keys} API keys{'' if keys else ' (open: no --api-key)'}; "
-        f"{'TLS' if tls else 'no TLS'}; file:// storage under {roots}"
+        f"{'TLS' if tls else 'no TLS'}; file:// storage under {roots}; "
+        f"protocols {', '.join(service.policy.protocols)}"
     )
     names = {i.name for i in plugins.describe()}
     _say(
@@ -232,6 +233,9 @@ def serve(
             storage_defaults=settings.storage_defaults(),
             storage_roots=settings.storage_roots(),
             join_cache_bytes=settings.join_cache_mb << 20,
+            allow_protocols=settings.allow_protocol,
+            allow_memory=settings.allow_memory,
+            max_shard_bytes=settings.max_shard_mb << 20,
         )
         if settings.demo:
             create_demo(service, settings.home)

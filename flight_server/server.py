@@ -178,6 +178,26 @@ ACTIONS: dict[str, ActionSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class _PutBody:
+    """A ``do_put`` stream as the service reads it: the schema, then batches on demand."""
+
+    reader: flight.MetadataRecordBatchReader
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.reader.schema
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        while True:
+            try:
+                chunk = self.reader.read_chunk()
+            except StopIteration:
+                return
+            if chunk.data is not None:
+                yield chunk.data
+
+
 class LavenderFlightServer(flight.FlightServerBase):
     """Lavender Flight on the wire: plain Arrow Flight any Flight client can speak."""
 
@@ -323,14 +343,17 @@ class LavenderFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
-        """Write one shard: command ``PutShardCommand`` or path ``[dataset, shardset, index]``."""
+        """Write one shard: command ``PutShardCommand`` or path ``[dataset, shardset, index]``.
+
+        The target and the columns are checked before the body is read; the body is then
+        read batch by batch, and refused once it passes the server's shard size limit.
+        """
         command = self._put_command(descriptor)
-        table = reader.read_all()
-        shard = self.service.write_shard(
+        shard = self.service.write_upload(
             command.dataset_id,
             command.shardset_id,
             command.shard_index,
-            table,
+            _PutBody(reader),
             command.format,
             command.overwrite,
         )

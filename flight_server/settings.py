@@ -89,6 +89,27 @@ class ServerSettings(BaseSettings):
         "(repeatable; the environment variable takes a list separated by the path separator); "
         "default: the data home and the folder the server was started in.",
     )
+    allow_protocol: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="fsspec protocol to allow for shardset locations besides file:// (under "
+        "the storage roots) and the object stores s3, s3a, gs, gcs, az, abfs, abfss "
+        "(repeatable, or a comma list). DANGEROUS: anyone with an API key can then make the "
+        "server open whatever that protocol reaches with the server's own network and "
+        "credentials (http/https: any URL, internal ones included; read-only). Chained URLs "
+        "and storage options naming a local path or another protocol stay refused.",
+    )
+    allow_memory: bool = Field(
+        default=False,
+        description="Allow memory:// shardset locations: shards kept in the server's RAM, "
+        "lost when it stops (for tests and demos).",
+    )
+    max_shard_mb: int = Field(
+        default=1024,
+        ge=1,
+        le=1 << 20,
+        description="Largest shard (MiB of Arrow data) a client may write through the server; "
+        "a larger upload is refused as soon as it passes the limit.",
+    )
     lease_seconds: float = Field(
         default=300.0,
         gt=0,
@@ -121,7 +142,7 @@ class ServerSettings(BaseSettings):
             return value.strip().upper()
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "allow_protocol", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -43,6 +43,8 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from .redaction import redact_urls
+
 __all__ = [
     "FLIGHT_ERRORS",
     "ActionNotFound",
@@ -95,11 +97,16 @@ FLIGHT_ERRORS: dict[WireStatus, type[Exception]] = {
 
 
 class LavenderError(Exception):
-    """Base class of every error Lavender Flight raises on purpose."""
+    """Base class of every error Lavender Flight raises on purpose.
+
+    A password inside a URL of the message (``https://user:pw@host``) is shown as ``***``:
+    messages name locations, and they reach clients and logs.
+    """
 
     status: ClassVar[WireStatus] = WireStatus.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = redact_urls(message)
         super().__init__(message)
         self.message = message
 

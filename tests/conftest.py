@@ -26,8 +26,11 @@ def catalog(tmp_path: Path) -> Iterator[Catalog]:
 
 @pytest.fixture
 def service(catalog: Catalog) -> LavenderService:
-    """The service over the fresh catalog."""
-    return LavenderService(catalog)
+    """The service over the fresh catalog, memory:// locations allowed (as ``--allow-memory``).
+
+    Tests keep shards in memory:// freely; a real server refuses it unless told otherwise.
+    """
+    return LavenderService(catalog, allow_memory=True)
 
 
 @pytest.fixture
