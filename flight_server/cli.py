@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic_settings import BaseSettings
 
-from ..catalog import Catalog
+from ..catalog import open_catalog
 from ..protocol.errors import LavenderError
 from ..transforms import Plugins
 from .auth import ApiKeyMiddlewareFactory
@@ -91,7 +91,7 @@ def serve(
     """Run a server until SIGINT/SIGTERM (or ``stop`` is set), then shut it down cleanly."""
     keys = settings.api_keys()
     tls = settings.tls_certificates()
-    catalog = Catalog(settings.catalog_path)
+    catalog = open_catalog(settings.catalog_target, local_dir=settings.home)
     service = LavenderService(
         catalog,
         storage_defaults=settings.storage_defaults(),
@@ -122,7 +122,7 @@ def serve(
     summary = service.summary()
     print(
         f"Lavender Flight serving {url}\n"
-        f"  catalog  {settings.catalog_path} ({summary['datasets']} datasets, "
+        f"  catalog  {catalog.label} ({summary['datasets']} datasets, "
         f"{summary['samples']} samples)",
         file=sys.stderr,
         flush=True,
