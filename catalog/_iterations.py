@@ -5,51 +5,59 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol.errors import DatasetNotFound, IterationNotFound
 from ..protocol.iterations import IterationRecord, RankProgressRecord
 
+if TYPE_CHECKING:
+    from ._database import Database, Transaction
+
 __all__ = ["IterationStore"]
 
 _RANGE_FIELDS = ("acked", "filtered", "failed", "inflight")
+_RANK_COLUMNS = (
+    "iteration_id",
+    "rank",
+    *_RANGE_FIELDS,
+    "updated_at",
+    "filtered_acked",
+    "failed_acked",
+)
 
 
 class IterationStore:
-    """The iteration half of ``Catalog`` (mixed in; uses its connection helpers)."""
+    """The iteration half of ``Catalog`` (mixed in; uses its database)."""
+
+    _db: Database
 
     def _query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         raise NotImplementedError
 
-    def _run(
-        self, conn: Any, sql: str, params: Sequence[Any] | None = None
-    ) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
-
-    def _write(self) -> Any:
-        raise NotImplementedError
-
     def create_iteration(self, record: IterationRecord) -> tuple[IterationRecord, bool]:
         """Store a new iteration, or return the one stored under its id; says which."""
-        with self._write() as conn:
-            if not self._run(conn, "SELECT id FROM datasets WHERE id = ?", (record.dataset_id,)):
+
+        def insert(tx: Transaction) -> bool:
+            if not tx.run("SELECT id FROM datasets WHERE id = ?", (record.dataset_id,)):
                 raise DatasetNotFound(f"no dataset with id {record.dataset_id!r}")
-            rows = self._run(conn, "SELECT id FROM iterations WHERE id = ?", (record.id,))
-            if not rows:
-                self._run(
-                    conn,
-                    "INSERT INTO iterations (id, dataset_id, spec, plan, total, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        record.id,
-                        record.dataset_id,
-                        json.dumps(record.spec),
-                        json.dumps(record.plan),
-                        record.total,
-                        record.created_at,
-                    ),
-                )
-                return record, True
+            if tx.run("SELECT id FROM iterations WHERE id = ?", (record.id,)):
+                return False
+            tx.run(
+                "INSERT INTO iterations (id, dataset_id, spec, plan, total, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.dataset_id,
+                    json.dumps(record.spec),
+                    json.dumps(record.plan),
+                    record.total,
+                    record.created_at,
+                ),
+            )
+            return True
+
+        if self._db.transaction(insert):
+            return record, True
         return self.get_iteration(record.id), False
 
     def get_iteration(self, iteration_id: str) -> IterationRecord:
@@ -118,32 +126,32 @@ class IterationStore:
     def save_progress(self, records: Sequence[RankProgressRecord]) -> None:
         """Replace the saved progress of the given ranks, all in one transaction."""
         now = time.time()
-        with self._write() as conn:
-            for record in records:
-                self._run(
-                    conn,
-                    "DELETE FROM iteration_ranks WHERE iteration_id = ? AND rank = ?",
-                    (record.iteration_id, record.rank),
-                )
-                self._run(
-                    conn,
-                    "INSERT INTO iteration_ranks (iteration_id, rank, acked, filtered, failed, "
-                    "inflight, updated_at, filtered_acked, failed_acked) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.iteration_id,
-                        record.rank,
-                        *(json.dumps(getattr(record, f)) for f in _RANGE_FIELDS),
-                        now,
-                        record.filtered_acked,
-                        record.failed_acked,
-                    ),
-                )
+        rows = [
+            (
+                record.iteration_id,
+                record.rank,
+                *(json.dumps(getattr(record, f)) for f in _RANGE_FIELDS),
+                now,
+                record.filtered_acked,
+                record.failed_acked,
+            )
+            for record in records
+        ]
+
+        def save(tx: Transaction) -> None:
+            sql = tx.dialect.upsert("iteration_ranks", _RANK_COLUMNS, key=("iteration_id", "rank"))
+            for row in rows:
+                tx.run(sql, row)
+
+        self._db.transaction(save)
 
     def delete_iteration(self, iteration_id: str) -> None:
         """Forget an iteration and its progress."""
-        with self._write() as conn:
-            if not self._run(conn, "SELECT id FROM iterations WHERE id = ?", (iteration_id,)):
+
+        def delete(tx: Transaction) -> None:
+            if not tx.run("SELECT id FROM iterations WHERE id = ?", (iteration_id,)):
                 raise IterationNotFound(f"no iteration with id {iteration_id!r}")
-            self._run(conn, "DELETE FROM iteration_ranks WHERE iteration_id = ?", (iteration_id,))
-            self._run(conn, "DELETE FROM iterations WHERE id = ?", (iteration_id,))
+            tx.run("DELETE FROM iteration_ranks WHERE iteration_id = ?", (iteration_id,))
+            tx.run("DELETE FROM iterations WHERE id = ?", (iteration_id,))
+
+        self._db.transaction(delete)

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
-from ..catalog import Catalog
+from ..catalog import open_catalog
 from ..protocol.errors import InvalidArgument, LavenderError
 from ..transforms import Plugins
 from .auth import ApiKeyMiddlewareFactory
@@ -175,7 +175,7 @@ def _announce(
     summary = service.summary()
     _say(f"Lavender Flight serving {url}")
     _say(
-        f"  catalog  {settings.catalog_path} ({summary['datasets']} datasets, "
+        f"  catalog  {service.catalog.label} ({summary['datasets']} datasets, "
         f"{summary['samples']} samples)"
     )
     roots = ", ".join(str(r) for r in service.storage_roots or [])
@@ -223,7 +223,9 @@ def serve(
     keys = settings.api_keys()
     tls = bool(settings.tls_certificates())
     try:
-        catalog = Catalog(settings.catalog_path)
+        catalog = open_catalog(settings.catalog_target, local_dir=settings.home)
+    except LavenderError:
+        raise  # said in one line already (an unknown URL, an unreachable PostgreSQL)
     except Exception as exc:
         log.debug("cannot open the catalog", exc_info=exc)
         raise StartupError(catalog_problem(settings.catalog_path, exc)) from None

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ..catalog import parse_target
 from ..protocol.errors import InvalidArgument
 
 __all__ = ["LOG_LEVELS", "ServerSettings"]
@@ -27,8 +28,14 @@ class ServerSettings(BaseSettings):
         default=Path("~/.lavender-flight"),
         description="Folder for the catalog file and the demo dataset.",
     )
-    catalog: Path | None = Field(
-        default=None, description="SQLite catalog file (default: <data_home>/catalog.db)."
+    catalog: str | None = Field(
+        default=None,
+        repr=False,  # a PostgreSQL URL may hold a password
+        description="The catalog: a SQLite file (a path, sqlite:///relative.db, "
+        "sqlite:////absolute.db or file:///absolute.db; default: <data_home>/catalog.db) or "
+        "a PostgreSQL database (postgresql://user@host:port/database); give PostgreSQL's "
+        "password by PGPASSWORD or ~/.pgpass rather than in the URL, which other users can "
+        "see in the process list.",
     )
     modules_dir: Path | None = Field(
         default=None, description="Folder of custom filter/collater/preprocessor modules."
@@ -164,9 +171,18 @@ class ServerSettings(BaseSettings):
         return self.data_home.expanduser().resolve()
 
     @property
+    def catalog_target(self) -> str:
+        """What ``open_catalog`` opens: the ``catalog`` setting, or ``<data_home>/catalog.db``."""
+        return self.catalog if self.catalog else str(self.home / "catalog.db")
+
+    @property
     def catalog_path(self) -> Path:
-        """Where the catalog file lives."""
-        return (self.catalog or self.home / "catalog.db").expanduser().resolve()
+        """Where the SQLite catalog file lives.
+
+        Raises:
+            InvalidArgument: the catalog is not a SQLite file (PostgreSQL, an unknown URL).
+        """
+        return parse_target(self.catalog_target).path
 
     @property
     def worker_count(self) -> int:
