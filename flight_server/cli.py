@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
-from ..catalog import open_catalog
+from ..catalog import open_catalog, parse_target
 from ..protocol.errors import InvalidArgument, LavenderError
 from ..transforms import Plugins
 from .auth import ApiKeyMiddlewareFactory
@@ -222,13 +222,14 @@ def serve(
     """
     keys = settings.api_keys()
     tls = bool(settings.tls_certificates())
+    target = parse_target(settings.catalog_target)  # an unknown URL fails here, in one line
     try:
         catalog = open_catalog(settings.catalog_target, local_dir=settings.home)
-    except LavenderError:
-        raise  # said in one line already (an unknown URL, an unreachable PostgreSQL)
     except Exception as exc:
+        if target.backend != "sqlite":
+            raise  # an unreachable PostgreSQL says so in one line
         log.debug("cannot open the catalog", exc_info=exc)
-        raise StartupError(catalog_problem(settings.catalog_path, exc)) from None
+        raise StartupError(catalog_problem(target.path, exc)) from None
     try:
         service = LavenderService(
             catalog,

@@ -59,7 +59,7 @@ def test_serve_refuses_an_unsupported_catalog_in_one_line(catalog: str, tmp_path
     assert done.returncode == 1, done.stderr
     scheme = catalog.split(":", 1)[0]
     assert done.stderr.strip().splitlines() == [
-        f"lavender-flight: error: InvalidArgument: unsupported catalog "
+        f"lavender-flight: error: unsupported catalog "
         f"'{catalog.replace('s3cret', '***')}' ({scheme}://): give a file path or "
         "sqlite:///relative.db, sqlite:////absolute.db, file:///absolute.db (SQLite); "
         "postgresql://user@host:port/database (PostgreSQL)"

@@ -425,7 +425,7 @@ def test_indexes_are_built_at_sync_and_reused_after_a_restart(
 
     def builds() -> list[str]:
         """The shardsets whose uid index was built since the last call (the server log)."""
-        found = re.findall(r"uid index of shardset (\S+): .* built in", caplog.text)
+        found = re.findall(r"built the uid index of shardset (\S+):", caplog.text)
         caplog.clear()
         return found
 
