@@ -1,18 +1,13 @@
-"""The catalog: datasets, shardsets, columns and shards in one SQLite file through ADBC."""
+"""The catalog: datasets, shardsets, columns and shards, on SQLite or PostgreSQL through ADBC."""
 
 from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import adbc_driver_manager
-import adbc_driver_sqlite.dbapi as sqlite_dbapi
 
 from ..protocol.errors import (
     DatasetAlreadyExists,
@@ -30,22 +25,14 @@ from ..protocol.records import (
     UidValue,
     column_clashes,
 )
+from ._database import DEFAULT_RECONNECT_SECONDS, Database, Transaction
+from ._dialect import dialect_for
 from ._iterations import IterationStore
 from ._progress import ProgressRows
 from ._schema import MIGRATIONS, SCHEMA_VERSION
+from ._target import parse_target
 
-__all__ = ["Catalog", "new_id"]
-
-_BUSY_TIMEOUT_MS = 30_000
-# on top of SQLite's busy timeout: a few more tries when a lock is still reported
-_BUSY_RETRIES = 5
-_BUSY_WORDS = ("database is locked", "database is busy", "sqlite_busy")
-
-
-def _is_busy(exc: BaseException) -> bool:
-    return isinstance(exc, adbc_driver_manager.Error) and any(
-        word in str(exc).lower() for word in _BUSY_WORDS
-    )
+__all__ = ["Catalog", "new_id", "open_catalog"]
 
 
 def new_id(prefix: str) -> str:
@@ -64,120 +51,81 @@ def _decode_uid(text: str | None) -> UidValue:
 class Catalog(IterationStore, ProgressRows):
     """The system of record: every other layer reads and writes state through this class.
 
-    One SQLite file in WAL mode, one ADBC connection per thread (readers never block the
-    writer), writes in ``BEGIN IMMEDIATE`` transactions so a failed call changes nothing.
+    A SQLite file (WAL mode, the embedded default) or a PostgreSQL database, with the same
+    SQL and the same migrations. One ADBC connection per thread (readers never block the
+    writer); every write is one transaction, so a failed call changes nothing.
+
+    Args:
+        target: the SQLite file (a path, ``sqlite:///relative.db``, ``sqlite:////abs.db``,
+            ``file:///abs.db``) or a ``postgresql://user@host:port/database`` URL.
+        local_dir: for PostgreSQL, the folder of ``path`` (this machine's side files, such
+            as uid indexes); default: a ``lavender-flight`` folder in the temp directory.
+        reconnect_seconds: how long a call keeps reopening a dropped PostgreSQL connection
+            before it raises ``StorageError``.
+
+    Attributes:
+        path: the SQLite file; for PostgreSQL ``<local_dir>/postgresql-<host>-<port>-<db>``,
+            a local name beside which a server keeps side files (``<path>.indexes``).
+        label: the catalog as shown to people (a PostgreSQL password is masked).
+        backend: ``"sqlite"`` or ``"postgresql"``.
+
+    Raises:
+        InvalidArgument: ``target`` names no supported database.
+        StorageError: the database cannot be opened (or stays unreachable).
+        LavenderError: its schema is newer than this Lavender Flight.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._connections: list[Any] = []
-        self._lock = threading.Lock()
+    def __init__(
+        self,
+        target: str | Path,
+        *,
+        local_dir: Path | None = None,
+        reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS,
+    ) -> None:
+        parsed = parse_target(target)
+        self._db = Database(dialect_for(parsed), reconnect_seconds)
+        self.backend = parsed.backend
+        self.label = parsed.label
+        self.path = self._db.dialect.local_path(local_dir)
         try:
-            self._migrate()
+            self._db.transaction(self._migrate)
         except BaseException:
             self.close()
             raise
 
-    # -- connections ---------------------------------------------------------------------
-
-    def _connection(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite_dbapi.connect(str(self.path), autocommit=True)
-            for pragma in (
-                f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}",
-                "PRAGMA journal_mode=WAL",
-                "PRAGMA synchronous=NORMAL",
-                "PRAGMA foreign_keys=ON",
-            ):
-                self._retry_busy(conn, pragma)
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
-
-    @staticmethod
-    def _run(conn: Any, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
-        # A fresh cursor per statement: an ADBC cursor keeps the last bound parameters.
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            try:
-                return list(cur.fetchall())
-            except adbc_driver_manager.Error:
-                return []
+    def __repr__(self) -> str:
+        return f"Catalog({self.label!r})"
 
     def _query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
-        return self._run(self._connection(), sql, params)
-
-    def _retry_busy(self, conn: Any, sql: str) -> None:
-        """Run a statement that takes the write lock; retry while another writer holds it.
-
-        SQLite's busy timeout waits first; a bounded number of retries follow, so
-        ``database is locked`` does not reach a user.
-        """
-        for attempt in range(_BUSY_RETRIES + 1):
-            try:
-                self._run(conn, sql)
-                return
-            except adbc_driver_manager.Error as exc:
-                if not _is_busy(exc) or attempt == _BUSY_RETRIES:
-                    raise
-                time.sleep(0.05 * 2**attempt)
-
-    @contextmanager
-    def _write(self) -> Iterator[Any]:
-        """A write transaction: everything inside commits together or not at all."""
-        conn = self._connection()
-        self._retry_busy(conn, "BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            self._run(conn, "ROLLBACK")
-            raise
-        try:
-            self._retry_busy(conn, "COMMIT")
-        except BaseException:
-            self._run(conn, "ROLLBACK")
-            raise
+        return self._db.query(sql, params)
 
     def close(self) -> None:
         """Close every connection this catalog opened (in any thread)."""
-        with self._lock:
-            for conn in self._connections:
-                try:
-                    conn.close()
-                except adbc_driver_manager.Error:
-                    pass
-            self._connections.clear()
-        self._local = threading.local()
+        self._db.close()
 
-    def _migrate(self) -> None:
-        conn = self._connection()
-        self._run(conn, "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        with self._write() as conn:
-            rows = self._run(conn, "SELECT value FROM meta WHERE key = 'schema_version'")
-            version = int(rows[0][0]) if rows else 0
-            if version > SCHEMA_VERSION:
-                raise LavenderError(
-                    f"catalog {self.path} has schema version {version}, newer than this "
-                    f"Lavender Flight ({SCHEMA_VERSION}): upgrade lavender-flight"
-                )
-            for statements in MIGRATIONS[version:]:
-                for sql in statements:
-                    self._run(conn, sql)
-            if version != SCHEMA_VERSION:
-                self._run(conn, "DELETE FROM meta WHERE key = 'schema_version'")
-                self._run(
-                    conn,
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
+    def _migrate(self, tx: Transaction) -> None:
+        # under the catalog lock: servers starting together on one database migrate in turn
+        tx.run("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        rows = tx.run("SELECT value FROM meta WHERE key = 'schema_version'")
+        version = int(rows[0][0]) if rows else 0
+        if version > SCHEMA_VERSION:
+            raise LavenderError(
+                f"catalog {self.label} has schema version {version}, newer than this "
+                f"Lavender Flight ({SCHEMA_VERSION}): upgrade lavender-flight"
+            )
+        for statements in MIGRATIONS[version:]:
+            for sql in statements:
+                tx.run(sql)
+        if version != SCHEMA_VERSION:
+            tx.run("DELETE FROM meta WHERE key = 'schema_version'")
+            tx.run(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
 
     @property
     def schema_version(self) -> int:
-        """The schema version of the open catalog file."""
+        """The schema version of the open catalog."""
         rows = self._query("SELECT value FROM meta WHERE key = 'schema_version'")
         return int(rows[0][0])
 
@@ -192,14 +140,16 @@ class Catalog(IterationStore, ProgressRows):
         if not uid_column_name:
             raise InvalidArgument("uid_column_name is required")
         dataset_id = new_id("ds")
-        with self._write() as conn:
-            if self._run(conn, "SELECT id FROM datasets WHERE name = ?", (name,)):
+
+        def insert(tx: Transaction) -> None:
+            if tx.run("SELECT id FROM datasets WHERE name = ?", (name,)):
                 raise DatasetAlreadyExists(f"a dataset named {name!r} exists already")
-            self._run(
-                conn,
+            tx.run(
                 "INSERT INTO datasets (id, name, uid_column_name, created_at) VALUES (?, ?, ?, ?)",
                 (dataset_id, name, uid_column_name, time.time()),
             )
+
+        self._db.transaction(insert)
         return self.get_dataset(dataset_id=dataset_id)
 
     def get_dataset(self, dataset_id: str | None = None, name: str | None = None) -> Dataset:
@@ -213,45 +163,46 @@ class Catalog(IterationStore, ProgressRows):
         )
         if not rows:
             raise DatasetNotFound(f"no dataset with {column} {value!r}")
-        return self._dataset(rows[0])
+        shardsets = self._shardsets_by_dataset(dataset_id=rows[0][0])
+        return self._dataset(rows[0], shardsets)
 
     def list_datasets(self) -> list[Dataset]:
         """Return every dataset, oldest first."""
         rows = self._query(
             "SELECT id, name, uid_column_name, created_at FROM datasets ORDER BY created_at, id"
         )
-        return [self._dataset(row) for row in rows]
+        # three queries whatever the number of datasets: each costs a round trip on PostgreSQL
+        shardsets = self._shardsets_by_dataset() if rows else {}
+        return [self._dataset(row, shardsets) for row in rows]
 
-    def _dataset(self, row: tuple[Any, ...]) -> Dataset:
+    @staticmethod
+    def _dataset(row: tuple[Any, ...], shardsets: Mapping[str, list[Shardset]]) -> Dataset:
         dataset_id, name, uid_column_name, created_at = row
         return Dataset(
             id=dataset_id,
             name=name,
             uid_column_name=uid_column_name,
             created_at=float(created_at),
-            shardsets=self._shardsets(dataset_id),
+            shardsets=shardsets.get(dataset_id, []),
         )
 
     def delete_dataset(self, dataset_id: str) -> None:
         """Delete a dataset and everything the catalog knows of it (shard files stay)."""
-        with self._write() as conn:
-            if not self._run(conn, "SELECT id FROM datasets WHERE id = ?", (dataset_id,)):
+
+        def delete(tx: Transaction) -> None:
+            if not tx.run("SELECT id FROM datasets WHERE id = ?", (dataset_id,)):
                 raise DatasetNotFound(f"no dataset with id {dataset_id!r}")
             iterations = "SELECT id FROM iterations WHERE dataset_id = ?"
             for table in ("iteration_ranks", "iteration_rank_states"):
-                self._run(
-                    conn,
-                    f"DELETE FROM {table} WHERE iteration_id IN ({iterations})",
-                    (dataset_id,),
-                )
-            self._run(conn, "DELETE FROM iterations WHERE dataset_id = ?", (dataset_id,))
+                tx.run(f"DELETE FROM {table} WHERE iteration_id IN ({iterations})", (dataset_id,))
+            tx.run("DELETE FROM iterations WHERE dataset_id = ?", (dataset_id,))
             shardsets = "SELECT id FROM shardsets WHERE dataset_id = ?"
             for table in ("shards", "shardset_columns"):
-                self._run(
-                    conn, f"DELETE FROM {table} WHERE shardset_id IN ({shardsets})", (dataset_id,)
-                )
-            self._run(conn, "DELETE FROM shardsets WHERE dataset_id = ?", (dataset_id,))
-            self._run(conn, "DELETE FROM datasets WHERE id = ?", (dataset_id,))
+                tx.run(f"DELETE FROM {table} WHERE shardset_id IN ({shardsets})", (dataset_id,))
+            tx.run("DELETE FROM shardsets WHERE dataset_id = ?", (dataset_id,))
+            tx.run("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+
+        self._db.transaction(delete)
 
     # -- shardsets -----------------------------------------------------------------------
 
@@ -280,10 +231,9 @@ class Catalog(IterationStore, ProgressRows):
             options = json.dumps(dict(storage_options or {}), sort_keys=True)
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"storage_options must be JSON values: {exc}") from None
-        with self._write() as conn:
-            dataset = self._run(
-                conn, "SELECT uid_column_name FROM datasets WHERE id = ?", (dataset_id,)
-            )
+
+        def insert(tx: Transaction) -> None:
+            dataset = tx.run("SELECT uid_column_name FROM datasets WHERE id = ?", (dataset_id,))
             if not dataset:
                 raise DatasetNotFound(f"no dataset with id {dataset_id!r}")
             uid_column_name = dataset[0][0]
@@ -292,8 +242,7 @@ class Catalog(IterationStore, ProgressRows):
                     f"the shardset's columns {names} lack the dataset's uid column "
                     f"{uid_column_name!r}: every shardset carries it to be joined by uid"
                 )
-            taken = self._run(
-                conn,
+            taken = tx.run(
                 "SELECT c.name, c.shardset_id FROM shardset_columns c "
                 "JOIN shardsets s ON s.id = c.shardset_id WHERE s.dataset_id = ?",
                 (dataset_id,),
@@ -303,33 +252,30 @@ class Catalog(IterationStore, ProgressRows):
                 raise InvalidArgument(
                     f"column names clash with other shardsets of the dataset: {', '.join(clashes)}"
                 )
-            count = self._run(
-                conn, "SELECT count(*) FROM shardsets WHERE dataset_id = ?", (dataset_id,)
-            )[0][0]
+            siblings = "SELECT count(*) FROM shardsets WHERE dataset_id = ?"
+            count = tx.run(siblings, (dataset_id,))[0][0]
             main = is_main or count == 0
             if main:
-                self._run(
-                    conn, "UPDATE shardsets SET is_main = 0 WHERE dataset_id = ?", (dataset_id,)
-                )
-            self._run(
-                conn,
+                tx.run("UPDATE shardsets SET is_main = 0 WHERE dataset_id = ?", (dataset_id,))
+            tx.run(
                 "INSERT INTO shardsets (id, dataset_id, location, is_main, position, created_at, "
                 "storage_options) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (shardset_id, dataset_id, location, int(main), int(count), time.time(), options),
             )
             for position, column in enumerate(columns):
-                self._run(
-                    conn,
+                tx.run(
                     "INSERT INTO shardset_columns (shardset_id, position, name, type, description) "
                     "VALUES (?, ?, ?, ?, ?)",
                     (shardset_id, position, column.name, column.type_, column.description),
                 )
-            self._insert_shards(conn, shardset_id, shards)
+            self._insert_shards(tx, shardset_id, shards)
+
+        self._db.transaction(insert)
         return self.get_shardset(dataset_id, shardset_id)
 
     def get_shardset(self, dataset_id: str, shardset_id: str) -> Shardset:
         """Return one shardset of a dataset."""
-        for shardset in self._shardsets(dataset_id, shardset_id):
+        for shardset in self._shardsets_by_dataset(dataset_id, shardset_id).get(dataset_id, []):
             return shardset
         if not self._query("SELECT id FROM datasets WHERE id = ?", (dataset_id,)):
             raise DatasetNotFound(f"no dataset with id {dataset_id!r}")
@@ -338,53 +284,63 @@ class Catalog(IterationStore, ProgressRows):
     def delete_shardset(self, dataset_id: str, shardset_id: str) -> None:
         """Remove a shardset from the catalog (its files stay); the next one becomes main."""
         shardset = self.get_shardset(dataset_id, shardset_id)
-        with self._write() as conn:
-            self._run(conn, "DELETE FROM shards WHERE shardset_id = ?", (shardset_id,))
-            self._run(conn, "DELETE FROM shardset_columns WHERE shardset_id = ?", (shardset_id,))
-            self._run(conn, "DELETE FROM shardsets WHERE id = ?", (shardset_id,))
+
+        def delete(tx: Transaction) -> None:
+            tx.run("DELETE FROM shards WHERE shardset_id = ?", (shardset_id,))
+            tx.run("DELETE FROM shardset_columns WHERE shardset_id = ?", (shardset_id,))
+            tx.run("DELETE FROM shardsets WHERE id = ?", (shardset_id,))
             if shardset.is_main:
-                rest = self._run(
-                    conn,
+                rest = tx.run(
                     "SELECT id FROM shardsets WHERE dataset_id = ? ORDER BY position LIMIT 1",
                     (dataset_id,),
                 )
                 if rest:
-                    self._run(conn, "UPDATE shardsets SET is_main = 1 WHERE id = ?", (rest[0][0],))
+                    tx.run("UPDATE shardsets SET is_main = 1 WHERE id = ?", (rest[0][0],))
 
-    def _shardsets(self, dataset_id: str, shardset_id: str | None = None) -> list[Shardset]:
-        sql = (
-            "SELECT s.id, s.location, s.is_main, s.created_at, s.storage_options, "
-            "count(h.shard_index), coalesce(sum(h.num_rows), 0), coalesce(sum(h.size_bytes), 0) "
-            "FROM shardsets s LEFT JOIN shards h ON h.shardset_id = s.id "
-            "WHERE s.dataset_id = ?"
-        )
-        params: list[Any] = [dataset_id]
-        if shardset_id is not None:
-            sql += " AND s.id = ?"
-            params.append(shardset_id)
-        sql += (
-            " GROUP BY s.id, s.location, s.is_main, s.created_at, s.storage_options, s.position"
-            " ORDER BY s.position"
-        )
-        result = []
-        for row in self._query(sql, params):
-            ss_id, location, is_main, created_at, options, shard_count, samples, size = row
-            columns = [
+        self._db.transaction(delete)
+
+    def _shardsets_by_dataset(
+        self, dataset_id: str | None = None, shardset_id: str | None = None
+    ) -> dict[str, list[Shardset]]:
+        """Shardsets with their columns and shard totals, by dataset id, in position order.
+
+        Every dataset's when ``dataset_id`` is None; only ``shardset_id`` when given.
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("s.dataset_id", dataset_id), ("s.id", shardset_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        columns: dict[str, list[DatasetColumn]] = {}
+        for ss_id, name, type_, description in self._query(
+            "SELECT c.shardset_id, c.name, c.type, c.description FROM shardset_columns c "
+            f"JOIN shardsets s ON s.id = c.shardset_id{clause} ORDER BY c.shardset_id, c.position",
+            params,
+        ):
+            columns.setdefault(ss_id, []).append(
                 DatasetColumn(name=name, type_=type_, description=description, shardset_id=ss_id)
-                for name, type_, description in self._query(
-                    "SELECT name, type, description FROM shardset_columns "
-                    "WHERE shardset_id = ? ORDER BY position",
-                    (ss_id,),
-                )
-            ]
-            result.append(
+            )
+        result: dict[str, list[Shardset]] = {}
+        for row in self._query(
+            "SELECT s.dataset_id, s.id, s.location, s.is_main, s.created_at, s.storage_options, "
+            "count(h.shard_index), CAST(coalesce(sum(h.num_rows), 0) AS BIGINT), "
+            "CAST(coalesce(sum(h.size_bytes), 0) AS BIGINT) "
+            f"FROM shardsets s LEFT JOIN shards h ON h.shardset_id = s.id{clause} "
+            "GROUP BY s.dataset_id, s.id, s.location, s.is_main, s.created_at, "
+            "s.storage_options, s.position ORDER BY s.dataset_id, s.position",
+            params,
+        ):
+            ds_id, ss_id, location, is_main, created_at, options, count, samples, size = row
+            result.setdefault(ds_id, []).append(
                 Shardset(
                     id=ss_id,
-                    dataset_id=dataset_id,
+                    dataset_id=ds_id,
                     location=location,
                     is_main=bool(is_main),
-                    columns=columns,
-                    shard_count=int(shard_count),
+                    columns=columns.get(ss_id, []),
+                    shard_count=int(count),
                     total_samples=int(samples),
                     total_bytes=int(size),
                     created_at=float(created_at),
@@ -421,21 +377,23 @@ class Catalog(IterationStore, ProgressRows):
         self, shardset_id: str, upsert: Sequence[Shard], remove: Sequence[int] = ()
     ) -> None:
         """Insert or replace the given shards and drop the given indices, all at once."""
-        with self._write() as conn:
-            if not self._run(conn, "SELECT id FROM shardsets WHERE id = ?", (shardset_id,)):
+
+        def replace(tx: Transaction) -> None:
+            if not tx.run("SELECT id FROM shardsets WHERE id = ?", (shardset_id,)):
                 raise ShardsetNotFound(f"no shardset {shardset_id!r}")
             for index in [*remove, *(shard.index for shard in upsert)]:
-                self._run(
-                    conn,
+                tx.run(
                     "DELETE FROM shards WHERE shardset_id = ? AND shard_index = ?",
                     (shardset_id, index),
                 )
-            self._insert_shards(conn, shardset_id, upsert)
+            self._insert_shards(tx, shardset_id, upsert)
 
-    def _insert_shards(self, conn: Any, shardset_id: str, shards: Sequence[Shard]) -> None:
+        self._db.transaction(replace)
+
+    @staticmethod
+    def _insert_shards(tx: Transaction, shardset_id: str, shards: Sequence[Shard]) -> None:
         for shard in shards:
-            self._run(
-                conn,
+            tx.run(
                 "INSERT INTO shards (shardset_id, shard_index, location, format, num_rows, "
                 "size_bytes, uid_min, uid_max, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -450,3 +408,23 @@ class Catalog(IterationStore, ProgressRows):
                     shard.created_at,
                 ),
             )
+
+
+def open_catalog(
+    target: str | Path,
+    *,
+    local_dir: Path | None = None,
+    reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS,
+) -> Catalog:
+    """Open the catalog a setting names: a SQLite file or a PostgreSQL URL.
+
+    ``/data/catalog.db``, ``sqlite:///relative.db``, ``sqlite:////absolute.db`` and
+    ``file:///absolute.db`` open SQLite; ``postgresql://user@host:port/database`` (or
+    ``postgres://``) opens PostgreSQL. Any other ``scheme://`` is refused, never taken for a
+    file name. Same as ``Catalog(target, ...)``.
+
+    Raises:
+        InvalidArgument: ``target`` names no supported database.
+        StorageError: the database cannot be opened (or stays unreachable).
+    """
+    return Catalog(target, local_dir=local_dir, reconnect_seconds=reconnect_seconds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol.errors import DatasetNotFound, IterationNotFound
 from ..protocol.iterations import (
@@ -14,46 +14,54 @@ from ..protocol.iterations import (
     RankProgressRecord,
 )
 
+if TYPE_CHECKING:
+    from ._database import Database, Transaction
+
 __all__ = ["IterationStore"]
 
 _RANGE_FIELDS = ("acked", "filtered", "failed", "inflight")
+_RANK_COLUMNS = (
+    "iteration_id",
+    "rank",
+    *_RANGE_FIELDS,
+    "updated_at",
+    "filtered_acked",
+    "failed_acked",
+)
 
 
 class IterationStore:
-    """The iteration half of ``Catalog`` (mixed in; uses its connection helpers)."""
+    """The iteration half of ``Catalog`` (mixed in; uses its database)."""
+
+    _db: Database
 
     def _query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         raise NotImplementedError
 
-    def _run(
-        self, conn: Any, sql: str, params: Sequence[Any] | None = None
-    ) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
-
-    def _write(self) -> Any:
-        raise NotImplementedError
-
     def create_iteration(self, record: IterationRecord) -> tuple[IterationRecord, bool]:
         """Store a new iteration, or return the one stored under its id; says which."""
-        with self._write() as conn:
-            if not self._run(conn, "SELECT id FROM datasets WHERE id = ?", (record.dataset_id,)):
+
+        def insert(tx: Transaction) -> bool:
+            if not tx.run("SELECT id FROM datasets WHERE id = ?", (record.dataset_id,)):
                 raise DatasetNotFound(f"no dataset with id {record.dataset_id!r}")
-            rows = self._run(conn, "SELECT id FROM iterations WHERE id = ?", (record.id,))
-            if not rows:
-                self._run(
-                    conn,
-                    "INSERT INTO iterations (id, dataset_id, spec, plan, total, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        record.id,
-                        record.dataset_id,
-                        record.spec.model_dump_json(),
-                        record.plan.model_dump_json(),
-                        record.total,
-                        record.created_at,
-                    ),
-                )
-                return record, True
+            if tx.run("SELECT id FROM iterations WHERE id = ?", (record.id,)):
+                return False
+            tx.run(
+                "INSERT INTO iterations (id, dataset_id, spec, plan, total, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.dataset_id,
+                    record.spec.model_dump_json(),
+                    record.plan.model_dump_json(),
+                    record.total,
+                    record.created_at,
+                ),
+            )
+            return True
+
+        if self._db.transaction(insert):
+            return record, True
         return self.get_iteration(record.id), False
 
     def get_iteration(self, iteration_id: str) -> IterationRecord:
@@ -121,14 +129,20 @@ class IterationStore:
 
     def drop_progress(self, iteration_id: str) -> None:
         """Forget progress saved before epochs existed (once carried over)."""
-        with self._write() as conn:
-            self._run(conn, "DELETE FROM iteration_ranks WHERE iteration_id = ?", (iteration_id,))
+
+        def drop(tx: Transaction) -> None:
+            tx.run("DELETE FROM iteration_ranks WHERE iteration_id = ?", (iteration_id,))
+
+        self._db.transaction(drop)
 
     def delete_iteration(self, iteration_id: str) -> None:
         """Forget an iteration and its progress."""
-        with self._write() as conn:
-            if not self._run(conn, "SELECT id FROM iterations WHERE id = ?", (iteration_id,)):
+
+        def delete(tx: Transaction) -> None:
+            if not tx.run("SELECT id FROM iterations WHERE id = ?", (iteration_id,)):
                 raise IterationNotFound(f"no iteration with id {iteration_id!r}")
             for table in ("iteration_ranks", "iteration_rank_states"):
-                self._run(conn, f"DELETE FROM {table} WHERE iteration_id = ?", (iteration_id,))
-            self._run(conn, "DELETE FROM iterations WHERE id = ?", (iteration_id,))
+                tx.run(f"DELETE FROM {table} WHERE iteration_id = ?", (iteration_id,))
+            tx.run("DELETE FROM iterations WHERE id = ?", (iteration_id,))
+
+        self._db.transaction(delete)

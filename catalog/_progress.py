@@ -13,9 +13,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..protocol.errors import IterationNotFound
+
+if TYPE_CHECKING:
+    from ._database import Database, Transaction
 
 __all__ = ["NodeRecord", "ProgressRows", "RankRow"]
 
@@ -60,17 +63,11 @@ def _nodes_of(text: str) -> tuple[str, ...]:
 
 
 class ProgressRows:
-    """The iteration-state half of ``Catalog`` (mixed in; uses its connection helpers)."""
+    """The iteration-state half of ``Catalog`` (mixed in; uses its database)."""
+
+    _db: Database
 
     def _query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
-
-    def _run(
-        self, conn: Any, sql: str, params: Sequence[Any] | None = None
-    ) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
-
-    def _write(self) -> Any:
         raise NotImplementedError
 
     def update_rank_states(
@@ -83,56 +80,61 @@ class ProgressRows:
         """Change the state rows of some ranks of one epoch, all in one transaction.
 
         ``change`` gets every asked rank's row (``state`` None where there is none yet) and
-        may ``set`` them; changed rows are written back, and nothing is when it raises.
+        may ``set`` them; changed rows are written back, and nothing is when it raises. It
+        may run more than once (after a conflict between servers): it must change nothing
+        but the rows it is given.
 
         Raises:
             IterationNotFound: the iteration does not exist (or was deleted meanwhile).
         """
         wanted = sorted(set(ranks))
-        with self._write() as conn:
-            if not self._run(conn, "SELECT id FROM iterations WHERE id = ?", (iteration_id,)):
+
+        def body(tx: Transaction) -> T:
+            share = " FOR SHARE" if tx.dialect.name == "postgresql" else ""
+            if not tx.run("SELECT id FROM iterations WHERE id = ?" + share, (iteration_id,)):
                 raise IterationNotFound(f"no iteration with id {iteration_id!r}")
-            rows = self._rows(conn, iteration_id, epoch, wanted)
+            rows = self._rows(tx, iteration_id, epoch, wanted)
             before = {rank: (row.state, row.expires_at, row.nodes) for rank, row in rows.items()}
             result = change(rows)
             now = time.time()
             for rank, row in rows.items():
                 if row.state is None or (row.state, row.expires_at, row.nodes) == before[rank]:
                     continue
+                values = (row.state, row.expires_at, _nodes_text(row.nodes), now)
                 if before[rank][0] is None:
-                    self._run(
-                        conn,
-                        "INSERT INTO iteration_rank_states (iteration_id, epoch, rank, state, "
-                        "expires_at, nodes, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (iteration_id, epoch, rank, row.state, row.expires_at,
-                         _nodes_text(row.nodes), now),
-                    )  # fmt: skip
+                    tx.run(
+                        "INSERT INTO iteration_rank_states (state, expires_at, nodes, updated_at, "
+                        "iteration_id, epoch, rank) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (*values, iteration_id, epoch, rank),
+                    )
                 else:
-                    self._run(
-                        conn,
+                    tx.run(
                         "UPDATE iteration_rank_states SET state = ?, expires_at = ?, nodes = ?, "
                         "updated_at = ? WHERE iteration_id = ? AND epoch = ? AND rank = ?",
-                        (row.state, row.expires_at, _nodes_text(row.nodes), now,
-                         iteration_id, epoch, rank),
-                    )  # fmt: skip
+                        (*values, iteration_id, epoch, rank),
+                    )
                 row.updated_at = now
             return result
 
+        return self._db.transaction(body, lock="rows")
+
+    @staticmethod
     def _rows(
-        self, conn: Any, iteration_id: str, epoch: int, ranks: list[int]
+        tx: Transaction, iteration_id: str, epoch: int, ranks: list[int]
     ) -> dict[int, RankRow]:
-        found: dict[int, RankRow] = {}
-        if len(ranks) == 1:
-            sql = "AND rank = ?"
-            params: tuple[Any, ...] = (iteration_id, epoch, ranks[0])
-        else:
-            sql, params = "", (iteration_id, epoch)
-        wanted = set(ranks)
-        for rank, state, expires_at, nodes, updated_at in self._run(
-            conn,
+        """The asked rows, locked until the transaction ends (absent ones: state None)."""
+        sql = (
             "SELECT rank, state, expires_at, nodes, updated_at FROM iteration_rank_states "
-            f"WHERE iteration_id = ? AND epoch = ? {sql}",
-            params,
+            "WHERE iteration_id = ? AND epoch = ?"
+        )
+        params: tuple[Any, ...] = (iteration_id, epoch)
+        if len(ranks) == 1:
+            sql += " AND rank = ?"
+            params = (iteration_id, epoch, ranks[0])
+        wanted = set(ranks)
+        found: dict[int, RankRow] = {}
+        for rank, state, expires_at, nodes, updated_at in tx.run(
+            tx.dialect.for_update(sql), params
         ):
             if int(rank) in wanted:
                 found[int(rank)] = RankRow(
@@ -180,20 +182,14 @@ class ProgressRows:
     def heartbeat_node(self, node_id: str, location: str, started_at: float, info: str) -> None:
         """Register a server, or say it is still alive."""
         now = time.time()
-        with self._write() as conn:
-            if self._run(conn, "SELECT id FROM nodes WHERE id = ?", (node_id,)):
-                self._run(
-                    conn,
-                    "UPDATE nodes SET heartbeat_at = ?, location = ?, info = ? WHERE id = ?",
-                    (now, location, info, node_id),
-                )
-            else:
-                self._run(
-                    conn,
-                    "INSERT INTO nodes (id, location, started_at, heartbeat_at, info) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (node_id, location, started_at, now, info),
-                )
+
+        def beat(tx: Transaction) -> None:
+            sql = tx.dialect.upsert(
+                "nodes", ("id", "location", "started_at", "heartbeat_at", "info"), key=("id",)
+            )
+            tx.run(sql, (node_id, location, started_at, now, info))
+
+        self._db.transaction(beat, lock="rows")
 
     def list_nodes(self) -> list[NodeRecord]:
         """Every registered server, oldest first."""
@@ -207,5 +203,8 @@ class ProgressRows:
 
     def remove_node(self, node_id: str) -> None:
         """Forget a server (it stopped, or its heartbeat lapsed long ago)."""
-        with self._write() as conn:
-            self._run(conn, "DELETE FROM nodes WHERE id = ?", (node_id,))
+
+        def remove(tx: Transaction) -> None:
+            tx.run("DELETE FROM nodes WHERE id = ?", (node_id,))
+
+        self._db.transaction(remove, lock="rows")

@@ -1,4 +1,9 @@
-"""Catalog tables and their migrations (portable SQL: SQLite today, PostgreSQL later)."""
+"""Catalog tables and their migrations: the same statements on SQLite and PostgreSQL.
+
+Portable SQL only: ``TEXT``, ``INTEGER``, ``BIGINT``, ``DOUBLE PRECISION`` (booleans are
+``INTEGER`` 0/1), ``ALTER TABLE ... ADD COLUMN`` with a default. Each migration runs in the
+transaction that holds the catalog lock, so servers starting together apply it once.
+"""
 
 from __future__ import annotations
 

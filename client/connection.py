@@ -1,88 +1,115 @@
-"""The Flight connection of a client: calls, typed bodies, and errors rebuilt as our classes."""
+"""``LavenderClient``: one connection to a server, with the whole client API as methods.
+
+The low-level layer (``flight``, :meth:`LavenderClient.options`, :meth:`~LavenderClient.errors`,
+:meth:`~LavenderClient.action`) sends typed bodies and rebuilds server errors as our classes;
+the methods above it parse every answer with the models of ``protocol``.
+"""
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ..protocol.errors import LavenderError, ServerError, ServerUnavailable, error_class
+from ..protocol import ColumnOptions, Dataset, Shard, Shardset, SyncResult, wire
+from ..protocol.errors import (
+    InvalidArgument,
+    LavenderError,
+    SchemaMismatch,
+    ServerError,
+    from_flight_error,
+)
+from ..protocol.iterations import IterationBody, IterationProgress, ListIterationsBody
+from .settings import ClientSettings
 
-__all__ = ["LavenderClient", "domain_error"]
+__all__ = ["LavenderClient", "column_options", "domain_error"]
 
-_WIRE_MESSAGE = re.compile(r"^(?P<cls>[A-Z][A-Za-z]+): (?P<message>.*)$", re.DOTALL)
+T = TypeVar("T")
+
+_DATASETS: TypeAdapter[list[Dataset]] = TypeAdapter(list[Dataset])
+_SHARDS: TypeAdapter[list[Shard]] = TypeAdapter(list[Shard])
+_COLUMNS: TypeAdapter[list[ColumnOptions]] = TypeAdapter(list[ColumnOptions])
+_PROGRESSES: TypeAdapter[list[IterationProgress]] = TypeAdapter(list[IterationProgress])
 
 
 def domain_error(exc: BaseException, url: str = "") -> LavenderError:
     """The error of ours that a Flight error stands for (its class is named in the message)."""
-    text = str(exc).split(". Detail: ", 1)[0].strip()
-    match = _WIRE_MESSAGE.match(text)
-    if match:
-        cls = error_class(match.group("cls"))
-        if cls is not None:
-            return cls(match.group("message"))
-    if isinstance(exc, flight.FlightUnavailableError):
-        return ServerUnavailable(
-            f"cannot reach the Lavender Flight server at {url or 'its address'}: {text} "
-            "(is `lavender-flight serve` running?)"
-        )
-    if isinstance(exc, flight.FlightTimedOutError):
-        return ServerUnavailable(f"the server at {url} did not answer in time: {text}")
-    return ServerError(text)
+    return from_flight_error(exc, url)
+
+
+def column_options(column: ColumnOptions | Mapping[str, Any]) -> ColumnOptions:
+    """A column declaration from a ``ColumnOptions`` or a dict (``name``, ``type``...)."""
+    if isinstance(column, ColumnOptions):
+        return column
+    try:
+        return ColumnOptions.model_validate(column)
+    except ValidationError as exc:
+        raise InvalidArgument(f"invalid column {column!r}: {wire.problems(exc)}") from None
+
+
+_ADAPTERS: dict[type, TypeAdapter[Any]] = {}
+
+
+def _parse(kind: type[T] | TypeAdapter[T], answer: bytes, action: str) -> T:
+    """An action's JSON answer as ``kind``; a server that breaks the contract is a ServerError."""
+    if isinstance(kind, TypeAdapter):
+        adapter: TypeAdapter[Any] = kind
+    else:
+        adapter = _ADAPTERS.get(kind) or _ADAPTERS.setdefault(kind, TypeAdapter(kind))
+    try:
+        return adapter.validate_json(answer or b"null")
+    except ValidationError as exc:
+        raise ServerError(
+            f"the server's answer to {action} does not fit this client: {wire.problems(exc)} "
+            "(are client and server of one version?)"
+        ) from None
 
 
 class LavenderClient:
-    """A connection to one Lavender Flight server.
+    """A connection to one Lavender Flight server, made from :class:`ClientSettings`.
 
-    Every call has a timeout (``timeout`` seconds) so a dead server fails fast instead of
-    hanging a training job; streams have none, they last as long as the data.
+    Every call has the settings' timeout, so a dead server fails fast instead of hanging a
+    training job; streams have none, they last as long as the data. Connecting is lazy: a
+    server that is not there fails the first call with ``ServerUnavailable``.
     """
 
-    def __init__(
-        self,
-        api_url: str = "grpc://127.0.0.1:8815",
-        api_key: str | None = None,
-        timeout: float = 30.0,
-        tls_root_certs: str | bytes | None = None,
-        disable_server_verification: bool = False,
-    ) -> None:
-        """Connect to ``api_url``.
-
-        Args:
-            api_url: ``grpc://HOST:PORT``, or ``grpc+tls://HOST:PORT`` for a TLS server.
-            api_key: sent as ``authorization: Bearer <key>`` on every call.
-            timeout: seconds each call may take.
-            tls_root_certs: PEM of the CA that signed the server's certificate (a
-                self-signed certificate: the certificate itself); default: the system's.
-            disable_server_verification: do not check the server's certificate (testing
-                only: anyone on the network could pose as the server).
-        """
-        if "://" not in api_url:
-            api_url = "grpc://" + api_url
-        self.api_url = api_url
-        self.api_key = api_key
-        self.timeout = timeout
-        self._headers = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else []
-        tls: dict[str, Any] = {}
-        if tls_root_certs is not None:
-            tls["tls_root_certs"] = (
-                tls_root_certs.encode() if isinstance(tls_root_certs, str) else tls_root_certs
+    def __init__(self, settings: ClientSettings) -> None:
+        """Open a connection to ``settings.api_url`` with the settings' key and TLS options."""
+        if not isinstance(settings, ClientSettings):
+            raise InvalidArgument(
+                f"LavenderClient takes ClientSettings, got {type(settings).__name__}: "
+                "LavenderClient(ClientSettings('grpc://HOST:8815', api_key=...))"
             )
-        if disable_server_verification:
+        self.settings = settings
+        key = settings.api_key_value()
+        self._headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
+        tls: dict[str, Any] = {}
+        if settings.tls_root_certs is not None:
+            tls["tls_root_certs"] = settings.tls_root_certs
+        if settings.disable_server_verification:
             tls["disable_server_verification"] = True
         with self.errors():
-            self.flight = flight.connect(api_url, **tls)
+            self.flight = flight.connect(settings.api_url, **tls)
+
+    @property
+    def api_url(self) -> str:
+        """The URL this connection uses."""
+        return self.settings.api_url
+
+    def __repr__(self) -> str:
+        return f"LavenderClient({self.settings!r})"
+
+    # -- the low-level layer -------------------------------------------------------------
 
     def options(self, timeout: float | None = -1.0) -> flight.FlightCallOptions:
-        """Call options: the API key header and a timeout (None: no timeout)."""
+        """Call options: the API key header and a timeout (default: the settings'; None: none)."""
         return flight.FlightCallOptions(
-            timeout=self.timeout if timeout == -1.0 else timeout, headers=self._headers
+            timeout=self.settings.timeout if timeout == -1.0 else timeout, headers=self._headers
         )
 
     @contextmanager
@@ -106,9 +133,12 @@ class LavenderClient:
         return results[0].body.to_pybytes() if results else b""
 
     def action_json(self, name: str, body: BaseModel | dict[str, Any] | None = None) -> Any:
-        """Run ``do_action`` and decode its JSON answer."""
+        """Run ``do_action`` and decode its JSON answer (untyped: prefer the methods)."""
         answer = self.action(name, body)
         return json.loads(answer) if answer else None
+
+    def _call(self, kind: type[T] | TypeAdapter[T], name: str, body: BaseModel) -> T:
+        return _parse(kind, self.action(name, body), name)
 
     def close(self) -> None:
         """Close the connection."""
@@ -119,3 +149,230 @@ class LavenderClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- datasets ------------------------------------------------------------------------
+
+    def create_dataset(self, name: str, uid_column_name: str = "uid") -> Dataset:
+        """Create an empty dataset whose samples are identified by ``uid_column_name``."""
+        body = wire.build(
+            wire.CreateDatasetBody, "arguments", name=name, uid_column_name=uid_column_name
+        )
+        return self._call(Dataset, "create_dataset", body)
+
+    def get_dataset(self, dataset_id: str | None = None, name: str | None = None) -> Dataset:
+        """A dataset with its shardsets, by id or by name."""
+        body = wire.build(wire.GetDatasetBody, "arguments", dataset_id=dataset_id, name=name)
+        return self._call(Dataset, "get_dataset", body)
+
+    def list_datasets(self) -> list[Dataset]:
+        """Every dataset on the server."""
+        return self._call(_DATASETS, "list_datasets", wire.Empty())
+
+    def delete_dataset(self, dataset_id: str) -> wire.Deleted:
+        """Delete a dataset from the catalog (its shard files stay in storage)."""
+        body = wire.build(wire.DatasetBody, "arguments", dataset_id=dataset_id)
+        return self._call(wire.Deleted, "delete_dataset", body)
+
+    # -- shardsets and shards ------------------------------------------------------------
+
+    def create_shardset(
+        self,
+        dataset_id: str,
+        location: str,
+        columns: Sequence[ColumnOptions | Mapping[str, Any]] | None = None,
+        is_main: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Shardset:
+        """Add a shardset stored at ``location`` (a folder URL: ``file:///data/x``, ``s3://b/p``).
+
+        Shards already there are checked and registered. Without ``columns``, they are
+        inferred from the first shard found at the location.
+
+        ``storage_options`` are the fsspec options of the location, laid over the server's
+        defaults, e.g. ``{"key": ..., "secret": ..., "endpoint_url": "http://minio:9000"}``
+        for ``s3://``. They are stored with the shardset; secrets among them (keys, secrets,
+        tokens, passwords) are never shown back: the shardset's ``storage_options`` say
+        ``"***"``.
+        """
+        body = wire.build(
+            wire.CreateShardsetBody,
+            "arguments",
+            dataset_id=dataset_id,
+            location=location,
+            columns=[column_options(c) for c in columns] if columns is not None else None,
+            is_main=is_main,
+            storage_options=dict(storage_options) if storage_options is not None else None,
+        )
+        return self._call(Shardset, "create_shardset", body)
+
+    def get_shardset(self, dataset_id: str, shardset_id: str) -> Shardset:
+        """One shardset of a dataset."""
+        body = wire.build(
+            wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
+        )
+        return self._call(Shardset, "get_shardset", body)
+
+    def delete_shardset(self, dataset_id: str, shardset_id: str) -> wire.Deleted:
+        """Remove a shardset from the catalog (its files stay in storage)."""
+        body = wire.build(
+            wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
+        )
+        return self._call(wire.Deleted, "delete_shardset", body)
+
+    def list_shards(self, dataset_id: str, shardset_id: str) -> list[Shard]:
+        """The shards of a shardset: file, rows, size, uid range."""
+        body = wire.build(
+            wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
+        )
+        return self._call(_SHARDS, "list_shards", body)
+
+    def sync_shardset(self, dataset_id: str, shardset_id: str) -> SyncResult:
+        """Register shard files added at the shardset's location since the last sync."""
+        body = wire.build(
+            wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
+        )
+        return self._call(SyncResult, "sync_shardset", body)
+
+    def infer_columns(self, location: str) -> list[ColumnOptions]:
+        """The columns of the first shard at ``location``: what ``create_shardset`` would infer.
+
+        Raises ``ActionNotFound`` on a server without the ``infer_columns`` action.
+        """
+        body = wire.build(wire.LocationBody, "arguments", location=location)
+        return self._call(_COLUMNS, "infer_columns", body)
+
+    def write_shard(
+        self,
+        dataset_id: str,
+        shardset_id: str,
+        table: pa.Table,
+        shard_index: int = 0,
+        format: str = "parquet",
+        overwrite: bool = False,
+    ) -> Shard:
+        """Write ``table`` as shard ``shard_index`` of a shardset (``do_put``) and register it.
+
+        The server writes the file (the client never touches storage); ``Writer`` builds
+        the table from samples and checks it against the declared columns first.
+        """
+        command = wire.build(
+            wire.PutShardCommand,
+            "write",
+            dataset_id=dataset_id,
+            shardset_id=shardset_id,
+            shard_index=shard_index,
+            format=format,
+            overwrite=overwrite,
+        )
+        descriptor = flight.FlightDescriptor.for_command(wire.encode(command))
+        with self.errors():
+            writer, answers = self.flight.do_put(descriptor, table.schema, self.options(None))
+            try:
+                writer.write_table(table)
+                writer.done_writing()
+                answer = answers.read()
+            finally:
+                writer.close()
+        if answer is None:
+            raise SchemaMismatch("the server did not confirm the shard")
+        return _parse(Shard, answer.to_pybytes(), "do_put")
+
+    # -- reading -------------------------------------------------------------------------
+
+    def preview_dataset(
+        self,
+        dataset_id: str,
+        offset: int = 0,
+        limit: int = 10,
+        columns: Sequence[str] | None = None,
+        join: str = "left",
+    ) -> pa.Table:
+        """Rows ``offset .. offset + limit`` of a dataset, its shardsets joined, as a table.
+
+        ``join="inner"`` leaves out the samples some shardset lacks (``left``: their values
+        are null).
+        """
+        body = wire.build(
+            wire.PreviewBody,
+            "arguments",
+            dataset_id=dataset_id,
+            offset=offset,
+            limit=limit,
+            columns=list(columns) if columns is not None else None,
+            join=join,
+        )
+        answer = self.action("preview_dataset", body)
+        with self.errors():
+            return pa.ipc.open_stream(answer).read_all()
+
+    def read_dataset(self, name: str, shardset_ids: Sequence[str] | None = None) -> pa.Table:
+        """All rows of a dataset (by name or id) read over plain Flight, one endpoint at a time."""
+        descriptor = flight.FlightDescriptor.for_path(name, *(shardset_ids or ()))
+        with self.errors():
+            info = self.flight.get_flight_info(descriptor, self.options())
+        tables = [self._read_ticket(endpoint.ticket) for endpoint in info.endpoints]
+        return pa.concat_tables(tables) if tables else info.schema.empty_table()
+
+    def read_shard(
+        self,
+        dataset_id: str,
+        shard_index: int,
+        shardset_ids: Sequence[str] | None = None,
+        columns: Sequence[str] | None = None,
+        join: str = "left",
+    ) -> pa.Table:
+        """The rows of one main shard (by its index), its shardsets joined, over plain Flight.
+
+        ``shardset_ids`` and ``columns`` choose what is read; ``join="inner"`` leaves out the
+        samples some selected shardset lacks.
+        """
+        ticket = wire.build(
+            wire.ShardTicket,
+            "arguments",
+            dataset_id=dataset_id,
+            shard_index=shard_index,
+            shardset_ids=list(shardset_ids) if shardset_ids is not None else None,
+            columns=list(columns) if columns is not None else None,
+            join=join,
+        )
+        return self._read_ticket(flight.Ticket(wire.encode(ticket)))
+
+    def _read_ticket(self, ticket: flight.Ticket) -> pa.Table:
+        with self.errors():
+            return self.flight.do_get(ticket, self.options(None)).read_all()
+
+    # -- the server ----------------------------------------------------------------------
+
+    def list_actions(self) -> list[tuple[str, str]]:
+        """The server's actions and what each does."""
+        with self.errors():
+            return [(a.type, a.description) for a in self.flight.list_actions(self.options())]
+
+    def list_plugins(self) -> wire.PluginList:
+        """The server's plugins (kind, name, doc, parameters...) and the files that failed to load.
+
+        Raises ``ActionNotFound`` on a server without the ``list_plugins`` action.
+        """
+        return self._call(wire.PluginList, "list_plugins", wire.Empty())
+
+    # -- iterations ----------------------------------------------------------------------
+
+    def get_iteration(self, iteration_id: str) -> IterationProgress:
+        """Progress of an iteration: current, completed, filtered, failed, in flight per rank."""
+        body = wire.build(IterationBody, "arguments", iteration_id=iteration_id)
+        return self._call(IterationProgress, "get_iteration", body)
+
+    def list_iterations(self, dataset_id: str | None = None) -> list[IterationProgress]:
+        """Progress of every iteration (of one dataset), newest first."""
+        body = wire.build(ListIterationsBody, "arguments", dataset_id=dataset_id)
+        return self._call(_PROGRESSES, "list_iterations", body)
+
+    def delete_iteration(self, iteration_id: str) -> wire.Deleted:
+        """Forget an iteration and its progress."""
+        body = wire.build(IterationBody, "arguments", iteration_id=iteration_id)
+        return self._call(wire.Deleted, "delete_iteration", body)
+
+    def pushback(self, iteration_id: str) -> int:
+        """Return every in-flight sample of an iteration to its queue; how many."""
+        body = wire.build(IterationBody, "arguments", iteration_id=iteration_id)
+        return self._call(wire.PushedBack, "pushback", body).pushed_back

@@ -30,6 +30,7 @@ from ..protocol import ColumnOptions, Shard, Shardset, column_clashes, format_ty
 from ..protocol.errors import InvalidArgument, SchemaMismatch
 from ..protocol.shards import canonical_format
 from . import api
+from .connection import LavenderClient, column_options
 from .writer import Writer
 
 __all__ = ["ComputeOutput", "FeatureWriter", "normalize_location", "write_feature_shardset"]
@@ -155,16 +156,18 @@ class _Target:
 
     def __init__(
         self,
+        client: LavenderClient,
         dataset_id: str,
         location: str,
         fmt: str,
         output_columns: Sequence[ColumnOptions | dict[str, Any]] | None,
         storage_options: Mapping[str, Any] | None,
     ) -> None:
+        self.client = client
         self.format = canonical_format(fmt)
         self.location = location
         self.storage_options = storage_options
-        self.dataset = api.get_dataset(dataset_id=dataset_id)
+        self.dataset = client.get_dataset(dataset_id=dataset_id)
         self.uid = self.dataset.uid_column_name
         main = self.dataset.main_shardset
         if main is None:
@@ -198,9 +201,9 @@ class _Target:
                 for c in self.shardset.columns
                 if c.name != self.uid
             ]
-            self.shards = {s.index: s for s in api.list_shards(dataset_id, self.shardset.id)}
+            self.shards = {s.index: s for s in client.list_shards(dataset_id, self.shardset.id)}
         elif output_columns is not None:
-            declared = [api._column(c) for c in output_columns]
+            declared = [column_options(c) for c in output_columns]
             declared = [c for c in declared if c.name != self.uid]
             self.check_names([c.name for c in declared], "output_columns")
             self.declared = declared
@@ -273,14 +276,16 @@ class _Target:
         if self.shardset is None:
             assert self.declared is not None
             uid_column = ColumnOptions(name=self.uid, type_=format_type(self.uid_type))
-            self.shardset = api.create_shardset(
+            self.shardset = self.client.create_shardset(
                 self.dataset.id,
                 self.location,
                 [uid_column, *self.declared],
                 storage_options=self.storage_options,
             )
             # files already at the location (from a shardset since removed) are registered
-            self.shards = {s.index: s for s in api.list_shards(self.dataset.id, self.shardset.id)}
+            self.shards = {
+                s.index: s for s in self.client.list_shards(self.dataset.id, self.shardset.id)
+            }
         return self.shardset
 
     def written(self, main_shard: Shard) -> bool:
@@ -296,14 +301,14 @@ class _Target:
         """Write ``table`` as shard ``index`` (replacing the one there, if any)."""
         shardset = self.ensure()
         if self._writer is None:
-            self._writer = Writer(api.get_client(), shardset, self.format)
+            self._writer = Writer(self.client, shardset, self.format)
         shard = self._writer.write(table, shard_index=index, overwrite=index in self.shards)
         self.shards[index] = shard
         return shard
 
     def fresh(self) -> Shardset:
         """The shardset as the server has it now."""
-        return api.get_shardset(self.dataset.id, self.ensure().id)
+        return self.client.get_shardset(self.dataset.id, self.ensure().id)
 
 
 class _Progress:
@@ -352,6 +357,7 @@ def write_feature_shardset(
     output_columns: Sequence[ColumnOptions | dict[str, Any]] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = True,
+    client: LavenderClient | None = None,
 ) -> Shardset:
     """Compute new columns over a dataset and write them as a feature shardset at ``location``.
 
@@ -388,6 +394,7 @@ def write_feature_shardset(
             default: inferred from the first output. Used when the shardset is created.
         storage_options: fsspec options of the location, as in ``create_shardset``.
         progress: print one line per shard on stderr.
+        client: the connection to the server (default: the default client).
 
     Returns:
         The feature shardset, as the server has it after the last shard.
@@ -399,7 +406,8 @@ def write_feature_shardset(
     """
     if batch_size < 1:
         raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
-    target = _Target(dataset_id, location, format, output_columns, storage_options)
+    client = client or api.get_client()
+    target = _Target(client, dataset_id, location, format, output_columns, storage_options)
     uid = target.uid
     own = target.shardset.id if target.shardset is not None else None
     if shardsets is not None:
@@ -419,7 +427,7 @@ def write_feature_shardset(
                 "cannot read its own output"
             )
     read_columns = list(columns) if columns is not None else None
-    main_shards = api.list_shards(dataset_id, target.main.id)
+    main_shards = client.list_shards(dataset_id, target.main.id)
     report = _Progress(location, len(main_shards), sum(s.num_rows for s in main_shards), progress)
     if target.declared is not None:
         target.ensure()  # declared up front: a name clash is refused before any compute
@@ -430,7 +438,7 @@ def write_feature_shardset(
         if target.written(main_shard):
             report.skipped(position, main_shard.num_rows, "already written")
             continue
-        rows = api.read_shard(dataset_id, main_shard.index, read_ids, read_columns)
+        rows = client.read_shard(dataset_id, main_shard.index, read_ids, read_columns)
         pieces = []
         for number, start in enumerate(range(0, rows.num_rows, batch_size)):
             batch = rows.slice(start, batch_size)
@@ -490,6 +498,7 @@ class FeatureWriter:
         format: str = "parquet",
         output_columns: Sequence[ColumnOptions | dict[str, Any]] | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        client: LavenderClient | None = None,
     ) -> None:
         """Prepare to write the feature shardset of ``dataset_id`` at ``location``.
 
@@ -500,9 +509,13 @@ class FeatureWriter:
             output_columns: the new columns' declarations (``ColumnOptions`` or dicts);
                 default: the types of the first table written.
             storage_options: fsspec options of the location, as in ``create_shardset``.
+            client: the connection to the server (default: the default client).
         """
-        self._target = _Target(dataset_id, location, format, output_columns, storage_options)
-        main_shards = api.list_shards(dataset_id, self._target.main.id)
+        client = client or api.get_client()
+        self._target = _Target(
+            client, dataset_id, location, format, output_columns, storage_options
+        )
+        main_shards = client.list_shards(dataset_id, self._target.main.id)
         self._plan = deque((s.index, s.num_rows) for s in main_shards if s.num_rows)
         self._extra_rows = max((rows for _, rows in self._plan), default=0)
         self._next_extra = max((s.index for s in main_shards), default=-1) + 1

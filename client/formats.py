@@ -11,15 +11,41 @@ import pyarrow as pa
 
 from ..protocol.errors import InvalidArgument
 
-__all__ = ["FORMATS", "convert", "split"]
+__all__ = ["FORMATS", "check_format", "convert", "require_torch", "split", "torch_missing"]
 
 FORMATS = ("python", "numpy", "arrow", "torch")
 
+TORCH_EXTRA = 'pip install "lavender-flight[torch]"'
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def torch_missing(what: str) -> ImportError:
+    """The error of ``what`` (a format, the DataLoader) on a machine without PyTorch."""
+    return ImportError(
+        f"{what} needs PyTorch, which is not installed: {TORCH_EXTRA} (on a CPU-only "
+        f"machine, first: pip install torch --index-url {TORCH_CPU_INDEX})"
+    )
+
+
+def require_torch(what: str) -> None:
+    """Import torch, or raise :func:`torch_missing`'s one-line error naming what to install.
+
+    A torch that is installed but fails to import (a broken install) raises its own error.
+    """
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name == "torch":
+            raise torch_missing(what) from None
+        raise
+
 
 def check_format(fmt: str) -> str:
-    """``fmt`` if it is a known batch format, else a clear error."""
+    """``fmt`` if it is a known batch format (``torch``: torch installed), else a clear error."""
     if fmt not in FORMATS:
         raise InvalidArgument(f"unknown batch format {fmt!r}; formats: {', '.join(FORMATS)}")
+    if fmt == "torch":
+        require_torch('format="torch"')
     return fmt
 
 

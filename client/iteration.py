@@ -63,14 +63,17 @@ def _plugin(value: PluginArg) -> PluginCall:
 
 
 def _distributed() -> Any | None:
-    """``torch.distributed`` when the job imported torch and initialized it (else None).
+    """``torch.distributed`` when it is initialized; never imports torch for it.
 
-    Torch is never imported here: a job that did not import it is not distributed by it.
+    A job under ``torch.distributed`` has imported torch to start its process group, so a
+    program that has not gets nothing (and does not pay the import).
     """
     if "torch" not in sys.modules:
         return None
-    import torch.distributed as dist
-
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
@@ -135,11 +138,6 @@ def stream_messages(
         reader.cancel()
 
 
-def _reconnect_seconds(client: LavenderClient) -> float:
-    settings = getattr(client, "settings", None)
-    return float(getattr(settings, "reconnect_seconds", 30.0))
-
-
 def stream_batches(
     client: LavenderClient,
     ticket: IterationTicket,
@@ -154,7 +152,7 @@ def stream_batches(
     ``before_reconnect``, which sends what the loop reported) for up to the client's
     reconnect window; batches sent again are the caller's to skip.
     """
-    window = _reconnect_seconds(client)
+    window = client.settings.reconnect_seconds
     down_since: float | None = None
     delay = 0.2
     while True:
@@ -408,7 +406,7 @@ class Iteration:
 
     def get_progress(self) -> IterationProgress:
         """Where the iteration stands, every rank included."""
-        return api.get_iteration(self.id)
+        return self.client.get_iteration(self.id)
 
     def rank_total(self) -> int:
         """Samples this rank delivers in an epoch."""
@@ -427,7 +425,7 @@ class Iteration:
             self.id,
             self.rank,
             epoch,
-            reconnect_seconds=_reconnect_seconds(self.client),
+            reconnect_seconds=self.client.settings.reconnect_seconds,
         )
 
     def __iter__(self) -> Iterator[Any]:

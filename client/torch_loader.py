@@ -14,12 +14,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch.utils.data
-
 from ..protocol.iterations import IterationTicket
 from .acks import acknowledging
 from .connection import LavenderClient
+from .formats import torch_missing
 from .iteration import stream_batches
+from .settings import ClientSettings
+
+try:
+    import torch.utils.data
+except ModuleNotFoundError as exc:
+    if exc.name != "torch":
+        raise
+    raise torch_missing("to_torch_dataloader()") from None
 
 if TYPE_CHECKING:
     from .iteration import Iteration
@@ -42,17 +49,19 @@ def passthrough(item: Any) -> Any:
 class IterationDataset(torch.utils.data.IterableDataset):
     """One rank's stream; in a worker process, that worker's share of it.
 
-    ``epoch`` is shared with the workers (set by the main process before each epoch).
+    It carries the whole :class:`ClientSettings` (URLs, key, timeout, TLS), pickled into
+    each worker, so a worker connects exactly as the loop's process does. ``epoch`` is
+    shared with the workers (set by the main process before each epoch).
     """
 
     def __init__(
         self,
-        connect: dict[str, Any],
+        settings: ClientSettings,
         ticket: IterationTicket | None,
         format: str,
         epoch: Any,
     ) -> None:
-        self.connect = connect
+        self.settings = settings
         self.ticket = ticket
         self.format = format
         self.epoch = epoch
@@ -65,17 +74,9 @@ class IterationDataset(torch.utils.data.IterableDataset):
             update={"epoch": int(self.epoch.value), "worker": worker, "num_workers": num_workers}
         )
         # a connection of this process: gRPC channels do not survive fork
-        with LavenderClient(**self.connect) as client:
+        with LavenderClient(self.settings) as client:
             for batch, seq in stream_batches(client, ticket, self.format):
                 yield batch, Consumed(seq)
-
-
-def _connect_args(client: LavenderClient) -> dict[str, Any]:
-    """What a worker needs to open the same connection (the client's settings)."""
-    settings = getattr(client, "settings", None)
-    if settings is not None:
-        return {"settings": settings}
-    return {"api_url": client.api_url, "api_key": client.api_key, "timeout": client.timeout}
 
 
 class LavenderDataLoader(torch.utils.data.DataLoader):
@@ -100,7 +101,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         self._epoch = context.Value("q", 0)
         # the ticket is set at the first epoch: a script's top level, which spawned
         # workers run again, builds the loader but must create nothing on the server
-        dataset = IterationDataset(_connect_args(iteration.client), None, fmt, self._epoch)
+        dataset = IterationDataset(iteration.client.settings, None, fmt, self._epoch)
         super().__init__(
             dataset,
             batch_size=None,

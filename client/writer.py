@@ -6,9 +6,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.flight as flight
 
-from ..protocol import Shard, Shardset, parse_type, wire
+from ..protocol import Shard, Shardset, parse_type
 from ..protocol.errors import SchemaMismatch
 from . import api
 from .connection import LavenderClient
@@ -19,7 +18,8 @@ __all__ = ["Writer"]
 class Writer:
     """Writes shards of one shardset.
 
-    Use it as ``Writer.get(format=, dataset_id=, shardset_id=).write(samples)``.
+    Use it as ``Writer.get(format=, dataset_id=, shardset_id=).write(samples)``; the
+    samples are checked against the shardset's columns, then the server writes the file.
     """
 
     def __init__(self, client: LavenderClient, shardset: Shardset, format: str = "parquet") -> None:
@@ -29,9 +29,20 @@ class Writer:
         self.schema = pa.schema([pa.field(c.name, parse_type(c.type_)) for c in shardset.columns])
 
     @classmethod
-    def get(cls, format: str = "parquet", *, dataset_id: str, shardset_id: str) -> Writer:
-        """A writer of ``format`` (parquet, arrow, csv, jsonl) for a shardset."""
-        return cls(api.get_client(), api.get_shardset(dataset_id, shardset_id), format)
+    def get(
+        cls,
+        format: str = "parquet",
+        *,
+        dataset_id: str,
+        shardset_id: str,
+        client: LavenderClient | None = None,
+    ) -> Writer:
+        """A writer of ``format`` (parquet, arrow, csv, jsonl) for a shardset.
+
+        ``client``: the connection to write through (default: the default client).
+        """
+        client = client or api.get_client()
+        return cls(client, client.get_shardset(dataset_id, shardset_id), format)
 
     def _table(self, samples: Sequence[Mapping[str, Any]] | pa.Table | pa.RecordBatch) -> pa.Table:
         if isinstance(samples, pa.RecordBatch):
@@ -59,27 +70,11 @@ class Writer:
         overwrite: bool = False,
     ) -> Shard:
         """Write ``samples`` (dicts or an Arrow table) as shard ``shard_index`` and register it."""
-        table = self._table(samples)
-        command = wire.build(
-            wire.PutShardCommand,
-            "write",
-            dataset_id=self.shardset.dataset_id,
-            shardset_id=self.shardset.id,
+        return self.client.write_shard(
+            self.shardset.dataset_id,
+            self.shardset.id,
+            self._table(samples),
             shard_index=shard_index,
             format=self.format,
             overwrite=overwrite,
         )
-        descriptor = flight.FlightDescriptor.for_command(wire.encode(command))
-        with self.client.errors():
-            writer, answers = self.client.flight.do_put(
-                descriptor, table.schema, self.client.options(None)
-            )
-            try:
-                writer.write_table(table)
-                writer.done_writing()
-                answer = answers.read()
-            finally:
-                writer.close()
-        if answer is None:
-            raise SchemaMismatch("the server did not confirm the shard")
-        return Shard.model_validate_json(answer.to_pybytes())

@@ -5,10 +5,13 @@ from __future__ import annotations
 from .cli import main, serve
 from .demo import DEMO_DATASET, create_demo
 from .errors import to_flight_error, translate_errors, wire_errors
+from .locations import Locations
+from .policy import StoragePolicy
 from .reading import DatasetReader
 from .server import ACTIONS, LavenderFlightServer
 from .service import LavenderService
 from .settings import ServerSettings
+from .shard_io import ShardIO
 from .storage import Location, resolve_location
 
 __all__ = [
@@ -18,7 +21,10 @@ __all__ = [
     "LavenderFlightServer",
     "LavenderService",
     "Location",
+    "Locations",
     "ServerSettings",
+    "ShardIO",
+    "StoragePolicy",
     "create_demo",
     "main",
     "resolve_location",

@@ -7,6 +7,9 @@ from collections.abc import Iterable
 
 import pyarrow.flight as flight
 
+from ..protocol.errors import Unauthenticated
+from .errors import to_flight_error
+
 __all__ = ["ApiKeyMiddlewareFactory", "bearer_key"]
 
 
@@ -24,8 +27,9 @@ class ApiKeyMiddlewareFactory(flight.ServerMiddlewareFactory):
     """Checks the API key of every call (actions, streams, puts, listings) before it runs.
 
     Keys are compared in constant time, each against every configured key, so timing tells
-    nothing about how much of a key was right. The error message starts with
-    ``Unauthenticated:`` so our client raises ``lavender_flight.Unauthenticated``.
+    nothing about how much of a key was right. A refused call gets ``Unauthenticated``
+    through the one error boundary (UNAUTHENTICATED on the wire; our client raises the
+    same class).
     """
 
     def __init__(self, keys: Iterable[str]) -> None:
@@ -50,11 +54,13 @@ class ApiKeyMiddlewareFactory(flight.ServerMiddlewareFactory):
         """Refuse the call unless it carries a valid key."""
         key = bearer_key(headers)
         if key is None:
-            raise flight.FlightUnauthenticatedError(
-                "Unauthenticated: this server needs an API key: pass api_key= to "
-                "lavender.init (or set LAVENDER_FLIGHT_API_KEY); other Flight clients send "
-                "the header 'authorization: Bearer <key>'"
+            raise to_flight_error(
+                Unauthenticated(
+                    "this server needs an API key: pass api_key= to lavender.init (or set "
+                    "LAVENDER_FLIGHT_API_KEY); other Flight clients send the header "
+                    "'authorization: Bearer <key>'"
+                )
             )
         if not self.accepts(key):
-            raise flight.FlightUnauthenticatedError("Unauthenticated: the API key is not valid")
+            raise to_flight_error(Unauthenticated("the API key is not valid"))
         return None

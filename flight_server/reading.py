@@ -31,8 +31,10 @@ from ..catalog import Catalog
 from ..protocol import Dataset, Shard, Shardset
 from ..protocol.errors import InvalidArgument, ShardNotFound, ShardsetNotFound
 from ..protocol.shards import Span, by_span, span_of
-from .shards import declared_schema, read_shard
-from .storage import Location, resolve_location
+from .locations import Locations
+from .shard_io import ShardIO
+from .shards import declared_schema
+from .storage import Location
 from .uid_index import UidIndex, UidIndexes, shard_digest
 
 __all__ = ["DatasetReader", "Join", "ShardCache", "ShardsetView"]
@@ -51,13 +53,17 @@ class ShardCache:
 
     A main shard joining a shuffled feature shardset needs rows of many feature shards,
     and so does the next one: keeping them saves reading each again per main shard.
+
+    Each key has one entry from the moment a read of it starts: readers arriving while it
+    is read wait for that read, and the finished table stays under the same entry, so no
+    reader ever finds the key absent between the read and its keeping (and reads it again).
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
-        self._tables: OrderedDict[Hashable, pa.Table] = OrderedDict()
+        self._entries: OrderedDict[Hashable, Future[pa.Table]] = OrderedDict()
+        self._sizes: dict[Hashable, int] = {}  # entries read and kept, by their bytes
         self._bytes = 0
-        self._pending: dict[Hashable, Future[pa.Table]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -65,41 +71,49 @@ class ShardCache:
         """Bytes held now."""
         return self._bytes
 
+    def weigh(self, table: pa.Table) -> int:
+        """The bytes a table counts for in the budget."""
+        return int(table.nbytes)
+
     def get(self, key: Hashable, read: Callable[[], pa.Table]) -> pa.Table:
         """The table cached under ``key``, else ``read()`` (kept when it fits).
 
         Readers asking for a table being read wait for that read instead of repeating it.
+        A failed read is not kept: the next reader tries again.
         """
         with self._lock:
-            found = self._tables.get(key)
-            if found is not None:
-                self._tables.move_to_end(key)
-                return found
-            pending = self._pending.get(key)
-            owner = pending is None
-            if pending is None:
-                pending = self._pending[key] = Future()
+            entry = self._entries.get(key)
+            owner = entry is None
+            if entry is None:
+                entry = self._entries[key] = Future()
+            else:
+                self._entries.move_to_end(key)
         if not owner:
-            return pending.result()
+            return entry.result()
         try:
             table = read()
         except BaseException as exc:
-            pending.set_exception(exc)
-            raise
-        finally:
             with self._lock:
-                del self._pending[key]
-        pending.set_result(table)
-        size = table.nbytes
-        if size > self.max_bytes:
-            return table
+                if self._entries.get(key) is entry:
+                    del self._entries[key]
+            entry.set_exception(exc)
+            raise
+        entry.set_result(table)  # from here on every reader takes it from the entry
+        size = self.weigh(table)
         with self._lock:
-            if key not in self._tables:
-                self._tables[key] = table
-                self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, dropped = self._tables.popitem(last=False)
-                self._bytes -= dropped.nbytes
+            if self._entries.get(key) is not entry:
+                return table
+            if size > self.max_bytes:  # larger than the whole cache: never kept
+                del self._entries[key]
+                return table
+            self._sizes[key] = size
+            self._bytes += size
+            for old in list(self._entries):  # least recently used first; reads go on
+                if self._bytes <= self.max_bytes:
+                    break
+                if old in self._sizes:
+                    del self._entries[old]
+                    self._bytes -= self._sizes.pop(old)
         return table
 
 
@@ -132,9 +146,16 @@ class DatasetReader:
     a shardset none of whose columns is wanted is never read.
 
     Args:
+        catalog: where the shards are listed.
+        dataset: the dataset read.
+        shardset_ids: the shardsets to read (default: all; the main one always).
+        columns: the columns to read (default: all).
+        resolve: the location of a shardset URL (default: under the default storage
+            policy, without storage options).
         join: ``left`` (missing values are null) or ``inner`` (see ``read_joined``).
         indexes: the server's uid indexes (in memory only when not given).
         cache: the server's cache of feature shards (a private one when not given).
+        shard_io: every read of a shard file (the server's, shared with registration).
     """
 
     def __init__(
@@ -143,10 +164,11 @@ class DatasetReader:
         dataset: Dataset,
         shardset_ids: Sequence[str] | None = None,
         columns: Sequence[str] | None = None,
-        resolve: Callable[[str], Location] = resolve_location,
+        resolve: Callable[[str], Location] | None = None,
         join: Join = "left",
         indexes: UidIndexes | None = None,
         cache: ShardCache | None = None,
+        shard_io: ShardIO | None = None,
     ) -> None:
         if join not in ("left", "inner"):
             raise InvalidArgument(f"join must be 'left' or 'inner', not {join!r}")
@@ -154,6 +176,8 @@ class DatasetReader:
         self.join = join
         self.indexes = indexes or UidIndexes(None)
         self.cache = cache or ShardCache()
+        self.shard_io = shard_io or ShardIO()
+        resolve = resolve or Locations().locate
         self.reads: Counter[str] = Counter()  # shard files read from storage, by shardset id
         uid = dataset.uid_column_name
         main = dataset.main_shardset
@@ -225,7 +249,7 @@ class DatasetReader:
         """Read one shard of a view from storage (its ``columns``, by default the view's)."""
         with self._lock:
             self.reads[view.shardset.id] += 1
-        return read_shard(
+        return self.shard_io.read(
             view.location,
             view.location.path_of(shard.location),
             shard.format,

@@ -16,7 +16,6 @@ from pydantic import BaseModel
 from ..protocol import Dataset, wire
 from ..protocol.errors import ActionNotFound, InvalidRequest
 from ..protocol.iterations import (
-    AckAnswer,
     AckBody,
     DeleteIterationBody,
     IterationBody,
@@ -54,7 +53,7 @@ def _json(value: Any) -> bytes:
 
 def _deleted(delete: Callable[..., None], *ids: str) -> bytes:
     delete(*ids)
-    return _json({"deleted": ids[-1]})
+    return _json(wire.Deleted(deleted=ids[-1]))
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -136,10 +135,13 @@ ACTIONS: dict[str, ActionSpec] = {
         "Every filter, collater and preprocessor: kind, name, doc line, parameters, source; "
         "and the module files that failed to load. As JSON.",
         lambda srv, b: _json(
-            {
-                "plugins": [dataclasses.asdict(p) for p in srv.plugins.describe()],
-                "problems": srv.plugins.problems,
-            }
+            wire.PluginList(
+                plugins=[
+                    wire.PluginDescription.model_validate(dataclasses.asdict(p))
+                    for p in srv.plugins.describe()
+                ],
+                problems=srv.plugins.problems,
+            )
         ),
     ),
     "check_iteration": ActionSpec(
@@ -165,13 +167,15 @@ ACTIONS: dict[str, ActionSpec] = {
         "Report what a rank's loop took and completed {iteration_id, rank, epoch?, taken: "
         "[[start, stop], ...], completed: [...]} (the 'seq' ranges of batch metadata; 'seq' "
         "is accepted for completed); saved before the answer {completed: new samples}.",
-        lambda srv, b: _json(AckAnswer(completed=srv.iterations.get(b.iteration_id).ack(b))),
+        lambda srv, b: _json(wire.Acked(completed=srv.iterations.get(b.iteration_id).ack(b))),
     ),
     "pushback": ActionSpec(
         IterationBody,
         "Return every in-flight sample of an iteration {iteration_id} to its queue; "
         "answers {pushed_back: samples}.",
-        lambda srv, b: _json({"pushed_back": srv.iterations.get(b.iteration_id).pushback()}),
+        lambda srv, b: _json(
+            wire.PushedBack(pushed_back=srv.iterations.get(b.iteration_id).pushback())
+        ),
     ),
     "delete_iteration": ActionSpec(
         DeleteIterationBody,
@@ -180,6 +184,26 @@ ACTIONS: dict[str, ActionSpec] = {
         lambda srv, b: _deleted(lambda i: srv.iterations.delete(i, b.force), b.iteration_id),
     ),
 }
+
+
+@dataclass(frozen=True)
+class _PutBody:
+    """A ``do_put`` stream as the service reads it: the schema, then batches on demand."""
+
+    reader: flight.MetadataRecordBatchReader
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.reader.schema
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        while True:
+            try:
+                chunk = self.reader.read_chunk()
+            except StopIteration:
+                return
+            if chunk.data is not None:
+                yield chunk.data
 
 
 class LavenderFlightServer(flight.FlightServerBase):
@@ -341,14 +365,17 @@ class LavenderFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
-        """Write one shard: command ``PutShardCommand`` or path ``[dataset, shardset, index]``."""
+        """Write one shard: command ``PutShardCommand`` or path ``[dataset, shardset, index]``.
+
+        The target and the columns are checked before the body is read; the body is then
+        read batch by batch, and refused once it passes the server's shard size limit.
+        """
         command = self._put_command(descriptor)
-        table = reader.read_all()
-        shard = self.service.write_shard(
+        shard = self.service.write_upload(
             command.dataset_id,
             command.shardset_id,
             command.shard_index,
-            table,
+            _PutBody(reader),
             command.format,
             command.overwrite,
         )

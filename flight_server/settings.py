@@ -9,9 +9,12 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ..catalog import parse_target
 from ..protocol.errors import InvalidArgument
 
-__all__ = ["ServerSettings"]
+__all__ = ["LOG_LEVELS", "ServerSettings"]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ServerSettings(BaseSettings):
@@ -25,8 +28,14 @@ class ServerSettings(BaseSettings):
         default=Path("~/.lavender-flight"),
         description="Folder for the catalog file and the demo dataset.",
     )
-    catalog: Path | None = Field(
-        default=None, description="SQLite catalog file (default: <data_home>/catalog.db)."
+    catalog: str | None = Field(
+        default=None,
+        repr=False,  # a PostgreSQL URL may hold a password
+        description="The catalog: a SQLite file (a path, sqlite:///relative.db, "
+        "sqlite:////absolute.db or file:///absolute.db; default: <data_home>/catalog.db) or "
+        "a PostgreSQL database (postgresql://user@host:port/database); give PostgreSQL's "
+        "password by PGPASSWORD or ~/.pgpass rather than in the URL, which other users can "
+        "see in the process list.",
     )
     modules_dir: Path | None = Field(
         default=None, description="Folder of custom filter/collater/preprocessor modules."
@@ -40,7 +49,11 @@ class ServerSettings(BaseSettings):
     ui_port: int = Field(default=3000, ge=0, le=65535, description="Dashboard port.")
     no_ui: bool = Field(default=False, description="Do not serve the dashboard.")
     demo: bool = Field(default=False, description="Create the demo dataset (once) and serve it.")
-    log_level: str = Field(default="INFO", description="Logging level of the server.")
+    log_level: str = Field(
+        default="INFO",
+        description="Logging level of the server: DEBUG, INFO, WARNING, ERROR or CRITICAL "
+        "(DEBUG also shows the dashboard's access log and gRPC's own logging).",
+    )
     s3_endpoint_url: str | None = Field(
         default=None,
         description="S3 endpoint for s3:// shardsets, e.g. http://127.0.0.1:9000 for MinIO "
@@ -83,6 +96,27 @@ class ServerSettings(BaseSettings):
         "(repeatable; the environment variable takes a list separated by the path separator); "
         "default: the data home and the folder the server was started in.",
     )
+    allow_protocol: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="fsspec protocol to allow for shardset locations besides file:// (under "
+        "the storage roots) and the object stores s3, s3a, gs, gcs, az, abfs, abfss "
+        "(repeatable, or a comma list). DANGEROUS: anyone with an API key can then make the "
+        "server open whatever that protocol reaches with the server's own network and "
+        "credentials (http/https: any URL, internal ones included; read-only). Chained URLs "
+        "and storage options naming a local path or another protocol stay refused.",
+    )
+    allow_memory: bool = Field(
+        default=False,
+        description="Allow memory:// shardset locations: shards kept in the server's RAM, "
+        "lost when it stops (for tests and demos).",
+    )
+    max_shard_mb: int = Field(
+        default=1024,
+        ge=1,
+        le=1 << 20,
+        description="Largest shard (MiB of Arrow data) a client may write through the server; "
+        "a larger upload is refused as soon as it passes the limit.",
+    )
     lease_seconds: float = Field(
         default=300.0,
         gt=0,
@@ -99,7 +133,23 @@ class ServerSettings(BaseSettings):
         "aligned with the main one), shared by every read of the server.",
     )
 
-    @field_validator("api_key", mode="before")
+    shutdown_grace: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="Seconds a stopping server (SIGTERM, Ctrl-C) gives open calls to end after "
+        "saving what the streams held; calls still open then (a client not reading its "
+        "stream) are cut.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_level(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().upper() in LOG_LEVELS:
+            return value.strip().upper()
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+
+    @field_validator("api_key", "allow_protocol", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -121,9 +171,18 @@ class ServerSettings(BaseSettings):
         return self.data_home.expanduser().resolve()
 
     @property
+    def catalog_target(self) -> str:
+        """What ``open_catalog`` opens: the ``catalog`` setting, or ``<data_home>/catalog.db``."""
+        return self.catalog if self.catalog else str(self.home / "catalog.db")
+
+    @property
     def catalog_path(self) -> Path:
-        """Where the catalog file lives."""
-        return (self.catalog or self.home / "catalog.db").expanduser().resolve()
+        """Where the SQLite catalog file lives.
+
+        Raises:
+            InvalidArgument: the catalog is not a SQLite file (PostgreSQL, an unknown URL).
+        """
+        return parse_target(self.catalog_target).path
 
     @property
     def worker_count(self) -> int:

@@ -28,6 +28,9 @@ from .storage import Location
 __all__ = [
     "FORMATS",
     "ShardStats",
+    "check_shard_schema",
+    "check_written_schema",
+    "conform",
     "declared_schema",
     "fetch_shard",
     "format_of",
@@ -204,6 +207,25 @@ def conform(table: pa.Table, target: pa.Schema, url: str, lenient: bool = False)
         return table.cast(target)
     except pa.ArrowException as exc:
         raise SchemaMismatch(f"shard {url}: {str(exc).splitlines()[0]}") from exc
+
+
+def check_written_schema(found: pa.Schema, declared: pa.Schema, url: str) -> None:
+    """Refuse, from its schema alone, a table written through the server (``conform``'s rules).
+
+    Every declared column must be there, with a type that casts to the declared one (other
+    integer or float widths too: their values are checked when the rows are cast).
+    """
+    missing = [name for name in declared.names if name not in found.names]
+    if missing:
+        raise SchemaMismatch(
+            f"shard {url} lacks declared column(s) {', '.join(map(repr, missing))}"
+        )
+    for field in declared:
+        theirs = found.field(field.name).type
+        if not (_same_number_kind(field.type, theirs) or types_compatible(field.type, theirs)):
+            raise SchemaMismatch(
+                f"shard {url}: column {field.name!r} is {theirs}, declared {field.type}"
+            )
 
 
 def _same_number_kind(declared: pa.DataType, found: pa.DataType) -> bool:

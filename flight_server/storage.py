@@ -2,7 +2,9 @@
 
 Local folders are read in place by Arrow. Any other storage (``s3://``, ``memory://``, any
 fsspec protocol installed) is read whole into memory and written from memory: no local
-cache, no temporary file, nothing on disk. Every call to storage goes through one retry loop
+cache, no temporary file, nothing on disk. Which locations may be opened at all is the
+storage policy's call (``policy.StoragePolicy``, checked by ``locations.Locations``), made
+before anything here runs. Every call to storage goes through one retry loop
 (``RetryPolicy``): connection errors, timeouts, HTTP 5xx and throttling are tried again with
 exponential backoff; a missing object, a refused request or a bad option is not.
 
@@ -31,6 +33,8 @@ import pyarrow.fs as pafs
 from fsspec.core import split_protocol
 
 from ..protocol.errors import InvalidLocation, LavenderError, ShardNotFound, StorageError
+from ..protocol.records import hidden_values
+from ..protocol.redaction import redact_urls, scrub_values
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 S3_PROTOCOLS = ("s3", "s3a")
+# Read from, never written to (a web server has no PUT for us).
+_READ_ONLY = frozenset({"http", "https"})
 # Object stores have no folders to create (and a bucket is never created implicitly).
 _OBJECT_STORES = frozenset({*S3_PROTOCOLS, "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 # Our retry loop is the one that counts: botocore and s3fs try once per call.
@@ -175,7 +181,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0][:500]
+    """A library error in one line, any password of a URL in it hidden."""
+    text = redact_urls((str(exc).strip().splitlines() or [""])[0][:500])
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -230,11 +237,22 @@ class Location:
     fs: fsspec.AbstractFileSystem = field(repr=False, compare=False)
     arrow_fs: pafs.FileSystem = field(repr=False, compare=False)
     retry: RetryPolicy = field(default=DEFAULT_RETRY, repr=False, compare=False)
+    hidden: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     @property
     def is_local(self) -> bool:
         """Whether the folder is on this machine's disk (read in place, not fetched)."""
         return self.protocol == "file"
+
+    @property
+    def read_only(self) -> bool:
+        """Whether the storage is only read (``http``/``https``), never written through."""
+        return self.protocol in _READ_ONLY
+
+    @property
+    def shown(self) -> str:
+        """The URL fit to show in a message or a log line (a password in it as ``***``)."""
+        return redact_urls(self.url)
 
     def child(self, name: str) -> str:
         """The storage path of a file in this folder."""
@@ -247,6 +265,10 @@ class Location:
     def path_of(self, url: str) -> str:
         """The storage path of a URL the catalog recorded."""
         return str(self.fs._strip_protocol(url))
+
+    def describe(self, exc: BaseException) -> str:
+        """A storage error in one line, without a secret of the location's options in it."""
+        return scrub_values(_describe(exc), self.hidden)
 
     def call(self, operation: Callable[[], T], what: str) -> T:
         """Run one storage call, retried on transient errors under the location's policy.
@@ -266,17 +288,23 @@ class Location:
                 raise
             except Exception as exc:
                 if not is_transient(exc):
-                    raise StorageError(f"{what}: {_describe(exc)}") from exc
+                    raise StorageError(f"{what}: {self.describe(exc)}") from exc
                 pause = self.retry.delay(attempt)
                 elapsed = time.monotonic() - start
                 if attempt >= self.retry.attempts or elapsed + pause > self.retry.deadline:
                     raise StorageError(
-                        f"{what}: {_describe(exc)} (still failing after {attempt} attempts "
+                        f"{what}: {self.describe(exc)} (still failing after {attempt} attempts "
                         f"over {elapsed:.1f}s)"
                     ) from exc
                 log.warning(
                     "%s: %s; retrying in %.1fs (attempt %d of %d)",
-                    *(what, _describe(exc), pause, attempt + 1, self.retry.attempts),
+                    *(
+                        redact_urls(what),
+                        self.describe(exc),
+                        pause,
+                        attempt + 1,
+                        self.retry.attempts,
+                    ),
                 )
                 time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -327,6 +355,11 @@ class Location:
     def store(self, path: str, data: pa.Buffer) -> None:
         """Write a whole file from memory (one PUT on object stores, which publish it whole)."""
         url = self.url_of(path)
+        if self.read_only:
+            raise InvalidLocation(
+                f"location {self.url} is read-only ({self.protocol}): write shards to file:// "
+                "or an object store"
+            )
         if not self.is_local and self.protocol not in _OBJECT_STORES:
             self.makedirs()
         payload = data.to_pybytes()
@@ -334,7 +367,7 @@ class Location:
             self.call(lambda: self.fs.pipe_file(path, payload), f"cannot write {url}")
         except FileNotFoundError as exc:
             raise StorageError(
-                f"cannot write {url}: its bucket or folder does not exist ({_describe(exc)})"
+                f"cannot write {url}: its bucket or folder does not exist ({self.describe(exc)})"
             ) from exc
 
     def remove(self, path: str) -> None:
@@ -353,7 +386,7 @@ class Location:
                 lambda: self.fs.makedirs(self.path, exist_ok=True), f"cannot create {self.url}"
             )
         except FileNotFoundError as exc:
-            raise StorageError(f"cannot create {self.url}: {_describe(exc)}") from exc
+            raise StorageError(f"cannot create {self.url}: {self.describe(exc)}") from exc
 
 
 def resolve_location(
@@ -364,8 +397,10 @@ def resolve_location(
     """Check a location URL and return it resolved.
 
     Accepts any protocol fsspec knows (``file://``, ``memory://``, ``s3://``...) and plain
-    paths. A relative ``file://`` path is taken relative to the server's working directory
-    and recorded absolute. A location that names an existing file is refused.
+    paths: whether the server may open it is not asked here but first, by the storage
+    policy (``Locations.locate``); call this directly only on locations you trust. A
+    relative ``file://`` path is taken relative to the server's working directory and
+    recorded absolute. A location that names an existing file is refused.
 
     Args:
         url: the folder URL.
@@ -379,10 +414,11 @@ def resolve_location(
     protocol = protocol_of(url)
     if protocol not in fsspec.available_protocols():
         raise InvalidLocation(
-            f"unknown protocol {protocol!r} in location {url!r}: use file://, memory://, s3:// "
-            "or another fsspec protocol"
+            f"unknown protocol {protocol!r} in location {url!r}: use file://, s3://, gs://, "
+            "az:// or another protocol fsspec knows"
         )
     options = dict(storage_options or {})
+    hidden = hidden_values(options)  # never quoted back, even by a library's error
     if protocol in S3_PROTOCOLS:
         options = merge_options(_S3_BASELINE, options)
     try:
@@ -393,7 +429,8 @@ def resolve_location(
             f"protocol {protocol!r} of {url!r} needs a package that is not installed: {exc}"
         ) from exc
     except (TypeError, ValueError, KeyError) as exc:
-        raise InvalidLocation(f"cannot open {url!r} with these storage options: {exc}") from exc
+        reason = scrub_values(str(exc), hidden)
+        raise InvalidLocation(f"cannot open {url!r} with these storage options: {reason}") from exc
     if protocol in S3_PROTOCOLS:
         fs.retries = 1
     _, path = split_protocol(url)
@@ -406,8 +443,16 @@ def resolve_location(
         canonical = str(fs.unstrip_protocol(path))
         arrow_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     location = Location(
-        url=canonical, protocol=protocol, path=path, fs=fs, arrow_fs=arrow_fs, retry=retry
+        url=canonical,
+        protocol=protocol,
+        path=path,
+        fs=fs,
+        arrow_fs=arrow_fs,
+        retry=retry,
+        hidden=hidden,
     )
+    if location.read_only:  # a web server answers for a folder as for a file: no telling
+        return location
     try:  # fsspec's isfile() says False for any error; info() tells them apart
         is_file = location.call(lambda: fs.info(path)["type"] == "file", f"cannot reach {url!r}")
     except FileNotFoundError:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from ..protocol import Shard, UidValue
 from ..protocol.errors import SchemaMismatch
+from ..protocol.redaction import redact_urls
 
 __all__ = ["Matches", "UidIndex", "UidIndexes", "uid_keys"]
 
@@ -123,6 +124,10 @@ class Matches:
         ]
 
 
+UidKeys = Callable[[pa.Array | pa.ChunkedArray], np.ndarray]
+"""Turns uids into their 64-bit keys (``uid_keys``, or what a ``UidIndexes`` uses)."""
+
+
 @dataclass(frozen=True)
 class UidIndex:
     """A shardset's uid keys, sorted, with the shard index and row of each."""
@@ -131,6 +136,7 @@ class UidIndex:
     shards: np.ndarray
     rows: np.ndarray
     exact: bool  # integer uids: equal keys are equal uids
+    keys_of: UidKeys = field(default=uid_keys, compare=False, repr=False)
 
     @cached_property
     def repeats(self) -> bool:
@@ -142,7 +148,7 @@ class UidIndex:
 
     def lookup(self, uids: pa.Array | pa.ChunkedArray) -> Matches:
         """The candidates of each uid (none for a uid the shardset lacks)."""
-        keys = uid_keys(uids)
+        keys = self.keys_of(uids)
         low = np.searchsorted(self.keys, keys, side="left")
         if self.repeats:
             high = np.searchsorted(self.keys, keys, side="right")
@@ -230,11 +236,15 @@ class UidIndexes:
         assert self.root is not None
         return self.root / shardset_id
 
+    def keys(self, uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """The 64-bit keys of uids, as this index set stores and looks them up (``uid_keys``)."""
+        return uid_keys(uids)
+
     # -- runs ----------------------------------------------------------------------------
 
     def save_run(self, shardset_id: str, shard: Shard, uids: pa.Array | pa.ChunkedArray) -> None:
         """Keep the keys of one shard's uids (in row order) for the shardset's next index."""
-        keys = uid_keys(uids)
+        keys = self.keys(uids)
         digest = shard_digest(shard)
         if self.root is None:
             with self._lock:
@@ -244,7 +254,7 @@ class UidIndexes:
         try:
             _write_ipc(path, pa.table({"key": keys}, schema=_RUN_SCHEMA))
         except OSError as exc:  # the index is built from the data when it is needed
-            log.warning("cannot save the uid run of %s: %s", shard.location, exc)
+            log.warning("cannot save the uid run of %s: %s", redact_urls(shard.location), exc)
 
     def _run(self, shardset_id: str, shard: Shard, read_uids: UidReader) -> np.ndarray:
         digest = shard_digest(shard)
@@ -261,7 +271,7 @@ class UidIndexes:
             return found
         uids = read_uids(shard)
         self.save_run(shardset_id, shard, uids)
-        return uid_keys(uids)
+        return self.keys(uids)
 
     # -- indexes -------------------------------------------------------------------------
 
@@ -317,7 +327,9 @@ class UidIndexes:
             table = _read_ipc(path)
         except (FileNotFoundError, pa.ArrowInvalid):  # not built yet (or just replaced)
             return None
-        return UidIndex(_numpy(table, "key"), _numpy(table, "shard"), _numpy(table, "row"), exact)
+        return UidIndex(
+            _numpy(table, "key"), _numpy(table, "shard"), _numpy(table, "row"), exact, self.keys
+        )
 
     def _build(
         self,
@@ -338,7 +350,7 @@ class UidIndexes:
             [np.arange(len(r), dtype=np.int32) for r in runs] or [np.zeros(0, dtype=np.int32)]
         )
         order = np.argsort(keys, kind="stable")
-        index = UidIndex(keys[order], owners[order], rows[order], exact)
+        index = UidIndex(keys[order], owners[order], rows[order], exact, self.keys)
         if self.root is not None:
             table = pa.table(
                 {"key": index.keys, "shard": index.shards, "row": index.rows},
@@ -349,8 +361,10 @@ class UidIndexes:
                 self._forget_others(shardset_id, digest, shards)
             except OSError as exc:
                 log.warning("cannot save the uid index of shardset %s: %s", shardset_id, exc)
-        log.info(
-            "uid index of shardset %s: %d uids in %d shards, built in %.2fs",
+        # an empty one (a feature shardset just created) is not news
+        log.log(
+            logging.INFO if len(index) else logging.DEBUG,
+            "built the uid index of shardset %s: %d uids in %d shards (%.2fs)",
             shardset_id,
             len(index),
             len(shards),

@@ -7,10 +7,8 @@ its own. Start it with :func:`serve_dashboard` (in-process, ``.stop()``) or :fun
 
 from __future__ import annotations
 
-from . import calls
 from .app import DashboardServer, add_arguments, build_routes, main, serve_dashboard
-from .calls import describe_error, infer_columns
-from .common import Page
+from .common import Page, describe_error
 from .datasets import DatasetPage, DatasetsPage
 from .iteration import IterationPage
 from .plugins import PluginsPage
@@ -27,10 +25,8 @@ __all__ = [
     "ShardsetPage",
     "add_arguments",
     "build_routes",
-    "calls",
     "columns_to_text",
     "describe_error",
-    "infer_columns",
     "main",
     "parse_columns",
     "serve_dashboard",

@@ -13,7 +13,6 @@ import asyncio
 import functools
 import html
 import logging
-import os
 import secrets
 import signal
 import socket
@@ -28,8 +27,15 @@ from bokeh.settings import settings as bokeh_settings
 from tornado.platform.asyncio import AsyncIOLoop
 
 from ..client.connection import LavenderClient
-from .calls import describe_error
-from .common import TABLE_CSS, navigation
+from ..client.settings import (
+    DEFAULT_API_URL,
+    DEFAULT_TIMEOUT,
+    ENV_API_KEY,
+    ENV_API_URL,
+    ClientSettings,
+)
+from ..protocol.errors import LavenderError
+from .common import TABLE_CSS, describe_error, navigation
 from .datasets import DatasetPage, DatasetsPage
 from .iteration import IterationPage
 from .plugins import PluginsPage
@@ -42,7 +48,6 @@ __all__ = ["DashboardServer", "add_arguments", "build_routes", "main", "serve_da
 
 log = logging.getLogger(__name__)
 
-DEFAULT_API_URL = "grpc://127.0.0.1:8815"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -283,22 +288,27 @@ class DashboardServer:
 
 
 def serve_dashboard(
-    api_url: str,
+    api_url: str | ClientSettings,
     port: int,
     address: str = "127.0.0.1",
     api_key: str | None = None,
     show: bool = False,
     threaded: bool = True,
     websocket_origin: Sequence[str] = (),
-    timeout: float = 30.0,
+    timeout: float = DEFAULT_TIMEOUT,
     tls_root_certs: str | bytes | None = None,
     require_login: bool | None = None,
     disable_server_verification: bool = False,
 ) -> DashboardServer:
     """Serve the dashboard of the Flight server at ``api_url`` on ``http://address:port/``.
 
+    The dashboard holds a :class:`LavenderClient` of its own, made from these arguments
+    (never from the environment, nor the module-level client of ``lavender.init``).
+
     Args:
-        api_url: The Flight server, ``grpc://HOST:PORT``.
+        api_url: The Flight server, ``grpc://HOST:PORT``; or the whole
+            :class:`ClientSettings` of the connection (then no ``api_key``, ``timeout``
+            or TLS argument).
         port: The HTTP port; 0 picks a free one (read it back from ``.port``).
         address: The interface to listen on.
         api_key: The server's API key, if it needs one.
@@ -317,7 +327,24 @@ def serve_dashboard(
     Returns:
         The running (or, unthreaded, the stopped) server: ``.url``, ``.port``, ``.stop()``.
     """
-    client = LavenderClient(api_url, api_key, timeout, tls_root_certs, disable_server_verification)
+    if isinstance(api_url, ClientSettings):
+        given = (api_key, timeout, tls_root_certs, disable_server_verification)
+        if given != (None, DEFAULT_TIMEOUT, None, False):
+            raise ValueError(
+                "serve_dashboard takes ClientSettings alone: put api_key, timeout and the TLS "
+                "options in the settings"
+            )
+        settings = api_url
+    else:
+        settings = ClientSettings(
+            api_url,
+            api_key=api_key,
+            timeout=timeout,
+            tls_root_certs=tls_root_certs,
+            disable_server_verification=disable_server_verification,
+        )
+    api_key = settings.api_key_value()
+    client = LavenderClient(settings)
     login = bool(api_key) if require_login is None else require_login
     if login and not api_key:
         raise ValueError("require_login needs the api_key that serves as the password")
@@ -355,13 +382,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``lavender-flight ui`` (for the CLI's subcommand)."""
     parser.add_argument(
         "--api-url",
-        default=os.environ.get("LAVENDER_FLIGHT_API_URL", DEFAULT_API_URL),
-        help="the Flight server to show [env LAVENDER_FLIGHT_API_URL; default %(default)s]",
+        default=None,
+        help=f"the Flight server to show [env {ENV_API_URL}; default {DEFAULT_API_URL}]",
     )
     parser.add_argument(
         "--api-key",
-        default=os.environ.get("LAVENDER_FLIGHT_API_KEY"),
-        help="its API key, if it needs one [env LAVENDER_FLIGHT_API_KEY]",
+        default=None,
+        help=f"its API key, if it needs one [env {ENV_API_KEY}]",
     )
     parser.add_argument(
         "--port", type=int, default=3000, help="HTTP port (0: any free one) [%(default)s]"
@@ -395,11 +422,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
     try:
+        settings = ClientSettings.from_env(args.api_url, args.api_key)
+    except LavenderError as exc:
+        print(f"lavender-flight ui: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    try:
         dashboard = serve_dashboard(
-            args.api_url,
+            settings,
             args.port,
             args.address,
-            args.api_key,
             show=args.show,
             websocket_origin=args.websocket_origin,
         )
@@ -411,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     print(
-        f"Lavender Flight dashboard {dashboard.url} (data from {args.api_url})",
+        f"Lavender Flight dashboard {dashboard.url} (data from {settings.api_url})",
         file=sys.stderr,
         flush=True,
     )

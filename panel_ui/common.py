@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -19,12 +20,12 @@ import panel as pn
 import param
 
 from ..client.connection import LavenderClient
-from ..protocol.errors import ServerUnavailable
-from .calls import describe_error
+from ..protocol.errors import LavenderError, ServerUnavailable
 
 __all__ = [
     "TABLE_CSS",
     "Page",
+    "describe_error",
     "format_bytes",
     "format_time",
     "html_table",
@@ -45,6 +46,20 @@ div.lf-error { background: #fbe3e4; color: #8a1f11; border: 1px solid #f1a9a0; }
 div.lf-message { background: #e6f4ea; color: #1e4620; border: 1px solid #a8d5b5; }
 a { color: #5b3a99; }
 """
+
+
+log = logging.getLogger(__name__)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a page: ``DatasetNotFound: no dataset named 'x'``, never a traceback.
+
+    Errors that are not ours (a bug) are logged with their traceback on the server side.
+    """
+    if not isinstance(exc, LavenderError):
+        log.error("dashboard call failed", exc_info=exc)
+    text = " ".join(str(exc).split()) or "no details"
+    return f"{type(exc).__name__}: {text}"
 
 
 def format_bytes(size: int | float) -> str:
@@ -117,8 +132,10 @@ def navigation(title: str) -> pn.viewable.Viewable:
 class Page(pn.viewable.Viewer):
     """Base of the dashboard's pages: a connection, a message, an error line.
 
-    Calls to the server go through :meth:`calling`, which turns any failure into the
-    ``error`` param (``DatasetNotFound: no dataset ...``) instead of raising.
+    Pages call the methods of their own :class:`LavenderClient` (``self.connection``), the
+    dashboard's, never the module-level client a user's script in the same process may
+    hold. Calls go through :meth:`calling`, which turns any failure into the ``error``
+    param (``DatasetNotFound: no dataset ...``) instead of raising.
     """
 
     client = param.ClassSelector(class_=LavenderClient, doc="The connection to the server.")

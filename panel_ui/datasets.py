@@ -10,7 +10,7 @@ import panel as pn
 import param
 
 from ..protocol import Dataset
-from . import calls
+from ..protocol.iterations import IterationProgress
 from .common import TABLE_CSS, Page, format_bytes, format_time, html_table, link
 from .shardsets import AddShardsetForm
 
@@ -27,7 +27,7 @@ def _iteration_link(row: Mapping[str, Any]) -> str:
     return link("iteration", str(row["id"]), id=str(row["id"]))
 
 
-def iterations_frame(iterations: list[Any]) -> pd.DataFrame:
+def iterations_frame(iterations: list[IterationProgress]) -> pd.DataFrame:
     """One row per iteration: its id, the four counts, what is in flight, done, created."""
     return pd.DataFrame(
         [
@@ -76,7 +76,7 @@ class DatasetsPage(Page):
     def refresh(self) -> None:
         """Read the datasets from the server."""
         with self.calling():
-            found = calls.list_datasets(self.connection)
+            found = self.connection.list_datasets()
             self.datasets = pd.DataFrame(
                 [
                     {
@@ -102,7 +102,7 @@ class DatasetsPage(Page):
             return None
         created: Dataset | None = None
         with self.calling():
-            created = calls.create_dataset(self.connection, name, uid)
+            created = self.connection.create_dataset(name, uid)
         if created is None:
             self.message = ""
             return None
@@ -174,8 +174,8 @@ class DatasetPage(Page):
         """Read the dataset and its iterations, then the preview page."""
         picked: list[str] | None = None
         with self.calling():
-            dataset = calls.get_dataset(self.connection, self.dataset_id)
-            iterations = calls.list_iterations(self.connection, dataset.id)
+            dataset = self.connection.get_dataset(dataset_id=self.dataset_id)
+            iterations = self.connection.list_iterations(dataset.id)
             uid = dataset.uid_column_name
             names = list(
                 dict.fromkeys(c.name for s in dataset.shardsets for c in s.columns if c.name != uid)
@@ -214,8 +214,7 @@ class DatasetPage(Page):
         if self.dataset is None:
             return
         with self.calling():
-            table = calls.preview_dataset(
-                self.connection,
+            table = self.connection.preview_dataset(
                 self.dataset.id,
                 offset=self.offset,
                 limit=int(self.limit),

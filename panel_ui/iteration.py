@@ -13,7 +13,6 @@ from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
 from ..protocol.iterations import IterationProgress
-from . import calls
 from .common import TABLE_CSS, Page, format_time, html_table, link
 
 __all__ = ["BARS", "IterationPage", "inflight_frame"]
@@ -101,7 +100,7 @@ class IterationPage(Page):
         now = self.clock() if now is None else now
         progress: IterationProgress | None = None
         with self.calling():
-            progress = calls.get_iteration(self.connection, self.iteration_id)
+            progress = self.connection.get_iteration(self.iteration_id)
         if progress is None:
             return
         if self._opened is None:
@@ -125,7 +124,7 @@ class IterationPage(Page):
         """Return every in-flight sample to the queue; say how many."""
         count: int | None = None
         with self.calling():
-            count = calls.pushback(self.connection, self.iteration_id)
+            count = self.connection.pushback(self.iteration_id)
         if count is None:
             self.message = ""
             return None

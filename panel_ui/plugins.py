@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -11,8 +11,8 @@ import panel as pn
 import param
 
 from ..protocol.errors import ActionNotFound
-from . import calls
-from .common import TABLE_CSS, Page, html_table
+from ..protocol.wire import PluginParameter
+from .common import TABLE_CSS, Page, describe_error, html_table
 
 __all__ = ["PluginsPage", "describe_parameters"]
 
@@ -23,17 +23,24 @@ NO_ACTION = (
 )
 
 
-def _parameter(p: Mapping[str, Any]) -> str:
-    text = str(p.get("name", "?"))
-    if p.get("type") not in (None, ""):
-        text += f": {p['type']}"
-    if not p.get("required", False) and "default" in p:
-        text += f" = {p['default']!r}"
+def _parameter(p: PluginParameter) -> str:
+    text = p.name
+    if p.type:
+        text += f": {p.type}"
+    if not p.required and "default" in p.model_fields_set:
+        text += f" = {p.default!r}"
     return text
 
 
-def describe_parameters(parameters: Any) -> str:
-    """Parameters in one line, ``name: type = default, ...``, from a list or a mapping."""
+def describe_parameters(
+    parameters: Sequence[PluginParameter | Mapping[str, Any]] | Mapping[str, Any] | None,
+) -> str:
+    """Parameters in one line, ``name: type = default, ...``.
+
+    The plugins page passes the ``PluginParameter`` models of a ``list_plugins`` answer;
+    plain ``{name, type, default, required}`` dicts, or a mapping of names to a type or to
+    such a dict, read the same (for callers holding JSON).
+    """
     if not parameters:
         return ""
     if isinstance(parameters, Mapping):  # {"name": {...}} or {"name": "type"}
@@ -41,7 +48,10 @@ def describe_parameters(parameters: Any) -> str:
             {"name": k, **v} if isinstance(v, Mapping) else {"name": k, "type": v}
             for k, v in parameters.items()
         ]
-    return ", ".join(_parameter(p) if isinstance(p, Mapping) else str(p) for p in parameters)
+    return ", ".join(
+        _parameter(p if isinstance(p, PluginParameter) else PluginParameter.model_validate(p))
+        for p in parameters
+    )
 
 
 class PluginsPage(Page):
@@ -60,31 +70,31 @@ class PluginsPage(Page):
     def refresh(self) -> None:
         """Ask the server for its plugins."""
         try:
-            found, problems = calls.list_plugins(self.connection)
+            answer = self.connection.list_plugins()
         except ActionNotFound:
             self.available, self.error = False, ""
             self.plugins, self.problems = None, []
             self.message = NO_ACTION
             return
         except Exception as exc:
-            self.error = calls.describe_error(exc)
+            self.error = describe_error(exc)
             return
         self.available, self.error = True, ""
         self.plugins = pd.DataFrame(
             [
                 {
-                    "kind": str(p.get("kind", "")),
-                    "name": str(p.get("name", "")),
-                    "parameters": describe_parameters(p.get("parameters")),
-                    "description": str(p.get("doc") or p.get("description") or ""),
-                    "source": str(p.get("source", "")),
+                    "kind": p.kind,
+                    "name": p.name,
+                    "parameters": describe_parameters(p.parameters),
+                    "description": p.doc,
+                    "source": p.source,
                 }
-                for p in found
+                for p in answer.plugins
             ],
             columns=["kind", "name", "parameters", "description", "source"],
         )
-        self.problems = problems
-        self.message = "" if found else NO_PLUGINS
+        self.problems = list(answer.problems)
+        self.message = "" if answer.plugins else NO_PLUGINS
 
     @param.depends("plugins", "problems", watch=True)
     def _render(self) -> None:

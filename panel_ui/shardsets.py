@@ -11,11 +11,10 @@ import panel as pn
 import param
 from pydantic import ValidationError
 
-from ..protocol import ColumnOptions, Shardset, SyncResult, wire
+from ..protocol import ColumnOptions, Shard, Shardset, SyncResult, wire
 from ..protocol.errors import ActionNotFound, InvalidArgument
 from ..protocol.shards import aligned_partners
-from . import calls
-from .common import TABLE_CSS, Page, format_bytes, format_time, html_table, link
+from .common import TABLE_CSS, Page, describe_error, format_bytes, format_time, html_table, link
 
 __all__ = ["AddShardsetForm", "ShardsetPage", "columns_to_text", "parse_columns"]
 
@@ -57,7 +56,7 @@ def _file_name(location: str) -> str:
     return location.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _uid_range(shard: Any) -> str:
+def _uid_range(shard: Shard) -> str:
     if shard.uid_min is None and shard.uid_max is None:
         return ""
     return f"{shard.uid_min} - {shard.uid_max}"
@@ -98,7 +97,7 @@ class AddShardsetForm(Page):
             self.error = "InvalidArgument: type the location first (a folder URL)"
             return None
         try:
-            found = calls.infer_columns(self.connection, location)
+            found = self.connection.infer_columns(location)
         except ActionNotFound:
             self.error = (
                 "This server cannot infer columns (it has no 'infer_columns' action): "
@@ -106,7 +105,7 @@ class AddShardsetForm(Page):
             )
             return None
         except Exception as exc:
-            self.error = calls.describe_error(exc)
+            self.error = describe_error(exc)
             return None
         self.error = ""
         self.columns_text = columns_to_text(found)
@@ -119,8 +118,7 @@ class AddShardsetForm(Page):
         created: Shardset | None = None
         with self.calling():
             columns = parse_columns(self.columns_text)
-            created = calls.create_shardset(
-                self.connection,
+            created = self.connection.create_shardset(
                 self.dataset_id,
                 self.location.strip(),
                 columns or None,
@@ -188,13 +186,13 @@ class ShardsetPage(Page):
     def refresh(self) -> None:
         """Read the shardset and its shards."""
         with self.calling():
-            shardset = calls.get_shardset(self.connection, self.dataset_id, self.shardset_id)
-            shards = calls.list_shards(self.connection, self.dataset_id, self.shardset_id)
+            shardset = self.connection.get_shardset(self.dataset_id, self.shardset_id)
+            shards = self.connection.list_shards(self.dataset_id, self.shardset_id)
             partners: dict[int, int] | None = None
             if not shardset.is_main:
-                main = calls.get_dataset(self.connection, self.dataset_id).main_shardset
+                main = self.connection.get_dataset(dataset_id=self.dataset_id).main_shardset
                 if main is not None:
-                    main_shards = calls.list_shards(self.connection, self.dataset_id, main.id)
+                    main_shards = self.connection.list_shards(self.dataset_id, main.id)
                     partners = aligned_partners(shards, main_shards)
             self.shards = pd.DataFrame(
                 [
@@ -225,7 +223,7 @@ class ShardsetPage(Page):
         """Register new shard files at the location; say what was found."""
         result: SyncResult | None = None
         with self.calling():
-            result = calls.sync_shardset(self.connection, self.dataset_id, self.shardset_id)
+            result = self.connection.sync_shardset(self.dataset_id, self.shardset_id)
         if result is None:
             self.message = ""
             return None

@@ -1,8 +1,10 @@
 """The one exception tree of Lavender Flight, shared by server and client.
 
-Each class carries its wire meaning (``code``): the server turns it into the matching Flight
-error, and the client turns that back into the same class, so a user sees
-``DatasetNotFound: no dataset named 'x'`` whatever side raised it::
+Each class carries its wire status (``status``, one of ``WireStatus``): the server's one
+boundary (``flight_server/errors.py``) sends it as that gRPC status with the one-line message
+``ClassName: message``, and the client (``from_flight_error``) rebuilds the same class from
+the class name, so a user sees ``DatasetNotFound: no dataset named 'x'`` whatever side raised
+it, and any other Flight client sees the status and that line::
 
     LavenderError                      any error of ours            (INTERNAL)
     ├── NotFound                       no such thing                (NOT_FOUND)
@@ -11,7 +13,7 @@ error, and the client turns that back into the same class, so a user sees
     │   ├── ShardNotFound
     │   ├── IterationNotFound
     │   └── ActionNotFound
-    ├── AlreadyExists                  name or index taken          (ALREADY_EXISTS)
+    ├── AlreadyExists                  name or index taken          (INVALID_ARGUMENT, see below)
     │   ├── DatasetAlreadyExists
     │   ├── ShardAlreadyExists
     │   └── IterationConflict          an iteration id taken by a different spec
@@ -22,19 +24,30 @@ error, and the client turns that back into the same class, so a user sees
     │   └── IterationBusy              still has open streams (force=True ends them)
     ├── TransformFailed                a plugin raised on a sample  (INTERNAL)
     ├── StorageError                   reading or writing storage failed (UNAVAILABLE)
-    ├── ServerUnavailable              the client cannot reach the server (UNAVAILABLE)
+    ├── ServerUnavailable              the client cannot reach the server (client side only)
     ├── Unauthenticated                missing or wrong API key     (UNAUTHENTICATED)
     └── ServerError                    a bug or an unexpected failure on the server (INTERNAL)
 
-``ALREADY_EXISTS`` travels as ``INVALID_ARGUMENT`` on the wire (pyarrow cannot raise the former
-from Python); the class name in the message keeps the distinction for our client.
+``AlreadyExists`` travels as ``INVALID_ARGUMENT``: gRPC has ``ALREADY_EXISTS`` and Arrow maps
+its ``StatusCode::AlreadyExists`` to it, but a Python Flight server cannot produce that code
+(pyarrow maps a raised exception to a status by its builtin base, ``MapPyError``, which has no
+"already exists", and ``FlightError`` has no such subclass). The class name in the message
+keeps the distinction for our client; it is a ``ValueError`` like ``InvalidArgument``.
 """
 
 from __future__ import annotations
 
+import enum
+import re
 from typing import ClassVar
 
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from .redaction import redact_urls
+
 __all__ = [
+    "FLIGHT_ERRORS",
     "ActionNotFound",
     "AlreadyExists",
     "DatasetAlreadyExists",
@@ -56,16 +69,46 @@ __all__ = [
     "StorageError",
     "TransformFailed",
     "Unauthenticated",
+    "WireStatus",
     "error_class",
+    "from_flight_error",
+    "wire_line",
 ]
 
 
-class LavenderError(Exception):
-    """Base class of every error Lavender Flight raises on purpose."""
+class WireStatus(str, enum.Enum):
+    """The gRPC status an error crosses the wire with (what any Flight client sees)."""
 
-    code: ClassVar[str] = "INTERNAL"
+    NOT_FOUND = "NOT_FOUND"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    INTERNAL = "INTERNAL"
+
+
+# The pyarrow exception that carries each status: what the server raises for it, and what a
+# pyarrow client receives. NOT_FOUND and INVALID_ARGUMENT have no FlightError subclass;
+# pyarrow derives them from the builtin base (KeyError, ValueError) of what was raised.
+FLIGHT_ERRORS: dict[WireStatus, type[Exception]] = {
+    WireStatus.NOT_FOUND: pa.ArrowKeyError,
+    WireStatus.INVALID_ARGUMENT: pa.ArrowInvalid,
+    WireStatus.UNAVAILABLE: flight.FlightUnavailableError,
+    WireStatus.UNAUTHENTICATED: flight.FlightUnauthenticatedError,
+    WireStatus.INTERNAL: flight.FlightInternalError,
+}
+
+
+class LavenderError(Exception):
+    """Base class of every error Lavender Flight raises on purpose.
+
+    A password inside a URL of the message (``https://user:pw@host``) is shown as ``***``:
+    messages name locations, and they reach clients and logs.
+    """
+
+    status: ClassVar[WireStatus] = WireStatus.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = redact_urls(message)
         super().__init__(message)
         self.message = message
 
@@ -76,7 +119,7 @@ class LavenderError(Exception):
 class NotFound(LavenderError, KeyError):
     """The named dataset, shardset, shard, iteration or action does not exist."""
 
-    code = "NOT_FOUND"
+    status = WireStatus.NOT_FOUND
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
@@ -103,9 +146,9 @@ class ActionNotFound(NotFound):
 
 
 class AlreadyExists(LavenderError, ValueError):
-    """A name or index is taken already."""
+    """A name or index is taken already (INVALID_ARGUMENT on the wire: see the module doc)."""
 
-    code = "ALREADY_EXISTS"
+    status = WireStatus.INVALID_ARGUMENT
 
 
 class DatasetAlreadyExists(AlreadyExists):
@@ -123,7 +166,7 @@ class IterationConflict(AlreadyExists):
 class InvalidArgument(LavenderError, ValueError):
     """The request is wrong; nothing was changed."""
 
-    code = "INVALID_ARGUMENT"
+    status = WireStatus.INVALID_ARGUMENT
 
 
 class InvalidLocation(InvalidArgument):
@@ -152,19 +195,19 @@ class TransformFailed(LavenderError):
 class StorageError(LavenderError, OSError):
     """Reading or writing shard storage failed."""
 
-    code = "UNAVAILABLE"
+    status = WireStatus.UNAVAILABLE
 
 
 class ServerUnavailable(LavenderError, ConnectionError):
     """The client could not reach the server (not running, wrong address, network down)."""
 
-    code = "UNAVAILABLE"
+    status = WireStatus.UNAVAILABLE
 
 
 class Unauthenticated(LavenderError):
     """The call carried no valid API key."""
 
-    code = "UNAUTHENTICATED"
+    status = WireStatus.UNAUTHENTICATED
 
 
 class ServerError(LavenderError):
@@ -184,3 +227,54 @@ def error_class(name: str) -> type[LavenderError] | None:
         if cls.__name__ == name:
             return cls
     return None
+
+
+# gRPC sends the message in trailing metadata twice (percent-encoded in grpc-message, base64
+# in Arrow's x-arrow-status-message-bin): up to 4.4 bytes per byte of UTF-8. A client refuses
+# trailers over its limit (8 KiB by default, soft), and a longer message would turn into an
+# unreadable "received metadata size exceeds limit".
+MAX_WIRE_BYTES = 1000
+_WIRE_LINE = re.compile(r"^(?P<cls>[A-Z][A-Za-z]+): (?P<message>.*)$", re.DOTALL)
+# What pyarrow appends after the message: ". Detail: <status detail>" (and, on a client
+# whose own side failed too, ". Client context: ...").
+_DETAIL = ". Detail: "
+
+
+def wire_line(error: LavenderError) -> str:
+    """The one line ``error`` crosses the wire as: ``ClassName: message``.
+
+    Line breaks become spaces and a message over ``MAX_WIRE_BYTES`` is cut (ending ``...``),
+    so every Flight client can show it and gRPC never refuses it.
+    """
+    message = " ".join(part.strip() for part in error.message.splitlines() if part.strip())
+    line = f"{type(error).__name__}: {message}"
+    encoded = line.encode()
+    if len(encoded) > MAX_WIRE_BYTES:
+        line = encoded[: MAX_WIRE_BYTES - 3].decode(errors="ignore") + "..."
+    return line
+
+
+def from_flight_error(exc: BaseException, url: str = "") -> LavenderError:
+    """The error of ours that a Flight error stands for.
+
+    A message ``ClassName: message`` from our server gives back that very class. Anything
+    else (the server is unreachable, a proxy or another Flight server answered) is mapped by
+    its status: UNAVAILABLE and timeouts are ``ServerUnavailable`` (naming ``url``),
+    UNAUTHENTICATED is ``Unauthenticated``, the rest ``ServerError``.
+    """
+    text = str(exc).split(_DETAIL, 1)[0].strip()
+    match = _WIRE_LINE.match(text)
+    if match:
+        cls = error_class(match.group("cls"))
+        if cls is not None:
+            return cls(match.group("message"))
+    if isinstance(exc, FLIGHT_ERRORS[WireStatus.UNAVAILABLE]):
+        return ServerUnavailable(
+            f"cannot reach the Lavender Flight server at {url or 'its address'}: {text} "
+            "(is `lavender-flight serve` running?)"
+        )
+    if isinstance(exc, flight.FlightTimedOutError):
+        return ServerUnavailable(f"the server at {url} did not answer in time: {text}")
+    if isinstance(exc, FLIGHT_ERRORS[WireStatus.UNAUTHENTICATED]):
+        return Unauthenticated(text)
+    return ServerError(text)

@@ -15,7 +15,6 @@ from .wire import MAX_PAYLOAD_BYTES, Ranges, ShardTicket, WireModel, _Id, proble
 
 __all__ = [
     "MAX_WORLD_SIZE",
-    "AckAnswer",
     "AckBody",
     "BatchMetadata",
     "CheckAnswer",
@@ -157,12 +156,6 @@ class AckBody(WireModel):
         max_length=1_000_000,
         validation_alias=AliasChoices("completed", "seq"),
     )
-
-
-class AckAnswer(WireModel):
-    """What an ``ack`` changed: delivered samples newly completed."""
-
-    completed: int
 
 
 class IterationBody(WireModel):

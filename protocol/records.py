@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_serializer, field_validator
 
+from .redaction import REDACTED, redact_urls
 from .types import format_type, parse_type
 
 __all__ = [
     "REDACTED",
+    "SAFE_OPTIONS",
     "ColumnOptions",
     "Dataset",
     "DatasetColumn",
@@ -20,33 +21,64 @@ __all__ = [
     "SyncResult",
     "UidValue",
     "column_clashes",
+    "hidden_values",
     "is_secret_option",
     "redact_options",
+    "redact_urls",
 ]
 
 UidValue = int | str | None
 """A uid as stored in the catalog: uid columns are integers or strings."""
 
 
-REDACTED = "***"
-"""What a secret storage option shows instead of its value, whenever a record is serialized."""
-
-_SECRET_WORDS = (
-    "secret",
-    "password",
-    "passwd",
-    "token",
-    "credential",
-    "access_key",
-    "accesskey",
-    "private",
-    "connection_string",
-    "sas",
-    "authorization",
-    "cookie",
-    "signature",
-)
-_USERINFO = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@:\s]*):[^/@\s]*@", re.IGNORECASE)
+SAFE_OPTIONS: Mapping[str, Any] = {
+    # fsspec and s3fs
+    "endpoint_url": True,
+    "region": True,
+    "region_name": True,
+    "anon": True,
+    "requester_pays": True,
+    "use_ssl": True,
+    "version_aware": True,
+    "default_block_size": True,
+    "default_cache_type": True,
+    "default_fill_cache": True,
+    "max_concurrency": True,
+    "cache_regions": True,
+    "use_listings_cache": True,
+    "listings_expiry_time": True,
+    "skip_instance_cache": True,
+    # gcsfs
+    "project": True,
+    "access": True,
+    "consistency": True,
+    "requests_timeout": True,
+    "default_location": True,
+    # adlfs
+    "account_name": True,
+    "account_host": True,
+    "location_mode": True,
+    "blocksize": True,
+    "timeout": True,
+    "client_kwargs": {
+        "endpoint_url": True,
+        "region_name": True,
+        "use_ssl": True,
+        "api_version": True,
+    },
+    "config_kwargs": {
+        "connect_timeout": True,
+        "read_timeout": True,
+        "max_pool_connections": True,
+        "tcp_keepalive": True,
+        "signature_version": True,
+        "retries": {"max_attempts": True, "total_max_attempts": True, "mode": True},
+        "s3": {"addressing_style": True, "use_accelerate_endpoint": True},
+    },
+}
+"""The storage options whose values are shown back, nested as the options are; ``True``
+marks a name whose (scalar) value is shown. Every other value is ``***``: a secret by any
+name (``passphrase``, ``auth``, a nested ``pass``) stays hidden because it is not on this list."""
 
 
 def column_clashes(uid: str, names: Iterable[str], taken: Iterable[tuple[str, str]]) -> list[str]:
@@ -60,37 +92,63 @@ def column_clashes(uid: str, names: Iterable[str], taken: Iterable[tuple[str, st
 
 
 def is_secret_option(name: str) -> bool:
-    """Whether a storage option of this name holds a secret (``key``, ``secret``, ``token``...).
+    """Whether a storage option's value is hidden when shown back: any name not known safe.
 
-    Errs on the side of hiding: any name ending in ``key`` or mentioning a secret, password,
-    token or credential counts.
+    Names of ``SAFE_OPTIONS`` holding nested options (``client_kwargs``...) show the safe
+    ones inside and hide the others.
     """
-    lowered = name.lower().replace("-", "_")
-    return lowered.endswith("key") or any(word in lowered for word in _SECRET_WORDS)
+    return name not in SAFE_OPTIONS
 
 
-def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of storage options fit to show: secret values become ``***``, nested too.
+def redact_options(
+    options: Mapping[str, Any], safe: Mapping[str, Any] = SAFE_OPTIONS
+) -> dict[str, Any]:
+    """A copy of storage options fit to show: only values of ``safe`` names, the rest ``***``.
 
-    Passwords inside URLs (``https://user:pw@host``) are hidden as well; the names of the
-    options stay, so a user can see which ones are set.
+    The names of the options stay, so a user can see which ones are set. A safe value is
+    shown when it is a plain value (text, number, boolean, null), with any password inside
+    a URL hidden; a list or a mapping where a plain value is expected is hidden whole.
     """
-    return {
-        str(name): REDACTED
-        if is_secret_option(str(name)) and value not in (None, "")
-        else _redact_value(value)
-        for name, value in options.items()
-    }
+    shown: dict[str, Any] = {}
+    for name, value in options.items():
+        rule = safe.get(str(name))
+        if isinstance(rule, Mapping) and isinstance(value, Mapping):
+            shown[str(name)] = redact_options(value, rule)
+        elif rule is True and (value is None or isinstance(value, (bool, int, float))):
+            shown[str(name)] = value
+        elif rule is True and isinstance(value, str):
+            shown[str(name)] = redact_urls(value)
+        else:
+            shown[str(name)] = REDACTED
+    return shown
 
 
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return redact_options(value)
-    if isinstance(value, (list, tuple)):
-        return [_redact_value(item) for item in value]
-    if isinstance(value, str):
-        return _USERINFO.sub(rf"\g<head>:{REDACTED}@", value)
-    return value
+def hidden_values(
+    options: Mapping[str, Any], safe: Mapping[str, Any] = SAFE_OPTIONS
+) -> frozenset[str]:
+    """The text values ``redact_options`` hides (4 characters or more), nested ones included.
+
+    What to scrub from a storage library's error message, which may quote an option.
+    """
+    found: set[str] = set()
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str) and len(value) >= 4:
+            found.add(value)
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+
+    for name, value in options.items():
+        rule = safe.get(str(name))
+        if isinstance(rule, Mapping) and isinstance(value, Mapping):
+            found |= hidden_values(value, rule)
+        elif rule is not True or not (value is None or isinstance(value, (str, bool, int, float))):
+            collect(value)
+    return frozenset(found)
 
 
 class _Record(BaseModel):
@@ -135,7 +193,7 @@ class DatasetColumn(_Record):
 
 
 class Shard(_Record):
-    """One shard file of a shardset."""
+    """One shard file of a shardset (a password in its URL is shown as ``***``)."""
 
     shardset_id: str
     index: int
@@ -147,14 +205,19 @@ class Shard(_Record):
     uid_max: UidValue = None
     created_at: float
 
+    @field_serializer("location")
+    def _shown_location(self, location: str) -> str:
+        return redact_urls(location)
+
 
 class Shardset(_Record):
     """A group of columns of a dataset, stored as shard files under one location.
 
     ``storage_options`` are the fsspec options given when it was created (merged over the
-    server's defaults when the location is opened). Their secrets never leave the server:
-    every serialization of the record (JSON on the wire, ``model_dump``) shows them as
-    ``***``, and ``repr`` leaves the options out.
+    server's defaults when the location is opened). Their values never leave the server
+    unless their names are known to be safe (``SAFE_OPTIONS``): every serialization of the
+    record (JSON on the wire, ``model_dump``) shows the others as ``***``, as it does a
+    password inside the location URL, and ``repr`` leaves the options out.
     """
 
     id: str
@@ -171,6 +234,10 @@ class Shardset(_Record):
     @field_serializer("storage_options")
     def _redacted(self, options: dict[str, Any]) -> dict[str, Any]:
         return redact_options(options)
+
+    @field_serializer("location")
+    def _shown_location(self, location: str) -> str:
+        return redact_urls(location)
 
 
 class Dataset(_Record):
@@ -206,3 +273,7 @@ class SyncResult(_Record):
     removed: list[str]
     shard_count: int
     total_samples: int
+
+    @field_serializer("removed")
+    def _shown_locations(self, removed: list[str]) -> list[str]:
+        return [redact_urls(location) for location in removed]

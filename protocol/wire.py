@@ -1,9 +1,14 @@
-"""Typed wire payloads: the envelope (versioned models, decoding) and the catalog's bodies.
+"""Typed wire payloads: the envelope (versioned models, decoding), the catalog's bodies, answers.
 
 Iteration payloads (spec, tickets, acks, batch metadata, progress) are in ``iterations``.
 
-Every payload has a version field ``v`` so the format can evolve; unknown fields, wrong
-types and oversized values are refused before anything runs.
+Answers: the catalog actions answer their records (``Dataset``, ``Shardset``, ``Shard``,
+``SyncResult``, ``ColumnOptions``; a JSON array of them for the listings) and the iteration
+actions ``IterationProgress``; the others answer the models of this module (``Deleted``,
+``PushedBack``, ``Acked``, ``PluginList``). Both sides parse them with these models.
+
+Every payload has a version field ``v`` so the format can evolve; in requests, unknown
+fields, wrong types and oversized values are refused before anything runs.
 """
 
 from __future__ import annotations
@@ -17,12 +22,20 @@ from .records import ColumnOptions
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "Acked",
+    "Answer",
     "CreateDatasetBody",
     "CreateShardsetBody",
     "DatasetBody",
+    "Deleted",
     "Empty",
     "GetDatasetBody",
+    "LocationBody",
+    "PluginDescription",
+    "PluginList",
+    "PluginParameter",
     "PreviewBody",
+    "PushedBack",
     "PutShardCommand",
     "ShardTicket",
     "ShardsetBody",
@@ -126,6 +139,72 @@ class PutShardCommand(WireModel):
     shard_index: int = Field(ge=0, le=1 << 40)
     format: str = Field(default="parquet", max_length=32)
     overwrite: bool = False
+
+
+class Answer(BaseModel):
+    """Base of the answers that are not catalog records: versioned, frozen.
+
+    Unknown fields are ignored, so a newer server may add one without breaking older
+    clients; an incompatible change bumps ``v``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: Literal[1] = 1
+
+
+class Deleted(Answer):
+    """``delete_dataset``, ``delete_shardset``, ``delete_iteration``: what was deleted."""
+
+    deleted: str
+
+
+class PushedBack(Answer):
+    """``pushback``: how many in-flight samples went back to the queue."""
+
+    pushed_back: int = Field(ge=0)
+
+
+class Acked(Answer):
+    """``ack``: how many samples the acknowledgement completed (not completed before)."""
+
+    completed: int = Field(ge=0)
+
+
+class PluginParameter(BaseModel):
+    """One parameter of a plugin, as ``list_plugins`` shows it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str
+    type: str = ""
+    """The annotation as text (empty: none)."""
+    default: Any = None
+    """The default value (its ``repr`` when it is not JSON); meaningless when required."""
+    required: bool = False
+
+
+class PluginDescription(BaseModel):
+    """A filter, collater or preprocessor a server offers."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    kind: Literal["filter", "collater", "preprocessor"]
+    name: str
+    doc: str = ""
+    """The first line of its docstring."""
+    vectorized: bool = False
+    parameters: list[PluginParameter] = Field(default_factory=list)
+    depends_on: list[str] = Field(default_factory=list)
+    source: str = ""
+    """Where it came from: built-in, an entry point or a module file."""
+
+
+class PluginList(Answer):
+    """``list_plugins``: every plugin, and the module files that failed to load."""
+
+    plugins: list[PluginDescription] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real catalog file, a real Flight server on a free port, a client on it."""
+"""Shared fixtures: a real catalog file, a real Flight server on a free port, a client on it,
+and a real PostgreSQL (started once per session, a fresh database per test)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from lavender_flight.catalog import Catalog
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
+from tests.postgres import PostgresNotInstalled, PostgresServer
 
 CALL_TIMEOUT = 30.0
 
@@ -24,10 +26,32 @@ def catalog(tmp_path: Path) -> Iterator[Catalog]:
     cat.close()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of Debian's binaries for the whole session (fails if not installed)."""
+    try:
+        server = PostgresServer.start()
+    except PostgresNotInstalled as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database on the session's PostgreSQL (dropped after)."""
+    name = postgres.create_database()
+    yield postgres.url(name)
+    postgres.drop_database(name)
+
+
 @pytest.fixture
 def service(catalog: Catalog) -> LavenderService:
-    """The service over the fresh catalog."""
-    return LavenderService(catalog)
+    """The service over the fresh catalog, memory:// locations allowed (as ``--allow-memory``).
+
+    Tests keep shards in memory:// freely; a real server refuses it unless told otherwise.
+    """
+    return LavenderService(catalog, allow_memory=True)
 
 
 @pytest.fixture
@@ -52,11 +76,12 @@ def client(api_url: str, reset_client: None) -> LavenderClient:
 
 @pytest.fixture
 def reset_client() -> Iterator[None]:
-    """Close the module-level client a test opened with ``lavender.init``."""
+    """Close the module-level client a test opened with ``lavender.init`` (or failed to)."""
     yield None
     if lavender._client is not None:
         lavender._client.close()
     lavender._client = None
+    lavender._failure = None
 
 
 @pytest.fixture

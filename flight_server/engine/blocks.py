@@ -161,10 +161,10 @@ class BlockReader:
                 pieces.append(Rows(result[0], None, result[1]))
         if not pieces:
             return Rows(schema.empty_table())
-        rows = Rows.concat(pieces)
+        joined = Rows.concat(pieces)
         if plan.shuffle:  # random access (take) is fast on one chunk; plain slices need no copy
-            rows = Rows(rows.table.combine_chunks(), rows.unreadable, rows.absent)
-        return rows
+            joined = Rows(joined.table.combine_chunks(), joined.unreadable, joined.absent)
+        return joined
 
     def _future(self, plan: EpochPlan, number: int) -> Future[Rows]:
         key = (plan.epoch, number)

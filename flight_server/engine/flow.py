@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...protocol.ranges import RangeSet
@@ -45,7 +46,12 @@ class RankFlow:
     Every method is called with ``cond`` held unless it says otherwise.
     """
 
-    def __init__(self, batch_size: int, budget: ReadAhead, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        budget: ReadAhead,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.batch_size = batch_size
         self.budget = budget
         self.clock = clock

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -298,7 +298,7 @@ class LiveIteration:
         flow: RankFlow,
         plan: object,
         ticket: IterationTicket,
-    ) -> Iterator[tuple[pa.RecordBatch, pa.Buffer]]:
+    ) -> Generator[tuple[pa.RecordBatch, pa.Buffer], None, None]:
         try:
             for message in batcher:
                 with flow.cond:

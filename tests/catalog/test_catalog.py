@@ -3,13 +3,12 @@ from __future__ import annotations
 import re
 import threading
 import time
-from pathlib import Path
 
 import adbc_driver_manager
 import pyarrow as pa
 import pytest
 
-from lavender_flight.catalog import SCHEMA_VERSION, Catalog
+from lavender_flight.catalog import SCHEMA_VERSION, Catalog, open_catalog
 from lavender_flight.protocol import (
     ColumnOptions,
     Shard,
@@ -115,29 +114,27 @@ def test_replace_shards_is_atomic(catalog: Catalog) -> None:
     assert [s.index for s in catalog.list_shards(ss.id)] == [1, 2]
 
 
-def test_schema_version_and_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "c.db"
-    first = Catalog(path)
+def test_schema_version_and_reopen(catalog_target: str) -> None:
+    first = open_catalog(catalog_target)
     assert first.schema_version == SCHEMA_VERSION
     ds = first.create_dataset("keep", "uid")
     first.close()
-    again = Catalog(path)
+    again = open_catalog(catalog_target)
     assert again.get_dataset(name="keep").id == ds.id
     again.close()
 
 
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "c.db"
-    cat = Catalog(path)
+def test_newer_schema_is_refused(catalog_target: str) -> None:
+    cat = open_catalog(catalog_target)
     cat._query("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     cat.close()
     with pytest.raises(LavenderError, match="newer than this"):
-        Catalog(path)
+        open_catalog(catalog_target)
 
 
-def test_concurrent_writers_and_readers(tmp_path: Path) -> None:
+def test_concurrent_writers_and_readers(catalog_target: str) -> None:
     """Threads create datasets while others list them: no 'database is locked', nothing lost."""
-    cat = Catalog(tmp_path / "c.db")
+    cat = open_catalog(catalog_target)
     errors: list[BaseException] = []
     seen: dict[int, list[int]] = {0: [], 1: []}
 
@@ -156,8 +153,8 @@ def test_concurrent_writers_and_readers(tmp_path: Path) -> None:
         except BaseException as exc:  # pragma: no cover
             errors.append(exc)
 
-    # a second Catalog object on the same file stands for a second process
-    other = Catalog(tmp_path / "c.db")
+    # a second Catalog object on the same database stands for a second process
+    other = open_catalog(catalog_target)
     threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
     threads += [threading.Thread(target=read, args=(r,)) for r in range(2)]
     threads.append(threading.Thread(target=lambda: [other.list_datasets() for _ in range(20)]))

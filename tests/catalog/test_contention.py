@@ -1,17 +1,17 @@
-"""A catalog written from many threads and from two ``Catalog`` objects on one file at once:
-every write lands, and ``database is locked`` never reaches the caller."""
+"""A catalog written from many threads and from two ``Catalog`` objects on one database at
+once (SQLite file and PostgreSQL): every write lands, and ``database is locked`` (or a
+serialization failure) never reaches the caller."""
 
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import adbc_driver_manager
 import pytest
 
-from lavender_flight.catalog import Catalog
+from lavender_flight.catalog import Catalog, Database, open_catalog
 from lavender_flight.protocol.iterations import IterationRecord, RankProgressRecord
 
 THREADS = 8
@@ -19,9 +19,9 @@ WRITES = 25
 JOIN_TIMEOUT = 60.0
 
 
-def test_concurrent_writes_from_threads_and_two_catalogs_all_land(tmp_path: Path) -> None:
-    path = tmp_path / "catalog.db"
-    first = Catalog(path)
+def test_concurrent_writes_from_threads_and_two_catalogs_all_land(catalog_target: str) -> None:
+    path = catalog_target
+    first = open_catalog(path)
     home = first.create_dataset("home", "uid")
     for number in range(THREADS):
         first.create_iteration(
@@ -42,7 +42,7 @@ def test_concurrent_writes_from_threads_and_two_catalogs_all_land(tmp_path: Path
         try:
             start.wait(timeout=JOIN_TIMEOUT)
             # half the threads open their own Catalog on the file while the others write
-            catalog = first if number % 2 else Catalog(path)
+            catalog = first if number % 2 else open_catalog(path)
             if catalog is not first:
                 opened.append(catalog)
             for index in range(WRITES):
@@ -66,7 +66,7 @@ def test_concurrent_writes_from_threads_and_two_catalogs_all_land(tmp_path: Path
         thread.join(timeout=JOIN_TIMEOUT)
     assert not any(t.is_alive() for t in threads), "a writer hung"
     assert not errors, [f"{type(e).__name__}: {e}" for e in errors]
-    check = Catalog(path)
+    check = open_catalog(path)
     names = {d.name for d in check.list_datasets()} - {"home"}
     progress = [check.load_progress(f"it-{n}")[0].acked for n in range(THREADS)]
     check.close()
@@ -77,28 +77,42 @@ def test_concurrent_writes_from_threads_and_two_catalogs_all_land(tmp_path: Path
         catalog.close()
 
 
+# Where each backend reports a lost race, and what it says: SQLite cannot take its write lock
+# (BEGIN IMMEDIATE); PostgreSQL refuses the commit of a transaction that lost to another.
+LOST_RACE = {
+    "sqlite": ("BEGIN IMMEDIATE", "IO: database is locked", None),
+    "postgresql": (
+        "COMMIT",
+        "IO: ERROR:  could not serialize access due to concurrent update",
+        "40001",
+    ),
+}
+
+
 def test_a_write_retries_while_the_database_is_still_locked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    catalog_target: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    catalog = Catalog(tmp_path / "catalog.db")
-    real_run = Catalog._run
+    catalog = open_catalog(catalog_target)
+    statement, message, sqlstate = LOST_RACE[catalog.backend]
+    real_execute = Database._execute
     refusals = {"left": 3}
 
     def locked_twice(conn: Any, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        if sql == "BEGIN IMMEDIATE" and refusals["left"]:
+        if sql == statement and refusals["left"]:
             refusals["left"] -= 1
             raise adbc_driver_manager.OperationalError(
-                "IO: database is locked", status_code=adbc_driver_manager.AdbcStatusCode.IO
+                message, status_code=adbc_driver_manager.AdbcStatusCode.IO, sqlstate=sqlstate
             )
-        return real_run(conn, sql, params)
+        return real_execute(conn, sql, params)
 
-    monkeypatch.setattr(Catalog, "_run", staticmethod(locked_twice))
+    monkeypatch.setattr(Database, "_execute", staticmethod(locked_twice))
     catalog.create_dataset("after-the-lock", "uid")
     assert refusals["left"] == 0
     assert [d.name for d in catalog.list_datasets()] == ["after-the-lock"]
     refusals["left"] = 100  # a lock that never goes away still fails, after a bounded wait
-    with pytest.raises(adbc_driver_manager.OperationalError, match="database is locked"):
+    with pytest.raises(adbc_driver_manager.OperationalError, match=message.split(":  ")[-1]):
         catalog.create_dataset("never", "uid")
+    assert refusals["left"] > 0
     monkeypatch.undo()
     assert [d.name for d in catalog.list_datasets()] == ["after-the-lock"]
     catalog.close()

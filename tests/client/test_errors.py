@@ -426,7 +426,8 @@ CASES: list[Any] = [
         "unknown action",
         lambda w: w.client.action("drop_everything"),
         ActionNotFound,
-        r"^no action 'drop_everything'; actions: ack, check_iteration, create_dataset, create_shardset",
+        r"^no action 'drop_everything'; actions: ack, check_iteration, create_dataset, "
+        r"create_shardset",
     ),
     case(
         "garbage do_get ticket",

@@ -3,7 +3,9 @@ process (``num_workers=0``) or in spawned workers that each open their own conne
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,11 @@ import pyarrow.flight as flight
 import pytest
 import torch
 
-from lavender_flight.client import Iteration, Writer
+from lavender_flight.client import Iteration, LavenderClient, Writer
 from lavender_flight.client import api as lavender
-from lavender_flight.client.connection import LavenderClient
+from lavender_flight.flight_server import LavenderFlightServer, LavenderService
+from tests.conftest import CALL_TIMEOUT
+from tests.flight_server.test_security import self_signed
 
 COLUMNS = [
     lavender.DatasetColumnOptions(name="uid", type_="int", description="id"),
@@ -32,6 +36,11 @@ MANY_WORKERS = pytest.mark.filterwarnings("ignore:This DataLoader will create:Us
 @pytest.fixture
 def dataset_id(client: LavenderClient, data_dir: Path) -> str:
     """A dataset of 4 shards x 700 rows; uid == position, ``score == uid / 2``."""
+    return write_dataset(data_dir)
+
+
+def write_dataset(data_dir: Path) -> str:
+    """The dataset of ``dataset_id``, written through the default client."""
     dataset = lavender.create_dataset(name="torchy", uid_column_name="uid")
     shardset = lavender.create_shardset(dataset.id, (data_dir / "main").as_uri(), COLUMNS)
     writer = Writer.get(dataset_id=dataset.id, shardset_id=shardset.id)
@@ -193,3 +202,45 @@ def test_two_ranks_with_two_workers_each_cover_the_epoch_once(dataset_id: str) -
     assert [len(r) for r in per_rank] == [11 * BATCH, 10 * BATCH + TOTAL % BATCH]
     progress = lavender.get_iteration("ddp")
     assert (progress.completed, progress.total, progress.done) == (TOTAL, TOTAL, True)
+
+
+@pytest.fixture
+def tls_url(service: LavenderService, tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    """A ``grpc+tls://`` server whose certificate is its own CA: its URL and the CA's PEM.
+
+    It runs in this process; the loader's workers are spawned (never forked from it).
+    """
+    cert, key = self_signed(tmp_path)
+    srv = LavenderFlightServer(
+        service, "grpc+tls://127.0.0.1:0", tls_certificates=[(cert.read_bytes(), key.read_bytes())]
+    )
+    yield f"grpc+tls://127.0.0.1:{srv.port}", cert.read_bytes()
+    srv.shutdown()
+
+
+def test_the_loaders_dataset_carries_the_whole_settings(
+    tls_url: tuple[str, bytes], reset_client: None, data_dir: Path
+) -> None:
+    url, ca = tls_url
+    lavender.init(url, api_key=None, timeout=CALL_TIMEOUT, tls_root_certs=ca, reconnect_seconds=5)
+    iteration = Iteration.from_dataset(write_dataset(data_dir), batch_size=BATCH)
+    loader = iteration.to_torch_dataloader(num_workers=2)
+    shipped = pickle.loads(pickle.dumps(loader.dataset))  # what each spawned worker gets
+    assert shipped.settings == lavender.get_client().settings
+    assert (shipped.settings.tls_root_certs, shipped.settings.reconnect_seconds) == (ca, 5.0)
+
+
+@pytest.mark.slow
+@MANY_WORKERS
+def test_two_spawned_workers_verify_a_tls_server_with_the_settings_ca(
+    tls_url: tuple[str, bytes], reset_client: None, data_dir: Path
+) -> None:
+    url, ca = tls_url
+    lavender.init(url, timeout=CALL_TIMEOUT, tls_root_certs=ca)
+    assert not lavender.get_client().settings.disable_server_verification
+    dataset_id = write_dataset(data_dir)
+    batches = run_loader(dataset_id, "tls-workers", num_workers=2, shuffle=True)
+    assert_each_once(uids(batches), range(TOTAL))
+    progress = lavender.get_iteration("tls-workers")
+    assert (progress.completed, progress.done) == (TOTAL, True)
+    assert progress.ranks[0].streams == 2  # both workers streamed over TLS

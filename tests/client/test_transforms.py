@@ -257,14 +257,14 @@ def test_unreadable_shard_follows_the_policy(dataset: Dataset, data_dir: Path) -
 
 def test_list_plugins_and_broken_modules(dataset: Dataset, modules_dir: Path) -> None:
     listed = lavender.list_plugins()
-    by_name = {(p["kind"], p["name"]): p for p in listed["plugins"]}
+    by_name = {(p.kind, p.name): p for p in listed.plugins}
     assert ("filter", "uid_mod") in by_name and ("collater", "count") in by_name
-    assert by_name[("filter", "uid_mod")]["parameters"] == [
+    assert [p.model_dump() for p in by_name[("filter", "uid_mod")].parameters] == [
         {"name": "mod", "type": "int", "default": 2, "required": False}
     ]
-    assert by_name[("preprocessor", "text_length")]["doc"] == "Adds the text's length."
-    assert by_name[("preprocessor", "doubled")]["depends_on"] == ["text_length"]
-    (problem,) = listed["problems"]
+    assert by_name[("preprocessor", "text_length")].doc == "Adds the text's length."
+    assert by_name[("preprocessor", "doubled")].depends_on == ["text_length"]
+    (problem,) = listed.problems
     assert problem.startswith(str(modules_dir / "broken.py")) and "this module is broken" in problem
 
 

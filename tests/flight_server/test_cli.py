@@ -7,10 +7,13 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,8 +214,15 @@ def test_serve_demo_comes_up_and_stops_on_sigterm(
 def test_demo_is_created_once_per_data_home(
     launch: Launcher, connect: None, tmp_path: Path
 ) -> None:
-    args = [*lavender_flight_command(), "--demo", "--no-ui", "--port", "0",
-            "--data-home", str(tmp_path)]  # fmt: skip
+    args = [
+        *lavender_flight_command(),
+        "--demo",
+        "--no-ui",
+        "--port",
+        "0",
+        "--data-home",
+        str(tmp_path),
+    ]
     first = launch(args)
     first_id = check_demo(first.wait_until_serving())
     stop_cleanly(first)
@@ -309,7 +319,10 @@ def test_serve_help_lists_every_flag_with_its_env_variable(command: list[str]) -
         flag = "--" + name.replace("_", "-")
         env = "LAVENDER_FLIGHT_" + name.upper()
         assert re.search(rf"{flag}\b", text), f"{flag} missing from --help"
-        assert f"[env {env};" in text, f"{env} missing from --help"
+        assert re.search(rf"\[env {env}[;\]]", text), f"{env} missing from --help"
+    assert "PydanticUndefined" not in text
+    assert "[env LAVENDER_FLIGHT_API_KEY]" in text  # a list: no default to show
+    assert "[env LAVENDER_FLIGHT_PORT; default 8815]" in text
 
 
 def test_top_level_help_names_the_serve_command() -> None:
@@ -323,6 +336,10 @@ def test_bad_flag_is_a_usage_error() -> None:
     done = run_quickly([*lavender_flight_command(), "serve", "--prot", "0"])
     assert done.returncode == 2
     assert "unrecognized arguments: --prot" in done.stderr
+    assert done.stderr == (
+        "lavender-flight: error: unrecognized arguments: --prot 0 (did you mean --port?); "
+        "see lavender-flight serve --help\n"
+    )
 
 
 # -- known bugs ---------------------------------------------------------------------------
@@ -341,8 +358,15 @@ def test_a_failed_demo_creation_is_redone_next_time(
     launch: Launcher, connect: None, tmp_path: Path
 ) -> None:
     (tmp_path / "demo").write_text("a file where the demo folder goes")
-    args = [*lavender_flight_command(), "--demo", "--no-ui", "--port", "0",
-            "--data-home", str(tmp_path)]  # fmt: skip
+    args = [
+        *lavender_flight_command(),
+        "--demo",
+        "--no-ui",
+        "--port",
+        "0",
+        "--data-home",
+        str(tmp_path),
+    ]
     failed = launch(args)
     assert failed.process.wait(timeout=START_TIMEOUT) != 0
     assert "Not a directory" in failed.rest_of_stderr()
@@ -378,3 +402,249 @@ def test_modules_dir_and_workers(launch: Launcher, connect: None, tmp_path: Path
     uids = [u for batch in it for u in batch["uid"]]
     assert uids == list(range(0, demo.total_samples, 4))
     stop_cleanly(served)
+
+
+# -- what goes wrong at start: one line, naming the flag and the fix ----------------------
+
+ERROR = "lavender-flight: error: "
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "line"),
+    [
+        (
+            ["--log-level", "verbose"],
+            {},
+            "--log-level verbose: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+        (["--workers", "-1"], {}, "--workers -1: must be at least 0"),
+        (["--port", "70000"], {}, "--port 70000: must be at most 65535"),
+        (["--shutdown-grace", "soon"], {}, "--shutdown-grace soon: must be a number"),
+        (
+            ["--lease-seconds", "0", "--join-cache-mb", "lots"],
+            {},
+            "--lease-seconds 0: must be more than 0.0; --join-cache-mb lots: must be a whole "
+            "number",
+        ),
+        (
+            [],
+            {"LAVENDER_FLIGHT_PORT": "notaport"},
+            "LAVENDER_FLIGHT_PORT='notaport': must be a whole number (fix or unset the "
+            "environment variable)",
+        ),
+        (
+            [],
+            {"LAVENDER_FLIGHT_DEMO": "maybe"},
+            "LAVENDER_FLIGHT_DEMO='maybe': must be true or false (or 1/0, yes/no, on/off) "
+            "(fix or unset the environment variable)",
+        ),
+        (
+            [],
+            {"LAVENDER_FLIGHT_LOG_LEVEL": "loud"},
+            "LAVENDER_FLIGHT_LOG_LEVEL='loud': must be one of DEBUG, INFO, WARNING, ERROR, "
+            "CRITICAL (fix or unset the environment variable)",
+        ),
+        (["--tls-cert", "cert.pem"], {}, "TLS needs both --tls-cert and --tls-key"),
+        (
+            ["--api-keys-file", "/nonexistent/keys"],
+            {},
+            "cannot read --api-keys-file /nonexistent/keys: [Errno 2] No such file or "
+            "directory: '/nonexistent/keys'",
+        ),
+    ],
+    ids=[
+        "log-level",
+        "workers",
+        "port",
+        "grace",
+        "two-at-once",
+        "env-port",
+        "env-bool",
+        "env-log-level",
+        "tls-half",
+        "keys-file",
+    ],
+)
+def test_a_bad_value_is_one_line_and_exit_code_2(
+    args: list[str], env: dict[str, str], line: str, tmp_path: Path
+) -> None:
+    done = run_quickly(
+        [*lavender_flight_command(), "--no-ui", "--data-home", str(tmp_path), *args],
+        # port 0 unless the case sets one: a case that wrongly starts takes no fixed port
+        env=clean_env(**{"LAVENDER_FLIGHT_PORT": "0", **env}),
+    )
+    assert (done.returncode, done.stderr) == (2, ERROR + line + "\n")
+    assert not (tmp_path / "catalog.db").exists(), "it started before checking its flags"
+
+
+def test_a_busy_port_says_so(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_quickly(
+            [
+                *lavender_flight_command(),
+                "--no-ui",
+                "--port",
+                str(port),
+                "--data-home",
+                str(tmp_path),
+            ]
+        )
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"{ERROR}cannot listen on 127.0.0.1:{port}: the port is in use (another server?); "
+        "stop it, pick another --port, or --port 0 for a free one\n",
+    )
+
+
+def test_a_host_of_another_machine_says_so(tmp_path: Path) -> None:
+    done = run_quickly(
+        [
+            *lavender_flight_command(),
+            "--no-ui",
+            "--port",
+            "0",
+            "--host",
+            "192.0.2.1",
+            "--data-home",
+            str(tmp_path),
+        ]
+    )
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"{ERROR}cannot listen on 192.0.2.1:0: 192.0.2.1 is not an address of this machine; "
+        "pick another --host (127.0.0.1 for this machine only, 0.0.0.0 for all)\n",
+    )
+
+
+@pytest.mark.parametrize("kind", ["not-sqlite", "folder"])
+def test_an_unreadable_catalog_says_so(tmp_path: Path, kind: str) -> None:
+    catalog = tmp_path / "catalog.db"
+    if kind == "folder":
+        catalog.mkdir()
+        why = "it is a folder, not a file; pick another --catalog (or --data-home)"
+    else:
+        catalog.write_text("these are my notes, not a database\n")
+        why = (
+            "it is not an SQLite database; pick another --catalog (or --data-home), or move "
+            "that file away"
+        )
+    done = run_quickly(
+        [*lavender_flight_command(), "--no-ui", "--port", "0", "--catalog", str(catalog)]
+    )
+    assert (done.returncode, done.stderr) == (
+        1,
+        f"{ERROR}cannot open the catalog {catalog}: {why}\n",
+    )
+    if kind == "not-sqlite":
+        assert catalog.read_text() == "these are my notes, not a database\n"
+
+
+def test_reload_is_accepted_and_says_it_does_nothing(launch: Launcher, tmp_path: Path) -> None:
+    served = launch([*PYTHON_M, "--no-ui", "--port", "0", "--data-home", str(tmp_path), "--reload"])
+    served.wait_until_serving()
+    served.wait_for(re.compile(r"^  reload   "), timeout=5)
+    assert served.lines[-1] == (
+        "  reload   --reload is accepted but does nothing: plugins and --modules-dir modules "
+        "load once, at start; restart the server to pick up changed ones"
+    )
+    stop_cleanly(served)
+
+
+# -- logging ------------------------------------------------------------------------------
+
+
+def test_a_fresh_demo_start_logs_no_alarming_line(launch: Launcher, tmp_path: Path) -> None:
+    served = launch([*PYTHON_M, "--demo", "--no-ui", "--port", "0", "--data-home", str(tmp_path)])
+    served.wait_until_serving()
+    stop_cleanly(served)
+    logged = [line for line in served.lines if re.match(r"^\d{4}-\d\d-\d\d ", line)]
+    assert [line.split(" ", 3)[3] for line in logged] == [
+        f"lavender_flight.flight_server.demo: created demo dataset 'demo' (5000 rows) under "
+        f"{tmp_path / 'demo'}"
+    ]
+
+
+def fetch_dashboard(served: Served) -> str:
+    """Load the dashboard page and one static file it names, as a browser would."""
+    ui = served.wait_for(re.compile(r"^  ui       (http://\S+)"), timeout=START_TIMEOUT).group(1)
+    with urllib.request.urlopen(ui, timeout=30) as page:
+        html = page.read().decode()
+    static = re.search(r'src="(/?static/[^"]+)"', html)
+    assert static, "the page names no static file"
+    with urllib.request.urlopen(urllib.parse.urljoin(ui, static.group(1)), timeout=30) as file:
+        assert file.status == 200
+    return static.group(1).lstrip("/").split("?")[0]
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_the_dashboards_access_log_shows_only_at_debug(
+    launch: Launcher, tmp_path: Path, level: str
+) -> None:
+    served = launch(
+        [
+            *PYTHON_M,
+            "--port",
+            "0",
+            "--ui-port",
+            "0",
+            "--data-home",
+            str(tmp_path),
+            "--log-level",
+            level,
+        ]
+    )
+    served.wait_until_serving()
+    static = fetch_dashboard(served)
+    stop_cleanly(served)
+    access = [line for line in served.lines if "tornado.access" in line]
+    if level == "DEBUG":
+        assert any(static in line and " 200 GET " in line for line in access), access
+    else:
+        assert access == []
+        assert not [line for line in served.lines if "bokeh.server" in line]
+
+
+CLOSED_WEBSOCKET = """
+import asyncio, gc, logging
+from tornado.websocket import WebSocketClosedError
+from lavender_flight.flight_server.logs import configure_logging
+
+configure_logging({level!r})
+
+async def closed():
+    raise WebSocketClosedError()
+
+async def broken():
+    raise RuntimeError("a real problem")
+
+async def main():
+    tasks = [asyncio.ensure_future(closed()), asyncio.ensure_future(broken())]
+    await asyncio.sleep(0.1)
+    del tasks  # nobody retrieves their exceptions: asyncio logs them when they are collected
+    gc.collect()
+    sender = logging.getLogger("bokeh.server.views.ws")
+    sender.warning("Failed sending message as connection was closed")
+    sender.warning("another warning")
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_a_closed_websocket_is_not_logged_as_an_error(level: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CLOSED_WEBSOCKET.format(level=level)],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        env=clean_env(),
+        check=True,
+    )
+    assert "RuntimeError: a real problem" in done.stderr  # other errors still show
+    assert "WARNING bokeh.server.views.ws: another warning" in done.stderr
+    noise = ["WebSocketClosedError", "Failed sending message as connection was closed"]
+    shown = [text for text in noise if text in done.stderr]
+    assert shown == (noise if level == "DEBUG" else []), done.stderr

@@ -224,11 +224,11 @@ def test_sigterm_mid_iteration_parks_in_flight_work_and_keeps_acks(
 DYING_WORKER = """
 import json, sys, time
 import pyarrow.flight as flight
-from lavender_flight.client.connection import LavenderClient
+from lavender_flight.client import ClientSettings, LavenderClient
 from lavender_flight.protocol import iterations, wire
 
 url, iteration_id = sys.argv[1:3]
-client = LavenderClient(url, timeout=10)
+client = LavenderClient(ClientSettings(url, timeout=10))
 ticket = iterations.IterationTicket(iteration_id=iteration_id, rank=0, worker=0, num_workers=2)
 reader = client.flight.do_get(flight.Ticket(wire.encode(ticket)), client.options(None))
 chunk = reader.read_chunk()

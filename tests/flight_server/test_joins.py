@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
+import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +21,18 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 
-from lavender_flight.client import Iteration, Writer
+from lavender_flight.catalog import Catalog
+from lavender_flight.client import ClientSettings, Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
-from lavender_flight.flight_server import LavenderFlightServer, LavenderService, shards
-from lavender_flight.flight_server import reading as reading_module
-from lavender_flight.flight_server import service as service_module
-from lavender_flight.flight_server import uid_index as uid_index_module
+from lavender_flight.flight_server import LavenderFlightServer, LavenderService
+from lavender_flight.flight_server.reading import ShardCache
+from lavender_flight.flight_server.shard_io import ShardIO
+from lavender_flight.flight_server.storage import Location
+from lavender_flight.flight_server.uid_index import Matches, UidIndex, UidIndexes
 from lavender_flight.protocol import Dataset, wire
 from lavender_flight.protocol.errors import InvalidArgument, SchemaMismatch, ShardNotFound
-from tests.conftest import call_options
+from tests.conftest import CALL_TIMEOUT, call_options
 
 ROWS = 300
 
@@ -65,45 +70,92 @@ def epoch(dataset_id: str, **kwargs: Any) -> pa.Table:
 
 
 @pytest.fixture
-def dataset(client: LavenderClient, data_dir: Path) -> Dataset:
-    """300 samples with uids 1, 4, 7, ... in three main shards of 100, 120 and 80 rows."""
+def dataset(client: LavenderClient, data_dir: Path, watch: Watch) -> Dataset:
+    """300 samples with uids 1, 4, 7, ... in three main shards of 100, 120 and 80 rows.
+
+    The watch counts from here: the reads that registered them are forgotten.
+    """
     write_shards(data_dir / "main", main_table(), [0, 100, 220, ROWS])
     created = lavender.create_dataset("joins")
     lavender.create_shardset(created.id, (data_dir / "main").as_uri())
+    watch.files.clear()
     return lavender.get_dataset(created.id)
 
 
-class Watch:
-    """Counts the shard files the server reads and the uid lookups its joins make."""
+class CountingShardIO(ShardIO):
+    """Counts the shard files the server reads (``folder/name``), keeping the last table of each."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self) -> None:
         self.files: collections.Counter[str] = collections.Counter()
-        self.tables: dict[str, pa.Table] = {}  # the last table read from each file
-        self.lookups = 0
-        real_read = shards.read_shard
-        real_lookup = uid_index_module.UidIndex.lookup
+        self.tables: dict[str, pa.Table] = {}
+        self._lock = threading.Lock()
 
-        def read_shard(location: Any, path: str, *args: Any, **kwargs: Any) -> pa.Table:
-            name = Path(path).parent.name + "/" + Path(path).name
+    def read(self, where: Location, path: str, *args: Any, **kwargs: Any) -> pa.Table:
+        table = super().read(where, path, *args, **kwargs)
+        name = Path(path).parent.name + "/" + Path(path).name
+        with self._lock:
             self.files[name] += 1
-            self.tables[name] = real_read(location, path, *args, **kwargs)
-            return self.tables[name]
+            self.tables[name] = table
+        return table
 
-        def lookup(index: Any, uids: Any) -> Any:
+
+@dataclass(frozen=True)
+class LookupCountingIndex(UidIndex):
+    """A uid index that counts its look-ups on the indexes that handed it out."""
+
+    counter: LookupCountingIndexes | None = None
+
+    def lookup(self, uids: pa.Array | pa.ChunkedArray) -> Matches:
+        assert self.counter is not None
+        self.counter.count()
+        return super().lookup(uids)
+
+
+class LookupCountingIndexes(UidIndexes):
+    """Uid indexes that count the look-ups the joins make through them."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.lookups = 0
+        self._count_lock = threading.Lock()
+
+    def count(self) -> None:
+        with self._count_lock:
             self.lookups += 1
-            return real_lookup(index, uids)
 
-        monkeypatch.setattr(reading_module, "read_shard", read_shard)
-        monkeypatch.setattr(service_module, "read_shard", read_shard)
-        monkeypatch.setattr(uid_index_module.UidIndex, "lookup", lookup)
+    def get(self, *args: Any, **kwargs: Any) -> UidIndex:
+        found = super().get(*args, **kwargs)
+        return LookupCountingIndex(
+            found.keys, found.shards, found.rows, found.exact, found.keys_of, counter=self
+        )
+
+
+class Watch:
+    """The shard files the server reads and the uid look-ups its joins make."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.io = CountingShardIO()
+        self.indexes = LookupCountingIndexes(catalog.path.with_name(catalog.path.name + ".indexes"))
+        self.files = self.io.files
+        self.tables = self.io.tables
+
+    @property
+    def lookups(self) -> int:
+        return self.indexes.lookups
 
     def folders(self) -> set[str]:
         return {name.split("/")[0] for name in self.files}
 
 
 @pytest.fixture
-def watch(monkeypatch: pytest.MonkeyPatch) -> Watch:
-    return Watch(monkeypatch)
+def watch(catalog: Catalog) -> Watch:
+    return Watch(catalog)
+
+
+@pytest.fixture
+def service(catalog: Catalog, watch: Watch) -> LavenderService:
+    """The server's service, watched (overrides conftest's)."""
+    return LavenderService(catalog, shard_io=watch.io, indexes=watch.indexes)
 
 
 def test_aligned_shardset_attaches_columns_without_lookups(
@@ -303,28 +355,46 @@ def test_a_uid_held_twice_by_a_feature_shardset_is_refused_at_sync(
     assert as_dict(table, "f") == {int(u): int(u) if u in uids[:120] else None for u in uids}
 
 
+class CollidingIndexes(UidIndexes):
+    """Uid indexes whose string keys collide a lot: every uid of one length gets one key."""
+
+    def keys(self, uids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        return np.asarray(pa.compute.binary_length(uids).to_numpy(), dtype=np.int64)
+
+
 def test_string_uids_join_exactly_even_when_hashes_collide(
-    client: LavenderClient, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    catalog: Catalog, tmp_path: Path, data_dir: Path, reset_client: None
 ) -> None:
     names = [f"img-{i:04d}" for i in range(200)]
     write_shards(data_dir / "m", main_table(200, pa.array(names)), [0, 64, 200])
     order = np.random.default_rng(2).permutation(200)[:150]
     picked = [names[i] for i in order]
     write_shards(data_dir / "f", feature(picked, n=[int(p[4:]) for p in picked]), [0, 50, 150])
-    # a hash that collides a lot: every uid of the same length gets the same key
-    monkeypatch.setattr(
-        uid_index_module,
-        "_hash_strings",
-        lambda array: pa.compute.binary_length(array).to_numpy().astype(np.int64),
-    )
-    dataset = lavender.create_dataset("strings", uid_column_name="uid")
-    lavender.create_shardset(dataset.id, (data_dir / "m").as_uri())
-    lavender.create_shardset(dataset.id, (data_dir / "f").as_uri())
+    colliding = LavenderService(catalog, indexes=CollidingIndexes(tmp_path / "colliding"))
+    server = LavenderFlightServer(colliding, "grpc://127.0.0.1:0")
+    try:
+        lavender.init(f"grpc://127.0.0.1:{server.port}", timeout=CALL_TIMEOUT)
+        dataset = lavender.create_dataset("strings", uid_column_name="uid")
+        lavender.create_shardset(dataset.id, (data_dir / "m").as_uri())
+        feature_set = lavender.create_shardset(dataset.id, (data_dir / "f").as_uri())
 
-    table = epoch(dataset.id, shuffle=True)
-    assert as_dict(table, "n") == {n: (int(n[4:]) if n in set(picked) else None) for n in names}
-    inner = epoch(dataset.id, join="inner")
-    assert sorted(inner.column("uid").to_pylist()) == sorted(picked)
+        table = epoch(dataset.id, shuffle=True)
+        assert as_dict(table, "n") == {n: (int(n[4:]) if n in set(picked) else None) for n in names}
+        inner = epoch(dataset.id, join="inner")
+        assert sorted(inner.column("uid").to_pylist()) == sorted(picked)
+    finally:
+        lavender._client.close()  # type: ignore[union-attr]
+        lavender._client = None
+        server.shutdown()
+    # the keys did collide: 150 uids of one length, one key
+    index = colliding.indexes.get(
+        feature_set.id, catalog.list_shards(feature_set.id), exact=False, read_uids=_no_read
+    )
+    assert set(index.keys.tolist()) == {len("img-0000")} and len(index) == 150
+
+
+def _no_read(shard: Any) -> pa.ChunkedArray:
+    raise AssertionError(f"the index of {shard.location} should have been saved")
 
 
 def test_shards_written_through_the_server_join_and_replace(
@@ -344,7 +414,7 @@ def test_shards_written_through_the_server_join_and_replace(
 
 
 def test_indexes_are_built_at_sync_and_reused_after_a_restart(
-    dataset: Dataset, data_dir: Path, service: LavenderService, monkeypatch: pytest.MonkeyPatch
+    dataset: Dataset, data_dir: Path, service: LavenderService, caplog: pytest.LogCaptureFixture
 ) -> None:
     uids = main_table().column("uid").to_numpy()
     write_shards(data_dir / "f", feature(uids[::-1], f=uids), [0, 120, ROWS])
@@ -353,31 +423,30 @@ def test_indexes_are_built_at_sync_and_reused_after_a_restart(
     assert len(list(folder.glob("index-*.arrow"))) == 1  # built at sync
     assert len(list(folder.glob("run-*.arrow"))) == 2
 
+    def builds() -> list[str]:
+        """The shardsets whose uid index was built since the last call (the server log)."""
+        found = re.findall(r"built the uid index of shardset (\S+):", caplog.text)
+        caplog.clear()
+        return found
+
     # another server on the same catalog reads the saved index: nothing is rebuilt
-    builds: list[str] = []
-    real_build = uid_index_module.UidIndexes._build
-
-    def counting_build(self: Any, shardset_id: str, *args: Any) -> Any:
-        builds.append(shardset_id)
-        return real_build(self, shardset_id, *args)
-
-    monkeypatch.setattr(uid_index_module.UidIndexes, "_build", counting_build)
+    caplog.set_level(logging.INFO, logger="lavender_flight.flight_server.uid_index")
     again = LavenderService(service.catalog)
     second = LavenderFlightServer(again, "grpc://127.0.0.1:0")
     try:
-        with lavender.using(LavenderClient(f"grpc://127.0.0.1:{second.port}")):
-            assert as_dict(epoch(dataset.id), "f") == dict(
+        with LavenderClient(ClientSettings(f"grpc://127.0.0.1:{second.port}")) as other:
+            assert as_dict(epoch(dataset.id, client=other), "f") == dict(
                 zip(uids[::-1].tolist(), uids.tolist(), strict=True)
             )
     finally:
         second.shutdown()
-    assert builds == []
+    assert builds() == []
 
     # a sync that adds a shard builds the new index from the saved runs plus the new shard
     write_shards(data_dir / "g", feature(np.array([10_000]), f=np.array([1])), [0, 1])
     (data_dir / "g" / "shard.00000.parquet").rename(data_dir / "f" / "shard.00002.parquet")
     lavender.sync_shardset(dataset.id, shardset.id)
-    assert builds == [shardset.id]
+    assert builds() == [shardset.id]
     assert len(list(folder.glob("index-*.arrow"))) == 1  # the old one is gone
     lavender.delete_shardset(dataset.id, shardset.id)
     assert not folder.exists()
@@ -442,7 +511,7 @@ def test_a_new_main_shardset_takes_over_and_the_old_one_adds_columns(
 
 
 def test_the_join_cache_stays_within_its_bytes_and_shares_reads() -> None:
-    cache = reading_module.ShardCache(max_bytes=3 * 8000)
+    cache = ShardCache(max_bytes=3 * 8000)
     reads: list[int] = []
 
     def table(n: int) -> pa.Table:
@@ -477,3 +546,90 @@ def test_the_join_cache_stays_within_its_bytes_and_shares_reads() -> None:
     for thread in threads:
         thread.join(10)
     assert len(results) == 4 and slow_reads == [1]
+
+
+class HeldShardIO(CountingShardIO):
+    """Holds the first read until ``release`` is set (``reading`` says it has started)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = threading.Event()
+        self.release = threading.Event()
+
+    def read(self, where: Location, path: str, *args: Any, **kwargs: Any) -> pa.Table:
+        if not self.reading.is_set():
+            self.reading.set()
+            assert self.release.wait(10), "the test never released the first read"
+        return super().read(where, path, *args, **kwargs)
+
+
+class SlowToWeighCache(ShardCache):
+    """Weighs its first table only once another reader of the same key got its answer.
+
+    That reader arrives after the read, before the table is kept: where the cache used to
+    drop its "being read" mark before keeping the table, so the reader read it again.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_bytes)
+        self.weighing = threading.Event()
+        self.answered = threading.Event()
+        self.waited: bool | None = None
+
+    def weigh(self, table: pa.Table) -> int:
+        if not self.weighing.is_set():
+            self.weighing.set()
+            self.waited = self.answered.wait(10)
+        return super().weigh(table)
+
+
+def one_shard(data_dir: Path) -> tuple[Location, str, pa.Schema]:
+    """A real shard file and how to read it."""
+    from lavender_flight.flight_server.shards import declared_schema
+    from lavender_flight.flight_server.storage import resolve_location
+
+    write_shards(data_dir / "cached", feature(np.arange(100), v=np.arange(100)), [0, 100])
+    where = resolve_location((data_dir / "cached").as_uri())
+    schema = declared_schema([("uid", "int64"), ("v", "int64")])
+    return where, where.child("shard.00000.parquet"), schema
+
+
+def test_a_reader_arriving_while_a_shard_is_read_waits_for_that_read(data_dir: Path) -> None:
+    where, path, schema = one_shard(data_dir)
+    io = HeldShardIO()
+    cache = ShardCache(1 << 20)
+    read = lambda: io.read(where, path, "parquet", schema)  # noqa: E731
+    results: list[pa.Table] = []
+    first = threading.Thread(target=lambda: results.append(cache.get("k", read)))
+    first.start()
+    assert io.reading.wait(10)
+    second = threading.Thread(target=lambda: results.append(cache.get("k", read)))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()  # waiting for the read in progress, not reading on its own
+    io.release.set()
+    first.join(10)
+    second.join(10)
+    assert len(results) == 2 and results[0] is results[1]
+    assert io.files == {"cached/shard.00000.parquet": 1}
+    assert cache.get("k", read) is results[0] and sum(io.files.values()) == 1
+
+
+def test_a_reader_arriving_between_the_read_and_its_keeping_reads_nothing(
+    data_dir: Path,
+) -> None:
+    where, path, schema = one_shard(data_dir)
+    io = CountingShardIO()
+    cache = SlowToWeighCache(1 << 20)
+    read = lambda: io.read(where, path, "parquet", schema)  # noqa: E731
+    first: list[pa.Table] = []
+    owner = threading.Thread(target=lambda: first.append(cache.get("k", read)))
+    owner.start()
+    assert cache.weighing.wait(10)  # read, not yet kept
+    second = cache.get("k", read)
+    cache.answered.set()
+    owner.join(10)
+    assert cache.waited is True  # the second reader was answered while the first was weighing
+    assert io.files == {"cached/shard.00000.parquet": 1}  # exactly one read
+    assert second is first[0]
+    assert cache.nbytes == second.nbytes

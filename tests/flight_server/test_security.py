@@ -21,14 +21,14 @@ import pyarrow.flight as flight
 import pytest
 
 from lavender_flight.catalog import Catalog
-from lavender_flight.client import Writer
+from lavender_flight.client import ClientSettings, LavenderClient, Writer
 from lavender_flight.client import api as lavender
-from lavender_flight.client.connection import LavenderClient
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.flight_server.auth import ApiKeyMiddlewareFactory
 from lavender_flight.flight_server.settings import ServerSettings
 from lavender_flight.panel_ui import serve_dashboard
 from lavender_flight.protocol.errors import (
+    InvalidArgument,
     InvalidLocation,
     ServerUnavailable,
     Unauthenticated,
@@ -211,9 +211,12 @@ def test_dashboard_of_a_keyed_server_needs_the_key_for_its_own_calls(
     keyed_server: LavenderFlightServer,
 ) -> None:
     url = f"grpc://127.0.0.1:{keyed_server.port}"
-    with LavenderClient(url, KEY, TIMEOUT) as client:
+    with LavenderClient(ClientSettings(url, api_key=KEY, timeout=TIMEOUT)) as client:
         assert client.action_json("list_datasets") == []
-    with LavenderClient(url, None, TIMEOUT) as client, pytest.raises(Unauthenticated):
+    with (
+        LavenderClient(ClientSettings(url, timeout=TIMEOUT)) as client,
+        pytest.raises(Unauthenticated),
+    ):
         client.action_json("list_datasets")
 
 
@@ -531,3 +534,41 @@ def test_cli_dashboard_of_a_keyed_server_needs_the_key(
     status, _, body = fetch(user, page)
     assert status == 200 and "<title>Lavender Flight" in body
     assert served.stop() == 0
+
+
+# -- names --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [("a\x00b", "U+0000 at position 1"), ("two\nlines", "U+000A at position 3"),
+     ("tab\t", "U+0009 at position 3"), ("\x1b[31mred", "U+001B at position 0"),
+     ("del\x7f", "U+007F at position 3"), ("sep\u2028", "U+2028 at position 3")],
+)  # fmt: skip
+def test_names_with_control_characters_are_refused(
+    client: LavenderClient, catalog: Catalog, data_dir: Path, name: str, shown: str
+) -> None:
+    line = f"holds a control character ({shown}): use printable characters only"
+    with pytest.raises(InvalidArgument) as refused:
+        lavender.create_dataset(name=name)
+    assert str(refused.value) == f"dataset name {name!r} {line}"
+    with pytest.raises(InvalidArgument, match=re.escape(f"uid column name {name!r} {line}")):
+        lavender.create_dataset(name="fine", uid_column_name=name)
+    assert catalog.list_datasets() == []
+    dataset = lavender.create_dataset(name="ok")
+    columns = [*COLUMNS, lavender.DatasetColumnOptions(name=name, type_="int")]
+    with pytest.raises(InvalidArgument, match=re.escape(f"column name {name!r} {line}")):
+        lavender.create_shardset(dataset.id, data_dir.as_uri(), columns)
+    location = f"{data_dir}/x{name}y"
+    with pytest.raises(InvalidArgument, match=re.escape(f"location {location!r} holds a cont")):
+        lavender.create_shardset(dataset.id, location, COLUMNS)
+    import pyarrow.parquet as pq
+
+    folder = data_dir / "inferred"
+    folder.mkdir()
+    pq.write_table(pa.table({"uid": [1], name: [2]}), folder / "shard.00000000.parquet")
+    with pytest.raises(InvalidArgument, match=re.escape(f"{name!r} {line}")):
+        lavender.create_shardset(dataset.id, folder.as_uri())
+    with pytest.raises(InvalidArgument, match=re.escape(f"{name!r} {line}")):
+        lavender.infer_columns(folder.as_uri())
+    assert lavender.get_dataset(dataset.id).shardsets == []

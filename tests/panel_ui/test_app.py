@@ -70,6 +70,15 @@ def test_a_taken_port_fails_with_a_message(
     assert "\n" not in error
 
 
+def test_ui_command_refuses_an_http_url_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--api-url", "http://localhost:8000", "--port", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "lavender-flight ui: error: InvalidArgument: api_url 'http://localhost:8000' is an HTTP "
+        "address, but a Lavender Flight server speaks Arrow Flight (gRPC): use "
+        "grpc://localhost:8815 (grpc+tls://localhost:8815 for a server with TLS)\n"
+    )
+
+
 def test_ui_command_serves_until_sigterm(api_url: str, client: LavenderClient) -> None:
     code = "import sys; from lavender_flight.panel_ui import main; sys.exit(main())"
     with subprocess.Popen(

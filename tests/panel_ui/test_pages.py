@@ -12,9 +12,8 @@ import pyarrow.flight as flight
 import pytest
 
 from lavender_flight.catalog import Catalog
-from lavender_flight.client import Iteration, Writer
+from lavender_flight.client import ClientSettings, Iteration, LavenderClient, Writer
 from lavender_flight.client import api as lavender
-from lavender_flight.client.connection import LavenderClient
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.flight_server.errors import wire_errors
 from lavender_flight.panel_ui import (
@@ -54,7 +53,7 @@ def older_client(tmp_path: Path) -> Iterator[LavenderClient]:
     """A connection to a server that lacks the newer actions."""
     catalog = Catalog(tmp_path / "older.db")
     server = ServerBeforeTheDashboard(LavenderService(catalog), "grpc://127.0.0.1:0")
-    conn = LavenderClient(f"grpc://127.0.0.1:{server.port}", timeout=30.0)
+    conn = LavenderClient(ClientSettings(f"grpc://127.0.0.1:{server.port}", timeout=30.0))
     yield conn
     conn.close()
     server.shutdown()
@@ -102,10 +101,23 @@ def test_unreachable_server_is_a_message(tmp_path: Path) -> None:
     url = f"grpc://127.0.0.1:{server.port}"
     server.shutdown()
     catalog.close()
-    with LavenderClient(url, timeout=5.0) as conn:
+    with LavenderClient(ClientSettings(url, timeout=5.0)) as conn:
         page = DatasetsPage(client=conn)
     assert page.error.startswith("ServerUnavailable: cannot reach the Lavender Flight server")
     assert "\n" not in page.error and "Traceback" not in page.error
+
+
+def test_pages_call_their_own_client_never_the_default_one(
+    api_url: str, reset_client: None
+) -> None:
+    with pytest.raises(InvalidArgument, match="is an HTTP address"):
+        lavender.init("http://localhost:8000")  # a user's script in the same process
+    with LavenderClient(ClientSettings(api_url, timeout=30.0)) as conn:
+        page = DatasetsPage(client=conn)
+        page.new_name = "mine"
+        assert page.create() is not None
+    assert page.error == "" and page.datasets["name"].tolist() == ["mine"]
+    assert lavender._client is None
 
 
 # -- one dataset -------------------------------------------------------------------------
@@ -396,9 +408,8 @@ def test_plugins_page_lists_the_servers_plugins(client: LavenderClient) -> None:
     page = PluginsPage(client=client)
     assert page.error == "" and page.available
     assert list(page.plugins.columns) == ["kind", "name", "parameters", "description", "source"]
-    expected = lavender.get_client().action_json("list_plugins")
-    listed = expected["plugins"] if isinstance(expected, dict) else expected
-    assert page.plugins["name"].tolist() == [p["name"] for p in listed]
+    listed = lavender.list_plugins().plugins
+    assert page.plugins["name"].tolist() == [p.name for p in listed]
     if listed:
         assert page.message == "" and 'id="plugins-table"' in page._table.object
     else:
@@ -409,7 +420,8 @@ def test_plugins_page_with_no_plugins(tmp_path: Path) -> None:
     catalog = Catalog(tmp_path / "bare.db")
     server = LavenderFlightServer(LavenderService(catalog), "grpc://127.0.0.1:0", Plugins())
     try:
-        with LavenderClient(f"grpc://127.0.0.1:{server.port}", timeout=30.0) as conn:
+        settings = ClientSettings(f"grpc://127.0.0.1:{server.port}", timeout=30.0)
+        with LavenderClient(settings) as conn:
             page = PluginsPage(client=conn)
     finally:
         server.shutdown()

@@ -1,0 +1,230 @@
+"""Connections to the catalog's database: one per thread, reopened when it drops.
+
+Reads run one statement each in autocommit mode. Writes run as a *transaction body*, a
+function of a ``Transaction`` that may run more than once: it is run again when it lost a
+race (SQLite busy, PostgreSQL serialization failure or deadlock) and when the connection
+dropped before the commit (PostgreSQL restarted), so a body must do nothing but SQL.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import adbc_driver_manager
+
+from ..protocol.errors import StorageError
+from ._dialect import Dialect, Lock
+
+__all__ = ["DEFAULT_RECONNECT_SECONDS", "Database", "Transaction"]
+
+DEFAULT_RECONNECT_SECONDS = 15.0
+_RECONNECT_FIRST_WAIT = 0.05
+_RECONNECT_MAX_WAIT = 1.0
+
+T = TypeVar("T")
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's message in one line, without ADBC's prefixes and the query echo."""
+    text = str(exc).split("\n\nQuery was:", 1)[0]
+    for prefix in ("IO: ", "[libpq] ", "Failed to connect: ", "Failed to prepare query: "):
+        text = text.removeprefix(prefix)
+    return " ".join(text.split()).rstrip(".") or type(exc).__name__
+
+
+class Transaction:
+    """An open write transaction: what a transaction body is given.
+
+    Attributes:
+        dialect: the backend's rules (``dialect.for_update(...)`` to lock rows).
+    """
+
+    def __init__(self, conn: Any, dialect: Dialect) -> None:
+        self._conn = conn
+        self.dialect = dialect
+        self.failed: BaseException | None = None
+
+    def run(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run one portable statement (``?`` placeholders) and return its rows."""
+        try:
+            return Database._execute(self._conn, self.dialect.sql(sql), self.dialect.params(params))
+        except BaseException as exc:
+            # PostgreSQL ends a transaction at its first failed statement: so do we, on both
+            self.failed = self.failed or exc
+            raise
+
+
+class Database:
+    """The connections of one catalog database and the way statements run on them.
+
+    Args:
+        dialect: the backend.
+        reconnect_seconds: how long a call keeps reopening a dropped or refused connection
+            before it raises ``StorageError`` naming the catalog.
+    """
+
+    def __init__(
+        self, dialect: Dialect, reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS
+    ) -> None:
+        self.dialect = dialect
+        self.reconnect_seconds = reconnect_seconds
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
+
+    # -- connections ---------------------------------------------------------------------
+
+    @staticmethod
+    def _execute(conn: Any, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        # A fresh cursor per statement: an ADBC cursor keeps the last bound parameters.
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            try:
+                return list(cur.fetchall())
+            except adbc_driver_manager.Error:
+                return []
+
+    def connection(self) -> Any:
+        """This thread's connection, opened on first use.
+
+        Raises:
+            StorageError: the database refuses the connection for good (no such database,
+                wrong credentials).
+            adbc_driver_manager.Error: the server cannot be reached right now
+                (``dialect.is_disconnect`` says so; callers retry).
+        """
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = self.dialect.connect()
+            except adbc_driver_manager.Error as exc:
+                if self.dialect.is_disconnect(exc):
+                    raise
+                raise StorageError(
+                    f"cannot open the catalog {self.dialect.label}: "
+                    f"{self.dialect.target.scrub(_reason(exc))}"
+                ) from None
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _discard(self, conn: Any) -> None:
+        """Forget a connection that dropped; the next call of this thread opens a new one."""
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        try:
+            conn.close()
+        except Exception:  # it is gone already: nothing to release
+            pass
+
+    def _wait_to_reconnect(self, exc: BaseException, started: float, attempt: int) -> None:
+        """Sleep before the next reopening, or raise when the catalog stayed away too long."""
+        waited = time.monotonic() - started
+        if waited >= self.reconnect_seconds:
+            raise StorageError(
+                f"the catalog {self.dialect.label} is unreachable: "
+                f"{self.dialect.target.scrub(_reason(exc))} (tried for {waited:.1f} s): "
+                "check that the database server is running and reachable"
+            ) from None
+        pause = min(_RECONNECT_FIRST_WAIT * 2**attempt, _RECONNECT_MAX_WAIT)
+        time.sleep(min(pause, max(self.reconnect_seconds - waited, 0.0)))
+
+    def close(self) -> None:
+        """Close every connection opened (in any thread); a later call opens new ones."""
+        with self._lock:
+            for conn in self._connections:
+                try:
+                    conn.close()
+                except adbc_driver_manager.Error:
+                    pass
+            self._connections.clear()
+        self._local = threading.local()
+
+    # -- statements ----------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run one portable statement on its own (autocommit) and return its rows.
+
+        A dropped connection is reopened and the statement run again.
+        """
+        sql, values = self.dialect.sql(sql), self.dialect.params(params)
+        started: float | None = None
+        attempt = 0
+        while True:
+            conn = None
+            try:
+                conn = self.connection()
+                return self._execute(conn, sql, values)
+            except adbc_driver_manager.Error as exc:
+                if not self.dialect.is_disconnect(exc):
+                    raise
+                if conn is not None:
+                    self._discard(conn)
+                started = time.monotonic() if started is None else started
+                self._wait_to_reconnect(exc, started, attempt)
+                attempt += 1
+
+    def transaction(self, body: Callable[[Transaction], T], lock: Lock = "catalog") -> T:
+        """Run ``body`` in a write transaction and commit; return what it returns.
+
+        Everything ``body`` ran commits together or not at all. ``body`` runs again after a
+        conflict (bounded by ``dialect.conflict_retries``, then the driver's error is raised)
+        and after the connection dropped before the commit took effect (for up to
+        ``reconnect_seconds``, then ``StorageError``).
+
+        Raises:
+            StorageError: the catalog stayed unreachable, or the connection dropped during
+                the commit (whether it was saved is unknown).
+        """
+        conflicts = 0
+        started: float | None = None
+        drops = 0
+        while True:
+            conn = None
+            committing = False
+            try:
+                conn = self.connection()
+                tx = Transaction(conn, self.dialect)
+                for statement in self.dialect.begin(lock):
+                    tx.run(statement)
+                result = body(tx)
+                if tx.failed is not None:  # the body caught a failed statement
+                    raise tx.failed
+                committing = True
+                tx.run("COMMIT")
+                return result
+            except BaseException as exc:
+                if conn is not None:
+                    self._rollback(conn)
+                if isinstance(exc, adbc_driver_manager.Error) and self.dialect.is_disconnect(exc):
+                    if conn is not None:
+                        self._discard(conn)
+                    if committing and not self.dialect.never_ran(exc):
+                        raise StorageError(
+                            f"the connection to the catalog {self.dialect.label} dropped "
+                            "while committing: the change may or may not be saved; check, "
+                            "then retry"
+                        ) from None
+                    started = time.monotonic() if started is None else started
+                    self._wait_to_reconnect(exc, started, drops)
+                    drops += 1
+                    continue
+                if self.dialect.is_conflict(exc) and conflicts < self.dialect.conflict_retries:
+                    time.sleep(self.dialect.conflict_backoff(conflicts) * random.uniform(0.5, 1.5))
+                    conflicts += 1
+                    continue
+                raise
+
+    def _rollback(self, conn: Any) -> None:
+        try:
+            self._execute(conn, "ROLLBACK")
+        except adbc_driver_manager.Error:
+            pass  # no transaction was open (BEGIN failed), or the connection is gone
