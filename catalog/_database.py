@@ -19,6 +19,9 @@ import adbc_driver_manager
 from ..protocol.errors import StorageError
 from ._dialect import Dialect, Lock
 
+MAX_IDLE_CONNECTIONS = 8
+"""Connections kept open for reuse; more are opened when more threads need one at once."""
+
 __all__ = ["DEFAULT_RECONNECT_SECONDS", "Database", "Transaction"]
 
 DEFAULT_RECONNECT_SECONDS = 15.0
@@ -72,8 +75,8 @@ class Database:
     ) -> None:
         self.dialect = dialect
         self.reconnect_seconds = reconnect_seconds
-        self._local = threading.local()
         self._connections: list[Any] = []
+        self._idle: list[Any] = []
         self._lock = threading.Lock()
 
     # -- connections ---------------------------------------------------------------------
@@ -89,7 +92,10 @@ class Database:
                 return []
 
     def connection(self) -> Any:
-        """This thread's connection, opened on first use.
+        """A connection of the pool for one statement or transaction (``release`` it after).
+
+        Connections are reused by any thread, one user at a time: a server's gRPC threads
+        come and go, and a connection per thread would outlive them all.
 
         Raises:
             StorageError: the database refuses the connection for good (no such database,
@@ -97,27 +103,37 @@ class Database:
             adbc_driver_manager.Error: the server cannot be reached right now
                 (``dialect.is_disconnect`` says so; callers retry).
         """
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                conn = self.dialect.connect()
-            except adbc_driver_manager.Error as exc:
-                if self.dialect.is_disconnect(exc):
-                    raise
-                raise StorageError(
-                    f"cannot open the catalog {self.dialect.label}: "
-                    f"{self.dialect.target.scrub(_reason(exc))}"
-                ) from None
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        try:
+            conn = self.dialect.connect()
+        except adbc_driver_manager.Error as exc:
+            if self.dialect.is_disconnect(exc):
+                raise
+            raise StorageError(
+                f"cannot open the catalog {self.dialect.label}: "
+                f"{self.dialect.target.scrub(_reason(exc))}"
+            ) from None
+        with self._lock:
+            self._connections.append(conn)
         return conn
 
-    def _discard(self, conn: Any) -> None:
-        """Forget a connection that dropped; the next call of this thread opens a new one."""
-        if getattr(self._local, "conn", None) is conn:
-            self._local.conn = None
+    def release(self, conn: Any) -> None:
+        """Give a connection back to the pool (closed when enough are idle already)."""
         with self._lock:
+            if conn not in self._connections:
+                return  # discarded, or the database was closed meanwhile
+            if len(self._idle) < MAX_IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        self._discard(conn)
+
+    def _discard(self, conn: Any) -> None:
+        """Forget a connection (dropped, or one too many); the next call opens a new one."""
+        with self._lock:
+            if conn in self._idle:
+                self._idle.remove(conn)
             if conn in self._connections:
                 self._connections.remove(conn)
         try:
@@ -146,7 +162,7 @@ class Database:
                 except adbc_driver_manager.Error:
                     pass
             self._connections.clear()
-        self._local = threading.local()
+            self._idle.clear()
 
     # -- statements ----------------------------------------------------------------------
 
@@ -162,15 +178,25 @@ class Database:
             conn = None
             try:
                 conn = self.connection()
-                return self._execute(conn, sql, values)
+                rows = self._execute(conn, sql, values)
             except adbc_driver_manager.Error as exc:
-                if not self.dialect.is_disconnect(exc):
-                    raise
                 if conn is not None:
+                    if not self.dialect.is_disconnect(exc):
+                        self.release(conn)
+                        raise
                     self._discard(conn)
+                elif not self.dialect.is_disconnect(exc):
+                    raise
                 started = time.monotonic() if started is None else started
                 self._wait_to_reconnect(exc, started, attempt)
                 attempt += 1
+                continue
+            except BaseException:
+                if conn is not None:
+                    self.release(conn)
+                raise
+            self.release(conn)
+            return rows
 
     def transaction(self, body: Callable[[Transaction], T], lock: Lock = "catalog") -> T:
         """Run ``body`` in a write transaction and commit; return what it returns.
@@ -200,13 +226,19 @@ class Database:
                     raise tx.failed
                 committing = True
                 tx.run("COMMIT")
+                self.release(conn)
                 return result
             except BaseException as exc:
+                dropped = isinstance(exc, adbc_driver_manager.Error) and self.dialect.is_disconnect(
+                    exc
+                )
                 if conn is not None:
                     self._rollback(conn)
-                if isinstance(exc, adbc_driver_manager.Error) and self.dialect.is_disconnect(exc):
-                    if conn is not None:
+                    if dropped:
                         self._discard(conn)
+                    else:
+                        self.release(conn)
+                if dropped:
                     if committing and not self.dialect.never_ran(exc):
                         raise StorageError(
                             f"the connection to the catalog {self.dialect.label} dropped "

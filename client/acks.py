@@ -172,12 +172,18 @@ class Acknowledger:
             self._error = None
             self._sent.notify_all()
 
-    def close(self) -> None:
-        """Stop the thread and send what is left (retrying for up to ``reconnect_seconds``)."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread and send what is left.
+
+        Retries for up to ``reconnect_seconds`` and raises ``ServerUnavailable`` when the
+        server does not come back; with ``wait=False`` (a loop left early) it tries once and
+        only warns: what was not recorded is delivered again on resume.
+        """
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
-        deadline = time.monotonic() + (0 if self._gave_up else self.reconnect_seconds)
+        patient = wait and not self._gave_up
+        deadline = time.monotonic() + (self.reconnect_seconds if patient else 0)
         delay = 0.2
         while True:
             try:
@@ -188,7 +194,9 @@ class Acknowledger:
                     with self._lock:
                         error = self.unrecorded()
                     log.warning("%s", error)
-                    raise error from exc
+                    if patient:
+                        raise error from exc
+                    return
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
 
@@ -201,10 +209,13 @@ def acknowledging(items: Iterable[tuple[T, Any]], acks: Acknowledger) -> Iterato
 
     A batch is taken when it is yielded and completed when the next one is asked for or
     the loop ends. A batch this loop was already handed (sent again after a reconnect) is
-    completed again but not yielded twice.
+    completed again but not yielded twice. A loop that runs to its end waits for the last
+    reports to be recorded (raising ``ServerUnavailable`` if they cannot be); one left
+    early only warns.
     """
     seen = RangeSet()
     consumed = None
+    ended = False
     try:
         for batch, seq in items:
             if seq and all(not seen.gaps(a, b) for a, b in seq):
@@ -216,7 +227,8 @@ def acknowledging(items: Iterable[tuple[T, Any]], acks: Acknowledger) -> Iterato
             acks.take(seq)
             consumed = seq
             yield batch
+        ended = True
     finally:
         if consumed is not None:
             acks.complete(consumed)
-        acks.close()
+        acks.close(wait=ended)  # a loop left early (break, an error) only warns

@@ -66,12 +66,21 @@ class IterationDataset(torch.utils.data.IterableDataset):
         self.format = format
         self.epoch = epoch
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the shared epoch travels to spawned workers (as multiprocessing allows it: while
+        # spawning); any other copy takes the epoch it is at
+        state = dict(self.__dict__)
+        if multiprocessing.context.get_spawning_popen() is None:
+            state["epoch"] = int(self.epoch.value) if hasattr(self.epoch, "value") else self.epoch
+        return state
+
     def __iter__(self) -> Iterator[tuple[Any, Consumed]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         assert self.ticket is not None, "the loader sets the ticket before the first epoch"
+        epoch = int(self.epoch.value) if hasattr(self.epoch, "value") else int(self.epoch)
         ticket = self.ticket.model_copy(
-            update={"epoch": int(self.epoch.value), "worker": worker, "num_workers": num_workers}
+            update={"epoch": epoch, "worker": worker, "num_workers": num_workers}
         )
         # a connection of this process: gRPC channels do not survive fork
         with LavenderClient(self.settings) as client:

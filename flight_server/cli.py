@@ -25,6 +25,7 @@ from ..protocol.errors import InvalidArgument, LavenderError
 from ..transforms import Plugins
 from .auth import ApiKeyMiddlewareFactory
 from .demo import DEMO_DATASET, create_demo
+from .engine import ReadAhead
 from .logs import configure_logging
 from .server import LavenderFlightServer
 from .service import LavenderService
@@ -157,6 +158,11 @@ def _start_server(
             plugins,
             settings.worker_count,
             lease_seconds=settings.lease_seconds,
+            advertise=settings.advertise,
+            node_timeout=settings.node_timeout,
+            read_ahead=ReadAhead(
+                seconds=settings.read_ahead_seconds, max_bytes=settings.read_ahead_mb << 20
+            ),
             **extra,
         )
     except Exception as exc:  # pyarrow says only "Server did not start properly"
@@ -184,6 +190,9 @@ def _announce(
         f"{'TLS' if tls else 'no TLS'}; file:// storage under {roots}; "
         f"protocols {', '.join(service.policy.protocols)}"
     )
+    budget = ReadAhead(seconds=settings.read_ahead_seconds, max_bytes=settings.read_ahead_mb << 20)
+    _say(f"  streams  read-ahead {budget.describe()}; servers sharing the catalog count as "
+         f"dead after {settings.node_timeout:g} s without a heartbeat")  # fmt: skip
     names = {i.name for i in plugins.describe()}
     _say(
         f"  plugins  {len(names)} ({', '.join(sorted(names))}); "

@@ -121,8 +121,35 @@ class ServerSettings(BaseSettings):
         default=300.0,
         gt=0,
         le=86_400,
-        description="Seconds a stream may hold samples without asking for more or acking "
-        "before they go back to the queue (a dead client does not hold them forever).",
+        description="Seconds a stream's samples stay its own when its server cannot renew "
+        "them (cut off from the catalog). A live client keeps them however long its loop "
+        "pauses; a client that goes away frees them at once.",
+    )
+    node_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Seconds without a heartbeat after which a server sharing the catalog "
+        "counts as dead: the samples its streams held go back to the queue.",
+    )
+    advertise: str | None = Field(
+        default=None,
+        description="The URL clients reach this server at, e.g. grpc://host:8815 behind NAT "
+        "(default: --host and the port it listens on).",
+    )
+    read_ahead_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        le=600,
+        description="How far a stream runs ahead of a training loop that reports what it "
+        "takes: about this many seconds of the loop's pace (a crash or a pushback repeats at "
+        "most that much).",
+    )
+    read_ahead_mb: int = Field(
+        default=64,
+        ge=1,
+        le=1 << 20,
+        description="And never more than this many MiB ahead of the loop, per rank.",
     )
 
     join_cache_mb: int = Field(

@@ -282,6 +282,9 @@ class RankProgress(BaseModel):
     inflight_positions: list[int] = Field(default_factory=list)
     pending: int = 0
     streams: int = 0
+    """Streams sending now."""
+    opened: int = 0
+    """Streams opened in this epoch (a DataLoader's workers open one each)."""
     done: bool = False
 
 

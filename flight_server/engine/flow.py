@@ -60,6 +60,8 @@ class RankFlow:
         """Serializes acks of the rank (counting dropped samples, then saving)."""
         self.taken = RangeSet()
         self.held: dict[StreamHandle, RangeSet] = {}
+        self.sent: dict[StreamHandle, RangeSet] = {}
+        """The spans of the batches each stream sent (what the loop may take)."""
         self.windowed: set[StreamHandle] = set()
         self.filtered = RangeSet()
         self.failed = RangeSet()
@@ -67,16 +69,27 @@ class RankFlow:
         self.stale = False
         """Set when the catalog changed under the streams (a pushback): re-read it."""
         self._pace: deque[tuple[float, int]] = deque()
+        self._window = budget.min_batches * batch_size
 
     # -- the budget ----------------------------------------------------------------------
 
-    def ahead(self) -> int:
-        """Samples the streams here hold that the loop has not taken."""
-        total = 0
-        for held in self.held.values():
-            for start, stop in held:
-                total += sum(b - a for a, b in self.taken.gaps(start, stop))
-        return total
+    def _ahead_of(self, handle: StreamHandle) -> RangeSet:
+        """What one stream sent, still holds, and the loop has not taken."""
+        found = RangeSet()
+        held = self.held.get(handle, RangeSet())
+        for start, stop in self.sent.get(handle, RangeSet()):
+            for a, b in held.intersection(start, stop):
+                found.update(self.taken.gaps(a, b))
+        return found
+
+    def ahead(self, handle: StreamHandle | None = None) -> int:
+        """Samples the streams here (or one of them) sent ahead of the loop.
+
+        Sent, held (not pushed back), not taken. What a stream claimed and did not send
+        yet (rows a filter is thinning into a batch) is not ahead of the loop.
+        """
+        handles = [handle] if handle is not None else list(self.held)
+        return sum(len(self._ahead_of(h)) for h in handles)
 
     def pace(self) -> float | None:
         """Samples the loop took per second lately (None: not known yet)."""
@@ -86,16 +99,33 @@ class RankFlow:
         return (n1 - n0) / (t1 - t0) if t1 - t0 >= 0.005 else None
 
     def window(self) -> int:
-        """Samples the streams may hold ahead of the loop."""
+        """Samples the streams may hold ahead of the loop (see ``_rewindow``)."""
+        return self._window
+
+    def _rewindow(self) -> None:
+        """About ``seconds`` of the loop's pace, at most doubling at each report.
+
+        The doubling keeps a burst of first batches (a loop not yet busy) from sizing the
+        window; a loop that keeps up grows it geometrically, one report at a time.
+        """
         low = self.budget.min_batches * self.batch_size
         high = max(low, int(self.budget.max_bytes / (self.row_bytes or 1024)))
         pace = self.pace()
         wanted = low if pace is None else int(pace * self.budget.seconds)
-        return max(low, min(high, wanted))
+        self._window = max(low, min(high, wanted, 2 * self._window))
 
-    def room(self) -> int:
-        """Samples the windowed streams may claim now."""
-        return max(0, self.window() - self.ahead())
+    def share(self) -> int:
+        """The part of the window each windowed stream may hold (never below the minimum).
+
+        Each stream has its own share: a DataLoader takes its workers' batches in turn, so
+        one worker's stream must never wait for room another's holds.
+        """
+        low = self.budget.min_batches * self.batch_size
+        return max(low, self.window() // max(1, len(self.windowed)))
+
+    def room(self, handle: StreamHandle) -> int:
+        """Samples one windowed stream may claim now."""
+        return max(0, self.share() - self.ahead(handle))
 
     # -- what happens ---------------------------------------------------------------------
 
@@ -110,10 +140,13 @@ class RankFlow:
             for start, stop in ranges:
                 held.remove(start, stop)
 
-    def sent(self, rows: int, nbytes: int) -> None:
-        """A message went out: learn the size of a row."""
+    def went_out(
+        self, handle: StreamHandle, spans: list[tuple[int, int]], rows: int, nbytes: int
+    ) -> None:
+        """A message went out: its batches' spans, and the size of a row."""
+        self.sent.setdefault(handle, RangeSet()).update(spans)
         if rows:
-            size = nbytes / rows
+            size = nbytes / max(1, sum(b - a for a, b in spans))
             self.row_bytes = size if self.row_bytes is None else 0.8 * self.row_bytes + 0.2 * size
 
     def learn(self, state: RankState) -> None:
@@ -126,10 +159,13 @@ class RankFlow:
             stream = state.stream(handle.key, handle.generation)
             self.held[handle] = stream.held.copy() if stream is not None else RangeSet()
         now = self.clock()
-        if len(self.taken) != before or not self._pace:
-            self._pace.append((now, len(self.taken)))
+        moved = len(self.taken) != before
+        if moved or not self._pace or now - self._pace[-1][0] >= 0.1:
+            self._pace.append((now, len(self.taken)))  # a pause slows the pace down too
         while len(self._pace) > 2 and now - self._pace[0][0] > 2.0:
             self._pace.popleft()
+        if moved:
+            self._rewindow()
         self.stale = False
         self.cond.notify_all()
 

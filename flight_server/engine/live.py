@@ -76,13 +76,20 @@ class _StreamWork:
 
     def _check(self) -> None:
         if self.live.parked or self.live.deleted or self.cancelled():
+            log.debug(
+                "stream of rank %d stops: parked=%s deleted=%s cancelled=%s",
+                self.handle.rank,
+                self.live.parked,
+                self.live.deleted,
+                self.cancelled(),
+            )
             raise _Stopped
 
     def room(self) -> int:
         if not self.windowed:
             return UNBOUNDED
         with self.flow.cond:
-            return max(self.flow.room(), self.flow.batch_size)
+            return max(self.flow.room(self.handle), self.flow.batch_size)
 
     def _wait_for_room(self) -> None:
         flow = self.flow
@@ -93,7 +100,9 @@ class _StreamWork:
                     self._refresh()
                     continue
                 # claim when half the budget is free: fewer, larger claims
-                if flow.room() >= max(1, flow.window() // 2) or flow.ahead() == 0:
+                if flow.room(self.handle) >= max(1, flow.share() // 2) or not flow.ahead(
+                    self.handle
+                ):
                     return
                 if not flow.cond.wait(WAIT_SECONDS):
                     self._refresh()
@@ -102,6 +111,7 @@ class _StreamWork:
         """Re-read the rank from the catalog (called with the flow's lock held)."""
         state = self.live.store.state(self.handle.iteration_id, self.handle.epoch, self.handle.rank)
         if state is None:
+            log.debug("stream of rank %d: no state", self.handle.rank)
             raise _Stopped
         self.flow.learn(state)
 
@@ -110,7 +120,7 @@ class _StreamWork:
         if self.windowed:
             self._wait_for_room()
             with self.flow.cond:
-                room = self.flow.room()
+                room = self.flow.room(self.handle)
             max_chunks = max(1, min(max_chunks, -(-room // self.flow.batch_size)))
         try:
             found = self.live.store.claim(self.handle, self.world, max_chunks)
@@ -118,11 +128,34 @@ class _StreamWork:
             self.live.deleted = True
             raise
         if found is None:
+            log.debug("stream of rank %d superseded", self.handle.rank)
             raise _Stopped  # a newer stream of this worker took over
         with self.flow.cond:
             for unit in found.units:
                 self.flow.claimed(self.handle, unit)
+        log.debug("stream of rank %d claimed %d chunks (asked %d)", self.handle.rank,
+                  len(found.units), max_chunks)  # fmt: skip
         return found.units
+
+    def drain(self) -> None:
+        """Wait until the loop took everything this stream sent (windowed streams only).
+
+        The stream then ends holding nothing ahead of the loop: what it sent stays its own
+        while the loop works through it, instead of going back to the queue.
+        """
+        if not self.windowed:
+            return
+        flow = self.flow
+        with flow.cond:
+            while True:
+                self._check()
+                if flow.stale:
+                    self._refresh()
+                    continue
+                if not flow.ahead(self.handle):
+                    return
+                if not flow.cond.wait(WAIT_SECONDS):
+                    self._refresh()
 
     def release(self, ranges: list[tuple[int, int]], filtered: int, failed: int) -> None:
         self.live.store.release(self.handle, ranges, filtered, failed)
@@ -173,6 +206,7 @@ class LiveIteration:
         self.last_used = time.monotonic()
         self._flows: dict[tuple[int, int], RankFlow] = {}
         self._open: dict[StreamHandle, RankFlow] = {}
+        self._cancel_checks: dict[StreamHandle, Callable[[], bool]] = {}
         self._lock = threading.Lock()
         self._row_cost: float | None = None
         self._output_schema: pa.Schema | None = None
@@ -262,6 +296,7 @@ class LiveIteration:
         with self._lock:
             self._open[handle] = flow
         work = _StreamWork(self, handle, world, flow, ticket.window, cancelled)
+        self._cancel_checks[handle] = cancelled
         batcher: Iterator[Message]
         if self.setup.plain:
             batcher = iter(PlainBatcher(plan, self.blocks, world, work, schema))
@@ -279,7 +314,7 @@ class LiveIteration:
                     max_chunks=max(1, min(512, (1 << 16) // self.spec.batch_size)),
                 )
             )
-        messages = self._messages(batcher, handle, flow, plan, ticket)
+        messages = self._messages(batcher, work, handle, flow, ticket)
         if self.setup.plain:
             return schema, messages
         try:
@@ -294,18 +329,21 @@ class LiveIteration:
     def _messages(
         self,
         batcher: Iterator[Message],
+        work: _StreamWork,
         handle: StreamHandle,
         flow: RankFlow,
-        plan: object,
         ticket: IterationTicket,
     ) -> Generator[tuple[pa.RecordBatch, pa.Buffer], None, None]:
+        orphan = False  # the client went away mid-stream: any worker may take what it held
+        finished = False  # it sent all its work
         try:
             for message in batcher:
                 with flow.cond:
                     flow.filtered.update(message.filtered.ranges())
                     flow.failed.update(message.failed.ranges())
-                    flow.sent(message.batch.num_rows, message.batch.nbytes)
-                    report = max(1, flow.window() // 4) if ticket.window else None
+                    spans = [r for _, ranges in message.batches for r in ranges]
+                    flow.went_out(handle, spans, message.batch.num_rows, message.batch.nbytes)
+                    report = max(1, flow.window() // 3) if ticket.window else None
                 metadata = BatchMetadata(
                     iteration_id=self.id,
                     rank=handle.rank,
@@ -320,17 +358,32 @@ class LiveIteration:
                     )
                 self.last_used = time.monotonic()
                 yield message.batch, pa.py_buffer(json.dumps(fields).encode())
+            work.drain()
+            finished = True
         except _Stopped:
             return
+        except GeneratorExit:  # gRPC dropped the stream: the client is gone
+            log.debug("stream of rank %d: dropped by gRPC", handle.rank)
+            orphan = True
+            raise
         finally:
             with self._lock:
                 self._open.pop(handle, None)
+                idle = not self._open
+            if idle:  # no stream reads now: the blocks kept for them can go
+                self.blocks.clear()
+            cancelled = self._cancel_checks.pop(handle, None)
             with flow.cond:
                 flow.held.pop(handle, None)
+                flow.sent.pop(handle, None)
                 flow.windowed.discard(handle)
-            if not self.deleted:
+            if not self.deleted and not self.parked:
                 try:
-                    self.store.end_stream(handle)
+                    gone = orphan or (cancelled is not None and cancelled())
+                    if finished and not gone:
+                        self.store.finish_stream(handle)
+                    else:
+                        self.store.end_stream(handle, orphan=gone)
                 except Exception as exc:  # deleted meanwhile, or the catalog is down
                     log.info("iteration %s: ending a stream of rank %d: %s",
                              self.id, handle.rank, exc)  # fmt: skip
@@ -406,7 +459,7 @@ class LiveIteration:
         return count
 
     def park(self) -> None:
-        """End every stream (the server is stopping); what they held returns to pending."""
+        """End every stream (the server is stopping or the iteration is being deleted)."""
         self.parked = True
         with self._lock:
             flows = list(self._flows.values())
@@ -485,7 +538,8 @@ class LiveIteration:
             read_ahead=state.read_ahead,
             read_ahead_limit=limit,
             pending=state.pending_count,
-            streams=len(state.streams),
+            streams=state.open_streams,
+            opened=state.next_generation - 1,
             done=state.done,
         )
 

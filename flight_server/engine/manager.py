@@ -117,15 +117,16 @@ class IterationManager:
     def _tend(self) -> None:
         beat = max(0.2, self.node_timeout / 4)
         renew = max(0.2, self.store.lease_seconds / 4)
+        expire = max(0.2, min(self.store.lease_seconds, self.node_timeout) / 4)
         last_renew = last_expire = 0.0
-        while not self._stop.wait(beat):
+        while not self._stop.wait(min(beat, expire)):
             try:
                 self._heartbeat()
                 now = time.monotonic()
                 if now - last_renew >= renew:
                     self.store.renew([h for i in self._all() for h in i.open_streams])
                     last_renew = now
-                if now - last_expire >= beat * 2:
+                if now - last_expire >= expire:
                     self.store.expire(self.dead_nodes())
                     last_expire = now
                 self._evict_idle()
@@ -160,15 +161,19 @@ class IterationManager:
             log.info("could not unregister this server: %s", exc)
 
     def park(self) -> int:
-        """End the streams of every live iteration (the server is stopping); how many.
+        """End the streams of this server (it is stopping); how many samples they held.
 
-        What they held returns to pending as each stream ends; a resume delivers it.
+        What they held (sent or not, ended streams' too) returns to pending, saved at once
+        (a stream blocked on a client that stopped reading ends only when its connection is
+        cut); a resume delivers it.
         """
-        live = self._all()
-        count = sum(len(i.open_streams) for i in live)
-        for iteration in live:
+        for iteration in self._all():
             iteration.park()
-        return count
+        try:
+            return self.store.release_node()
+        except Exception as exc:  # the catalog is down: they wait for the node timeout
+            log.warning("could not save what this server's streams held: %s", exc)
+            return 0
 
     # -- iterations ----------------------------------------------------------------------
 

@@ -66,6 +66,8 @@ class StreamState:
     lease_until: float
     """Wall-clock time (shared by every server) after which its samples are freed."""
     held: RangeSet = field(default_factory=RangeSet)
+    ended: bool = False
+    """It sent all its work; what it holds waits for the loop's acks (or the lease)."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form saved in the catalog."""
@@ -74,6 +76,7 @@ class StreamState:
             "node": self.node,
             "lease_until": self.lease_until,
             "held": self.held.ranges(),
+            "ended": self.ended,
         }
 
     @classmethod
@@ -84,6 +87,7 @@ class StreamState:
             node=str(data["node"]),
             lease_until=float(data["lease_until"]),
             held=RangeSet(data.get("held") or ()),
+            ended=bool(data.get("ended", False)),
         )
 
 
@@ -201,12 +205,16 @@ class RankState:
         found = self.streams.get(key)
         return found if found is not None and found.generation == generation else None
 
-    def end_stream(self, key: StreamKey) -> int:
-        """A stream is over: what it holds and was not finished goes back to pending."""
+    def end_stream(self, key: StreamKey, orphan: bool = False) -> int:
+        """A stream is over: what it holds and was not finished goes back to the queue.
+
+        To pending (for the same worker's next stream) when it ended on its own; to
+        ``orphaned`` (for any worker of the rank) when its client went away mid-stream.
+        """
         stream = self.streams.pop(key, None)
         if stream is None:
             return 0
-        return self._requeue(stream.held, self.pending)
+        return self._requeue(stream.held, self.orphaned if orphan else self.pending)
 
     def _requeue(self, held: RangeSet, into: RangeSet) -> int:
         count = 0
@@ -228,17 +236,35 @@ class RankState:
         self.orphaned = RangeSet()
         return count
 
-    def expire(self, now: float, dead_nodes: frozenset[str] = frozenset()) -> int:
+    def finish_stream(self, key: StreamKey) -> None:
+        """A stream sent all its work: it stays, holding what the loop has not completed.
+
+        Until the loop acknowledges that, or its lease runs out (no server renews it now).
+        """
+        stream = self.streams.get(key)
+        if stream is not None:
+            stream.ended = True
+            if not stream.held:
+                del self.streams[key]
+
+    def expire(
+        self, now: float, dead_nodes: frozenset[str] = frozenset(), orphan: bool = True
+    ) -> int:
         """Free the samples of streams whose lease ran out or whose server died; how many.
 
-        Freed samples can go to any worker of the rank.
+        Freed samples can go to any worker of the rank (``orphan``), else to pending.
         """
         freed = 0
         for key, stream in list(self.streams.items()):
             if stream.lease_until < now or stream.node in dead_nodes:
                 del self.streams[key]
-                freed += self._requeue(stream.held, self.orphaned)
+                freed += self._requeue(stream.held, self.orphaned if orphan else self.pending)
         return freed
+
+    @property
+    def open_streams(self) -> int:
+        """Streams still sending."""
+        return sum(not s.ended for s in self.streams.values())
 
     def renew(self, streams: dict[StreamKey, int], lease_until: float) -> None:
         """Extend the leases of the given streams (by key and generation) that still exist."""
@@ -342,9 +368,16 @@ class RankState:
                 )
 
     def take(self, ranges: list[tuple[int, int]]) -> None:
-        """The loop reached these batches."""
+        """The loop reached these batches.
+
+        Only samples a stream holds count: a report that arrives after its stream ended
+        (and the samples went back to the queue) is late news, and the loop will take them
+        again when they come again.
+        """
         self.check_sent(ranges, "taken samples")
-        self.taken.update(ranges)
+        for stream in self.streams.values():
+            for start, stop in ranges:
+                self.taken.update(stream.held.intersection(start, stop))
 
     def complete(self, ranges: list[tuple[int, int]], filtered: int = 0, failed: int = 0) -> int:
         """The loop finished these batches (their spans, dropped samples inside included).
@@ -363,6 +396,9 @@ class RankState:
             self.orphaned.remove(start, stop)
             for stream in self.streams.values():
                 stream.held.remove(start, stop)
+        for key, stream in list(self.streams.items()):
+            if stream.ended and not stream.held:
+                del self.streams[key]  # an ended stream the loop is done with
         self.filtered += filtered
         self.failed += failed
         return max(0, new - filtered - failed)

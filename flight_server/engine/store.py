@@ -140,6 +140,11 @@ class ProgressStore:
             if state is None:
                 state = (start(rank) if start else None) or RankState(sizes(rank), batch_size)
                 states[rank] = state
+            elif state.done and state.size:
+                raise InvalidArgument(
+                    f"rank {rank} finished epoch {epoch} already: iterate again for epoch "
+                    f"{epoch + 1} (or set_epoch({epoch + 1}))"
+                )
             state.expire(now)
             return state.open_stream(key, self.node, now + self.lease_seconds)
 
@@ -177,17 +182,70 @@ class ProgressStore:
 
         self._one(handle, apply)
 
-    def end_stream(self, handle: StreamHandle) -> int:
-        """The stream is over: what it held and nobody finished returns to pending."""
+    def end_stream(self, handle: StreamHandle, orphan: bool = False) -> int:
+        """The stream is over: what it held and nobody finished returns to the queue.
 
-        def apply(state: RankState) -> int:
-            if state.stream(handle.key, handle.generation) is None:
-                return 0
-            return state.end_stream(handle.key)
+        ``orphan``: its client went away mid-stream, so any worker of the rank may take it.
+        """
+        return self.end_streams([handle], orphan)
 
-        found = self._one(handle, apply)
-        assert isinstance(found, int)
-        return found
+    def finish_stream(self, handle: StreamHandle) -> None:
+        """The stream sent all its work (see ``RankState.finish_stream``)."""
+
+        def apply(state: RankState) -> None:
+            if state.stream(handle.key, handle.generation) is not None:
+                state.finish_stream(handle.key)
+
+        self._one(handle, apply)
+
+    def release_node(self) -> int:
+        """Return what every stream of this server holds to pending (it is stopping)."""
+        freed = 0
+        for iteration_id, epoch, rank in self.catalog.rank_states_to_expire(
+            float("-inf"), [self.node]
+        ):
+
+            def apply(states: dict[int, RankState | None], rank: int = rank) -> int:
+                state = states[rank]
+                if state is None:
+                    return 0
+                return state.expire(float("-inf"), frozenset({self.node}), orphan=False)
+
+            try:
+                found = self._change(iteration_id, epoch, [rank], apply)
+            except Exception as exc:  # deleted meanwhile
+                log.debug("releasing %s/%d/%d failed: %s", iteration_id, epoch, rank, exc)
+                continue
+            assert isinstance(found, int)
+            freed += found
+        return freed
+
+    def end_streams(self, handles: Sequence[StreamHandle], orphan: bool = False) -> int:
+        """End several streams (a transaction per rank); how many samples went back."""
+        groups: dict[tuple[str, int, int], dict[StreamKey, int]] = {}
+        for h in handles:
+            groups.setdefault((h.iteration_id, h.epoch, h.rank), {})[h.key] = h.generation
+        total = 0
+        for (iteration_id, epoch, rank), streams in groups.items():
+
+            def apply(
+                states: dict[int, RankState | None],
+                streams: dict[StreamKey, int] = streams,
+                rank: int = rank,
+            ) -> int:
+                state = states[rank]
+                if state is None:
+                    return 0
+                return sum(
+                    state.end_stream(key, orphan)
+                    for key, generation in streams.items()
+                    if state.stream(key, generation) is not None
+                )
+
+            found = self._change(iteration_id, epoch, [rank], apply)
+            assert isinstance(found, int)
+            total += found
+        return total
 
     def renew(self, handles: Sequence[StreamHandle]) -> None:
         """Extend the leases of open streams (a transaction per rank they belong to)."""

@@ -4,6 +4,7 @@ serialization failure) never reaches the caller."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -12,11 +13,21 @@ import adbc_driver_manager
 import pytest
 
 from lavender_flight.catalog import Catalog, Database, open_catalog
-from lavender_flight.protocol.iterations import IterationRecord, RankProgressRecord
+from lavender_flight.catalog._progress import RankRow
+from lavender_flight.protocol.iterations import IterationPlan, IterationRecord, IterationSpec
 
 THREADS = 8
 WRITES = 25
 JOIN_TIMEOUT = 60.0
+
+
+def save_state(catalog: Catalog, iteration_id: str, acked: int) -> None:
+    """Replace rank 0's state row of epoch 0 (the catalog stores it as it is given)."""
+
+    def change(rows: dict[int, RankRow]) -> None:
+        rows[0].set(json.dumps({"acked": acked}), None, ())
+
+    catalog.update_rank_states(iteration_id, 0, [0], change)
 
 
 def test_concurrent_writes_from_threads_and_two_catalogs_all_land(catalog_target: str) -> None:
@@ -28,8 +39,8 @@ def test_concurrent_writes_from_threads_and_two_catalogs_all_land(catalog_target
             IterationRecord(
                 id=f"it-{number}",
                 dataset_id=home.id,
-                spec={},
-                plan={},
+                spec=IterationSpec(dataset_id=home.id, batch_size=1),
+                plan=IterationPlan(shards=[], seed=0),
                 total=WRITES,
                 created_at=time.time(),
             )
@@ -47,13 +58,7 @@ def test_concurrent_writes_from_threads_and_two_catalogs_all_land(catalog_target
                 opened.append(catalog)
             for index in range(WRITES):
                 dataset = catalog.create_dataset(f"d-{number}-{index}", "uid")
-                catalog.save_progress(
-                    [
-                        RankProgressRecord(
-                            iteration_id=f"it-{number}", rank=0, acked=[(0, index + 1)]
-                        )
-                    ]
-                )
+                save_state(catalog, f"it-{number}", index + 1)
                 if index % 5 == 0:
                     catalog.delete_dataset(dataset.id)
         except BaseException as exc:
@@ -68,9 +73,9 @@ def test_concurrent_writes_from_threads_and_two_catalogs_all_land(catalog_target
     assert not errors, [f"{type(e).__name__}: {e}" for e in errors]
     check = open_catalog(path)
     names = {d.name for d in check.list_datasets()} - {"home"}
-    progress = [check.load_progress(f"it-{n}")[0].acked for n in range(THREADS)]
+    progress = [check.load_rank_states(f"it-{n}")[0].state for n in range(THREADS)]
     check.close()
-    assert progress == [[(0, WRITES)]] * THREADS
+    assert progress == [json.dumps({"acked": WRITES})] * THREADS
     expected = {f"d-{n}-{i}" for n in range(THREADS) for i in range(WRITES) if i % 5 != 0}
     assert names == expected
     for catalog in [first, *opened]:

@@ -14,7 +14,8 @@ import pytest
 
 from lavender_flight.catalog import Catalog, Database, Transaction, open_catalog
 from lavender_flight.protocol.errors import StorageError
-from lavender_flight.protocol.iterations import IterationRecord, RankProgressRecord
+from lavender_flight.protocol.iterations import IterationPlan, IterationRecord, IterationSpec
+from tests.catalog.test_contention import save_state
 from tests.postgres import PostgresNotInstalled, PostgresServer
 
 pytestmark = pytest.mark.slow
@@ -44,7 +45,12 @@ def url(own_postgres: PostgresServer) -> Iterator[str]:
 
 def iteration(dataset_id: str) -> IterationRecord:
     return IterationRecord(
-        id="it-1", dataset_id=dataset_id, spec={}, plan={}, total=10, created_at=time.time()
+        id="it-1",
+        dataset_id=dataset_id,
+        spec=IterationSpec(dataset_id=dataset_id, batch_size=1),
+        plan=IterationPlan(shards=[], seed=0),
+        total=10,
+        created_at=time.time(),
     )
 
 
@@ -61,10 +67,10 @@ def test_a_restart_is_invisible_to_the_next_calls(own_postgres: PostgresServer, 
     assert [d.name for d in catalog.list_datasets()] == ["before"]  # a read first
 
     own_postgres.restart()
-    catalog.save_progress([RankProgressRecord(iteration_id="it-1", rank=0, acked=[(0, 4)])])
+    save_state(catalog, "it-1", 4)
     catalog.create_dataset("after", "uid")  # a write first after the restart: exactly once
     assert [d.name for d in catalog.list_datasets()] == ["before", "after"]
-    assert [p.acked for p in catalog.load_progress("it-1")] == [[(0, 4)]]
+    assert [r.state for r in catalog.load_rank_states("it-1")] == ['{"acked": 4}']
 
     seen: list[list[str]] = []
     own_postgres.restart()

@@ -221,7 +221,7 @@ def test_rank_and_world_from_the_environment(
     assert first.id.startswith("run42-") and first.id != second.id  # one per epoch
 
 
-def test_break_acknowledges_and_a_new_loop_continues(dataset: Dataset) -> None:
+def test_break_acknowledges_and_a_resume_continues_the_epoch(dataset: Dataset) -> None:
     it = Iteration.from_dataset(dataset.id, batch_size=100, shuffle=True, shuffle_seed=2)
     seen: list[int] = []
     for index, batch in enumerate(it):
@@ -231,9 +231,36 @@ def test_break_acknowledges_and_a_new_loop_continues(dataset: Dataset) -> None:
     progress = lavender.get_iteration(it.id)
     assert progress.completed == 300
     assert progress.current >= 300
-    rest = [u for batch in it for u in batch["uid"]]  # a new loop: the queue, not a restart
+    # a new Iteration over it (a restarted job) delivers the rest of the epoch, not a restart
+    again = Iteration.resume(it.id)
+    rest = [u for batch in again for u in batch["uid"]]
     assert sorted(seen + rest) == list(range(TOTAL))
+    assert again.epoch == 0 and lavender.get_iteration(it.id).done
+
+
+def test_every_new_loop_is_the_next_epoch(dataset: Dataset) -> None:
+    it = Iteration.from_dataset(dataset.id, batch_size=100, shuffle=True, shuffle_seed=2)
+    orders = [[u for batch in it for u in batch["uid"]] for _ in range(3)]
+    assert all(sorted(order) == list(range(TOTAL)) for order in orders)  # never an empty pass
+    assert len({tuple(order) for order in orders}) == 3  # each epoch shuffled anew
+    assert it.epoch == 2 and lavender.get_iteration(it.id).epoch == 2
+    same = Iteration.from_dataset(dataset.id, batch_size=100, shuffle=True, shuffle_seed=2)
+    assert [[u for batch in same for u in batch["uid"]] for _ in range(3)] == orders
+    fresh = Iteration.from_dataset(dataset.id, batch_size=100, shuffle=True, shuffle_seed=2)
+    fresh.set_epoch(1)  # as DistributedSampler.set_epoch: that epoch's order
+    assert [u for batch in fresh for u in batch["uid"]] == orders[1]
+    fresh.set_epoch(1)  # a finished epoch is never a silent empty pass
+    with pytest.raises(InvalidArgument, match="rank 0 finished epoch 1 already"):
+        next(iter(fresh))
+
+
+def test_epochs_bounds_the_passes(dataset: Dataset) -> None:
+    it = Iteration.from_dataset(dataset.id, batch_size=250, epochs=2)
+    for _ in range(2):
+        assert sum(len(batch["uid"]) for batch in it) == TOTAL
     assert lavender.get_iteration(it.id).done
+    with pytest.raises(InvalidArgument, match=r"makes 2 epoch\(s\) \(epochs=2\); epoch 2 is past"):
+        next(iter(it))
 
 
 def test_progress_counts_and_inflight_positions(dataset: Dataset) -> None:
@@ -272,7 +299,9 @@ def test_any_flight_client_can_consume_an_iteration(
     assert info.total_records == TOTAL and len(info.endpoints) == 2
     seen: Counter[int] = Counter()
     for endpoint in info.endpoints:
-        reader = raw_flight.do_get(endpoint.ticket, call_options())
+        # the endpoint's ticket as is; a client that wants row positions asks for them
+        ticket = {**json.loads(endpoint.ticket.ticket), "positions": True}
+        reader = raw_flight.do_get(flight.Ticket(json.dumps(ticket).encode()), call_options())
         acked = []
         for chunk in reader:
             metadata = json.loads(chunk.app_metadata.to_pybytes())
@@ -286,3 +315,15 @@ def test_any_flight_client_can_consume_an_iteration(
         list(raw_flight.do_action(flight.Action("ack", body), call_options()))
     assert sorted(seen) == list(range(TOTAL)) and set(seen.values()) == {1}
     assert lavender.get_iteration("raw").done
+    # the rank's epoch is finished: asking again is a clear error, never an empty pass
+    with pytest.raises(pa.ArrowInvalid, match="rank 0 finished epoch 0 already"):
+        raw_flight.do_get(info.endpoints[0].ticket, call_options()).read_chunk()
+    # the next epoch; without the flag the metadata carries no positions (they cost time)
+    ticket = {**json.loads(info.endpoints[0].ticket.ticket), "epoch": 1}
+    chunk = raw_flight.do_get(
+        flight.Ticket(json.dumps(ticket).encode()), call_options()
+    ).read_chunk()
+    metadata = json.loads(chunk.app_metadata.to_pybytes())
+    assert (
+        metadata["epoch"] == 1 and "positions" not in metadata and "positions_i64" not in metadata
+    )

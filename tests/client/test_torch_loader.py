@@ -186,7 +186,7 @@ def test_two_spawned_workers_give_the_same_batches_in_the_same_order(
     assert [b["uid"].tolist() for b in spawned] == [b["uid"].tolist() for b in alone]
     progress = lavender.get_iteration("workers2")
     assert (progress.completed, progress.done) == (TOTAL, True)
-    assert progress.ranks[0].streams == 2
+    assert progress.ranks[0].opened == 2
 
 
 @pytest.mark.slow
@@ -243,4 +243,4 @@ def test_two_spawned_workers_verify_a_tls_server_with_the_settings_ca(
     assert_each_once(uids(batches), range(TOTAL))
     progress = lavender.get_iteration("tls-workers")
     assert (progress.completed, progress.done) == (TOTAL, True)
-    assert progress.ranks[0].streams == 2  # both workers streamed over TLS
+    assert progress.ranks[0].opened == 2  # both workers streamed over TLS

@@ -23,6 +23,7 @@ from lavender_flight.client.connection import LavenderClient
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.protocol import iterations, wire
 from lavender_flight.protocol.errors import LavenderError, ServerError
+from lavender_flight.protocol.iterations import IterationProgress
 from tests.client.test_resume import Child, children, write_dataset  # noqa: F401
 from tests.flight_server.test_cli import (  # noqa: F401  (launch is a fixture)
     Launcher,
@@ -76,24 +77,31 @@ def ack(client: LavenderClient, iteration_id: str, seq: list[list[int]]) -> int:
     return int(answer["completed"])
 
 
-def test_a_dead_workers_samples_go_back_to_the_queue_after_the_lease(
+def freed(iteration_id: str) -> IterationProgress:
+    """Progress once no stream holds anything (a closed connection frees its samples)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        progress = lavender.get_iteration(iteration_id)
+        rank = progress.ranks[0]
+        if not rank.streams and not rank.read_ahead and not rank.inflight:
+            return progress
+        assert time.monotonic() < deadline, f"a stream still holds samples: {rank}"
+        time.sleep(0.05)
+
+
+def test_a_dead_workers_samples_go_back_to_the_queue_at_once(
     leased_client: LavenderClient, data_dir: Path
 ) -> None:
     dataset_id = write_dataset("leased", data_dir, shards=4, rows=16)
     iteration = Iteration.from_dataset(dataset_id, batch_size=4)
-    # worker 0 of 2 takes work, acknowledges its first message, then dies holding the rest
-    dead = read_stream(leased_client, iteration.id, 0, 2, messages=1)
-    assert dead, "worker 0 got nothing"
-    acked_by_dead = [u for uids, _ in dead for u in uids]
-    assert ack(leased_client, iteration.id, [s for _, seq in dead for s in seq]) == len(
-        acked_by_dead
-    )
-    held = lavender.get_iteration(iteration.id).ranks[0].inflight
-    assert held > 0, "the dead worker held nothing when it died"
-
-    time.sleep(LEASE * 2)
-    progress = lavender.get_iteration(iteration.id)
-    assert (progress.ranks[0].inflight, progress.ranks[0].pending) == (0, held)
+    # worker 0 of 2 takes two messages, acknowledges the first, then dies holding the second
+    dead = read_stream(leased_client, iteration.id, 0, 2, messages=2)
+    assert len(dead) == 2, "worker 0 got less than two messages"
+    acked_by_dead = dead[0][0]
+    assert ack(leased_client, iteration.id, dead[0][1]) == len(acked_by_dead)
+    progress = freed(iteration.id)  # its connection closed: no lease to wait for
+    assert progress.completed == len(acked_by_dead)
+    assert progress.ranks[0].pending == len(dead[1][0]), "the dead worker's batch is not queued"
 
     # the surviving worker gets its own chunks and the dead worker's, once
     alive = read_stream(leased_client, iteration.id, 1, 2, messages=1000)
@@ -105,31 +113,34 @@ def test_a_dead_workers_samples_go_back_to_the_queue_after_the_lease(
     assert not twice, f"delivered twice: {twice}"
     assert sorted(everything) == list(range(64))
     progress = lavender.get_iteration(iteration.id)
-    assert (progress.completed, progress.ranks[0].inflight, progress.done) == (64, 0, True)
+    assert (progress.completed, progress.ranks[0].pending, progress.done) == (64, 0, True)
 
 
-def test_a_live_stream_keeps_its_samples_within_the_lease(
-    leased_client: LavenderClient, data_dir: Path
+@pytest.fixture
+def three_second_lease(service: LavenderService) -> Iterator[LavenderFlightServer]:
+    srv = LavenderFlightServer(service, "grpc://127.0.0.1:0", lease_seconds=3.0)
+    yield srv
+    srv.shutdown()
+
+
+@pytest.mark.slow
+def test_a_live_loop_that_pauses_past_the_lease_gets_every_sample_once(
+    three_second_lease: LavenderFlightServer, reset_client: None, data_dir: Path
 ) -> None:
-    dataset_id = write_dataset("kept", data_dir, shards=2, rows=16)
-    iteration = Iteration.from_dataset(dataset_id, batch_size=4)
-    read_stream(leased_client, iteration.id, 0, 2, messages=1)
-    held = lavender.get_iteration(iteration.id).ranks[0].inflight
-    assert held > 0
-    # asked right away (well within the lease): still held, nothing pending
+    lavender.init(f"grpc://127.0.0.1:{three_second_lease.port}", timeout=TIMEOUT)
+    dataset_id = write_dataset("paused", data_dir, shards=4, rows=500)
+    iteration = Iteration.from_dataset(dataset_id, batch_size=20, shuffle=True, shuffle_seed=3)
+    uids: list[int] = []
+    for count, batch in enumerate(iteration):
+        uids.extend(batch["uid"])
+        if count == 30:  # an evaluation or a checkpoint: 10 s, over three leases
+            time.sleep(10.0)
+            rank = lavender.get_iteration(iteration.id).ranks[0]
+            assert rank.pending == 0 and rank.streams == 1, "the lease freed a live loop's samples"
+            assert rank.inflight == 20  # the batch in hand; the read-ahead stays the stream's
+    assert sorted(uids) == list(range(2000)), "samples lost or delivered twice"
     progress = lavender.get_iteration(iteration.id)
-    assert (progress.ranks[0].inflight, progress.ranks[0].pending) == (held, 0)
-
-
-def test_without_a_lease_samples_stay_with_their_stream(
-    client: LavenderClient, data_dir: Path
-) -> None:
-    dataset_id = write_dataset("unleased", data_dir, shards=2, rows=16)
-    iteration = Iteration.from_dataset(dataset_id, batch_size=4)
-    read_stream(client, iteration.id, 0, 2, messages=1)
-    held = lavender.get_iteration(iteration.id).ranks[0].inflight
-    time.sleep(LEASE * 2)
-    assert lavender.get_iteration(iteration.id).ranks[0].inflight == held
+    assert (progress.completed, progress.done) == (2000, True)
 
 
 # -- truncated and corrupt shards ---------------------------------------------------------
@@ -194,7 +205,7 @@ def test_sigterm_mid_iteration_parks_in_flight_work_and_keeps_acks(
         meta = json.loads(first.app_metadata.to_pybytes())
         acked = first.data.column("uid").to_pylist()
         ack(client, iteration.id, [r for _, ranges in meta["batches"] for r in ranges])
-        held = lavender.get_iteration(iteration.id).ranks[0].inflight
+        held = lavender.get_iteration(iteration.id).ranks[0].read_ahead
         assert held > 0
 
         started = time.monotonic()
@@ -209,7 +220,8 @@ def test_sigterm_mid_iteration_parks_in_flight_work_and_keeps_acks(
         again = launch(args)
         lavender.init(again.wait_for(SERVING).group(1), timeout=TIMEOUT)
         progress = lavender.get_iteration(iteration.id)
-        assert (progress.completed, progress.ranks[0].inflight) == (len(acked), 0)
+        rank = progress.ranks[0]
+        assert (progress.completed, rank.read_ahead, rank.pending) == (len(acked), 0, held)
         rest = [u for batch in Iteration.from_dataset(
             dataset_id, batch_size=5, iteration_id=iteration.id
         ) for u in batch["uid"]]  # fmt: skip
@@ -241,7 +253,7 @@ time.sleep(60)  # holding the rest of its share until it is killed
 
 
 @pytest.mark.slow
-def test_a_sigkilled_worker_process_does_not_hold_samples_past_the_lease(
+def test_a_sigkilled_worker_process_frees_its_samples_at_once(
     leased_client: LavenderClient,
     leased: LavenderFlightServer,
     data_dir: Path,
@@ -261,10 +273,7 @@ def test_a_sigkilled_worker_process_does_not_hold_samples_past_the_lease(
     assert child.process.returncode == -signal.SIGKILL
     assert lavender.get_iteration(iteration.id).completed == len(acked)
 
-    deadline = time.monotonic() + TIMEOUT
-    while lavender.get_iteration(iteration.id).ranks[0].inflight:
-        assert time.monotonic() < deadline, "the dead worker still holds samples"
-        time.sleep(0.1)
+    freed(iteration.id)  # well before the lease would end: its connection closed
     alive = read_stream(leased_client, iteration.id, 1, 2, messages=1000)
     for _, seq in alive:
         ack(leased_client, iteration.id, seq)

@@ -362,6 +362,7 @@ def test_iteration_progress_throughput_and_pushback(client: LavenderClient, data
     assert page.error.startswith("IterationNotFound: ")
 
     iteration = Iteration.from_dataset(dataset_id, batch_size=10, iteration_id="live")
+    assert iteration.id == "live"  # reading the id creates it on the server
     stream = iter(iteration)
     page.refresh()
     assert page.error == ""
@@ -385,8 +386,9 @@ def test_iteration_progress_throughput_and_pushback(client: LavenderClient, data
     assert inflight[0]["samples"] == page.progress.current - 30
     assert inflight[0]["positions"].startswith(", ".join(str(u) for u in held[3]))
 
+    ahead = page.progress.read_ahead  # sent ahead of the loop: pushed back too
     pushed = page.pushback()
-    assert pushed == inflight[0]["samples"]
+    assert pushed == inflight[0]["samples"] + ahead
     assert page.message == f"Pushed back {pushed} in-flight samples: they return to the queue."
     assert page.inflight.empty and "Nothing in flight." in page._inflight.object
     assert 'id="lf-inflight">0</b>' in page._summary.object
