@@ -224,9 +224,9 @@ def bare_server(folder: Path) -> Iterator[Server]:
         server.stop()
 
 
-def tree_rss_mb(pid: int) -> float:
-    """RSS of a process and its descendants, in MB (0 once gone), read from ``/proc``."""
-    total = 0.0
+def tree_rss(pid: int) -> dict[int, float]:
+    """RSS in MB of a process and of each of its descendants, by pid, read from ``/proc``."""
+    found: dict[int, float] = {}
     stack = [pid]
     while stack:
         current = stack.pop()
@@ -234,13 +234,18 @@ def tree_rss_mb(pid: int) -> float:
             status = Path(f"/proc/{current}/status").read_text()
             for line in status.splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
+                    found[current] = int(line.split()[1]) / 1024
             for task in Path(f"/proc/{current}/task").iterdir():
                 children = (task / "children").read_text().split()
                 stack.extend(int(c) for c in children)
         except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
             continue
-    return total
+    return found
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and its descendants, in MB (0 once gone)."""
+    return sum(tree_rss(pid).values())
 
 
 class PeakSampler:

@@ -48,9 +48,14 @@ def venv_python(peer: str) -> Path:
     folder = CACHE.expanduser() / "venvs" / peer
     python = folder / "bin" / "python"
     if python.exists():
-        extra = [p for p in ("pyarrow", "tqdm") if p in packages]
-        imports = f"import {', '.join([module, *extra])}"
-        check = subprocess.run([str(python), "-c", imports], capture_output=True)
+        # installed is enough here (found, not imported: streaming's import needs the
+        # client script's torchvision stand-in); a broken import shows when the script runs
+        modules = [module, *(p for p in ("pyarrow", "tqdm") if p in packages)]
+        probe = (
+            "import importlib.util, sys; "
+            f"sys.exit(any(importlib.util.find_spec(m) is None for m in {modules!r}))"
+        )
+        check = subprocess.run([str(python), "-c", probe], capture_output=True)
         if check.returncode == 0:
             return python
     folder.parent.mkdir(parents=True, exist_ok=True)
