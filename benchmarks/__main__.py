@@ -1,11 +1,16 @@
-"""``python -m benchmarks run [--quick] [--peers] [--out results.json] [--suites ...]``.
+"""``python -m benchmarks run [--quick] [--peers] [--check] [--suites ...] [--memory-mb N]``.
 
 Suites: ``side`` (side by side: the limits, Lavender Flight and, with ``--peers``, the
 peers, on the same data), ``iteration`` (bare Flight vs Lavender, b32/b1024, shuffle,
 arrow/python; then joined with an aligned and an unaligned feature shardset vs the single
 shardset), ``preprocessing`` (a CPU-bound preprocessor, 0/1/2 workers), ``s3`` (moto
-S3 vs local files). The side-by-side table is also written as Markdown and drawn as a PNG
-chart under ``benchmarks/results/``.
+S3 vs local files), ``first`` (time to the first batch of a new iteration), ``loader`` (a
+torch DataLoader whose collate does real CPU work, 0 vs 2 workers), ``memory`` (100
+iterations on one server, its RSS after each). After them, the targets table
+(``targets.py``): each target's figure, its baseline in the same run, the bound and
+met / missed; ``--check`` exits 1 when one is missed. The side-by-side and targets tables
+are also written as Markdown (``benchmarks/results/latest.md``, ``quick.md`` for
+``--quick``), every figure as JSON, and the side-by-side drawn as a PNG chart.
 """
 
 from __future__ import annotations
@@ -20,10 +25,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import chart, iteration, s3, side_by_side, transforms
+from . import (
+    chart,
+    common,
+    first_batch,
+    iteration,
+    loader,
+    memory,
+    s3,
+    side_by_side,
+    targets,
+    transforms,
+)
 
 RESULTS = Path(__file__).parent / "results"
-SUITES = ("side", "iteration", "preprocessing", "s3")
+SUITES = ("side", "iteration", "preprocessing", "s3", "first", "loader", "memory")
 
 
 def machine() -> dict[str, Any]:
@@ -67,8 +83,20 @@ def main() -> int:
     run.add_argument(
         "--peers",
         action="store_true",
-        help="also measure lavender-data and MosaicML streaming (installs each into its own "
-        "venv under ~/.cache/lavender-flight-bench on first use)",
+        help="also measure lavender-data, MosaicML streaming and LitData (installs each into "
+        "its own venv under ~/.cache/lavender-flight-bench on first use)",
+    )
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a target is missed or its case failed (targets not run, or over a "
+        "memory budget the server does not report, do not count)",
+    )
+    run.add_argument(
+        "--memory-mb",
+        type=int,
+        help="start every Lavender Flight server with --memory-mb N (the memory targets are "
+        "then judged against N); needs a server that has the flag",
     )
     run.add_argument(
         "--suites",
@@ -81,6 +109,10 @@ def main() -> int:
     unknown = set(suites) - set(SUITES)
     if unknown:
         parser.error(f"unknown suites {', '.join(sorted(unknown))}; known: {', '.join(SUITES)}")
+    if args.memory_mb is not None:
+        if not common.server_has_flag("--memory-mb"):
+            parser.error("this server has no --memory-mb flag yet; run without --memory-mb")
+        common.SERVER_FLAGS[:] = ["--memory-mb", str(args.memory_mb)]
     started = time.time()
     rows = 100_000 if args.quick else 1_000_000
     repeat = args.repeat or (1 if args.quick else 3)
@@ -102,23 +134,41 @@ def main() -> int:
         results["preprocessing"] = transforms.run(rows=rows // 50)
     if "s3" in suites:
         results["s3"] = s3.run(rows=rows // 5, repeat=repeat)
+    if "first" in suites:
+        results["first"] = first_batch.run(rows=rows, repeat=max(5, repeat))
+    if "loader" in suites:
+        results["loader"] = loader.run(rows=rows // 2, repeat=repeat)
+    if "memory" in suites:
+        results["memory"] = memory.run(rows=rows)
+    results["targets"] = targets.evaluate(results)
+    print("\n" + targets.render(results["targets"]))
     results["seconds"] = round(time.time() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "quick" if args.quick else "latest"
     out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
     out.write_text(json.dumps(results, indent=2))
+    m = results["machine"]
+    title = (
+        f"{m['cpus']} cores, {m['cpu_model']}, {m['memory_gib']:.0f} GiB - `{results['command']}`"
+    )
+    blocks = [targets.render(results["targets"], markdown=True)]
     if "side_by_side" in results:
-        m = results["machine"]
-        title = (
-            f"Lavender Flight side by side - {m['cpus']} cores, {m['cpu_model']}, "
-            f"{m['memory_gib']:.0f} GiB - `{results['command']}`"
+        blocks.append(side_by_side.render(results["side_by_side"], markdown=True))
+        why_not = chart.draw(
+            results["side_by_side"],
+            RESULTS / f"{stem}.png",
+            "Lavender Flight side by side - " + title,
         )
-        (RESULTS / f"{stem}.md").write_text(
-            side_by_side.render(results["side_by_side"], markdown=True) + "\n"
-        )
-        why_not = chart.draw(results["side_by_side"], RESULTS / f"{stem}.png", title)
         print(f"\nchart: {why_not or RESULTS / f'{stem}.png'}")
-    print(f"figures: {out} ({results['seconds']:.0f} s)")
+    (RESULTS / f"{stem}.md").write_text(title + "\n\n" + "\n\n".join(blocks) + "\n")
+    print(f"figures: {out}, tables: {RESULTS / f'{stem}.md'} ({results['seconds']:.0f} s)")
+    if args.check:
+        broken = targets.failed(results["targets"])
+        for row in broken:
+            print(f"check: {row['target']} {row['dataset']}: {row['status']}".rstrip(), flush=True)
+        if broken:
+            return 1
+        print("check: no target missed", flush=True)
     return 0
 
 

@@ -4,6 +4,11 @@ Runs the case ``warmup`` + ``repeat`` times and prints one JSON line: per repeti
 rows, bytes, seconds and time to first batch; and the process's peak RSS (``ru_maxrss``,
 workers of a torch ``DataLoader`` reported apart). A fresh process per case keeps one
 case's memory out of the next one's peak.
+
+Kinds: ``bare`` (a bare Flight do_get), ``parquet`` (a local scan), ``lavender`` (a whole
+epoch of a new iteration; with ``loader_workers``, through ``to_torch_dataloader``, and with
+``collate_work``, the loader's collate also runs :class:`benchmarks.work.TokenizeAndHash`
+with those options), ``first_batch`` (a new iteration, up to its first batch, then dropped).
 """
 
 from __future__ import annotations
@@ -24,16 +29,19 @@ def _count(batch: Any) -> int:
 
 
 def _loop(batches: Iterable[Any], start: float, row_bytes: float) -> dict[str, float]:
+    """Consume ``batches``; seconds from ``start`` to the first batch, the last, the end."""
     rows = 0
     size = 0.0
-    first = 0.0
+    first = last = 0.0
     for batch in batches:
+        last = time.perf_counter() - start
         if not rows:
-            first = time.perf_counter() - start
+            first = last
         count = _count(batch)
         rows += count
         size += batch.nbytes if hasattr(batch, "nbytes") else count * row_bytes
-    return {"rows": rows, "bytes": size, "seconds": time.perf_counter() - start, "first": first}
+    seconds = time.perf_counter() - start
+    return {"rows": rows, "bytes": size, "seconds": seconds, "first": first, "last": last}
 
 
 def bare(spec: dict[str, Any]) -> dict[str, float]:
@@ -57,11 +65,42 @@ def parquet(spec: dict[str, Any]) -> dict[str, float]:
 
 
 def lavender(spec: dict[str, Any]) -> dict[str, float]:
-    from lavender_flight.client import Iteration, api
+    from lavender_flight.client import api
 
     api.init(spec["url"])
     start = time.perf_counter()
-    iteration = Iteration.from_dataset(
+    iteration = _iteration(spec)
+    workers = spec.get("loader_workers")
+    if workers is None:
+        return _loop(iteration, start, spec["row_bytes"])
+    loader = iteration.to_torch_dataloader(num_workers=workers)
+    if spec.get("collate_work") is not None:
+        from .work import TokenizeAndHash
+
+        # the same work in the loop's process (0 workers) or in each worker
+        loader.collate_fn = TokenizeAndHash(**spec["collate_work"])
+    return _loop(loader, start, spec["row_bytes"])
+
+
+def first_batch(spec: dict[str, Any]) -> dict[str, float]:
+    """From creating the iteration to holding its first batch; the rest is not read."""
+    from lavender_flight.client import api
+
+    api.init(spec["url"])
+    start = time.perf_counter()
+    batches = iter(_iteration(spec))
+    batch = next(batches)
+    first = time.perf_counter() - start
+    batches.close()
+    rows = _count(batch)
+    size = batch.nbytes if hasattr(batch, "nbytes") else rows * spec["row_bytes"]
+    return {"rows": rows, "bytes": size, "seconds": first, "first": first, "last": first}
+
+
+def _iteration(spec: dict[str, Any]) -> Any:
+    from lavender_flight.client import Iteration
+
+    return Iteration.from_dataset(
         spec["dataset_id"],
         shardsets=spec.get("shardsets"),
         batch_size=spec["batch_size"],
@@ -71,13 +110,9 @@ def lavender(spec: dict[str, Any]) -> dict[str, float]:
         preprocessors=spec.get("preprocessors"),
         format=spec.get("format", "arrow"),
     )
-    workers = spec.get("loader_workers")
-    if workers is None:
-        return _loop(iteration, start, spec["row_bytes"])
-    return _loop(iteration.to_torch_dataloader(num_workers=workers), start, spec["row_bytes"])
 
 
-KINDS = {"bare": bare, "parquet": parquet, "lavender": lavender}
+KINDS = {"bare": bare, "parquet": parquet, "lavender": lavender, "first_batch": first_batch}
 
 
 def main() -> None:

@@ -36,7 +36,10 @@ def draw(results: dict[str, Any], path: Path, title: str) -> str | None:
         ax.set_xscale("log")
         ax.set_xlim(min(values) / 3, max(values) * 8)
         for bar, value in zip(bars, values, strict=True):
-            text = f"{value / 1e6:.2f} M/s" if value >= 1e6 else f"{value / 1e3:.1f} k/s"
+            if value >= 1e6:
+                text = f"{value / 1e6:.2f} M/s"
+            else:
+                text = f"{value / 1e3:.1f} k/s" if value >= 1e3 else f"{value:.0f}/s"
             ax.text(value * 1.1, bar.get_y() + bar.get_height() / 2, text, va="center",
                     fontsize=8)  # fmt: skip
         ax.set_title(f"{name}: {info['rows']:,} rows of {info['description']}", fontsize=10,

@@ -84,10 +84,11 @@ def write_feature_shards(
 
 @dataclass
 class Server:
-    """A server subprocess and its URL."""
+    """A server subprocess, its URL and the first lines it logged after them (its banner)."""
 
     process: subprocess.Popen[str]
     url: str
+    log: list[str] = field(default_factory=list)
 
     def stop(self) -> None:
         """Terminate it (kill if it lingers)."""
@@ -99,9 +100,10 @@ class Server:
             self.process.wait(timeout=10)
 
 
-def _drain(pipe: IO[str]) -> None:
-    for _ in pipe:
-        pass
+def _drain(pipe: IO[str], log: list[str], keep: int = 200) -> None:
+    for line in pipe:
+        if len(log) < keep:
+            log.append(line.rstrip("\n"))
 
 
 def _start(
@@ -126,18 +128,61 @@ def _start(
             break
         match = re.search(pattern, line)
         if match:
+            server = Server(process, match.group(1))
             # keep reading what it logs so a full pipe never blocks it
-            threading.Thread(target=_drain, args=(pipe,), daemon=True).start()
-            return Server(process, match.group(1))
+            threading.Thread(target=_drain, args=(pipe, server.log), daemon=True).start()
+            return server
     process.kill()
     raise RuntimeError(f"server {args} did not start")
+
+
+# flags every benchmark server gets (``python -m benchmarks run --memory-mb N`` adds
+# ``--memory-mb N``); set once by the command line before any suite runs
+SERVER_FLAGS: list[str] = []
+
+
+def server_has_flag(flag: str) -> bool:
+    """Whether ``lavender-flight serve --help`` lists ``flag`` (this checkout's server)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lavender_flight.flight_server", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return re.search(rf"(^|\s){re.escape(flag)}\b", done.stdout) is not None
+
+
+# a banner line such as "  memory   budget 2048 MiB (...)": the server's memory budget
+_BUDGET = re.compile(r"\bbudget\b\D{0,20}?(\d+(?:\.\d+)?)\s*(MiB|MB|GiB|GB)\b", re.IGNORECASE)
+
+
+def memory_budget_mb(server: Server, wait: float = 2.0) -> float | None:
+    """The memory budget the server reports, in MB, else None.
+
+    From ``--memory-mb`` when the benchmark passed it, else from a banner line that names a
+    budget (``... budget 2048 MiB ...``); the banner is read for up to ``wait`` seconds.
+    MB here are MiB, as in the RSS figures (``/proc`` counts KiB) and the server's flags.
+    """
+    if "--memory-mb" in SERVER_FLAGS:
+        return float(SERVER_FLAGS[SERVER_FLAGS.index("--memory-mb") + 1])
+    deadline = time.monotonic() + wait
+    while True:
+        for line in list(server.log):
+            match = _BUDGET.search(line)
+            if match:
+                value = float(match.group(1))
+                return value * (1024 if match.group(2).lower().startswith("g") else 1)
+        if time.monotonic() > deadline or server.process.poll() is not None:
+            return None
+        time.sleep(0.05)
 
 
 @contextmanager
 def lavender_server(home: Path, *extra: str) -> Iterator[Server]:
     """``lavender-flight serve`` in its own process on a free port.
 
-    File shardsets may live anywhere under ``home``'s parent folder.
+    File shardsets may live anywhere under ``home``'s parent folder. Every server gets the
+    benchmark's :data:`SERVER_FLAGS` first.
     """
     server = _start(
         [
@@ -154,6 +199,7 @@ def lavender_server(home: Path, *extra: str) -> Iterator[Server]:
             str(home.parent),
             "--log-level",
             "WARNING",
+            *SERVER_FLAGS,
             *extra,
         ],
         r"serving (grpc://\S+)",
@@ -176,6 +222,53 @@ def bare_server(folder: Path) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+def tree_rss(pid: int) -> dict[int, float]:
+    """RSS in MB of a process and of each of its descendants, by pid, read from ``/proc``."""
+    found: dict[int, float] = {}
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            for line in status.splitlines():
+                if line.startswith("VmRSS:"):
+                    found[current] = int(line.split()[1]) / 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                stack.extend(int(c) for c in children)
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
+            continue
+    return found
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and its descendants, in MB (0 once gone)."""
+    return sum(tree_rss(pid).values())
+
+
+class PeakSampler:
+    """Samples a process tree's RSS every 20 ms in a thread; ``peak`` in MB."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while self.pid is not None and not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_mb(self.pid))
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass
@@ -210,14 +303,14 @@ def measure(name: str, run: Callable[[], tuple[int, int, float]], repeat: int) -
     )
 
 
-def table(rows: list[list[str]], header: list[str]) -> str:
-    """A plain-text table."""
+def table(rows: list[list[str]], header: list[str], left: int = 1) -> str:
+    """A plain-text table; the first ``left`` columns are left-aligned, the others right."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
         return "  ".join(
-            c.rjust(w) if i else c.ljust(w)
+            c.ljust(w) if i < left else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
+        ).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

@@ -1,10 +1,11 @@
 """The peers, each in its own virtual environment under a cache folder outside the repo.
 
 ``--peers`` creates the venvs (``python -m venv --system-site-packages``, so the installed
-torch/pyarrow are reused where versions allow; torch pinned to the one installed here, so
-pip never pulls a multi-GB CUDA build) and runs a small client script in each venv's
-python, which prints its figures as JSON: peers never import into our process. A peer that
-cannot be installed or run is recorded as "not measured: <reason>".
+pyarrow is reused where versions allow), installs the torch installed here first (the local
+CPU wheel: pip never pulls a multi-GB CUDA build; it stays pinned while the peer installs)
+and runs a small client script in each venv's python, which prints its figures as JSON:
+peers never import into our process. A peer that cannot be installed or run is recorded as
+"not measured: <reason>".
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from .common import Server, _start
 CACHE = Path(os.environ.get("LAVENDER_FLIGHT_BENCH_CACHE", "~/.cache/lavender-flight-bench"))
 SCRIPTS = Path(__file__).parent / "peer_scripts"
 PEERS = {
-    "lavender-data": (["lavender-data==0.1.10"], "lavender_data"),
-    "mosaicml-streaming": (["mosaicml-streaming"], "streaming"),
+    # 0.1.10 imports tqdm without declaring it
+    "lavender-data": (["lavender-data==0.1.10", "tqdm"], "lavender_data"),
+    # their client scripts read the Parquet shards with pyarrow themselves
+    "mosaicml-streaming": (["mosaicml-streaming", "pyarrow"], "streaming"),
+    "litdata": (["litdata", "pyarrow"], "litdata"),
 }
 
 
@@ -44,7 +48,14 @@ def venv_python(peer: str) -> Path:
     folder = CACHE.expanduser() / "venvs" / peer
     python = folder / "bin" / "python"
     if python.exists():
-        check = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True)
+        # installed is enough here (found, not imported: streaming's import needs the
+        # client script's torchvision stand-in); a broken import shows when the script runs
+        modules = [module, *(p for p in ("pyarrow", "tqdm") if p in packages)]
+        probe = (
+            "import importlib.util, sys; "
+            f"sys.exit(any(importlib.util.find_spec(m) is None for m in {modules!r}))"
+        )
+        check = subprocess.run([str(python), "-c", probe], capture_output=True)
         if check.returncode == 0:
             return python
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -57,17 +68,19 @@ def venv_python(peer: str) -> Path:
         raise PeerError(f"venv failed: {_tail(made.stderr)}")
     import torch
 
+    pin = f"torch=={torch.__version__.split('+')[0]}"
     constraints = folder / "constraints.txt"
-    constraints.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
+    constraints.write_text(pin + "\n")
     started = time.time()
-    done = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "-c", str(constraints), *packages],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if done.returncode:
-        raise PeerError(f"pip install {' '.join(packages)} failed: {_tail(done.stderr)}")
+    for step in ([pin], packages):  # torch first: the peer's own install then finds it there
+        done = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "-c", str(constraints), *step],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        if done.returncode:
+            raise PeerError(f"pip install {' '.join(step)} failed: {_tail(done.stderr)}")
     print(f"  installed {peer} in {time.time() - started:.0f} s", flush=True)
     return python
 
@@ -154,10 +167,16 @@ def run_lavender_data(
     return _run_script(python, "lavender_data_client.py", spec, timeout=900)
 
 
-def run_mosaic(
-    python: Path, folder: Path, out: Path, rows: int, columns: dict[str, str],
+def run_chunked(
+    script: str, python: Path, folder: Path, out: Path, rows: int, columns: dict[str, str],
     batch_size: int, workers: list[int], repeat: int, row_bytes: float,
 ) -> Any:  # fmt: skip
+    """A peer that converts the Parquet rows into its own chunk format, then reads them.
+
+    ``script`` is ``mosaic_client.py`` (``MDSWriter`` + ``StreamingDataset`` in a torch
+    ``DataLoader``) or ``litdata_client.py`` (``litdata.optimize`` + ``StreamingDataset`` in
+    its ``StreamingDataLoader``); both take the same spec and print the same JSON.
+    """
     spec = {
         "folder": str(folder),
         "out": str(out),
@@ -168,4 +187,4 @@ def run_mosaic(
         "repeat": repeat,
         "row_bytes": row_bytes,
     }
-    return _run_script(python, "mosaic_client.py", spec, timeout=900)
+    return _run_script(python, script, spec, timeout=900)

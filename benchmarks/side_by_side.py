@@ -2,11 +2,12 @@
 
 Every case runs in a fresh client process (``benchmarks.case``) against servers in their own
 processes; the client's peak RSS is its ``ru_maxrss``, the server's is the peak of its
-process tree's RSS (``/proc``) sampled while the case runs. Figures are medians over the
-repetitions (after a warm-up run); ratios are against the bare Flight do_get (batch 1024)
-and the Parquet scan of the same data set, and, for the joined cases (``text`` + an aligned
-or an unaligned feature shardset, each its own dataset over the same ``text`` shards), against
-the single-shardset ``lavender arrow b1024``.
+process tree's RSS (``/proc``) sampled while the case runs; the server's RSS once every
+case has run is kept as ``server_rss_after_mb`` (with its ``memory_budget_mb``, if it
+reports one). Figures are medians over the repetitions (after a warm-up run); ratios are
+against the bare Flight do_get (batch 1024) and the Parquet scan of the same data set, and,
+for the joined cases (``text`` + an aligned or an unaligned feature shardset, each its own
+dataset over the same ``text`` shards), against the single-shardset ``lavender arrow b1024``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,15 @@ from typing import Any
 from lavender_flight.client import api as lavender
 
 from . import peers
-from .common import ROOT, bare_server, lavender_server, table
+from .common import (
+    ROOT,
+    PeakSampler,
+    bare_server,
+    lavender_server,
+    memory_budget_mb,
+    table,
+    tree_rss_mb,
+)
 from .data import DataSet, make_all
 
 BATCH = 1024
@@ -36,48 +44,6 @@ JOINS = {
 }
 
 
-def _tree_rss_mb(pid: int) -> float:
-    """RSS of a process and its descendants, in MB (0 once gone)."""
-    total = 0.0
-    stack = [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            for line in status.splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-            for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                stack.extend(int(c) for c in children)
-        except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
-            continue
-    return total
-
-
-class PeakSampler:
-    """Samples a process tree's RSS every 20 ms in a thread; ``peak`` in MB."""
-
-    def __init__(self, pid: int | None) -> None:
-        self.pid = pid
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while self.pid is not None and not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss_mb(self.pid))
-            self._stop.wait(0.02)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
     """Medians of samples/s, MB/s and time to first batch over repetitions."""
     return {
@@ -86,6 +52,9 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
         "first_batch_s": statistics.median(r["first"] for r in runs),
         "rows": int(runs[-1]["rows"]),
         "runs_samples_per_s": [r["rows"] / r["seconds"] for r in runs],
+        "runs_first_s": [r["first"] for r in runs],
+        "runs_last_s": [r.get("last") for r in runs],
+        "runs_seconds": [r["seconds"] for r in runs],
     }
 
 
@@ -98,10 +67,19 @@ class Runner:
         self.records: list[dict[str, Any]] = []
 
     def case(
-        self, data: DataSet, group: str, name: str, spec: dict[str, Any], server_pid: int | None
+        self,
+        data: DataSet,
+        group: str,
+        name: str,
+        spec: dict[str, Any],
+        server_pid: int | None,
+        first_only: bool = False,
     ) -> None:
+        """Run one case in a fresh client process (``first_only``: it times the first batch)."""
         spec = {"repeat": self.repeat, "warmup": self.warmup, "row_bytes": data.row_bytes, **spec}
         record: dict[str, Any] = {"dataset": data.name, "group": group, "case": name}
+        if first_only:
+            record["first_only"] = True
         with PeakSampler(server_pid) as sampler:
             done = subprocess.run(
                 [sys.executable, "-m", "benchmarks.case", json.dumps(spec)],
@@ -128,6 +106,12 @@ class Runner:
         self.records.append(record)
         if "not_measured" in record:
             print(f"  {record['dataset']:6} {record['case']:51} not measured", flush=True)
+        elif record.get("first_only"):
+            print(
+                f"  {record['dataset']:6} {record['case']:51} "
+                f"first {record['first_batch_s']:.3f} s (median of {len(record['runs_first_s'])})",
+                flush=True,
+            )
         else:
             print(
                 f"  {record['dataset']:6} {record['case']:51} "
@@ -178,6 +162,13 @@ MDS_COLUMNS = {
 }
 
 
+# (venv name, client script, case label, what its write step is called)
+CHUNKED_PEERS = [
+    ("mosaicml-streaming", "mosaic_client.py", "mosaic streaming", "MDS write"),
+    ("litdata", "litdata_client.py", "litdata streaming", "litdata.optimize"),
+]
+
+
 def _not_measured(data: DataSet, name: str, reason: str) -> dict[str, Any]:
     return {"dataset": data.name, "group": "peer", "case": name, "not_measured": reason}
 
@@ -216,29 +207,31 @@ def _peer_records(runner: Runner, home: Path, sets: dict[str, DataSet], quick: b
     except (peers.PeerError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
         for name in names:
             runner.add(_not_measured(text, name, str(exc)[:300]))
-    # MosaicML streaming: MDSWriter + StreamingDataset through a torch DataLoader
+    # the chunked peers: each converts the rows into its own chunks, then streams them
+    # through a torch DataLoader with 0 and 2 workers
     caps = {"text": 200_000, "binary": 20_000, "tensor": 200_000}
-    for data_name, columns in MDS_COLUMNS.items():
-        data = sets[data_name]
-        names = [f"mosaic streaming {w} workers" for w in (0, 2)]
-        try:
-            python = peers.venv_python("mosaicml-streaming")
-            rows = min(caps[data_name] // scale, data.rows)
-            out = peers.run_mosaic(
-                python, data.folder, home / f"mds-{data_name}", rows, columns, BATCH,
-                [0, 2], runner.repeat, data.row_bytes,
-            )  # fmt: skip
-            for name, result in zip(names, out["cases"], strict=True):
-                runner.add({
-                    "dataset": data_name, "group": "peer", "case": name,
-                    **summarize(result["runs"]),
-                    "client_rss_mb": out["client_rss_mb"],
-                    "workers_rss_mb": out["workers_rss_mb"], "server_rss_mb": None,
-                    "note": f"first {rows:,} rows; MDS write {out['write_seconds']:.1f} s",
-                })  # fmt: skip
-        except (peers.PeerError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            for name in names:
-                runner.add(_not_measured(data, name, str(exc)[:300]))
+    for peer, script, label, writer in CHUNKED_PEERS:
+        for data_name, columns in MDS_COLUMNS.items():
+            data = sets[data_name]
+            names = [f"{label} {w} workers" for w in (0, 2)]
+            try:
+                python = peers.venv_python(peer)
+                rows = min(caps[data_name] // scale, data.rows)
+                out = peers.run_chunked(
+                    script, python, data.folder, home / f"{peer}-{data_name}", rows, columns,
+                    BATCH, [0, 2], runner.repeat, data.row_bytes,
+                )  # fmt: skip
+                for name, result in zip(names, out["cases"], strict=True):
+                    runner.add({
+                        "dataset": data_name, "group": "peer", "case": name,
+                        **summarize(result["runs"]),
+                        "client_rss_mb": out["client_rss_mb"],
+                        "workers_rss_mb": out["workers_rss_mb"], "server_rss_mb": None,
+                        "note": f"first {rows:,} rows; {writer} {out['write_seconds']:.1f} s",
+                    })  # fmt: skip
+            except (peers.PeerError, OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                for name in names:
+                    runner.add(_not_measured(data, name, str(exc)[:300]))
 
 
 def run(quick: bool, repeat: int, with_peers: bool) -> dict[str, Any]:
@@ -278,6 +271,17 @@ def run(quick: bool, repeat: int, with_peers: bool) -> dict[str, Any]:
                 for case_name, spec in _lavender_cases(data, ids[name]):
                     spec = {**spec, "url": server.url}
                     runner.case(data, "lavender", case_name, spec, server.process.pid)
+            # what the server holds once every case has run (caches, pools, idle iterations)
+            after = {
+                "server_rss_after_mb": tree_rss_mb(server.process.pid),
+                "memory_budget_mb": memory_budget_mb(server, wait=0),
+            }
+            budget = after["memory_budget_mb"]
+            print(
+                f"  server RSS after the cases: {after['server_rss_after_mb']:,.0f} MB "
+                f"(memory budget: {'not reported' if budget is None else f'{budget:,.0f} MB'})",
+                flush=True,
+            )
         if with_peers:
             _peer_records(runner, home, sets, quick)
         else:
@@ -290,6 +294,7 @@ def run(quick: bool, repeat: int, with_peers: bool) -> dict[str, Any]:
             },
             "repeat": repeat,
             "cases": runner.records,
+            **after,
         }
 
 
@@ -300,6 +305,8 @@ EQUIVALENT = {
     "lavender-data b1024 async 2 workers": "lavender torch loader b1024 2 workers",
     "mosaic streaming 0 workers": "lavender torch loader b1024 0 workers",
     "mosaic streaming 2 workers": "lavender torch loader b1024 2 workers",
+    "litdata streaming 0 workers": "lavender torch loader b1024 0 workers",
+    "litdata streaming 2 workers": "lavender torch loader b1024 2 workers",
 }
 
 
@@ -386,9 +393,11 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
     return "\n\n".join(blocks)
 
 
-def _block(title: str, rows: list[list[str]], header: list[str], markdown: bool) -> str:
+def _block(
+    title: str, rows: list[list[str]], header: list[str], markdown: bool, left: int = 1
+) -> str:
     if not markdown:
-        return title + "\n" + table(rows, header)
+        return title + "\n" + table(rows, header, left)
     lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [c.replace("|", "\\|") for c in row]

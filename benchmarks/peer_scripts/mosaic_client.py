@@ -6,17 +6,45 @@ Argument: a JSON object with ``folder`` (Parquet), ``out`` (the MDS folder), ``r
 ``row_bytes``. It never imports Lavender Flight.
 """
 
+import importlib.machinery
 import json
 import resource
 import shutil
 import sys
 import time
+import types
 
-import numpy as np
-import pyarrow.dataset as ds
-from streaming import MDSWriter, StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
-from torch.utils.data import DataLoader
+
+def _stand_in_for_torchvision() -> None:
+    """Let ``import streaming`` work where torchvision cannot load.
+
+    streaming's package imports its vision datasets, hence torchvision, which this client
+    never uses; torchvision's PyPI build is linked to the CUDA torch and fails to import
+    beside the CPU torch wheel ("operator torchvision::nms does not exist"). Then empty
+    modules stand in for the two names ``streaming.vision`` imports.
+    """
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError):
+        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        modules = {}
+        for name in ("torchvision", "torchvision.datasets", "torchvision.transforms",
+                     "torchvision.transforms.functional"):  # fmt: skip
+            modules[name] = types.ModuleType(name)
+            modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
+        modules["torchvision.datasets"].VisionDataset = object
+        modules["torchvision.transforms.functional"].to_tensor = None
+        sys.modules.update(modules)
+
+
+_stand_in_for_torchvision()
+
+import numpy as np  # noqa: E402
+import pyarrow.dataset as ds  # noqa: E402
+from streaming import MDSWriter, StreamingDataset  # noqa: E402
+from streaming.base.util import clean_stale_shared_memory  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 
 def write(spec: dict) -> float:

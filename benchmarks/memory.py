@@ -1,0 +1,139 @@
+"""Server memory over many iterations: 100 iterations on one server, its RSS after each.
+
+One server, the ``text`` rows (10 Parquet shards) and a dataset joining them with an
+*unaligned* feature shardset (7 shards, rows permuted: joined through the uid index and the
+feature cache). The iterations cycle through what holds memory on the server: in order,
+shuffled (blocks of 4 shards), joined and shuffled, filtered (keeps half) and
+``byte_tokenize``; each is read to its end by a client in this process (Arrow batches of
+1024) and left as it is (the server decides when to evict it). After each iteration the
+server's process tree RSS is read from ``/proc`` (and the server process's own, apart from
+its worker processes); a thread samples the tree every 20 ms for the peak. "Flat" is
+judged on the growth from the RSS after the first :data:`WARM` iterations (every kind has
+run twice by then, so caches and pools are warm) to the RSS after the last.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lavender_flight.client import Iteration
+from lavender_flight.client import api as lavender
+
+from .common import (
+    PeakSampler,
+    lavender_server,
+    memory_budget_mb,
+    table,
+    tree_rss,
+    tree_rss_mb,
+    write_feature_shards,
+    write_text_shards,
+)
+
+ITERATIONS = 100
+WARM = 10
+BATCH = 1024
+# (label, joined, options of Iteration.from_dataset)
+KINDS: list[tuple[str, bool, dict[str, Any]]] = [
+    ("in order", False, {}),
+    ("shuffled", False, {"shuffle": True}),
+    ("joined unaligned, shuffled", True, {"shuffle": True}),
+    ("filtered (uid%2==0)", False,
+     {"filters": [{"name": "expression", "params": {"expr": "uid % 2 == 0"}}]}),
+    ("byte_tokenize", False, {"preprocessors": [{"name": "byte_tokenize"}]}),
+]  # fmt: skip
+
+
+def _consume(dataset_id: str, seed: int, options: dict[str, Any]) -> int:
+    rows = 0
+    iteration = Iteration.from_dataset(
+        dataset_id, batch_size=BATCH, shuffle_seed=seed, format="arrow", **options
+    )
+    for batch in iteration:
+        rows += batch.num_rows
+    return rows
+
+
+def run(rows: int, iterations: int = ITERATIONS) -> dict[str, Any]:
+    """Run the iterations; print the RSS figures; return them."""
+    with tempfile.TemporaryDirectory(prefix="lf-bench-memory-") as tmp:
+        home = Path(tmp)
+        write_text_shards(home / "text", rows, 10)
+        write_feature_shards(home / "extra-unaligned", rows, 7, shuffle_seed=1)
+        with lavender_server(home / "server") as server:
+            pid = server.process.pid
+            lavender.init(server.url)
+            plain = lavender.create_dataset("bench-memory")
+            lavender.create_shardset(plain.id, (home / "text").as_uri())
+            joined = lavender.create_dataset("bench-memory-joined")
+            lavender.create_shardset(joined.id, (home / "text").as_uri(), is_main=True)
+            lavender.create_shardset(joined.id, (home / "extra-unaligned").as_uri())
+            budget = memory_budget_mb(server)
+            start_mb = tree_rss_mb(pid)
+            after: list[float] = []  # the process tree (what the machine pays)
+            main_after: list[float] = []  # the server process alone
+            children = 0
+            started = time.perf_counter()
+            delivered = 0
+            with PeakSampler(pid) as sampler:
+                for index in range(iterations):
+                    _, use_joined, options = KINDS[index % len(KINDS)]
+                    dataset_id = joined.id if use_joined else plain.id
+                    delivered += _consume(dataset_id, index, options)
+                    processes = tree_rss(pid)
+                    after.append(sum(processes.values()))
+                    main_after.append(processes.get(pid, 0.0))
+                    children = max(children, len(processes) - 1)
+                    if (index + 1) % 20 == 0:
+                        print(
+                            f"  memory: {index + 1} iterations, server RSS {after[-1]:,.0f} MB",
+                            flush=True,
+                        )
+            seconds = time.perf_counter() - started
+    warm = after[min(WARM, len(after)) - 1]
+    kinds = [label for label, _, _ in KINDS]
+    result: dict[str, Any] = {
+        "rows": rows,
+        "iterations": iterations,
+        "kinds": kinds,
+        "delivered_rows": delivered,
+        "seconds": seconds,
+        "memory_budget_mb": budget,
+        "start_mb": start_mb,
+        "first_mb": after[0],
+        "warm_mb": warm,
+        "last_mb": after[-1],
+        "max_mb": max(sampler.peak, *after),
+        "growth_mb": after[-1] - warm,
+        "main_warm_mb": main_after[min(WARM, len(after)) - 1],
+        "main_last_mb": main_after[-1],
+        "main_growth_mb": main_after[-1] - main_after[min(WARM, len(after)) - 1],
+        "child_processes_max": children,
+        "rss_after_each_mb": after,
+        "main_rss_after_each_mb": main_after,
+    }
+    print(
+        f"\nMemory: {iterations} iterations on one server ({', '.join(kinds)}, in "
+        f"turn; {rows:,} rows each), {seconds:.0f} s; memory budget: "
+        + ("not reported" if budget is None else f"{budget:,.0f} MB")
+    )
+    main = main_after
+    warm_at = min(WARM, iterations)
+    lines = [
+        ["before the first iteration", f"{start_mb:,.0f}", ""],
+        ["after the first", f"{result['first_mb']:,.0f}", f"{main[0]:,.0f}"],
+        [f"after {warm_at} (warm)", f"{warm:,.0f}", f"{result['main_warm_mb']:,.0f}"],
+        [f"after the last ({iterations})", f"{result['last_mb']:,.0f}", f"{main[-1]:,.0f}"],
+        ["max (sampled every 20 ms)", f"{result['max_mb']:,.0f}", ""],
+        [f"growth from {warm_at} to {iterations}", f"{result['growth_mb']:+,.0f}",
+         f"{result['main_growth_mb']:+,.0f}"],
+    ]  # fmt: skip
+    header = ["server RSS", "MB (process tree)", f"MB (server alone; {children} children max)"]
+    print(table(lines, header))
+    every = max(1, iterations // 10)
+    trace = ", ".join(f"{i + 1}: {after[i]:,.0f}" for i in range(every - 1, iterations, every))
+    print(f"after iteration (MB): {trace}")
+    return result
