@@ -1,40 +1,135 @@
-"""What a preprocessing worker process runs: its own plugins, pipelines rebuilt from JSON."""
+"""What a preprocessing worker process runs: its own plugins, pipelines rebuilt from JSON.
+
+The server's pool (``flight_server/pool.py``) starts it with ``spawn`` and talks to it over
+one pipe: a request is a header ``(op, spec)`` then the batch as Arrow IPC bytes; an answer
+is a header, then the result as Arrow IPC bytes when there is one. Before each plugin call
+the worker writes the plugin's label and the time into memory it shares with the pool, so
+the pool can tell which plugin overran its time limit (and kill this process) or which one
+was running when the process died.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
+import signal
+import time
+from collections import OrderedDict
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ..protocol.errors import TransformFailed
-from .pipeline import Pipeline, from_spec
+from ..protocol.errors import LavenderError
+from .pipeline import Pipeline, Step, from_spec
 from .registry import Plugins
 
-__all__ = ["initialize", "process"]
+__all__ = ["LABEL_BYTES", "PIPELINES_KEPT", "Marks", "main", "read_batch", "write_batch"]
 
-_plugins: Plugins | None = None
-_pipelines: dict[str, Pipeline] = {}
+LABEL_BYTES = 200
+"""Room for ``preprocessor 'name'`` in the shared memory."""
+PIPELINES_KEPT = 32
+"""Pipelines a worker keeps built (one per iteration spec it saw lately)."""
 
 
-def initialize(modules_dir: str | None) -> None:
-    """Load the server's plugins in this worker (built-ins, entry points, modules folder)."""
-    global _plugins
+class Marks:
+    """The shared memory of one worker: the plugin running and since when (0: none).
+
+    Args:
+        clock: one ``c_double``, ``time.monotonic()`` when the call started (one clock for
+            every process on Linux).
+        label: ``LABEL_BYTES`` chars, the running plugin's label, NUL-terminated.
+    """
+
+    def __init__(self, clock: Any, label: Any) -> None:
+        self.clock = clock
+        self.label = label
+
+    def mark(self, step: Step | None) -> None:
+        """Say that ``step`` starts now (or that no plugin runs, with None)."""
+        if step is None:
+            self.clock[0] = 0.0
+            return
+        text = step.label.encode()[: LABEL_BYTES - 1] + b"\0"
+        ctypes.memmove(self.label, text, len(text))
+        self.clock[0] = time.monotonic()
+
+    def running(self) -> tuple[str, float] | None:
+        """``(label, seconds so far)`` of the plugin call under way, or None."""
+        started = float(self.clock[0])
+        if not started:
+            return None
+        return self.label.value.decode(errors="replace"), time.monotonic() - started
+
+    def last(self) -> str:
+        """The label of the plugin that ran last (or runs now)."""
+        return str(self.label.value.decode(errors="replace"))
+
+
+def write_batch(batch: pa.RecordBatch) -> pa.Buffer:
+    """A batch as Arrow IPC stream bytes (a slice sends only its own rows, unlike pickle)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue()
+
+
+def read_batch(data: bytes | pa.Buffer) -> pa.RecordBatch:
+    """The batch ``write_batch`` wrote (no copy of ``data``)."""
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_next_batch()
+
+
+def main(conn: Connection, modules_dir: str | None, clock: Any, label: Any) -> None:
+    """Serve requests on ``conn`` until it closes or a None request comes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops its workers itself
     # the server reported the modules that failed to load; workers need not say it again
     logging.getLogger("lavender_flight").addHandler(logging.NullHandler())
-    _plugins = Plugins.load(modules_dir)
-
-
-def process(spec: str, batch: pa.RecordBatch) -> tuple[pa.RecordBatch | None, Any, str | None]:
-    """Collate and preprocess one batch: ``(result, failed rows, error message)``."""
-    pipeline = _pipelines.get(spec)
-    if pipeline is None:
-        assert _plugins is not None, "initialize() first"
-        pipeline = _pipelines[spec] = from_spec(_plugins, json.loads(spec))
-    try:
-        outcome = pipeline.process(batch)
-    except TransformFailed as exc:
-        return None, np.zeros(0, dtype=np.int64), str(exc)
-    return outcome.result, outcome.failed, None
+    plugins = Plugins.load(modules_dir, timeout=None)  # the pool watches the time
+    marks = Marks(clock, label)
+    pipelines: OrderedDict[str, Pipeline] = OrderedDict()
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            request = conn.recv()
+            if request is None:
+                return
+            op, spec = request
+            batch = read_batch(conn.recv_bytes())
+        except (EOFError, OSError):  # the server went away
+            return
+        started = time.perf_counter()
+        try:
+            pipeline = pipelines.get(spec)
+            if pipeline is None:
+                pipeline = from_spec(plugins, json.loads(spec))
+                pipeline.watch = marks.mark
+                pipelines[spec] = pipeline
+                while len(pipelines) > PIPELINES_KEPT:
+                    pipelines.popitem(last=False)
+            pipelines.move_to_end(spec)
+            if op == "filter":
+                keep, failed = pipeline.filter(batch)
+                conn.send(("filtered", keep, failed, time.perf_counter() - started))
+                continue
+            outcome = pipeline.process(batch)
+        except LavenderError as exc:  # TransformFailed, as the policy says; or a bad spec
+            conn.send(("error", str(exc), time.perf_counter() - started))
+            continue
+        except Exception as exc:  # a bug of ours: still one line for the loop
+            conn.send(("error", f"{type(exc).__name__}: {exc}", time.perf_counter() - started))
+            continue
+        seconds = time.perf_counter() - started
+        result = outcome.result
+        if result is None:
+            conn.send(("done", np.asarray(outcome.failed), seconds, False))
+            continue
+        try:
+            data = write_batch(result)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            conn.send(("error", f"{marks.last()} returned a batch Arrow cannot send: {exc}", 0.0))
+            continue
+        conn.send(("done", np.asarray(outcome.failed), seconds, True))
+        conn.send_bytes(data)
