@@ -21,7 +21,6 @@ import multiprocessing
 import queue
 import signal
 import threading
-import time
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -346,6 +345,9 @@ class TransformPool:
                             log.error("%s", exc)
             except BaseException as exc:  # a bug of ours: the loop hears of it
                 task.future.set_exception(exc)
+                if worker is not None:  # its pipe may be mid-message: start afresh
+                    self._forget(worker, replaced=False)
+                    worker = None
         if worker is not None:
             self._forget(worker, replaced=False)
 
@@ -388,8 +390,6 @@ class TransformPool:
         except OSError:
             raise self._died(worker, task, uid_column) from None
         tick = max(0.01, min(0.25, self.timeout / 4))
-        unmarked = 0.0  # time the worker spent outside any plugin call on this batch
-        last = time.monotonic()
         while True:
             ready = wait([worker.conn, worker.process.sentinel], timeout=tick)
             if worker.conn in ready:
@@ -399,15 +399,11 @@ class TransformPool:
                     raise self._died(worker, task, uid_column) from None
             if ready:
                 raise self._died(worker, task, uid_column)
-            now = time.monotonic()
             running = worker.marks.running()
-            if running is None:
-                unmarked += now - last
-            last = now
-            label, seconds = running if running is not None else (None, unmarked)
-            if seconds > self.timeout:
+            if running is not None and running[1] > self.timeout:
                 worker.kill()
-                what = label or "the preprocessing worker process"
+                # between plugin calls: our own work, or a plugin's __init__ (not marked)
+                what = running[0] or "the preprocessing worker process (between plugin calls)"
                 raise _Lost(
                     f"{what} did not finish {_describe(task.batch, uid_column)} within the "
                     f"plugin time limit of {self.timeout:g} s (--plugin-timeout); its worker "
@@ -427,7 +423,7 @@ class TransformPool:
     def _died(self, worker: _Worker, task: _Task, uid_column: str) -> _Lost:
         worker.process.join(1)
         running = worker.marks.running()  # else it died between calls: name the last one
-        where = running[0] if running is not None else worker.marks.last() or "a preprocessing step"
+        where = (running[0] if running else None) or worker.marks.last() or "a preprocessing step"
         return _Lost(
             f"{where}: the preprocessing worker process died ({_exit(worker.process.exitcode)}) "
             f"on {_describe(task.batch, uid_column)}; a new worker process takes its place"

@@ -36,12 +36,13 @@ PIPELINES_KEPT = 32
 
 
 class Marks:
-    """The shared memory of one worker: the plugin running and since when (0: none).
+    """The shared memory of one worker: what it does since when, and the plugin it runs.
 
     Args:
-        clock: one ``c_double``, ``time.monotonic()`` when the call started (one clock for
-            every process on Linux).
-        label: ``LABEL_BYTES`` chars, the running plugin's label, NUL-terminated.
+        clock: one ``c_double``: ``time.monotonic()`` when the plugin call under way started
+            (positive), or when the worker began its work outside plugin calls (negative),
+            or 0 when it waits for a batch (``monotonic`` is one clock for every process).
+        label: ``LABEL_BYTES`` chars, the label of the plugin that runs or ran last.
     """
 
     def __init__(self, clock: Any, label: Any) -> None:
@@ -49,20 +50,26 @@ class Marks:
         self.label = label
 
     def mark(self, step: Step | None) -> None:
-        """Say that ``step`` starts now (or that no plugin runs, with None)."""
+        """Say that ``step`` starts now (or, with None, that the worker is between calls)."""
         if step is None:
-            self.clock[0] = 0.0
+            self.clock[0] = -time.monotonic()
             return
         text = step.label.encode()[: LABEL_BYTES - 1] + b"\0"
         ctypes.memmove(self.label, text, len(text))
         self.clock[0] = time.monotonic()
 
-    def running(self) -> tuple[str, float] | None:
-        """``(label, seconds so far)`` of the plugin call under way, or None."""
+    def idle(self) -> None:
+        """Say that the worker waits for a batch."""
+        self.clock[0] = 0.0
+
+    def running(self) -> tuple[str | None, float] | None:
+        """``(label of the plugin, or None between calls, seconds so far)``; None when idle."""
         started = float(self.clock[0])
         if not started:
             return None
-        return self.label.value.decode(errors="replace"), time.monotonic() - started
+        if started < 0:
+            return None, time.monotonic() + started
+        return self.last(), time.monotonic() - started
 
     def last(self) -> str:
         """The label of the plugin that ran last (or runs now)."""
@@ -97,39 +104,56 @@ def main(conn: Connection, modules_dir: str | None, clock: Any, label: Any) -> N
             if request is None:
                 return
             op, spec = request
+            marks.mark(None)  # busy from here: the pool's time limit holds outside calls too
             batch = read_batch(conn.recv_bytes())
         except (EOFError, OSError):  # the server went away
             return
-        started = time.perf_counter()
         try:
-            pipeline = pipelines.get(spec)
-            if pipeline is None:
-                pipeline = from_spec(plugins, json.loads(spec))
-                pipeline.watch = marks.mark
-                pipelines[spec] = pipeline
-                while len(pipelines) > PIPELINES_KEPT:
-                    pipelines.popitem(last=False)
-            pipelines.move_to_end(spec)
-            if op == "filter":
-                keep, failed = pipeline.filter(batch)
-                conn.send(("filtered", keep, failed, time.perf_counter() - started))
-                continue
-            outcome = pipeline.process(batch)
-        except LavenderError as exc:  # TransformFailed, as the policy says; or a bad spec
-            conn.send(("error", str(exc), time.perf_counter() - started))
-            continue
-        except Exception as exc:  # a bug of ours: still one line for the loop
-            conn.send(("error", f"{type(exc).__name__}: {exc}", time.perf_counter() - started))
-            continue
-        seconds = time.perf_counter() - started
-        result = outcome.result
-        if result is None:
-            conn.send(("done", np.asarray(outcome.failed), seconds, False))
-            continue
-        try:
-            data = write_batch(result)
-        except (pa.ArrowException, TypeError, ValueError) as exc:
-            conn.send(("error", f"{marks.last()} returned a batch Arrow cannot send: {exc}", 0.0))
-            continue
-        conn.send(("done", np.asarray(outcome.failed), seconds, True))
-        conn.send_bytes(data)
+            _serve_one(conn, plugins, pipelines, marks, op, spec, batch)
+        finally:
+            marks.idle()
+
+
+def _serve_one(
+    conn: Connection,
+    plugins: Plugins,
+    pipelines: OrderedDict[str, Pipeline],
+    marks: Marks,
+    op: str,
+    spec: str,
+    batch: pa.RecordBatch,
+) -> None:
+    """Answer one request (a header, then the result's IPC bytes when there is one)."""
+    started = time.perf_counter()
+    try:
+        pipeline = pipelines.get(spec)
+        if pipeline is None:
+            pipeline = from_spec(plugins, json.loads(spec))
+            pipeline.watch = marks.mark
+            pipelines[spec] = pipeline
+            while len(pipelines) > PIPELINES_KEPT:
+                pipelines.popitem(last=False)
+        pipelines.move_to_end(spec)
+        if op == "filter":
+            keep, failed = pipeline.filter(batch)
+            conn.send(("filtered", keep, failed, time.perf_counter() - started))
+            return
+        outcome = pipeline.process(batch)
+    except LavenderError as exc:  # TransformFailed, as the policy says; or a bad spec
+        conn.send(("error", str(exc), time.perf_counter() - started))
+        return
+    except Exception as exc:  # a bug of ours: still one line for the loop
+        conn.send(("error", f"{type(exc).__name__}: {exc}", time.perf_counter() - started))
+        return
+    seconds = time.perf_counter() - started
+    result = outcome.result
+    if result is None:
+        conn.send(("done", np.asarray(outcome.failed), seconds, False))
+        return
+    try:
+        data = write_batch(result)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        conn.send(("error", f"{marks.last()} returned a batch Arrow cannot send: {exc}", 0.0))
+        return
+    conn.send(("done", np.asarray(outcome.failed), seconds, True))
+    conn.send_bytes(data)

@@ -61,6 +61,16 @@ class Hang(Preprocessor, name="hang"):
         return batch
 
 
+class SlowStart(Preprocessor, name="slow_start"):
+    """Hangs when it is made (outside any plugin call the worker marks)."""
+
+    def __init__(self):
+        time.sleep(3600)
+
+    def process(self, batch):
+        return batch
+
+
 class Slow(Preprocessor, name="slow"):
     def process(self, batch, *, seconds: float = 0.2):
         time.sleep(seconds)
@@ -178,6 +188,17 @@ def test_a_hung_plugin_is_killed_at_the_time_limit(pool: TransformPool) -> None:
     rest = [uids(pool.outcome(future).result) for future in futures[1:]]
     assert rest == [uids(batch(k)) for k in (1, 2, 3)]
     assert pool.replaced == before + 1
+
+
+def test_the_time_limit_holds_outside_plugin_calls_too(pool: TransformPool) -> None:
+    workers_back(pool)
+    with pytest.raises(
+        TransformFailed,
+        match=r"^the preprocessing worker process \(between plugin calls\) did not finish a "
+        r"batch of 4 samples from uid=0 within the plugin time limit of 1 s",
+    ):
+        pool.outcome(pool.submit(spec("slow_start"), batch(0)))
+    assert uids(pool.outcome(pool.submit(spec("slow"), batch(1))).result) == uids(batch(1))
 
 
 def test_hung_plugins_hold_no_thread(pool: TransformPool) -> None:
