@@ -251,7 +251,7 @@ def serve(
         )
         if settings.demo:
             create_demo(service, settings.home)
-        plugins = Plugins.load(settings.modules_dir)
+        plugins = Plugins.load(settings.modules_dir, timeout=settings.plugin_timeout)
         server = _start_server(settings, service, plugins)
     except BaseException:
         catalog.close()

@@ -46,6 +46,15 @@ class ServerSettings(BaseSettings):
         le=256,
         description="Preprocessing worker processes (default: the number of cores; 0: none).",
     )
+    plugin_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="Seconds one plugin call (a filter, collater or preprocessor on one "
+        "batch) may take; then that batch fails by the iteration's policy (skipped as failed "
+        "with skip_on_failure, else TransformFailed): a worker process running it is killed "
+        "and replaced, a call in the server process is abandoned.",
+    )
     ui_port: int = Field(default=3000, ge=0, le=65535, description="Dashboard port.")
     no_ui: bool = Field(default=False, description="Do not serve the dashboard.")
     demo: bool = Field(default=False, description="Create the demo dataset (once) and serve it.")

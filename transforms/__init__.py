@@ -13,22 +13,29 @@ and put the file in the server's modules folder (``--modules-dir``).
 
 from __future__ import annotations
 
-from .base import Collater, Filter, Parameter, Plugin, Preprocessor
-from .pipeline import Outcome, Pipeline, PluginFailed, Step
+from .base import BrokenContract, Collater, Filter, Parameter, Plugin, Preprocessor
+from .limits import DEFAULT_PLUGIN_TIMEOUT, CallTimedOut, abandoned_calls
+from .pipeline import Outcome, Pipeline, PluginBroken, PluginFailed, PluginTimedOut, Step
 from .registry import ENTRY_POINT_GROUPS, PluginInfo, Plugins, Registry
 
 __all__ = [
+    "DEFAULT_PLUGIN_TIMEOUT",
     "ENTRY_POINT_GROUPS",
+    "BrokenContract",
+    "CallTimedOut",
     "Collater",
     "Filter",
     "Outcome",
     "Parameter",
     "Pipeline",
     "Plugin",
+    "PluginBroken",
     "PluginFailed",
     "PluginInfo",
+    "PluginTimedOut",
     "Plugins",
     "Preprocessor",
     "Registry",
     "Step",
+    "abandoned_calls",
 ]

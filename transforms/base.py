@@ -5,6 +5,16 @@ overrides one method of its kind: the vectorized form over a ``pyarrow.RecordBat
 the per-sample form (the seed's API, applied row by row). Parameters are keyword-only
 arguments with defaults, after ``*``; they are validated when an iteration is created and
 are also set as attributes of the instance (the seed's examples read ``self.mod``).
+
+Two optional hooks check more when the iteration is created: ``check_params`` (the
+parameters alone, e.g. parse an expression) and ``check_schema`` (the parameters against
+the columns and types of the rows the plugin will see). Either raises ``InvalidArgument``.
+A plugin that raises ``InvalidArgument`` while running says its parameters do not fit the
+data: the iteration fails whatever ``skip_on_failure`` says (every sample would fail).
+
+What a plugin returns is checked: a filter answers one boolean per row; a preprocessor or
+collater returns a batch (a ``RecordBatch``, a ``Table`` or a dict of columns) of as many
+rows as it was given, unless it declares ``changes_rows = True``.
 """
 
 from __future__ import annotations
@@ -18,11 +28,21 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-from pydantic import ValidationError, create_model
+from pydantic import ConfigDict, ValidationError, create_model
 
 from ..protocol.errors import InvalidArgument
 
-__all__ = ["Collater", "Filter", "Parameter", "Plugin", "Preprocessor"]
+__all__ = ["BrokenContract", "Collater", "Filter", "Parameter", "Plugin", "Preprocessor"]
+
+BUILTINS_MODULE = __name__.rsplit(".", 1)[0] + ".builtins"
+"""The module of the built-in plugins (our own code, bounded by its input)."""
+
+
+class BrokenContract(TypeError):
+    """A plugin returned what its kind does not allow (a filter answering strings...).
+
+    Not a failure of a sample: the iteration fails, whatever ``skip_on_failure`` says.
+    """
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,8 @@ class Plugin:
     kind: ClassVar[str] = "plugin"
     name: ClassVar[str] = ""
     depends_on: ClassVar[tuple[str, ...]] = ()
+    changes_rows: ClassVar[bool] = False
+    """A preprocessor or collater that returns more or fewer rows than it is given says so."""
     _vectorized: ClassVar[str] = ""
     _per_sample: ClassVar[str] = ""
 
@@ -77,6 +99,12 @@ class Plugin:
         """Whether the plugin works on whole Arrow batches."""
         method = cls.method()
         return method is not None and method.__name__ == cls._vectorized
+
+    @classmethod
+    def builtin(cls) -> bool:
+        """Whether the code that runs is a built-in's (ours, bounded: no time limit thread)."""
+        method = cls.method()
+        return method is not None and method.__module__ == BUILTINS_MODULE
 
     @classmethod
     def parameters(cls) -> list[Parameter]:
@@ -127,7 +155,12 @@ class Plugin:
             name: (hints.get(name, Any), ... if p.required else p.default)
             for name, p in known.items()
         }
-        model = create_model(f"{cls.__name__}Params", **fields)
+        # any annotation may be a plain class (checked by isinstance): no pydantic schema error
+        model = create_model(
+            f"{cls.__name__}Params",
+            __config__=ConfigDict(arbitrary_types_allowed=True),
+            **fields,
+        )
         try:
             checked = model(**params)
         except ValidationError as exc:
@@ -136,6 +169,38 @@ class Plugin:
             )
             raise InvalidArgument(f"{cls.kind} {cls.name!r}: {problems}") from None
         return {name: getattr(checked, name) for name in known}
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Check the validated parameters further (the default checks nothing).
+
+        Called once when an iteration is created, with every parameter filled in.
+
+        Raises:
+            InvalidArgument: a parameter is wrong; say which and how to fix it.
+        """
+
+    @classmethod
+    def check_schema(cls, params: dict[str, Any], schema: pa.Schema) -> pa.Schema | None:
+        """Check the parameters against the columns of the rows this plugin will see.
+
+        Called when an iteration is created, if the columns are known: a filter and the
+        collater get the rows read; a preprocessor the output of the step before it, when
+        that step said what it is. The default checks nothing.
+
+        Args:
+            params: the validated parameters.
+            schema: the names and types of the columns of the rows.
+
+        Returns:
+            The schema of what the plugin returns, when known (so the next step is checked
+            too), else None. A filter returns ``schema``: it keeps the columns.
+
+        Raises:
+            InvalidArgument: a parameter does not fit the columns (name the columns there
+                are).
+        """
+        return schema if cls.kind == "filter" else None
 
     @classmethod
     def create(cls, params: dict[str, Any]) -> Plugin:
@@ -159,7 +224,14 @@ class Filter(Plugin):
 
     def filter_batch(self, batch: pa.RecordBatch, **params: Any) -> pa.BooleanArray:
         """A mask over the batch's rows: True keeps the row."""
-        return pa.array([bool(self.filter(row, **params)) for row in batch.to_pylist()], pa.bool_())
+        answers = [self.filter(row, **params) for row in batch.to_pylist()]
+        for answer in answers:
+            if not isinstance(answer, (bool, np.bool_)):
+                raise BrokenContract(
+                    f"filter() returned {type(answer).__name__} {answer!r:.40} for a sample, "
+                    "not a bool (True keeps the sample)"
+                )
+        return pa.array(answers, pa.bool_())
 
     def filter(self, sample: dict[str, Any], **params: Any) -> bool:
         """Whether to keep one sample."""
@@ -171,7 +243,8 @@ class Preprocessor(Plugin):
 
     Override ``process(batch, **params) -> RecordBatch`` (vectorized, preferred) or
     ``process_sample(sample, **params) -> dict`` (per sample). ``depends_on`` names
-    preprocessors that must run before this one.
+    preprocessors that must run before this one. A batch keeps its number of rows unless
+    the class says ``changes_rows = True``.
     """
 
     kind = "preprocessor"
@@ -180,9 +253,14 @@ class Preprocessor(Plugin):
 
     def process(self, batch: pa.RecordBatch, **params: Any) -> pa.RecordBatch:
         """The transformed batch."""
-        return pa.RecordBatch.from_pylist(
-            [self.process_sample(row, **params) for row in batch.to_pylist()]
-        )
+        samples = [self.process_sample(row, **params) for row in batch.to_pylist()]
+        for sample in samples:
+            if not isinstance(sample, dict):
+                raise BrokenContract(
+                    f"process_sample() returned {type(sample).__name__}, not a dict of the "
+                    "sample's columns"
+                )
+        return pa.RecordBatch.from_pylist(samples)
 
     def process_sample(self, sample: dict[str, Any], **params: Any) -> dict[str, Any]:
         """One transformed sample."""
@@ -193,7 +271,8 @@ class Collater(Plugin):
     """Makes the batch the client receives out of the batch's samples.
 
     Override ``collate_batch(batch, **params) -> RecordBatch`` (vectorized) or
-    ``collate(samples, **params) -> dict`` (the seed's form: a dict of columns).
+    ``collate(samples, **params) -> dict`` (the seed's form: a dict of columns). A batch
+    keeps its number of rows unless the class says ``changes_rows = True``.
     """
 
     kind = "collater"
@@ -203,12 +282,17 @@ class Collater(Plugin):
     def collate_batch(self, batch: pa.RecordBatch, **params: Any) -> pa.RecordBatch:
         """The batch to send."""
         columns = self.collate(batch.to_pylist(), **params)
-        return pa.RecordBatch.from_pydict(
-            {
-                k: v.tolist() if isinstance(v, np.ndarray) and v.ndim > 1 else v
-                for k, v in columns.items()
-            }
-        )
+        if not isinstance(columns, dict):
+            raise BrokenContract(f"collate() returned {type(columns).__name__}, not a dict")
+        try:
+            return pa.RecordBatch.from_pydict(
+                {
+                    k: v.tolist() if isinstance(v, np.ndarray) and v.ndim > 1 else v
+                    for k, v in columns.items()
+                }
+            )
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise BrokenContract(f"returned a dict that is not a batch of columns: {exc}") from None
 
     def collate(self, samples: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
         """The batch's columns out of its samples."""

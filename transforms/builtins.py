@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,41 @@ from .base import Collater, Filter, Preprocessor
 
 __all__ = ["ArrowCollater", "ByteTokenizer", "ExpressionFilter", "RangeFilter", "SampleFilter"]
 
+MAX_EXPRESSION_CHARS = 10_000
+"""The longest filter expression (an ``in [...]`` list of ids fits in it)."""
+MAX_TOKENS = 1 << 20
+"""The longest ``byte_tokenize`` output."""
+MAX_EXPRESSION_TERMS = 500
+"""The most terms (column names, values, operations) of a filter expression: each costs
+an Arrow kernel call per batch."""
+
+
+def _column(schema: pa.Schema, column: str, what: str) -> pa.DataType:
+    """The type of a column the plugin names, or an error listing the columns."""
+    if column not in schema.names:
+        raise InvalidArgument(
+            f"{what} names unknown column {column!r}; columns: {', '.join(schema.names)}"
+        )
+    return schema.field(column).type
+
+
+def _numeric(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+
 
 class RangeFilter(Filter, name="range"):
     """Keeps rows whose ``column`` lies within ``[min, max]`` (either bound optional)."""
+
+    @classmethod
+    def check_schema(cls, params: dict[str, Any], schema: pa.Schema) -> pa.Schema:
+        """The column exists and holds numbers."""
+        kind = _column(schema, params["column"], "range")
+        if not _numeric(kind):
+            raise InvalidArgument(
+                f"range needs a numeric column, {params['column']!r} is {kind}; use "
+                "'expression' for other comparisons"
+            )
+        return schema
 
     def filter_batch(  # type: ignore[override]
         self,
@@ -53,12 +86,22 @@ class SampleFilter(Filter, name="sample"):
     The same sample is kept in every epoch and on every server; a new seed picks another set.
     """
 
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """The rate is a share."""
+        if not 0.0 <= params["rate"] <= 1.0:
+            raise InvalidArgument(f"sample rate must be within 0..1, got {params['rate']}")
+
+    @classmethod
+    def check_schema(cls, params: dict[str, Any], schema: pa.Schema) -> pa.Schema:
+        """The column exists."""
+        _column(schema, params["column"], "sample")
+        return schema
+
     def filter_batch(  # type: ignore[override]
         self, batch: pa.RecordBatch, *, rate: float = 0.1, seed: int = 0, column: str = "uid"
     ) -> pa.BooleanArray:
         """The mask of kept rows."""
-        if not 0.0 <= rate <= 1.0:
-            raise InvalidArgument(f"sample rate must be within 0..1, got {rate}")
         values = batch.column(column)
         if pa.types.is_integer(values.type):
             keys = values.to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
@@ -84,56 +127,136 @@ _COMPARE = {
     ast.Gt: pc.greater,
     ast.GtE: pc.greater_equal,
 }
+_ARITHMETIC: dict[type[ast.operator], Any] = {
+    ast.Add: pc.add,
+    ast.Sub: pc.subtract,
+    ast.Mult: pc.multiply,
+    ast.Div: pc.divide,
+    ast.Mod: lambda left, right: _mod(left, right),
+}
 
 
-def _evaluate(node: ast.AST, batch: pa.RecordBatch) -> Any:
-    if isinstance(node, ast.Expression):
-        return _evaluate(node.body, batch)
+@dataclass(frozen=True)
+class _Expression:
+    """A parsed filter expression: its tree, the columns it names, the value sets of ``in``."""
+
+    tree: ast.Expression
+    columns: tuple[str, ...]
+    options: dict[int, pa.Array]
+    """The values of each ``in`` list, by the id of its node."""
+
+
+def _parse(expr: str) -> _Expression:
+    """Parse and bound an expression; every construct it uses is supported."""
+    if len(expr) > MAX_EXPRESSION_CHARS:
+        raise InvalidArgument(
+            f"filter expression is {len(expr)} characters long; the limit is "
+            f"{MAX_EXPRESSION_CHARS}: write a custom filter for larger conditions"
+        )
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise InvalidArgument(
+            f"cannot parse filter expression {expr!r:.200}: {exc.msg}"
+            + (f" at column {exc.offset}" if exc.offset else "")
+        ) from None
+    except (ValueError, MemoryError, RecursionError) as exc:  # null bytes, deep nesting
+        raise InvalidArgument(f"cannot parse filter expression {expr!r:.200}: {exc}") from None
+    terms = 0
+    columns: list[str] = []
+    options: dict[int, pa.Array] = {}
+    pending: list[ast.AST] = [tree.body]
+    while pending:
+        node = pending.pop()
+        terms += 1
+        if terms > MAX_EXPRESSION_TERMS:
+            raise InvalidArgument(
+                f"filter expression has more than {MAX_EXPRESSION_TERMS} terms (column "
+                "names, values and operations): write a custom filter for larger conditions"
+            )
+        if isinstance(node, ast.BoolOp):
+            pending.extend(node.values)
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+            pending.append(node.operand)
+        elif isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            pending.extend((node.left, node.right))
+        elif isinstance(node, ast.Compare):
+            pending.append(node.left)
+            for op, right in zip(node.ops, node.comparators, strict=True):
+                if isinstance(op, (ast.In, ast.NotIn)):
+                    options[id(right)] = _value_set(right)
+                elif type(op) in _COMPARE:
+                    pending.append(right)
+                else:
+                    raise InvalidArgument(
+                        f"operator {type(op).__name__} is not supported in a filter expression"
+                    )
+        elif isinstance(node, ast.Name):
+            if node.id not in columns:
+                columns.append(node.id)
+        elif isinstance(node, ast.Constant):
+            if not isinstance(node.value, (bool, int, float, str)):
+                raise InvalidArgument(
+                    f"the value {node.value!r:.40} is not supported in a filter expression: use "
+                    "numbers, strings, True or False"
+                )
+        else:
+            what = type(getattr(node, "op", node)).__name__
+            raise InvalidArgument(
+                f"{what} is not supported in a filter expression: use comparisons, and/or/not, "
+                "in [...], + - * / %, column names and values"
+            )
+    return _Expression(tree, tuple(columns), options)
+
+
+def _value_set(node: ast.AST) -> pa.Array:
+    try:
+        values = ast.literal_eval(node)
+        if not isinstance(values, (list, tuple, set)):
+            raise ValueError("not a list")
+        return pa.array(list(values))
+    except (ValueError, TypeError, SyntaxError, pa.ArrowException):
+        raise InvalidArgument(
+            "the right side of 'in' in a filter expression must be a list of values of one "
+            "type, e.g. lang in ['en', 'fr']"
+        ) from None
+
+
+def _evaluate(node: ast.AST, batch: pa.RecordBatch, parsed: _Expression) -> Any:
     if isinstance(node, ast.BoolOp):
         combine = pc.and_kleene if isinstance(node.op, ast.And) else pc.or_kleene
-        result = _evaluate(node.values[0], batch)
+        result = _evaluate(node.values[0], batch, parsed)
         for value in node.values[1:]:
-            result = combine(result, _evaluate(value, batch))
+            result = combine(result, _evaluate(value, batch, parsed))
         return result
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        return pc.invert(_evaluate(node.operand, batch))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return pc.negate(_evaluate(node.operand, batch))
+    if isinstance(node, ast.UnaryOp):
+        operand = _evaluate(node.operand, batch, parsed)
+        return pc.invert(operand) if isinstance(node.op, ast.Not) else pc.negate(operand)
     if isinstance(node, ast.Compare):
-        left = _evaluate(node.left, batch)
+        left = _evaluate(node.left, batch, parsed)
         result = None
         for op, right_node in zip(node.ops, node.comparators, strict=True):
+            right = None
             if isinstance(op, (ast.In, ast.NotIn)):
-                options = ast.literal_eval(right_node)
-                part = pc.is_in(left, value_set=pa.array(list(options)))
+                part = pc.is_in(left, value_set=parsed.options[id(right_node)])
                 if isinstance(op, ast.NotIn):
                     part = pc.invert(part)
-                right = None
-            elif type(op) in _COMPARE:
-                right = _evaluate(right_node, batch)
-                part = _COMPARE[type(op)](left, right)
             else:
-                raise InvalidArgument(f"operator {type(op).__name__} is not supported")
+                right = _evaluate(right_node, batch, parsed)
+                part = _COMPARE[type(op)](left, right)
             result = part if result is None else pc.and_kleene(result, part)
             if right is not None:
                 left = right
         return result
     if isinstance(node, ast.BinOp):
-        ops = {ast.Add: pc.add, ast.Sub: pc.subtract, ast.Mult: pc.multiply, ast.Div: pc.divide,
-               ast.Mod: _mod}  # fmt: skip
-        if type(node.op) not in ops:
-            raise InvalidArgument(f"operator {type(node.op).__name__} is not supported")
-        return ops[type(node.op)](_evaluate(node.left, batch), _evaluate(node.right, batch))
+        return _ARITHMETIC[type(node.op)](
+            _evaluate(node.left, batch, parsed), _evaluate(node.right, batch, parsed)
+        )
     if isinstance(node, ast.Name):
-        if node.id not in batch.schema.names:
-            raise InvalidArgument(
-                f"expression names unknown column {node.id!r}; columns: "
-                f"{', '.join(batch.schema.names)}"
-            )
+        _column(batch.schema, node.id, "expression")  # the schema hook was not run: say it
         return batch.column(node.id)
-    if isinstance(node, ast.Constant):
-        return node.value
-    raise InvalidArgument(f"{type(node).__name__} is not supported in a filter expression")
+    assert isinstance(node, ast.Constant)
+    return node.value
 
 
 def _mod(left: Any, right: Any) -> Any:
@@ -146,18 +269,42 @@ class ExpressionFilter(Filter, name="expression"):
     """Keeps rows where an expression over columns is true, evaluated with Arrow compute.
 
     E.g. ``"label >= 3 and score < 0.5"``, ``"lang in ['en', 'fr'] and not flagged"``,
-    ``"uid % 10 == 0"``. Comparisons, ``and``/``or``/``not``, ``in``, ``+ - * / %``.
+    ``"uid % 10 == 0"``. Comparisons, ``and``/``or``/``not``, ``in``, ``+ - * / %``; at most
+    ``MAX_EXPRESSION_CHARS`` characters and ``MAX_EXPRESSION_TERMS`` terms. Parsed and
+    checked (against the columns too) when the iteration is created.
     """
+
+    _parsed: tuple[str, _Expression] | None = None
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """The expression parses, is within bounds, and uses only what is supported."""
+        _parse(params["expr"])
+
+    @classmethod
+    def check_schema(cls, params: dict[str, Any], schema: pa.Schema) -> pa.Schema:
+        """Every name in the expression is a column."""
+        for name in _parse(params["expr"]).columns:
+            if name not in schema.names:
+                raise InvalidArgument(
+                    f"expression {params['expr']!r:.200} names unknown column {name!r}; "
+                    f"columns: {', '.join(schema.names)}"
+                )
+        return schema
 
     def filter_batch(self, batch: pa.RecordBatch, *, expr: str) -> pa.BooleanArray:  # type: ignore[override]
         """The mask of rows where ``expr`` holds (null counts as false)."""
-        try:
-            tree = ast.parse(expr, mode="eval")
-        except SyntaxError as exc:
-            raise InvalidArgument(f"cannot parse filter expression {expr!r}: {exc.msg}") from None
-        result = _evaluate(tree, batch)
+        if self._parsed is None or self._parsed[0] != expr:  # once per iteration, not per batch
+            self._parsed = (expr, _parse(expr))
+        parsed = self._parsed[1]
+        result = _evaluate(parsed.tree.body, batch, parsed)
         if not isinstance(result, (pa.Array, pa.ChunkedArray)):
             return pa.array(np.full(batch.num_rows, bool(result)))
+        if not pa.types.is_boolean(result.type):
+            raise InvalidArgument(
+                f"filter expression {expr!r:.200} gives {result.type} values, not true/false: "
+                "compare them, e.g. label > 0"
+            )
         return pc.fill_null(result, False)
 
 
@@ -174,7 +321,39 @@ class ByteTokenizer(Preprocessor, name="byte_tokenize"):
 
     Adds ``{output}`` (``max_length`` int32 ids: byte + ``offset``, ``pad_id`` after the end)
     and ``{output}_mask`` (1 for tokens, 0 for padding); ``drop`` removes the text column.
+    Arrow compute all the way (no Python per row).
     """
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """A positive length; two output names."""
+        if not 1 <= params["max_length"] <= MAX_TOKENS:
+            raise InvalidArgument(
+                f"byte_tokenize max_length must be within 1..{MAX_TOKENS}, "
+                f"got {params['max_length']}"
+            )
+
+    @classmethod
+    def check_schema(cls, params: dict[str, Any], schema: pa.Schema) -> pa.Schema:
+        """The column holds text; the outputs take new names."""
+        column, output = params["column"], params["output"]
+        kind = _column(schema, column, "byte_tokenize")
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise InvalidArgument(f"byte_tokenize needs a string column, {column!r} is {kind}")
+        kept = [f for f in schema if not (params["drop"] and f.name == column)]
+        for name in (output, f"{output}_mask"):
+            if name in (f.name for f in kept):
+                raise InvalidArgument(
+                    f"byte_tokenize output {name!r} is already a column; choose another output"
+                )
+        length = params["max_length"]
+        return pa.schema(
+            [
+                *kept,
+                pa.field(output, pa.list_(pa.int32(), length)),
+                pa.field(f"{output}_mask", pa.list_(pa.int8(), length)),
+            ]
+        )
 
     def process(  # type: ignore[override]
         self,
@@ -191,31 +370,28 @@ class ByteTokenizer(Preprocessor, name="byte_tokenize"):
         text = batch.column(column)
         if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
             raise InvalidArgument(f"byte_tokenize needs a string column, {column!r} is {text.type}")
-        text = pc.cast(pc.fill_null(text, ""), pa.large_string())
-        if isinstance(text, pa.ChunkedArray):
-            text = text.combine_chunks()
-        _, offsets_buffer, data_buffer = text.buffers()
-        offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[
-            text.offset : text.offset + len(text) + 1
-        ]
-        data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer else np.zeros(1, np.uint8)
-        starts, lengths = offsets[:-1], np.minimum(np.diff(offsets), max_length)
-        columns = np.arange(max_length)
-        mask = columns[None, :] < lengths[:, None]
-        positions = np.where(mask, starts[:, None] + columns[None, :], 0)
-        ids = np.where(
-            mask, data[positions].astype(np.int32) + offset if len(data) else pad_id, pad_id
+        large = pa.types.is_large_string(text.type)
+        raw = pc.fill_null(text, "").cast(pa.large_binary() if large else pa.binary())
+        cut = pc.binary_slice(raw, 0, max_length)
+        # the bytes seen as lists of uint8: the same buffers, no copy
+        _, offsets, data = cut.buffers()
+        data = data if data is not None else pa.py_buffer(b"")
+        values = pa.Array.from_buffers(pa.uint8(), data.size, [None, data])
+        lists = pa.Array.from_buffers(
+            pa.large_list(pa.uint8()) if large else pa.list_(pa.uint8()),
+            len(cut),
+            [None, offsets],
+            offset=cut.offset,
+            children=[values],
         )
-        flat = pa.array(ids.astype(np.int32).ravel())
-        arrays = [
-            batch.column(i)
-            for i in range(batch.num_columns)
-            if not (drop and batch.schema.names[i] == column)
-        ]
+        # padded to max_length with nulls, which become pad_id and mask 0
+        tokens = pc.list_flatten(pc.list_slice(lists, 0, max_length, return_fixed_size_list=True))
+        ids = pc.fill_null(pc.add(tokens.cast(pa.int32()), pa.scalar(offset, pa.int32())), pad_id)
+        mask = pc.is_valid(tokens).cast(pa.int8())
         names = [n for n in batch.schema.names if not (drop and n == column)]
+        arrays = [batch.column(n) for n in names]
         arrays += [
-            pa.FixedSizeListArray.from_arrays(flat, max_length),
-            pa.FixedSizeListArray.from_arrays(pa.array(mask.astype(np.int8).ravel()), max_length),
+            pa.FixedSizeListArray.from_arrays(ids, max_length),
+            pa.FixedSizeListArray.from_arrays(mask, max_length),
         ]
-        names += [output, f"{output}_mask"]
-        return pa.RecordBatch.from_arrays(arrays, names=names)
+        return pa.RecordBatch.from_arrays(arrays, names=[*names, output, f"{output}_mask"])

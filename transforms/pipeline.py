@@ -5,10 +5,19 @@ preprocessors then transform that batch, in the order their ``depends_on`` requi
 step that raises is retried ``max_retry_count`` times; then the failing samples are found
 by running them one at a time, and either dropped and counted as failed
 (``skip_on_failure``) or reported as ``TransformFailed`` naming the plugin and the sample.
+
+Two failures take the whole batch at once, by the same policy, untried again: a call that
+runs past the time limit (``timeout``, the server's ``--plugin-timeout``), and, in the pool
+(``flight_server/pool.py``), a worker process that dies. One failure ends the iteration
+whatever the policy, with no hint to skip: a plugin that breaks its contract (see
+``base``) or raises ``InvalidArgument`` (its parameters do not fit the data).
+
+Every error a plugin causes names its kind and name, at creation as when running.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -16,11 +25,28 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 
-from ..protocol.errors import InvalidArgument, TransformFailed
-from .base import Plugin
+from ..protocol.errors import InvalidArgument, LavenderError, TransformFailed
+from .base import BrokenContract, Plugin
+from .limits import CallTimedOut, run_with_limit
 from .registry import Plugins
 
-__all__ = ["Outcome", "Pipeline", "PluginFailed", "Step", "from_spec", "pipeline_spec"]
+__all__ = [
+    "Outcome",
+    "Pipeline",
+    "PluginBroken",
+    "PluginFailed",
+    "PluginTimedOut",
+    "Step",
+    "from_spec",
+    "pipeline_spec",
+]
+
+log = logging.getLogger(__name__)
+
+Watch = Callable[["Step | None"], None]
+"""Told the step about to run, then None when it returned (a worker process marks it)."""
+
+NO_ROWS = np.zeros(0, dtype=np.int64)
 
 Call = tuple[str, dict[str, Any]]
 """A plugin by name with its parameters."""
@@ -29,12 +55,31 @@ R = TypeVar("R")
 
 
 class PluginFailed(Exception):
-    """A step raised; carries which plugin it was."""
+    """A plugin call raised (on one of the samples, perhaps): retried, then by the policy."""
 
     def __init__(self, step: Step, error: BaseException) -> None:
-        super().__init__(f"{step.kind} {step.name!r}: {type(error).__name__}: {error}")
+        super().__init__(f"{step.label}: {type(error).__name__}: {error}")
         self.step = step
         self.error = error
+
+
+class PluginTimedOut(PluginFailed):
+    """A plugin call ran past the time limit: the whole batch fails by the policy."""
+
+    def __init__(self, step: Step, error: CallTimedOut) -> None:
+        super().__init__(step, error)
+        self.seconds = error.seconds
+
+
+class PluginBroken(PluginFailed):
+    """A plugin broke its contract, or said its parameters do not fit the data.
+
+    Not a sample's failure: the iteration fails whatever the policy.
+    """
+
+    def __init__(self, step: Step, error: BaseException) -> None:
+        super().__init__(step, error)
+        self.args = (f"{step.label}: {error}",)
 
 
 @dataclass
@@ -58,18 +103,54 @@ class Step:
         """The plugin's name."""
         return self.plugin.name
 
-    def __call__(self, batch: pa.RecordBatch) -> Any:
-        """Run the plugin's vectorized form on a batch."""
+    @property
+    def label(self) -> str:
+        """How errors name it: ``preprocessor 'tokenize'``."""
+        return f"{self.kind} {self.name!r}"
+
+    def run(
+        self, batch: pa.RecordBatch, timeout: float | None = None, watch: Watch | None = None
+    ) -> Any:
+        """Run the plugin's vectorized form on a batch; errors name the plugin.
+
+        Args:
+            batch: the rows.
+            timeout: seconds the call may take (None: no limit; built-ins never get one).
+            watch: told this step before the call and None after it.
+
+        Raises:
+            PluginTimedOut: past ``timeout`` (the call is abandoned, still running).
+            PluginBroken: it raised ``InvalidArgument`` or broke its contract.
+            PluginFailed: it raised anything else.
+        """
         method = getattr(self.instance, self.plugin._vectorized)
+        if watch is not None:
+            watch(self)
         try:
-            return method(batch, **self.params)
-        except Exception as exc:
+            return run_with_limit(
+                lambda: method(batch, **self.params), None if self.plugin.builtin() else timeout
+            )
+        except CallTimedOut as exc:
+            raise PluginTimedOut(self, exc) from None
+        except (BrokenContract, InvalidArgument) as exc:
+            raise PluginBroken(self, exc) from exc
+        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() fails too
             raise PluginFailed(self, exc) from exc
+        finally:
+            if watch is not None:
+                watch(None)
+
+    def __call__(self, batch: pa.RecordBatch) -> Any:
+        """Run the plugin on a batch, without a time limit."""
+        return self.run(batch)
 
 
 @dataclass
 class Outcome:
-    """What a step under the failure policy produced, and which input rows failed."""
+    """What a step under the failure policy produced, and which input rows failed.
+
+    ``result`` is None when every row failed and there is nothing to show.
+    """
 
     result: Any
     failed: np.ndarray
@@ -104,6 +185,21 @@ def _order(steps: list[Step]) -> list[Step]:
     return ordered
 
 
+def _named(plugin: type[Plugin], doing: str, run: Callable[[], R]) -> R:
+    """``run()``, its errors naming the plugin: a hook's bug is ``TransformFailed``."""
+    label = f"{plugin.kind} {plugin.name!r}"
+    try:
+        return run()
+    except InvalidArgument as exc:
+        if str(exc).startswith(label):
+            raise
+        raise type(exc)(f"{label}: {exc}") from None
+    except LavenderError:
+        raise
+    except Exception as exc:
+        raise TransformFailed(f"{label} {doing}: {type(exc).__name__}: {exc}") from exc
+
+
 @dataclass
 class Pipeline:
     """The transforms of one iteration, resolved and validated against the server's plugins."""
@@ -114,6 +210,10 @@ class Pipeline:
     max_retry_count: int = 0
     skip_on_failure: bool = False
     uid_column: str = "uid"
+    timeout: float | None = None
+    """Seconds one plugin call on one batch may take (None: no limit)."""
+    watch: Watch | None = field(default=None, repr=False)
+    """Told each step before it runs (a worker process marks it for the pool)."""
 
     @classmethod
     def build(
@@ -125,21 +225,86 @@ class Pipeline:
         max_retry_count: int = 0,
         skip_on_failure: bool = False,
         uid_column: str = "uid",
+        schema: pa.Schema | None = None,
     ) -> Pipeline:
-        """Resolve names, validate parameters, order preprocessors; errors name the problem."""
+        """Resolve names, validate parameters, order preprocessors; errors name the problem.
+
+        Args:
+            plugins: the server's plugins (their ``timeout`` is the pipeline's).
+            filters: ``(name, params)`` of each filter.
+            collater: ``(name, params)`` of the collater, or None.
+            preprocessors: ``(name, params)`` of each preprocessor, in any order.
+            max_retry_count: tries after the first before the policy applies.
+            skip_on_failure: drop failing samples (counted as failed) instead of raising.
+            uid_column: the column errors name samples by.
+            schema: the rows the iteration reads; given, each plugin's ``check_schema``
+                checks its parameters against the columns.
+
+        Raises:
+            InvalidArgument: an unknown plugin, a wrong parameter, a column that does not
+                exist, preprocessors that depend on one not listed.
+            TransformFailed: a plugin could not be created or its checks broke.
+        """
 
         def step(kind: str, call: Call) -> Step:
             plugin = plugins.registry(kind).get(call[0])
-            return Step(plugin, plugin.validate(dict(call[1])))
+            params = _named(plugin, "could not check its parameters",
+                            lambda: plugin.validate(dict(call[1])))  # fmt: skip
+            _named(plugin, "could not check its parameters", lambda: plugin.check_params(params))
+            return _named(plugin, "could not be created", lambda: Step(plugin, params))
 
-        return cls(
+        pipeline = cls(
             filters=[step("filter", c) for c in filters],
             collater=step("collater", collater) if collater is not None else None,
             preprocessors=_order([step("preprocessor", c) for c in preprocessors]),
             max_retry_count=max_retry_count,
             skip_on_failure=skip_on_failure,
             uid_column=uid_column,
+            timeout=plugins.timeout,
         )
+        if schema is not None:
+            pipeline.check_schema(schema)
+        return pipeline
+
+    def check_schema(self, schema: pa.Schema) -> pa.Schema | None:
+        """Run each plugin's ``check_schema`` on the columns it will see (while known).
+
+        Returns:
+            The schema of the batches the pipeline makes, when every collater and
+            preprocessor says what it returns (else None: run it on a sample to know).
+
+        Raises:
+            InvalidArgument: a parameter does not fit the columns (naming the plugin).
+        """
+
+        def check(step: Step, columns: pa.Schema) -> pa.Schema | None:
+            found = _named(
+                step.plugin,
+                "could not check its parameters against the columns",
+                lambda: step.plugin.check_schema(step.params, columns),
+            )
+            return found if isinstance(found, pa.Schema) else None
+
+        for step in self.filters:
+            check(step, schema)
+        current: pa.Schema | None = schema
+        for step in [self.collater] if self.collater is not None else []:
+            current = check(step, schema)
+        for step in self.preprocessors:
+            if current is None:
+                return None  # a step before said nothing of its output
+            current = check(step, current)
+        return current
+
+    @property
+    def steps(self) -> list[Step]:
+        """Every step, in the order they run."""
+        return [*self.filters, *([self.collater] if self.collater else []), *self.preprocessors]
+
+    @property
+    def only_builtins(self) -> bool:
+        """Whether every step is a built-in (ours, bounded: safe in the server process)."""
+        return all(step.plugin.builtin() for step in self.steps)
 
     @property
     def identity(self) -> bool:
@@ -153,35 +318,34 @@ class Pipeline:
 
     # -- the steps -----------------------------------------------------------------------
 
+    def _run(self, step: Step, batch: pa.RecordBatch) -> Any:
+        return step.run(batch, self.timeout, self.watch)
+
     def _mask(self, batch: pa.RecordBatch) -> np.ndarray:
         keep = np.ones(batch.num_rows, dtype=bool)
         for step in self.filters:
-            result = step(batch)
-            mask = np.asarray(
-                result.to_numpy(zero_copy_only=False) if hasattr(result, "to_numpy") else result,
-                dtype=bool,
-            )
-            if mask.shape != (batch.num_rows,):
-                raise PluginFailed(
-                    step, ValueError(f"returned {mask.shape[0]} answers for {batch.num_rows} rows")
-                )
-            keep &= mask
+            keep &= _answers(step, self._run(step, batch), batch.num_rows)
         return keep
 
     def _process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         if self.collater is not None:
-            batch = _as_batch(self.collater, self.collater(batch))
+            batch = _as_batch(self.collater, self._run(self.collater, batch), batch.num_rows)
         for step in self.preprocessors:
-            batch = _as_batch(step, step(batch))
+            batch = _as_batch(step, self._run(step, batch), batch.num_rows)
         return batch
 
     # -- under the failure policy --------------------------------------------------------
 
     def filter(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
-        """``(keep, failed)`` masks over the rows."""
+        """``(keep, failed)`` masks over the rows.
+
+        Raises:
+            TransformFailed: without ``skip_on_failure``, a sample (or the batch) failed;
+                whatever the policy, a filter broke its contract.
+        """
         if not self.filters:
             return np.ones(batch.num_rows, dtype=bool), np.zeros(batch.num_rows, dtype=bool)
-        outcome = self._guarded(self._mask, batch)
+        outcome = self._guarded(self._mask, batch, np.zeros(0, dtype=bool))
         failed = np.zeros(batch.num_rows, dtype=bool)
         failed[outcome.failed] = True
         keep = np.zeros(batch.num_rows, dtype=bool)
@@ -189,45 +353,108 @@ class Pipeline:
         return keep, failed
 
     def process(self, batch: pa.RecordBatch) -> Outcome:
-        """The collated, preprocessed batch, and the rows that failed (already left out)."""
+        """The collated, preprocessed batch, and the rows that failed (already left out).
+
+        Raises:
+            TransformFailed: as ``filter`` does.
+        """
         if not self.transforms_batches:
-            return Outcome(batch, np.zeros(0, dtype=np.int64))
-        return self._guarded(self._process, batch)
+            return Outcome(batch, NO_ROWS)
+        return self._guarded(self._process, batch, None)
 
-    def _guarded(self, run: Callable[[pa.RecordBatch], R], batch: pa.RecordBatch) -> Outcome:
+    def _guarded(
+        self, run: Callable[[pa.RecordBatch], R], batch: pa.RecordBatch, nothing: Any
+    ) -> Outcome:
+        """``run(batch)`` under the policy; ``nothing`` is the result when every row fails."""
         error: PluginFailed | None = None
-        for _ in range(self.max_retry_count + 1):
-            try:
-                return Outcome(run(batch), np.zeros(0, dtype=np.int64))
-            except PluginFailed as exc:
-                error = exc
-        assert error is not None
-        failed = [i for i in range(batch.num_rows) if self._fails(run, batch.slice(i, 1))]
-        if not failed:  # only the whole batch fails: none of its samples alone
-            failed = list(range(batch.num_rows))
-        first = failed[0]
-        if not self.skip_on_failure:
-            culprit = self._culprit(run, batch.slice(first, 1)) or error
-            uid = (
-                batch.column(self.uid_column)[first].as_py()
-                if self.uid_column in batch.schema.names
-                else first
-            )
-            raise TransformFailed(
-                f"{culprit.step.kind} {culprit.step.name!r} failed on sample "
-                f"{self.uid_column}={uid!r}: {type(culprit.error).__name__}: {culprit.error} "
-                f"(after {self.max_retry_count + 1} tries; skip_on_failure=True skips such samples)"
-            )
-        survivors = np.ones(batch.num_rows, dtype=bool)
-        survivors[failed] = False
-        rest = batch.filter(pa.array(survivors))
         try:
-            return Outcome(run(rest), np.array(failed, dtype=np.int64))
-        except PluginFailed:
-            return Outcome(run(batch.slice(0, 0)), np.arange(batch.num_rows, dtype=np.int64))
+            for _ in range(self.max_retry_count + 1):
+                try:
+                    return Outcome(run(batch), NO_ROWS)
+                except PluginTimedOut:
+                    raise
+                except PluginBroken:
+                    raise
+                except PluginFailed as exc:
+                    error = exc
+            assert error is not None
+            # which samples fail alone (without skip_on_failure the first one is enough)
+            failed: list[int] = []
+            culprit: PluginFailed | None = None
+            for row in range(batch.num_rows):
+                found = self._culprit(run, batch.slice(row, 1))
+                if found is not None:
+                    failed.append(row)
+                    culprit = culprit or found
+                    if not self.skip_on_failure:
+                        break
+            alone = bool(failed)
+            if not alone:
+                failed = list(range(batch.num_rows))
+            if not self.skip_on_failure:
+                raise TransformFailed(self._failure_line(culprit or error, batch, failed[0], alone))
+            survivors = np.ones(batch.num_rows, dtype=bool)
+            survivors[failed] = False
+            if not survivors.any():
+                return Outcome(nothing, np.arange(batch.num_rows, dtype=np.int64))
+            try:
+                return Outcome(run(batch.filter(pa.array(survivors))), np.array(failed, np.int64))
+            except (PluginBroken, PluginTimedOut):
+                raise
+            except PluginFailed:  # the rest fails together: every sample of the batch fails
+                return Outcome(nothing, np.arange(batch.num_rows, dtype=np.int64))
+        except PluginBroken as exc:
+            raise TransformFailed(str(exc)) from None
+        except PluginTimedOut as exc:
+            return self.lost(batch, self._timed_out_line(exc, batch), nothing)
 
-    def _fails(self, run: Callable[[pa.RecordBatch], Any], row: pa.RecordBatch) -> bool:
-        return self._culprit(run, row) is not None
+    def lost(self, batch: pa.RecordBatch, why: str, nothing: Any = None) -> Outcome:
+        """The whole batch failed at once (a time limit, a dead worker): by the policy.
+
+        Args:
+            batch: the batch.
+            why: the failure, one line naming the plugin (the sample hint is added here).
+            nothing: the result to answer when skipping (None for a processed batch).
+
+        Raises:
+            TransformFailed: without ``skip_on_failure``.
+        """
+        if not self.skip_on_failure:
+            raise TransformFailed(f"{why}; skip_on_failure=True skips such batches")
+        log.warning("skipping %d samples: %s", batch.num_rows, why)
+        return Outcome(nothing, np.arange(batch.num_rows, dtype=np.int64))
+
+    def describe(self, batch: pa.RecordBatch) -> str:
+        """``a batch of 16 samples from uid=3``: how errors name a batch."""
+        if not batch.num_rows:
+            return "an empty batch"
+        return f"a batch of {batch.num_rows} samples from {self.uid_column}={self._uid(batch, 0)!r}"
+
+    def _uid(self, batch: pa.RecordBatch, row: int) -> Any:
+        if self.uid_column in batch.schema.names:
+            return batch.column(self.uid_column)[row].as_py()
+        return row
+
+    def _failure_line(
+        self, culprit: PluginFailed, batch: pa.RecordBatch, row: int, alone: bool
+    ) -> str:
+        where = (
+            f"sample {self.uid_column}={self._uid(batch, row)!r}"
+            if alone
+            else f"{self.describe(batch)} (no sample fails alone)"
+        )
+        return (
+            f"{culprit.step.label} failed on {where}: {type(culprit.error).__name__}: "
+            f"{culprit.error} (after {self.max_retry_count + 1} tries; skip_on_failure=True "
+            f"skips such {'samples' if alone else 'batches'})"
+        )
+
+    def _timed_out_line(self, exc: PluginTimedOut, batch: pa.RecordBatch) -> str:
+        return (
+            f"{exc.step.label} did not finish {self.describe(batch)} within the plugin time "
+            f"limit of {exc.seconds:g} s (--plugin-timeout); the call was abandoned but may "
+            "still run in the server process (run plugins that can hang with --workers)"
+        )
 
     def _culprit(
         self, run: Callable[[pa.RecordBatch], Any], row: pa.RecordBatch
@@ -237,23 +464,81 @@ class Pipeline:
             try:
                 run(row)
                 return None
+            except (PluginBroken, PluginTimedOut):
+                raise
             except PluginFailed as exc:
                 error = exc
         return error
 
 
-def _as_batch(step: Step, result: Any) -> pa.RecordBatch:
+def _answers(step: Step, result: Any, rows: int) -> np.ndarray:
+    """A filter's answers as a boolean mask of ``rows`` (nulls drop the row), or broken."""
+    if isinstance(result, pa.ChunkedArray):
+        result = result.combine_chunks()
+    if isinstance(result, pa.Array):
+        if not pa.types.is_boolean(result.type):
+            raise PluginBroken(
+                step, BrokenContract(f"returned {result.type} values, not booleans (bool_)")
+            )
+        mask = result.fill_null(False).to_numpy(zero_copy_only=False)
+    elif isinstance(result, np.ndarray):
+        if result.dtype != np.bool_:
+            raise PluginBroken(
+                step, BrokenContract(f"returned an array of {result.dtype}, not of booleans")
+            )
+        mask = result
+    elif isinstance(result, (list, tuple)):
+        odd = next((a for a in result if not isinstance(a, (bool, np.bool_))), None)
+        if odd is not None:
+            raise PluginBroken(
+                step, BrokenContract(f"returned {type(odd).__name__} {odd!r:.40}, not a bool")
+            )
+        mask = np.array(result, dtype=bool)
+    else:
+        raise PluginBroken(
+            step, BrokenContract(f"returned {type(result).__name__}, not a BooleanArray")
+        )
+    if mask.shape != (rows,):
+        raise PluginBroken(
+            step,
+            BrokenContract(
+                f"returned {len(mask)} answers for a batch of {rows} rows; a filter answers "
+                "one boolean per row"
+            ),
+        )
+    return np.asarray(mask, dtype=bool)
+
+
+def _as_batch(step: Step, result: Any, rows: int) -> pa.RecordBatch:
+    """A preprocessor's or collater's result as a RecordBatch of the right rows, or broken."""
     if isinstance(result, pa.RecordBatch):
-        return result
-    if isinstance(result, pa.Table):
-        return (
+        batch = result
+    elif isinstance(result, pa.Table):
+        batch = (
             result.combine_chunks().to_batches()[0]
             if result.num_rows
             else pa.RecordBatch.from_pylist([], result.schema)
         )
-    if isinstance(result, dict):
-        return pa.RecordBatch.from_pydict(result)
-    raise PluginFailed(step, TypeError(f"returned {type(result).__name__}, not a RecordBatch"))
+    elif isinstance(result, dict):
+        try:
+            batch = pa.RecordBatch.from_pydict(result)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise PluginBroken(
+                step, BrokenContract(f"returned a dict that is not a batch of columns: {exc}")
+            ) from None
+    else:
+        raise PluginBroken(
+            step, BrokenContract(f"returned {type(result).__name__}, not a RecordBatch")
+        )
+    if batch.num_rows != rows and not step.plugin.changes_rows:
+        raise PluginBroken(
+            step,
+            BrokenContract(
+                f"returned {batch.num_rows} rows for a batch of {rows}; a {step.kind} that "
+                "adds or drops rows says so with the class attribute changes_rows = True"
+            ),
+        )
+    return batch
 
 
 def pipeline_spec(

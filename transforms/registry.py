@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from ..protocol.errors import AlreadyExists, InvalidArgument
 from .base import Collater, Filter, Plugin, Preprocessor
+from .limits import DEFAULT_PLUGIN_TIMEOUT
 
 __all__ = ["ENTRY_POINT_GROUPS", "PluginInfo", "Plugins", "Registry"]
 
@@ -86,13 +87,15 @@ class PluginInfo:
 
 @dataclass
 class Plugins:
-    """Every plugin a server offers, and the module files that failed to load."""
+    """Every plugin a server offers, the module files that failed to load, the time limit."""
 
     filters: Registry[Filter] = field(default_factory=lambda: Registry("filter"))
     collaters: Registry[Collater] = field(default_factory=lambda: Registry("collater"))
     preprocessors: Registry[Preprocessor] = field(default_factory=lambda: Registry("preprocessor"))
     problems: list[str] = field(default_factory=list)
     modules_dir: str | None = None
+    timeout: float | None = DEFAULT_PLUGIN_TIMEOUT
+    """Seconds one plugin call on one batch may take (``--plugin-timeout``; None: no limit)."""
 
     def registry(self, kind: str) -> Registry[Any]:
         """The registry of one kind."""
@@ -117,11 +120,20 @@ class Plugins:
             self.add(plugin, source)
 
     @classmethod
-    def load(cls, modules_dir: str | Path | None = None, entry_points: bool = True) -> Plugins:
-        """Built-ins, then entry points, then every ``*.py`` file of ``modules_dir``."""
+    def load(
+        cls,
+        modules_dir: str | Path | None = None,
+        entry_points: bool = True,
+        timeout: float | None = DEFAULT_PLUGIN_TIMEOUT,
+    ) -> Plugins:
+        """Built-ins, then entry points, then every ``*.py`` file of ``modules_dir``.
+
+        ``timeout`` is how long one plugin call on one batch may take in this process
+        (None: no limit; a worker process has none, its pool watches it instead).
+        """
         from . import builtins
 
-        plugins = cls(modules_dir=str(modules_dir) if modules_dir else None)
+        plugins = cls(modules_dir=str(modules_dir) if modules_dir else None, timeout=timeout)
         plugins.add_module(builtins, "lavender_flight.transforms.builtins")
         if entry_points:
             for kind, group in ENTRY_POINT_GROUPS.items():

@@ -296,7 +296,7 @@ def test_worker_processes_give_the_same_batches(
     next(pooled_server)
     pooled = run()
     pool = servers[0].iterations.pool
-    assert pool is not None and pool._executor is not None  # the worker processes ran
+    assert pool is not None and pool.answered > 0  # the worker processes ran
     pooled_server.close()
     assert pooled == inline
     assert sorted(u for b in inline for u, _ in b) == [u for u in range(0, TOTAL, 2) if u % 50]

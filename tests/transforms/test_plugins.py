@@ -215,6 +215,8 @@ def test_builtin_filters() -> None:
     assert 0.24 < share < 0.26
     with pytest.raises(TransformFailed, match="unknown column 'nope'"):
         Pipeline.build(plugins, filters=[("expression", {"expr": "nope > 1"})]).filter(BATCH)
+    with pytest.raises(InvalidArgument, match="unknown column 'nope'"):
+        Pipeline.build(plugins, filters=[("expression", {"expr": "nope > 1"})], schema=BATCH.schema)
 
 
 def test_byte_tokenizer() -> None:
@@ -233,11 +235,16 @@ def test_a_filter_must_answer_every_row() -> None:
 
     plugins = Plugins()
     plugins.add(Short, "test")
-    with pytest.raises(
-        TransformFailed,
-        match="filter 'short' failed on sample uid=0: ValueError: returned 1 answers for 2 rows",
-    ):
-        Pipeline.build(plugins, filters=[("short", {})]).filter(BATCH.slice(0, 2))
+    # a broken contract, not a sample's failure: no retry, no skip, no hint to skip
+    for skip in (False, True):
+        with pytest.raises(
+            TransformFailed,
+            match=r"^filter 'short': returned 1 answers for a batch of 2 rows; a filter answers "
+            r"one boolean per row$",
+        ):
+            Pipeline.build(plugins, filters=[("short", {})], skip_on_failure=skip).filter(
+                BATCH.slice(0, 2)
+            )
 
 
 def test_entry_points_are_a_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
