@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from ...protocol.ranges import RangeSet, as_array, runs
-from ...transforms import Outcome, Pipeline
+from ...transforms import Outcome
 from .blocks import BlockReader
 from .plan import EpochPlan
 from .state import Unit
@@ -155,6 +155,9 @@ def _without(batches: list[tuple[int, Ranges]], kept: np.ndarray) -> list[tuple[
 Process = Callable[[list[pa.RecordBatch]], list[Outcome]]
 """Collate and preprocess batches (in worker processes or here), in order."""
 
+Filter = Callable[[pa.RecordBatch], tuple[np.ndarray, np.ndarray]]
+"""``(keep, failed)`` masks of a batch's rows (in a worker process or here)."""
+
 
 class TransformedBatcher:
     """Filtered, collated or preprocessed batches.
@@ -173,7 +176,7 @@ class TransformedBatcher:
         blocks: BlockReader,
         world: World,
         work: Work,
-        pipeline: Pipeline,
+        filter: Filter,
         process: Process,
         schema: pa.Schema,
         first_chunks: int = 1,
@@ -183,7 +186,7 @@ class TransformedBatcher:
         self.blocks = blocks
         self.world = world
         self.work = work
-        self.pipeline = pipeline
+        self.filter = filter
         self.process = process
         self.schema = schema
         self.first_chunks = first_chunks
@@ -216,7 +219,7 @@ class TransformedBatcher:
         local, ordinals = local[keep], ordinals[keep]
         if not table.num_rows:
             return
-        kept, failed = self.pipeline.filter(_one_batch(table, self.schema))
+        kept, failed = self.filter(_one_batch(table, self.schema))
         self._drop(local[~kept & ~failed], self._filtered)
         self._drop(local[failed], self._failed)
         self._carried.append(table.filter(pa.array(kept)))

@@ -226,17 +226,34 @@ class LiveIteration:
         the rows read (the first message tells the truth then).
         """
         if self._output_schema is None:
+            pipeline = self.setup.pipeline
             schema = self.schema
-            if self.setup.pipeline.transforms_batches:
-                sample = next(self.setup.reader.iter_rows(0, 2), None)
-                if sample is not None and sample.num_rows:
-                    try:
-                        batch = sample.combine_chunks().to_batches()[0]
-                        schema = self.setup.pipeline.process(batch).result.schema
-                    except Exception:
-                        log.info("iteration %s: no output schema from the first rows", self.id)
+            if pipeline.transforms_batches:
+                declared = pipeline.check_schema(self.schema)
+                schema = declared if declared is not None else self._sampled_schema()
             self._output_schema = schema
         return self._output_schema
+
+    def _sampled_schema(self) -> pa.Schema:
+        """The schema of what the first rows become; the read schema when that fails.
+
+        In a worker process when there are workers: user code never runs in the server.
+        """
+        sample = next(self.setup.reader.iter_rows(0, 2), None)
+        if sample is None or not sample.num_rows:
+            return self.schema
+        batch = sample.combine_chunks().to_batches()[0]
+        try:
+            if self.pool is not None and not self.setup.pipeline.only_builtins:
+                spec = json.dumps(self.setup.worker_spec())
+                outcome = self.pool.outcome(self.pool.submit(spec, batch))
+            else:
+                outcome = self.setup.pipeline.process(batch)
+            if outcome.result is not None:
+                return outcome.result.schema
+        except Exception:
+            log.info("iteration %s: no output schema from the first rows", self.id)
+        return self.schema
 
     def info(self) -> IterationInfo:
         """What a FlightInfo says of the iteration."""
@@ -307,7 +324,7 @@ class LiveIteration:
                     self.blocks,
                     world,
                     work,
-                    self.setup.pipeline,
+                    self._filter,
                     self._process,
                     schema,
                     first_chunks=max(1, self.pool.workers if self.pool is not None else 1),
@@ -396,27 +413,38 @@ class LiveIteration:
         process and back costs about that much).
         """
         pipeline = self.setup.pipeline
-        if (
-            self.pool is None
-            or not pipeline.transforms_batches
-            or (self._row_cost is not None and self._row_cost < self.pool.min_row_seconds)
-        ):
+        if self.pool is None or not pipeline.transforms_batches or not inputs:
             return [pipeline.process(batch) for batch in inputs]
-        if self._row_cost is None:
-            started = time.perf_counter()
-            outcomes = [pipeline.process(batch) for batch in inputs]
-            rows = max(1, sum(batch.num_rows for batch in inputs))
-            self._row_cost = (time.perf_counter() - started) / rows
+        inline = pipeline.only_builtins and (
+            self._row_cost is not None and self._row_cost < self.pool.min_row_seconds
+        )
+        if inline:  # ours, and cheaper here than the trip to a worker
+            return [pipeline.process(batch) for batch in inputs]
+        spec = json.dumps(self.setup.worker_spec())
+        outcomes: list[Outcome] = []
+        if self._row_cost is None:  # timed in a worker: user code never runs here
+            first, seconds = self.pool.timed(spec, inputs[0])
+            self._row_cost = seconds / max(1, inputs[0].num_rows)
             log.info(
                 "iteration %s: preprocessing takes %.1f us a row: %s",
                 self.id,
                 self._row_cost * 1e6,
-                "worker processes" if self._row_cost >= self.pool.min_row_seconds else "inline",
+                "worker processes"
+                if self._row_cost >= self.pool.min_row_seconds or not pipeline.only_builtins
+                else "inline",
             )
-            return outcomes
-        spec = json.dumps(self.setup.worker_spec())
+            outcomes.append(first)
+            inputs = inputs[1:]
         futures = [self.pool.submit(spec, batch) for batch in inputs]
-        return [self.pool.outcome(future) for future in futures]
+        return [*outcomes, *(self.pool.outcome(future) for future in futures)]
+
+    def _filter(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        """``(keep, failed)`` masks: user filters in a worker process when there are workers."""
+        pipeline = self.setup.pipeline
+        if self.pool is None or all(step.plugin.builtin() for step in pipeline.filters):
+            return pipeline.filter(batch)
+        spec = json.dumps(self.setup.worker_spec())
+        return self.pool.masks(self.pool.submit_filter(spec, batch))
 
     # -- what loops report ---------------------------------------------------------------
 

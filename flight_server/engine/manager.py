@@ -29,7 +29,7 @@ from ...protocol.iterations import (
     IterationRecord,
     IterationSpec,
 )
-from ...transforms import Plugins
+from ...transforms import DEFAULT_PLUGIN_TIMEOUT, Plugins
 from ..pool import TransformPool
 from ..service import LavenderService
 from .flow import ReadAhead
@@ -83,7 +83,15 @@ class IterationManager:
         self.catalog = catalog
         self.service = service
         self.plugins = plugins or Plugins.load(entry_points=False)
-        self.pool = TransformPool(workers, self.plugins.modules_dir) if workers > 0 else None
+        self.pool = (
+            TransformPool(
+                workers,
+                self.plugins.modules_dir,
+                timeout=self.plugins.timeout or DEFAULT_PLUGIN_TIMEOUT,
+            )
+            if workers > 0
+            else None
+        )
         self.node = node or new_id("nd")
         self.location = location
         self.node_timeout = node_timeout

@@ -13,6 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from ...protocol import Dataset
 from ...protocol.errors import InvalidArgument
 from ...protocol.iterations import IterationPlan, IterationSpec
@@ -28,8 +30,14 @@ __all__ = ["IterationSetup", "build_pipeline"]
 PLANS_KEPT = 4
 
 
-def build_pipeline(plugins: Plugins, spec: IterationSpec, uid_column: str) -> Pipeline:
-    """The transforms an iteration spec asks for, validated against the server's plugins."""
+def build_pipeline(
+    plugins: Plugins, spec: IterationSpec, uid_column: str, schema: pa.Schema | None = None
+) -> Pipeline:
+    """The transforms an iteration spec asks for, validated against the server's plugins.
+
+    With ``schema`` (the rows the iteration reads), each plugin also checks its parameters
+    against the columns (an expression naming an unknown column fails here).
+    """
     return Pipeline.build(
         plugins,
         [(f.name, f.params) for f in spec.filters],
@@ -38,6 +46,7 @@ def build_pipeline(plugins: Plugins, spec: IterationSpec, uid_column: str) -> Pi
         spec.max_retry_count,
         spec.skip_on_failure,
         uid_column,
+        schema=schema,
     )
 
 
@@ -75,7 +84,7 @@ class IterationSetup:
         dataset = service.get_dataset(dataset_id=spec.dataset_id)
         reader = service.reader(dataset, spec.shardsets, spec.columns, spec.join)
         partitions = replication_partitions(spec.world_size, spec.replication_pg)
-        pipeline = build_pipeline(plugins, spec, dataset.uid_column_name)
+        pipeline = build_pipeline(plugins, spec, dataset.uid_column_name, reader.schema)
         if plan is None:
             plan = IterationPlan(
                 shards=[(shard.index, shard.num_rows) for shard in reader.main_shards], seed=seed

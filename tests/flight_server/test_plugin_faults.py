@@ -238,11 +238,6 @@ def test_expression_errors_fail_at_creation(inline: LavenderFlightServer, data_d
     assert lavender.list_iterations(dataset.id) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: build_pipeline must pass schema=<the reader's schema> to Pipeline.build "
-    "(lead); until then an unknown column fails on the first batch (TransformFailed)",
-)
 def test_an_expression_naming_an_unknown_column_fails_at_creation(
     inline: LavenderFlightServer, data_dir: Path
 ) -> None:
@@ -287,11 +282,6 @@ def served(tmp_path: Path, modules_dir: Path) -> Iterator[Served]:
         server.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: the first batches are timed in the server process (LiveIteration._process); "
-    "they must be timed in a worker with pool.timed (lead)",
-)
 def test_a_crash_on_the_first_batch_does_not_kill_the_server(served: Served) -> None:
     demo = lavender.get_dataset(name="demo")
     it = Iteration.from_dataset(
