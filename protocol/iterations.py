@@ -15,6 +15,7 @@ from .wire import MAX_PAYLOAD_BYTES, Ranges, ShardTicket, WireModel, _Id, proble
 
 __all__ = [
     "MAX_WORLD_SIZE",
+    "NodeInfo",
     "AckBody",
     "BatchMetadata",
     "CheckAnswer",
@@ -171,6 +172,24 @@ class DeleteIterationBody(WireModel):
     force: bool = False
 
 
+class NodeInfo(BaseModel):
+    """A server registered on the catalog (the ``list_nodes`` action answers a list)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    location: str
+    """The URL clients reach it at (``--advertise``, or its host and port)."""
+    started_at: float
+    heartbeat_at: float
+    alive: bool
+    """Its heartbeat is recent (within the servers' ``--node-timeout``)."""
+    streams: int = 0
+    """Iteration streams it is sending now."""
+    samples_per_s: float = 0.0
+    """Samples it sent per second lately."""
+
+
 class ListIterationsBody(WireModel):
     """``list_iterations``, of one dataset or all; ``ranks`` adds each rank's progress."""
 
@@ -285,6 +304,8 @@ class RankProgress(BaseModel):
     """Streams sending now."""
     opened: int = 0
     """Streams opened in this epoch (a DataLoader's workers open one each)."""
+    nodes: list[str] = Field(default_factory=list)
+    """The servers (node ids, see ``list_nodes``) serving the rank's streams now."""
     done: bool = False
 
 

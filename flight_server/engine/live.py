@@ -568,6 +568,7 @@ class LiveIteration:
             pending=state.pending_count,
             streams=state.open_streams,
             opened=state.next_generation - 1,
+            nodes=state.nodes,
             done=state.done,
         )
 
