@@ -27,6 +27,8 @@ from .auth import ApiKeyMiddlewareFactory
 from .demo import DEMO_DATASET, create_demo
 from .engine import ReadAhead
 from .logs import configure_logging
+from .memory import MemoryBudget, no_huge_pages
+from .read_pool import ReadPool
 from .server import LavenderFlightServer
 from .service import LavenderService
 from .settings import ServerSettings
@@ -193,6 +195,15 @@ def _announce(
     budget = ReadAhead(seconds=settings.read_ahead_seconds, max_bytes=settings.read_ahead_mb << 20)
     _say(f"  streams  read-ahead {budget.describe()}; servers sharing the catalog count as "
          f"dead after {settings.node_timeout:g} s without a heartbeat")  # fmt: skip
+    reads = service.read_pool
+    ignored = (
+        "; --join-cache-mb is part of it now (ignored)"
+        if ("join_cache_mb" in settings.model_fields_set)
+        else ""
+    )
+    _say(f"  memory   {service.memory.describe()}; reads: {reads.threads} at once from local "
+         f"disks, {reads.remote} per remote store, {settings.read_timeout:g} s timeout"
+         f"{ignored}")  # fmt: skip
     names = {i.name for i in plugins.describe()}
     _say(
         f"  plugins  {len(names)} ({', '.join(sorted(names))}); "
@@ -244,7 +255,8 @@ def serve(
             catalog,
             storage_defaults=settings.storage_defaults(),
             storage_roots=settings.storage_roots(),
-            join_cache_bytes=settings.join_cache_mb << 20,
+            memory=MemoryBudget(settings.memory_bytes),
+            read_pool=ReadPool(settings.read_threads, timeout=settings.read_timeout),
             allow_protocols=settings.allow_protocol,
             allow_memory=settings.allow_memory,
             max_shard_bytes=settings.max_shard_mb << 20,
@@ -312,6 +324,7 @@ def _usage_error(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lavender-flight`` command."""
+    no_huge_pages()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "ui":
         from ..panel_ui import main as ui_main

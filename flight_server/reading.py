@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +31,8 @@ from ..protocol import Dataset, Shard, Shardset
 from ..protocol.errors import InvalidArgument, ShardNotFound, ShardsetNotFound
 from ..protocol.shards import Span, by_span, span_of
 from .locations import Locations
+from .memory import MemoryBudget
+from .read_pool import ReadPool, store_key
 from .shard_io import ShardIO
 from .shards import declared_schema
 from .storage import Location
@@ -49,27 +50,35 @@ DEFAULT_CACHE_BYTES = 512 << 20
 
 
 class ShardCache:
-    """Feature shards read for joins by uid, shared by every read of a server, bounded in bytes.
+    """The decoded shard files of a server, kept in its memory budget (an LRU in bytes).
 
-    A main shard joining a shuffled feature shardset needs rows of many feature shards,
-    and so does the next one: keeping them saves reading each again per main shard.
+    Every read of a shard file goes through it: the main shards an iteration streams, the
+    aligned feature shards attached to them, and the feature shards a join by uid takes
+    rows from (a main shard joining a shuffled feature shardset needs rows of many feature
+    shards, and so does the next one). A dataset that fits the budget is decoded once:
+    its next epochs, and other iterations over it, read no file.
 
     Each key has one entry from the moment a read of it starts: readers arriving while it
     is read wait for that read, and the finished table stays under the same entry, so no
     reader ever finds the key absent between the read and its keeping (and reads it again).
+
+    Args:
+        max_bytes: the size of a private budget (when ``budget`` is not given).
+        budget: the server's memory budget, shared with what streams hold.
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, Future[pa.Table]] = OrderedDict()
-        self._sizes: dict[Hashable, int] = {}  # entries read and kept, by their bytes
-        self._bytes = 0
-        self._lock = threading.Lock()
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, budget: MemoryBudget | None = None):
+        self.budget = budget if budget is not None else MemoryBudget(max_bytes)
+
+    @property
+    def max_bytes(self) -> int:
+        """The budget the cache lives in."""
+        return self.budget.max_bytes
 
     @property
     def nbytes(self) -> int:
         """Bytes held now."""
-        return self._bytes
+        return self.budget.kept_bytes
 
     def weigh(self, table: pa.Table) -> int:
         """The bytes a table counts for in the budget."""
@@ -81,40 +90,7 @@ class ShardCache:
         Readers asking for a table being read wait for that read instead of repeating it.
         A failed read is not kept: the next reader tries again.
         """
-        with self._lock:
-            entry = self._entries.get(key)
-            owner = entry is None
-            if entry is None:
-                entry = self._entries[key] = Future()
-            else:
-                self._entries.move_to_end(key)
-        if not owner:
-            return entry.result()
-        try:
-            table = read()
-        except BaseException as exc:
-            with self._lock:
-                if self._entries.get(key) is entry:
-                    del self._entries[key]
-            entry.set_exception(exc)
-            raise
-        entry.set_result(table)  # from here on every reader takes it from the entry
-        size = self.weigh(table)
-        with self._lock:
-            if self._entries.get(key) is not entry:
-                return table
-            if size > self.max_bytes:  # larger than the whole cache: never kept
-                del self._entries[key]
-                return table
-            self._sizes[key] = size
-            self._bytes += size
-            for old in list(self._entries):  # least recently used first; reads go on
-                if self._bytes <= self.max_bytes:
-                    break
-                if old in self._sizes:
-                    del self._entries[old]
-                    self._bytes -= self._sizes.pop(old)
-        return table
+        return self.budget.get(key, read, self.weigh)
 
 
 @dataclass
@@ -132,6 +108,7 @@ class ShardsetView:
     def __post_init__(self) -> None:
         self.by_index = {shard.index: shard for shard in self.shards}
         self.by_span = by_span(self.shards)
+        self.lane = store_key(self.location)
 
     def aligned_with(self, main_shard: Shard) -> Shard | None:
         """The one shard with the main shard's row count and uid range, if any."""
@@ -154,8 +131,10 @@ class DatasetReader:
             policy, without storage options).
         join: ``left`` (missing values are null) or ``inner`` (see ``read_joined``).
         indexes: the server's uid indexes (in memory only when not given).
-        cache: the server's cache of feature shards (a private one when not given).
+        cache: the server's cache of decoded shard files (a private one when not given).
         shard_io: every read of a shard file (the server's, shared with registration).
+        pool: the server's read pool: each file is read on its store's lane (default: on
+            the calling thread).
     """
 
     def __init__(
@@ -169,6 +148,7 @@ class DatasetReader:
         indexes: UidIndexes | None = None,
         cache: ShardCache | None = None,
         shard_io: ShardIO | None = None,
+        pool: ReadPool | None = None,
     ) -> None:
         if join not in ("left", "inner"):
             raise InvalidArgument(f"join must be 'left' or 'inner', not {join!r}")
@@ -177,6 +157,7 @@ class DatasetReader:
         self.indexes = indexes or UidIndexes(None)
         self.cache = cache or ShardCache()
         self.shard_io = shard_io or ShardIO()
+        self.pool = pool
         resolve = resolve or Locations().locate
         self.reads: Counter[str] = Counter()  # shard files read from storage, by shardset id
         uid = dataset.uid_column_name
@@ -246,21 +227,37 @@ class DatasetReader:
     # -- storage -------------------------------------------------------------------------
 
     def _read(self, view: ShardsetView, shard: Shard, columns: list[str] | None = None) -> pa.Table:
-        """Read one shard of a view from storage (its ``columns``, by default the view's)."""
+        """Read one shard of a view from storage (its ``columns``, by default the view's).
+
+        On the read pool's lane of the view's store when there is a pool: a slow store
+        holds only its own lane.
+        """
         with self._lock:
             self.reads[view.shardset.id] += 1
-        return self.shard_io.read(
-            view.location,
-            view.location.path_of(shard.location),
-            shard.format,
-            view.schema,
-            columns or view.columns,
-            size=shard.size_bytes,  # known from the catalog: no size request to the store
-        )
+
+        def read() -> pa.Table:
+            return self.shard_io.read(
+                view.location,
+                view.location.path_of(shard.location),
+                shard.format,
+                view.schema,
+                columns or view.columns,
+                size=shard.size_bytes,  # known from the catalog: no size request to the store
+            )
+
+        if self.pool is None:
+            return read()
+        return self.pool.run(view.lane, read, f"reading {view.location.shown}")
 
     def _cached(self, view: ShardsetView, shard: Shard) -> pa.Table:
+        """A shard of a view, decoded once for the whole server (see ``ShardCache``)."""
         key = (view.shardset.id, shard.index, shard_digest(shard), tuple(view.columns))
         return self.cache.get(key, lambda: self._read(view, shard))
+
+    def cached(self, shard: Shard) -> bool:
+        """Whether a main shard's file is decoded already (in the server's cache)."""
+        key = (self.main.shardset.id, shard.index, shard_digest(shard), tuple(self.main.columns))
+        return key in self.cache.budget
 
     def _index(self, view: ShardsetView) -> UidIndex:
         uid = self.dataset.uid_column_name
@@ -271,6 +268,26 @@ class DatasetReader:
             read_uids=lambda shard: self._read(view, shard, [uid]).column(uid),
             unique=True,
         )
+
+    def decoded_bytes(self, shard: Shard) -> int:
+        """About how many bytes the joined rows of a main shard take in memory."""
+        main = self.main
+        total = self.shard_io.decoded_size(
+            main.location, main.location.path_of(shard.location), shard.format,
+            main.columns, shard.size_bytes,
+        )  # fmt: skip
+        for view in self.views[1:]:
+            partner = view.aligned_with(shard)
+            if partner is not None:
+                total += self.shard_io.decoded_size(
+                    view.location, view.location.path_of(partner.location), partner.format,
+                    view.columns, partner.size_bytes,
+                )  # fmt: skip
+                continue
+            rows = sum(s.num_rows for s in view.shards)
+            size = sum(s.size_bytes for s in view.shards)
+            total += int(size / rows * shard.num_rows) if rows else 0
+        return total
 
     # -- joins ---------------------------------------------------------------------------
 
@@ -284,7 +301,7 @@ class DatasetReader:
 
         The mask is None under a left join, or when no row lacks a feature row.
         """
-        table = self._read(self.main, shard)
+        table = self._cached(self.main, shard)
         missing: np.ndarray | None = None
         for view in self.views[1:]:
             table, absent = self._join(table, view, shard)
@@ -299,7 +316,7 @@ class DatasetReader:
         names = view.columns[1:]
         absent: np.ndarray | None = None
         partner = view.aligned_with(main_shard)
-        feature = self._read(view, partner) if partner is not None else None
+        feature = self._cached(view, partner) if partner is not None else None
         if feature is None or not feature.column(uid).equals(table.column(uid)):
             feature, absent = self._by_uid(table.column(uid), view)
         for name in names:  # aligned: the columns as read, no copy

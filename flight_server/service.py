@@ -2,8 +2,8 @@
 
 A thin facade over the parts that do the work: ``Locations`` (which storage may be opened,
 under the ``StoragePolicy``), ``Registrar`` (shardsets created, synced and written),
-``DatasetReader`` (joined reads), all sharing one ``ShardIO``, one ``UidIndexes`` and one
-``ShardCache``.
+``DatasetReader`` (joined reads), all sharing one ``ShardIO``, one ``UidIndexes``, one
+``ShardCache`` (in the server's one ``MemoryBudget``) and one ``ReadPool``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from ..catalog import Catalog
 from ..protocol import ColumnOptions, Dataset, Shard, Shardset, SyncResult
 from ..protocol.errors import DatasetNotFound, InvalidArgument
 from .locations import Locations, Resolver
+from .memory import MemoryBudget
 from .policy import StoragePolicy, check_printable
+from .read_pool import ReadPool
 from .reading import DEFAULT_CACHE_BYTES, DatasetReader, Join, ShardCache
 from .registration import DEFAULT_MAX_SHARD_BYTES, Registrar, ShardUpload
 from .shard_io import ShardIO
@@ -42,14 +44,16 @@ class LavenderService:
         storage_roots: folders ``file://`` locations must be under (None: anywhere).
         index_dir: where uid indexes are kept (default: ``<catalog file>.indexes`` beside
             the catalog).
-        join_cache_bytes: memory for feature shards read by joins by uid, shared by
-            every read.
+        join_cache_bytes: no longer used: decoded shards, joins' feature shards among them,
+            live in ``memory`` (kept so that old callers still work).
         allow_protocols: fsspec protocols allowed beyond ``file`` and the object stores
             (``--allow-protocol``; see ``policy``).
         allow_memory: accept ``memory://`` locations (tests and demos).
         max_shard_bytes: the largest shard written through the server (``--max-shard-mb``).
         shard_io: every read and write of a shard file (a subclass can count or hold them).
         indexes: the uid indexes (default: saved under ``index_dir``).
+        memory: the server's memory budget (default: a quarter of the machine's memory).
+        read_pool: the threads that read shards, by store (default: one per core).
     """
 
     def __init__(
@@ -67,6 +71,8 @@ class LavenderService:
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         shard_io: ShardIO | None = None,
         indexes: UidIndexes | None = None,
+        memory: MemoryBudget | None = None,
+        read_pool: ReadPool | None = None,
     ) -> None:
         self.catalog = catalog
         self.policy = StoragePolicy.build(storage_roots, allow_protocols, allow_memory)
@@ -75,7 +81,9 @@ class LavenderService:
         self.indexes = indexes or UidIndexes(
             index_dir or catalog.path.with_name(catalog.path.name + ".indexes")
         )
-        self.join_cache = ShardCache(join_cache_bytes)
+        self.memory = memory if memory is not None else MemoryBudget()
+        self.read_pool = read_pool if read_pool is not None else ReadPool()
+        self.join_cache = ShardCache(budget=self.memory)
         self.registrar = Registrar(
             catalog, self.locations, self.shard_io, self.indexes, max_shard_bytes
         )
@@ -244,6 +252,7 @@ class LavenderService:
             indexes=self.indexes,
             cache=self.join_cache,
             shard_io=self.shard_io,
+            pool=self.read_pool,
         )
 
     def dataset_schema(self, dataset: Dataset) -> pa.Schema:

@@ -165,8 +165,34 @@ class ServerSettings(BaseSettings):
         default=512,
         ge=0,
         le=1 << 30,
-        description="Memory (MiB) for feature shards read by joins by uid (shardsets not "
-        "aligned with the main one), shared by every read of the server.",
+        description="No longer used: the feature shards joins read live in the one memory "
+        "budget (--memory-mb) with every other decoded shard. Accepted so that old command "
+        "lines still start.",
+    )
+    memory_mb: int | None = Field(
+        default=None,
+        ge=16,
+        le=1 << 30,
+        description="The server's memory budget (MiB) for decoded data: shards decoded once "
+        "and kept in one LRU shared by every iteration and epoch (a dataset that fits is "
+        "decoded once), blocks in an epoch's order and the read-ahead of streams reserved in "
+        "it (default: a quarter of the machine's memory). An iteration whose block of shards "
+        "cannot fit is refused when it is created.",
+    )
+    read_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Shard files decoded at once from local disks, and blocks gathered at "
+        "once (default: one per core); each remote store (protocol, endpoint and bucket) gets "
+        "4 times as many reads of its own, so a slow store never holds the others' threads.",
+    )
+    read_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        le=86_400,
+        description="Seconds a stream waits for a block of shards from storage before it "
+        "fails with a StorageError naming the store (a store that stopped answering).",
     )
 
     shutdown_grace: float = Field(
@@ -224,6 +250,13 @@ class ServerSettings(BaseSettings):
     def worker_count(self) -> int:
         """Preprocessing workers to start."""
         return self.workers if self.workers is not None else (os.cpu_count() or 1)
+
+    @property
+    def memory_bytes(self) -> int:
+        """The memory budget in bytes: ``--memory-mb``, or a quarter of the machine's."""
+        from .memory import default_budget_bytes
+
+        return self.memory_mb << 20 if self.memory_mb is not None else default_budget_bytes()
 
     @property
     def scheme(self) -> str:

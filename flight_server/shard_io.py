@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..protocol.errors import InvalidLocation
 from .shards import fetch_shard, format_of, read_shard, read_shard_schema, write_shard
@@ -65,6 +66,35 @@ class ShardIO:
             StorageError: storage failed (after retries).
         """
         return read_shard(where, path, fmt, schema, columns, data, size)
+
+    def decoded_size(
+        self,
+        where: Location,
+        path: str,
+        fmt: str,
+        columns: Sequence[str] | None = None,
+        size: int | None = None,
+    ) -> int:
+        """About how many bytes a shard takes once decoded (for the memory budget).
+
+        A local Parquet file says so in its footer (the uncompressed size of the columns
+        read); any other file counts as its size on disk (no request to a remote store).
+        """
+        if fmt == "parquet" and where.is_local:
+            try:
+                metadata = pq.read_metadata(where.arrow_fs.open_input_file(path))
+            except (OSError, pa.ArrowException):
+                return int(size or 0)
+            wanted = None if columns is None else set(columns)
+            total = 0
+            for group in range(metadata.num_row_groups):
+                row_group = metadata.row_group(group)
+                for index in range(row_group.num_columns):
+                    chunk = row_group.column(index)
+                    if wanted is None or chunk.path_in_schema.split(".")[0] in wanted:
+                        total += chunk.total_uncompressed_size
+            return max(total, int(size or 0))
+        return int(size or 0)
 
     def read_schema(
         self, where: Location, path: str, fmt: str, data: pa.Buffer | None = None

@@ -130,8 +130,9 @@ def read_shard(
     with _open(location, path, data, size) as source:
         try:
             if fmt == "parquet":
-                # one shard per thread: our prefetch threads run shards side by side
-                table = pq.read_table(source, columns=wanted, use_threads=False)
+                # Arrow decodes the columns and row groups of one file side by side on its
+                # CPU pool (one thread per core), whatever the number of files read at once
+                table = pq.read_table(source, columns=wanted, use_threads=True)
             elif fmt == "arrow":
                 table = _open_ipc(source).read_all().select(wanted)
             elif fmt == "csv":

@@ -2,13 +2,19 @@
 
 Two batchers share one contract (``Work``: claim work within the read-ahead budget, release
 samples no batch will span). ``PlainBatcher`` sends rows as read: its batches are the
-chunks claimed. ``TransformedBatcher`` filters, then packs the samples that stay into full
-batches and collates/preprocesses them; its batches *span* the samples dropped on their
-way, so that what a loop acknowledges stays a few contiguous ranges.
+chunks claimed. ``TransformedBatcher`` takes what the iteration's filters leave (filtered
+once per block on the read threads, see ``blocks``), packs it into full batches and
+collates/preprocesses them; its batches *span* the samples dropped on their way, so that
+what a loop acknowledges stays a few contiguous ranges.
 
 Several batches travel in one Flight message (about ``MESSAGE_BYTES``): per-message costs
 are paid once for many small batches. The first message holds one batch, so the first
-batch arrives as soon as possible.
+batch arrives as soon as possible. A claim holds several messages' work (fewer catalog
+transactions). A message is a zero-copy slice of a block where its rows run in one piece
+(one rank, one worker); rows from several places (several ranks or workers) are copied
+once, into the message. The messages sent once the stream has claimed its worker's last
+sample are marked ``final``: the loop reports them at once, so that the end of the stream
+(which waits for the loop to take what it sent) does not wait for a report timer.
 """
 
 from __future__ import annotations
@@ -20,18 +26,29 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
-from ...protocol.ranges import RangeSet, as_array, runs
+from ...protocol.ranges import as_array, runs
 from ...transforms import Outcome
-from .blocks import BlockReader
+from ..memory import Reservation
+from .blocks import Kept, Rows
 from .plan import EpochPlan
+from .samples import SampleSet
 from .state import Unit
 from .world import World
 
-__all__ = ["MESSAGE_BYTES", "Message", "PlainBatcher", "TransformedBatcher", "Work"]
+__all__ = [
+    "MESSAGE_BYTES",
+    "Message",
+    "PlainBatcher",
+    "Source",
+    "TransformedBatcher",
+    "Work",
+]
 
 MESSAGE_BYTES = 4 << 20
 MESSAGE_ROWS = 1 << 16
 MAX_CHUNKS = 512
+CLAIM_MESSAGES = 8
+"""A claim asks for up to this many messages' chunks (within the read-ahead budget)."""
 
 Ranges = list[tuple[int, int]]
 
@@ -55,6 +72,26 @@ class Work(Protocol):
         ...
 
 
+class Source(Protocol):
+    """Where a batcher's rows come from (``blocks.BlockReader``)."""
+
+    def rows(self, plan: EpochPlan, seq: np.ndarray) -> Rows:
+        """Rows of ascending global sequence numbers."""
+        ...
+
+    def kept(self, plan: EpochPlan, seq: np.ndarray) -> Kept:
+        """What the iteration's filters leave of ascending global sequence numbers."""
+        ...
+
+    def boundary(self, plan: EpochPlan, seq: int) -> int:
+        """The first global sequence number after ``seq`` in another table of rows."""
+        ...
+
+    def hold_read_ahead(self) -> Reservation:
+        """Reserve, in the memory budget, what one stream may hold ahead of its loop."""
+        ...
+
+
 @dataclass
 class Message:
     """One Flight message: the rows of consecutive batches, and what they carry.
@@ -62,14 +99,16 @@ class Message:
     ``batches``: each batch's row count and the local sequence ranges it spans (what the
     loop acknowledges). ``seq``: the global sequence numbers of the rows, in order.
     ``filtered``/``failed``: samples dropped inside those spans (counted when the spanning
-    batch is completed).
+    batch is completed). ``final``: sent after the stream claimed its last sample (the
+    loop should report it at once).
     """
 
     batch: pa.RecordBatch
     batches: list[tuple[int, Ranges]]
     seq: np.ndarray
-    filtered: RangeSet = field(default_factory=RangeSet)
-    failed: RangeSet = field(default_factory=RangeSet)
+    filtered: SampleSet = field(default_factory=SampleSet)
+    failed: SampleSet = field(default_factory=SampleSet)
+    final: bool = False
 
     @property
     def samples(self) -> int:
@@ -78,6 +117,7 @@ class Message:
 
 
 def _one_batch(table: pa.Table, schema: pa.Schema) -> pa.RecordBatch:
+    """A table as one record batch (a copy only when its columns have several chunks)."""
     batches = table.combine_chunks().to_batches()
     return batches[0] if batches else schema.empty_table().to_batches()[0]
 
@@ -93,6 +133,23 @@ def _message_chunks(message: pa.RecordBatch, batch_size: int) -> int:
     )
 
 
+def last_owned(plan: EpochPlan, world: World) -> int | None:
+    """The last local sequence number of the partition that this stream's worker owns."""
+    size = plan.partition_size(world.partition)
+    if not size:
+        return None
+    chunk = (size - 1) // plan.batch_size
+    while chunk >= 0 and not world.owns(chunk):
+        chunk -= 1
+    if chunk < 0:
+        return None
+    return min(size, (chunk + 1) * plan.batch_size) - 1
+
+
+def _holds(units: list[Unit], sample: int | None) -> bool:
+    return sample is not None and any(a <= sample < b for unit in units for a, b in unit)
+
+
 class PlainBatcher:
     """Rows as read: each claimed chunk is one batch.
 
@@ -102,7 +159,7 @@ class PlainBatcher:
     def __init__(
         self,
         plan: EpochPlan,
-        blocks: BlockReader,
+        blocks: Source,
         world: World,
         work: Work,
         schema: pa.Schema,
@@ -112,41 +169,98 @@ class PlainBatcher:
         self.world = world
         self.work = work
         self.schema = schema
+        self.partition = world.partition
+        # one partition read by one worker: its chunks are consecutive global rows
+        self._contiguous = world.num_partitions == 1 and world.num_workers == 1
+
+    def _take(self, queue: list[Unit], chunks: int) -> list[Unit]:
+        """The next message's units: up to ``chunks``, stopping where its rows change table.
+
+        A unit whose rows straddle two tables (a chunk across two blocks) goes alone: only
+        its rows are copied into one batch.
+        """
+        if not self._contiguous or len(queue) == 1:
+            found, queue[:] = queue[:chunks], queue[chunks:]
+            return found
+        # one partition, one worker: local and global sequence numbers differ by a constant
+        shift = int(self.plan.to_global(self.partition, np.array([0]))[0])
+        stop = self.blocks.boundary(self.plan, queue[0][0][0] + shift)
+        count = 0
+        while count < min(chunks, len(queue)):
+            if queue[count][-1][1] + shift > stop:  # its rows go past the boundary
+                count = count or 1
+                break
+            count += 1
+        found, queue[:] = queue[:count], queue[count:]
+        return found
 
     def __iter__(self) -> Iterator[Message]:
         batch_size = self.plan.batch_size
+        last = last_owned(self.plan, self.world)
         chunks = 1
-        while True:
-            units = self.work.claim(max(1, min(chunks, self.work.room() // batch_size)))
-            if not units:
-                return
-            local = as_array([r for unit in units for r in unit])
-            seq = self.plan.to_global(self.world.partition, local)
-            rows = self.blocks.rows(self.plan, seq)  # a left join: no sample is left out
-            batches = [(sum(b - a for a, b in unit), unit) for unit in units]
-            table = rows.table
-            if rows.unreadable is not None and rows.unreadable.any():
-                bad = rows.unreadable
-                dropped = runs(local[bad])
-                assert dropped is not None
-                self.work.release(dropped, 0, int(bad.sum()))
-                table, local, seq = table.filter(pa.array(~bad)), local[~bad], seq[~bad]
-                batches = _without(batches, local)
-                if not batches:
-                    continue
-            message = Message(_one_batch(table, self.schema), batches, seq)
-            yield message
-            chunks = _message_chunks(message.batch, batch_size)
+        queue: list[Unit] = []
+        claimed_last = False
+        hold = self.blocks.hold_read_ahead()
+        try:
+            while True:
+                if not queue:
+                    ask = 1 if chunks == 1 else chunks * CLAIM_MESSAGES
+                    units = self.work.claim(max(1, min(ask, self.work.room() // batch_size)))
+                    if not units:
+                        return
+                    claimed_last = claimed_last or _holds(units, last)
+                    queue = list(units)
+                units = self._take(queue, chunks)
+                local = as_array([r for unit in units for r in unit])
+                seq = self.plan.to_global(self.partition, local)
+                rows = self.blocks.rows(self.plan, seq)  # a left join: no sample is left out
+                batches = [(sum(b - a for a, b in unit), unit) for unit in units]
+                table = rows.table
+                if rows.unreadable is not None and rows.unreadable.any():
+                    bad = rows.unreadable
+                    dropped = runs(local[bad])
+                    assert dropped is not None
+                    self.work.release(dropped, 0, int(bad.sum()))
+                    table, local, seq = table.filter(pa.array(~bad)), local[~bad], seq[~bad]
+                    batches = _without(batches, local)
+                    if not batches:
+                        continue
+                message = Message(_one_batch(table, self.schema), batches, seq)
+                if claimed_last and not queue:
+                    yield from _with_final_batch(message)
+                else:
+                    yield message
+                chunks = _message_chunks(message.batch, batch_size)
+        finally:
+            hold.release()
+
+
+def _with_final_batch(message: Message) -> Iterator[Message]:
+    """A message, its last batch apart and ``final`` (the loop reports that one at once).
+
+    Only the last batch: a loop that reported every batch of a long final message would
+    send one report per batch.
+    """
+    if len(message.batches) == 1:
+        message.final = True
+        yield message
+        return
+    rows = message.batches[-1][0]
+    head = message.batch.num_rows - rows
+    first_seq = message.seq[:head] if len(message.seq) == message.batch.num_rows else message.seq
+    yield Message(message.batch.slice(0, head), message.batches[:-1], first_seq,
+                  message.filtered, message.failed)  # fmt: skip
+    yield Message(message.batch.slice(head), message.batches[-1:], message.seq[head:], final=True)
 
 
 def _without(batches: list[tuple[int, Ranges]], kept: np.ndarray) -> list[tuple[int, Ranges]]:
     """Batch descriptions keeping only the sequence numbers in ``kept`` (dropping empties)."""
-    keep = set(kept.tolist())
     result = []
     for _, unit in batches:
-        values = [v for a, b in unit for v in range(a, b) if v in keep]
-        if values:
-            found = runs(np.array(values, dtype=np.int64))
+        values = as_array(unit)
+        values = values[np.isin(values, kept, assume_unique=True)]
+        if len(values):
+            found = runs(values)
             assert found is not None
             result.append((len(values), found))
     return result
@@ -155,8 +269,36 @@ def _without(batches: list[tuple[int, Ranges]], kept: np.ndarray) -> list[tuple[
 Process = Callable[[list[pa.RecordBatch]], list[Outcome]]
 """Collate and preprocess batches (in worker processes or here), in order."""
 
-Filter = Callable[[pa.RecordBatch], tuple[np.ndarray, np.ndarray]]
-"""``(keep, failed)`` masks of a batch's rows (in a worker process or here)."""
+
+Segment = tuple[pa.Table, int, int]
+"""``(table, offset, rows)``: a slice of rows, kept apart from its table until it is sent."""
+
+
+@dataclass
+class _Carried:
+    """Kept rows waiting to fill a batch: a slice of a table, its samples' numbers and ordinals."""
+
+    table: pa.Table
+    offset: int
+    local: np.ndarray
+    ordinals: np.ndarray
+
+    def follows(self, table: pa.Table, offset: int) -> bool:
+        """Whether rows of ``table`` from ``offset`` come right after these."""
+        return table is self.table and offset == self.offset + len(self.local)
+
+
+@dataclass
+class _Batch:
+    """One batch of kept rows: its slices (two when it straddles tables), numbers, ordinals."""
+
+    segments: list[Segment]
+    local: np.ndarray
+    ordinals: np.ndarray
+
+    def table(self) -> pa.Table:
+        tables = [t.slice(o, n) for t, o, n in self.segments]
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 class TransformedBatcher:
@@ -168,16 +310,19 @@ class TransformedBatcher:
     local sequence numbers and ordinals) to fill a batch; the others were dropped and are
     listed in ``_filtered``/``_failed``. A batch spans every consumed sample up to its last
     row, so the spans a loop acknowledges cover every claimed sample exactly once.
+
+    Args:
+        process: collates and preprocesses batches; None when the iteration only filters
+            (its batches are then slices of the kept rows, several per message).
     """
 
     def __init__(
         self,
         plan: EpochPlan,
-        blocks: BlockReader,
+        blocks: Source,
         world: World,
         work: Work,
-        filter: Filter,
-        process: Process,
+        process: Process | None,
         schema: pa.Schema,
         first_chunks: int = 1,
         max_chunks: int = MAX_CHUNKS,
@@ -186,19 +331,18 @@ class TransformedBatcher:
         self.blocks = blocks
         self.world = world
         self.work = work
-        self.filter = filter
         self.process = process
         self.schema = schema
         self.first_chunks = first_chunks
         self.max_chunks = max_chunks
+        self.partition = world.partition
         self._consumed = np.zeros(0, dtype=np.int64)
         self._offset = 0
         self._next = 0
-        self._carried: list[pa.Table] = []
-        self._carried_local: list[np.ndarray] = []
-        self._carried_ord: list[np.ndarray] = []
-        self._filtered = RangeSet()
-        self._failed = RangeSet()
+        self._carried: list[_Carried] = []
+        self._filtered = SampleSet()
+        self._failed = SampleSet()
+        self._final = False
 
     # -- taking work in ------------------------------------------------------------------
 
@@ -207,35 +351,24 @@ class TransformedBatcher:
         ordinals = np.arange(self._next, self._next + len(local), dtype=np.int64)
         self._next += len(local)
         self._consumed = np.concatenate([self._consumed, local])
-        rows = self.blocks.rows(self.plan, self.plan.to_global(self.world.partition, local))
-        keep = np.ones(len(local), dtype=bool)
-        if rows.unreadable is not None:
-            self._drop(local[rows.unreadable], self._failed)
-            keep &= ~rows.unreadable
-        if rows.absent is not None:  # an inner join leaves them out: they count as filtered
-            self._drop(local[rows.absent & keep], self._filtered)
-            keep &= ~rows.absent
-        table = rows.table if keep.all() else rows.table.filter(pa.array(keep))
-        local, ordinals = local[keep], ordinals[keep]
-        if not table.num_rows:
-            return
-        kept, failed = self.filter(_one_batch(table, self.schema))
-        self._drop(local[~kept & ~failed], self._filtered)
-        self._drop(local[failed], self._failed)
-        self._carried.append(table.filter(pa.array(kept)))
-        self._carried_local.append(local[kept])
-        self._carried_ord.append(ordinals[kept])
-
-    @staticmethod
-    def _drop(local: np.ndarray, into: RangeSet) -> None:
-        if len(local):
-            found = runs(np.sort(local))
-            assert found is not None
-            into.update(found)
+        kept = self.blocks.kept(self.plan, self.plan.to_global(self.partition, local))
+        self._failed.add(np.sort(local[kept.failed]))
+        self._filtered.add(np.sort(local[~kept.kept & ~kept.failed]))
+        local, ordinals = local[kept.kept], ordinals[kept.kept]
+        start = 0
+        for table, offset, rows in kept.parts:
+            part_local, part_ord = local[start : start + rows], ordinals[start : start + rows]
+            start += rows
+            last = self._carried[-1] if self._carried else None
+            if last is not None and last.follows(table, offset):  # one slice again
+                last.local = np.concatenate([last.local, part_local])
+                last.ordinals = np.concatenate([last.ordinals, part_ord])
+            else:
+                self._carried.append(_Carried(table, offset, part_local, part_ord))
 
     @property
     def _pending(self) -> int:
-        return sum(len(s) for s in self._carried_local)
+        return sum(len(c.local) for c in self._carried)
 
     # -- batches out ---------------------------------------------------------------------
 
@@ -248,55 +381,122 @@ class TransformedBatcher:
         assert found is not None
         return found
 
-    def _dropped_in(self, span: Ranges) -> tuple[RangeSet, RangeSet]:
+    def _dropped_in(self, span: Ranges) -> tuple[SampleSet, SampleSet]:
         """The dropped samples inside a span, taken out of the waiting lists."""
-        found = (RangeSet(), RangeSet())
-        for source, target in zip((self._filtered, self._failed), found, strict=True):
-            for a, b in span:
-                for x, y in source.intersection(a, b):
-                    target.add(x, y)
-                    source.remove(x, y)
+        return self._filtered.pop_within(span), self._failed.pop_within(span)
+
+    def _batches(self, count: int) -> list[_Batch]:
+        """The next ``count`` carried rows, cut into batches."""
+        size = self.plan.batch_size
+        found: list[_Batch] = []
+        segments: list[Segment] = []
+        locals_: list[np.ndarray] = []
+        ordinals: list[np.ndarray] = []
+        want, left = size, count
+        while left > 0:
+            head = self._carried[0]
+            n = min(want, len(head.local), left)
+            segments.append((head.table, head.offset, n))
+            locals_.append(head.local[:n])
+            ordinals.append(head.ordinals[:n])
+            if n == len(head.local):
+                self._carried.pop(0)
+            else:
+                head.offset += n
+                head.local, head.ordinals = head.local[n:], head.ordinals[n:]
+            want -= n
+            left -= n
+            if want == 0 or left == 0:
+                found.append(_Batch(segments, np.concatenate(locals_), np.concatenate(ordinals)))
+                segments, locals_, ordinals, want = [], [], [], size
         return found
 
-    def _cut(self, final: bool) -> Message | None:
+    def _cut(self, final: bool) -> list[Message]:
         """Full batches of the carried rows (at the end, the partial one too), processed."""
         batch_size = self.plan.batch_size
-        rows = pa.concat_tables(self._carried).combine_chunks()
-        local = np.concatenate(self._carried_local)
-        ordinals = np.concatenate(self._carried_ord)
-        full = len(local) if final else len(local) // batch_size * batch_size
-        inputs = [
-            _one_batch(rows.slice(s, batch_size), rows.schema) for s in range(0, full, batch_size)
-        ]
-        self._carried, self._carried_local = [rows.slice(full)], [local[full:]]
-        self._carried_ord = [ordinals[full:]]
+        pending = self._pending
+        full = pending if final else pending // batch_size * batch_size
+        if not full:
+            return []
+        cut = self._batches(full)
+        if self.process is None:
+            return self._sliced(cut)
+        inputs = [_one_batch(batch.table(), self.schema) for batch in cut]
         pieces: list[pa.RecordBatch] = []
         batches: list[tuple[int, Ranges]] = []
         delivered: list[np.ndarray] = []
-        filtered, failed = RangeSet(), RangeSet()
-        for index, outcome in enumerate(self.process(inputs)):
-            part = slice(index * batch_size, index * batch_size + inputs[index].num_rows)
-            batch_local, batch_ord = local[part], ordinals[part]
-            lost = np.zeros(len(batch_local), dtype=bool)
+        filtered, failed = SampleSet(), SampleSet()
+        for batch, outcome in zip(cut, self.process(inputs), strict=True):
+            lost = np.zeros(len(batch.local), dtype=bool)
             lost[outcome.failed] = True
-            self._drop(batch_local[lost], self._failed)
+            self._failed.add(np.sort(batch.local[lost]))
             if outcome.result is None or (lost.all() and not outcome.result.num_rows):
                 continue  # the next batch's span takes these in
-            span = self._span(int(batch_ord[-1]))
+            span = self._span(int(batch.ordinals[-1]))
             inside = self._dropped_in(span)
-            filtered.update(inside[0].ranges())
-            failed.update(inside[1].ranges())
+            filtered.add(inside[0])
+            failed.add(inside[1])
             result = outcome.result
             if pieces and not result.schema.equals(pieces[0].schema):
                 result = result.cast(pieces[0].schema)
             pieces.append(result)
             batches.append((result.num_rows, span))
-            delivered.append(batch_local[~lost])
+            delivered.append(batch.local[~lost])
         if not pieces:
-            return None
-        seq = self.plan.to_global(self.world.partition, np.sort(np.concatenate(delivered)))
-        table = pa.Table.from_batches(pieces)
-        return Message(_one_batch(table, pieces[0].schema), batches, seq, filtered, failed)
+            return []
+        seq = self.plan.to_global(self.partition, np.sort(np.concatenate(delivered)))
+        if len(pieces) == 1:
+            message = pieces[0]
+        else:
+            message = _one_batch(pa.Table.from_batches(pieces), pieces[0].schema)
+        return [Message(message, batches, seq, filtered, failed)]
+
+    def _sliced(self, cut: list[_Batch]) -> list[Message]:
+        """Batches of kept rows as they are, several to a message.
+
+        Slices of one table that follow each other share a message, sent as one slice (no
+        copy); a batch straddling two tables is copied, in a message of its own.
+        """
+        messages: list[Message] = []
+        group: list[_Batch] = []
+
+        def flush() -> None:
+            if not group:
+                return
+            if len(group[0].segments) == 1:
+                table, offset, _ = group[0].segments[0]
+                rows = table.slice(offset, sum(len(b.local) for b in group))
+            else:
+                rows = group[0].table()
+            batches: list[tuple[int, Ranges]] = []
+            filtered, failed = SampleSet(), SampleSet()
+            for batch in group:
+                span = self._span(int(batch.ordinals[-1]))
+                inside = self._dropped_in(span)
+                filtered.add(inside[0])
+                failed.add(inside[1])
+                batches.append((len(batch.local), span))
+            seq = self.plan.to_global(
+                self.partition, np.sort(np.concatenate([b.local for b in group]))
+            )
+            batch = _one_batch(rows, self.schema)
+            messages.append(Message(batch, batches, seq, filtered, failed))
+            group.clear()
+
+        for batch in cut:
+            if len(batch.segments) > 1:  # straddles two tables: copied, alone
+                flush()
+                group.append(batch)
+                flush()
+                continue
+            if group:
+                table, offset, rows = group[-1].segments[0]
+                following = batch.segments[0][0] is table and batch.segments[0][1] == offset + rows
+                if not following or len(group) >= MAX_CHUNKS:
+                    flush()
+            group.append(batch)
+        flush()
+        return messages
 
     def _finish(self) -> None:
         """What no batch spans (samples dropped at the very end) leaves the stream."""
@@ -310,18 +510,27 @@ class TransformedBatcher:
         self._offset = self._next
 
     def __iter__(self) -> Iterator[Message]:
+        hold = self.blocks.hold_read_ahead()
+        try:
+            yield from self._messages()
+        finally:
+            hold.release()
+
+    def _messages(self) -> Iterator[Message]:
         batch_size = self.plan.batch_size
+        last = last_owned(self.plan, self.world)
         span = self.first_chunks  # small first claims: the first batch comes soon
         while True:
             units = self.work.claim(max(1, min(span, self.work.room() // batch_size)))
             span = min(span * 2, self.max_chunks)
             if units:
+                self._final = self._final or _holds(units, last)
                 self._take_in(units)
             pending = self._pending
             if not units and pending and self.plan.drop_last:
-                for local in self._carried_local:  # the partial batch is dropped: filtered
-                    self._drop(local, self._filtered)
-                self._carried, self._carried_local, self._carried_ord = [], [], []
+                for carried in self._carried:  # the partial batch is dropped: filtered
+                    self._filtered.add(np.sort(carried.local))
+                self._carried = []
                 self._finish()
                 return
             if units and pending < batch_size:
@@ -331,9 +540,10 @@ class TransformedBatcher:
                     self._finish()
                     return
                 continue
-            message = self._cut(final=not units)
-            if message is not None:
-                yield message
+            messages = self._cut(final=not units)
+            if messages and self._final:
+                messages[-1:] = list(_with_final_batch(messages[-1]))
+            yield from messages
             if not units and not self._pending:
                 self._finish()
                 return

@@ -1,29 +1,53 @@
-"""Block reads: the rows of an epoch's blocks, read once and shared by every rank's stream.
+"""Block reads: an epoch's blocks read once, put in the epoch's order, shared by every stream.
 
-A block is the shards an epoch reads (and shuffles) together (``plan.Block``). Its rows are
-read on the read threads, the next block while the current one streams, and kept for the
-streams of every rank (ranks a block apart share the read instead of each reading every
-shard). ``rows(plan, seq)`` answers the rows of any ascending global sequence numbers.
+A block is the shards an epoch reads (and shuffles) together (``plan.Block``). It is read
+on the server's read pool (``read_pool``): its shards side by side, each on its store's
+lane (and decoded once for the whole server: ``reading.ShardCache``), then, on the ``cpu``
+lane, put in the epoch's order: the block's permutation is drawn there and its rows
+gathered by ``take``, piece by piece (pieces end at global sequence numbers that are
+multiples of ``PIECE_ROWS``), so that a first batch waits for its piece, not the whole
+block; the shards are laid end to end once first (Arrow's ``take`` would do it on every
+call). An iteration with filters filters each piece
+there too, once for every rank, vectorized: its kept rows laid end to end. Streams then
+cut messages as zero-copy slices (``boundary`` says where a slice would cross pieces).
+
+A few blocks are kept per iteration (the current one of each stream and the next); each
+is reserved in the server's memory budget while kept. ``rows(plan, seq)`` answers the rows
+of any ascending global sequence numbers, ``kept(plan, seq)`` what a filter leaves of them.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from ...protocol.errors import LavenderError, SchemaMismatch
+from ..memory import MemoryBudget, Reservation, table_bytes
+from ..read_pool import CPU, ReadPool, wait_for
 from ..reading import DatasetReader
 from .plan import EpochPlan
 
-__all__ = ["BlockReader", "Rows"]
+__all__ = ["PIECE_ROWS", "BlockReader", "Kept", "Rows"]
 
 log = logging.getLogger(__name__)
+
+PIECE_ROWS = 1 << 16
+"""A gathered block's first piece ends at the first global sequence number that is a
+multiple of this (rounded up to the batch size): what a first batch waits for."""
+
+Filter = Callable[[pa.RecordBatch], tuple[np.ndarray, np.ndarray]]
+"""``(keep, failed)`` masks of a batch's rows."""
+
+ShardRead = tuple[pa.Table, np.ndarray | None] | None
+"""A main shard's joined rows and the rows an inner join leaves out (None: skipped)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +81,7 @@ class Rows:
 
     @staticmethod
     def concat(pieces: list[Rows]) -> Rows:
-        """Pieces laid end to end."""
+        """Pieces laid end to end (their chunks side by side: no copy)."""
         if len(pieces) == 1:
             return pieces[0]
         sizes = [p.num_rows for p in pieces]
@@ -65,6 +89,39 @@ class Rows:
             pa.concat_tables([p.table for p in pieces]),
             joined_masks([p.unreadable for p in pieces], sizes),
             joined_masks([p.absent for p in pieces], sizes),
+        )
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What a filtered iteration keeps of some samples: their rows, and the others' fate.
+
+    ``table`` holds the kept samples' rows, in order; ``kept`` and ``failed`` say, per
+    sample asked for, whether it stays or failed (unreadable shard, a filter raised on it);
+    the others were filtered out (by a filter, or absent from an inner join). ``parts``
+    says where the rows live: ``(table, offset, rows)`` slices laid end to end (a batcher
+    joins the slices of one table that follow each other back into one, without a copy).
+    """
+
+    table: pa.Table
+    kept: np.ndarray
+    failed: np.ndarray
+    parts: tuple[tuple[pa.Table, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.parts and self.table.num_rows:
+            object.__setattr__(self, "parts", ((self.table, 0, self.table.num_rows),))
+
+    @staticmethod
+    def concat(pieces: list[Kept]) -> Kept:
+        """Pieces laid end to end (their chunks side by side: no copy)."""
+        if len(pieces) == 1:
+            return pieces[0]
+        return Kept(
+            pa.concat_tables([p.table for p in pieces]),
+            np.concatenate([p.kept for p in pieces]),
+            np.concatenate([p.failed for p in pieces]),
+            tuple(part for p in pieces for part in p.parts),
         )
 
 
@@ -77,6 +134,92 @@ def joined_masks(masks: list[np.ndarray | None], sizes: list[int]) -> np.ndarray
     )
 
 
+def _cut(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """Rows of a table: a zero-copy slice when they run in order, else one ``take``."""
+    if not len(rows):
+        return table.slice(0, 0)
+    first, last = int(rows[0]), int(rows[-1])
+    if last - first == len(rows) - 1:
+        return table.slice(first, len(rows))
+    return table.take(pa.array(rows))
+
+
+@dataclass
+class _Piece:
+    """Consecutive rows of a block in the epoch's order: block positions ``[start, stop)``."""
+
+    start: int
+    stop: int
+    table: pa.Table
+    unreadable: np.ndarray | None = None
+    absent: np.ndarray | None = None
+    # what the iteration's filters leave (None without filters)
+    keep: np.ndarray | None = None
+    failed: np.ndarray | None = None
+    rank: np.ndarray | None = None
+    kept_table: pa.Table | None = None
+
+    def rows(self, local: np.ndarray) -> Rows:
+        return Rows(
+            _cut(self.table, local),
+            None if self.unreadable is None else self.unreadable[local],
+            None if self.absent is None else self.absent[local],
+        )
+
+    def kept(self, local: np.ndarray) -> Kept:
+        assert self.keep is not None and self.failed is not None and self.rank is not None
+        assert self.kept_table is not None
+        keep = self.keep[local]
+        rows = self.rank[local[keep]]
+        table = _cut(self.kept_table, rows)
+        if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+            return Kept(
+                table, keep, self.failed[local], ((self.kept_table, int(rows[0]), len(rows)),)
+            )
+        return Kept(table, keep, self.failed[local])
+
+    @property
+    def nbytes(self) -> int:
+        size = table_bytes(self.table)
+        if self.kept_table is not None:
+            size += table_bytes(self.kept_table)
+        return size
+
+
+@dataclass
+class _Block:
+    """One block being read or read: its pieces (each a future) and what it reserves."""
+
+    number: int
+    start: int
+    bounds: list[int]
+    """Block positions where pieces start, and the block's size last."""
+    pieces: list[Future[_Piece]]
+    reservation: Reservation | None = None
+    dropped: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def piece_of(self, position: int) -> int:
+        return bisect.bisect_right(self.bounds, position) - 1
+
+    def hold(self, reservation: Reservation) -> None:
+        """Keep ``reservation`` until the block is dropped (at once if it already was)."""
+        with self.lock:
+            if self.reservation is not None:
+                self.reservation.release()
+            self.reservation = reservation
+            if self.dropped:
+                reservation.release()
+
+    def release(self) -> None:
+        """The block is dropped: what it reserved goes back to the budget."""
+        with self.lock:
+            self.dropped = True
+            if self.reservation is not None:
+                self.reservation.release()
+                self.reservation = None
+
+
 class BlockReader:
     """Reads an iteration's blocks (a few kept, shared by its streams) and cuts rows from them.
 
@@ -85,10 +228,12 @@ class BlockReader:
         shards: ``(shard index, rows)`` of the main shards the iteration froze.
         retries: how many more times an unreadable shard is tried.
         skip: whether a shard that stays unreadable is skipped (its rows fail) or raises.
-        blocks: the threads that assemble blocks; ``shard_reads``: the threads that read
-            shards (several per block, side by side).
+        pool: the server's read pool (shards on their store's lane, gathers on ``cpu``).
+        memory: the server's memory budget (kept blocks and read-ahead are reserved in it).
         capacity: blocks kept (the current one of each stream and the next).
         iteration_id: for messages.
+        filter: the iteration's filters (``kept`` answers what they leave), if any.
+        read_ahead_bytes: what one stream may hold ahead of its loop (``hold_read_ahead``).
     """
 
     def __init__(
@@ -97,25 +242,29 @@ class BlockReader:
         shards: list[tuple[int, int]],
         retries: int,
         skip: bool,
-        blocks: ThreadPoolExecutor,
-        shard_reads: ThreadPoolExecutor,
+        pool: ReadPool,
+        memory: MemoryBudget | None = None,
         capacity: int = 3,
         iteration_id: str = "",
+        filter: Filter | None = None,
+        read_ahead_bytes: int = 0,
     ) -> None:
         self.reader = reader
         self.shards = shards
         self.retries = retries
         self.skip = skip
-        self._blocks = blocks
-        self._shard_reads = shard_reads
+        self.pool = pool
+        self.memory = memory if memory is not None else reader.cache.budget
         self._capacity = capacity
         self._iteration_id = iteration_id
-        self._cache: OrderedDict[tuple[int, int], Future[Rows]] = OrderedDict()
+        self.filter = filter
+        self.read_ahead_bytes = read_ahead_bytes
+        self._cache: OrderedDict[tuple[int, int], _Block] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- one shard -----------------------------------------------------------------------
 
-    def _read_shard(self, slot: int) -> tuple[pa.Table, np.ndarray | None] | None:
+    def _read_shard(self, slot: int) -> ShardRead:
         """A main shard's joined rows, and those an inner join leaves out.
 
         See ``DatasetReader.read_joined``; None when it cannot be read and failures are
@@ -145,70 +294,238 @@ class BlockReader:
 
     # -- blocks --------------------------------------------------------------------------
 
-    def _load(self, plan: EpochPlan, number: int) -> Rows:
-        """A block's rows laid end to end (one chunk when shuffled: ``take`` is fast there)."""
+    def _bounds(self, plan: EpochPlan, number: int) -> list[int]:
+        """Where a block's pieces start (block positions), and its size last."""
         block = plan.blocks[number]
-        reads = [self._shard_reads.submit(self._read_shard, s) for s in block.shard_slots]
+        if not plan.shuffle or block.size == 0:
+            return [0, block.size]
+        step = -(-PIECE_ROWS // plan.batch_size) * plan.batch_size
+        first = (block.start // step + 1) * step - block.start
+        return [0, *range(first, block.size, step), block.size]
+
+    def boundary(self, plan: EpochPlan, seq: int) -> int:
+        """The first global sequence number after ``seq`` where a new block or piece starts.
+
+        Rows on either side of it are in different tables: a message that crosses it is a
+        copy, one that stops there is a slice.
+        """
+        number = int(plan.block_of(np.array([seq]))[0])
+        block = plan.blocks[number]
+        for bound in self._bounds(plan, number)[1:]:
+            if block.start + bound > seq:
+                return block.start + bound
+        return block.start + block.size
+
+    def _start(self, plan: EpochPlan, number: int) -> _Block:
+        """Start reading a block: its shards on their lane, then its gather on ``cpu``."""
+        block = plan.blocks[number]
+        bounds = self._bounds(plan, number)
+        state = _Block(number, block.start, bounds, [Future() for _ in bounds[:-1]])
+        if not block.shard_slots:
+            for future in state.pieces:
+                future.set_result(_Piece(0, 0, self.reader.schema.empty_table()))
+            return state
+        lane = self.reader.main.lane
+        reads = [self.pool.submit(lane, self._read_shard, slot) for slot in block.shard_slots]
+        left = [len(reads)]
+        count = threading.Lock()
+
+        def one_done(_: Future[ShardRead]) -> None:
+            with count:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self.pool.submit(CPU, self._gather, plan, state, reads)
+
+        for read in reads:
+            read.add_done_callback(one_done)
+        return state
+
+    def _gather(self, plan: EpochPlan, state: _Block, reads: list[Future[ShardRead]]) -> None:
+        """Lay a block's shards end to end in the epoch's order (runs on the ``cpu`` lane)."""
+        try:
+            table, unreadable, absent = self._joined(plan, state, reads)
+            if not plan.shuffle:
+                piece = self._filtered(_Piece(0, table.num_rows, table, unreadable, absent))
+                state.hold(self.memory.reserve(piece.nbytes))
+                state.pieces[0].set_result(piece)
+                return
+            perm = plan.draw_permutation(state.number)
+            state.hold(self.memory.reserve(table_bytes(table) * (2 if self.filter else 1)))
+            if len(state.pieces) > 1 and any(c.num_chunks > 1 for c in table.columns):
+                # Arrow's take lays a chunked column end to end on every call: once here
+                table = table.combine_chunks()
+            # the first piece first (a first batch waits for it), then the others: one after
+            # the other (two random gathers at once only fight over the memory bus)
+            for index, future in enumerate(state.pieces):
+                a, b = state.bounds[index], state.bounds[index + 1]
+                future.set_result(self._piece(table, unreadable, absent, perm, a, b))
+        except BaseException as exc:
+            for future in state.pieces:
+                if not future.done():
+                    future.set_exception(exc)
+
+    def _joined(
+        self, plan: EpochPlan, state: _Block, reads: list[Future[ShardRead]]
+    ) -> tuple[pa.Table, np.ndarray | None, np.ndarray | None]:
+        """A block's shards laid end to end as read (chunks side by side), with their masks."""
         schema = self.reader.schema
-        pieces: list[Rows] = []
-        for slot, read in zip(block.shard_slots, reads, strict=True):
+        tables: list[pa.Table] = []
+        unreadable: list[np.ndarray | None] = []
+        absent: list[np.ndarray | None] = []
+        for slot, read in zip(plan.blocks[state.number].shard_slots, reads, strict=True):
             result = read.result()
             if result is None:  # unreadable and skipped: placeholder rows, marked failed
                 rows = self.shards[slot][1]
-                table = pa.table({f.name: pa.nulls(rows, f.type) for f in schema}, schema=schema)
-                pieces.append(Rows(table, np.ones(rows, dtype=bool), None))
+                tables.append(
+                    pa.table({f.name: pa.nulls(rows, f.type) for f in schema}, schema=schema)
+                )
+                unreadable.append(np.ones(rows, dtype=bool))
+                absent.append(None)
             else:
-                pieces.append(Rows(result[0], None, result[1]))
-        if not pieces:
-            return Rows(schema.empty_table())
-        joined = Rows.concat(pieces)
-        if plan.shuffle:  # random access (take) is fast on one chunk; plain slices need no copy
-            joined = Rows(joined.table.combine_chunks(), joined.unreadable, joined.absent)
-        return joined
+                tables.append(result[0])
+                unreadable.append(None)
+                absent.append(result[1])
+        sizes = [t.num_rows for t in tables]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        return table, joined_masks(unreadable, sizes), joined_masks(absent, sizes)
 
-    def _future(self, plan: EpochPlan, number: int) -> Future[Rows]:
+    def _piece(
+        self,
+        table: pa.Table,
+        unreadable: np.ndarray | None,
+        absent: np.ndarray | None,
+        perm: np.ndarray,
+        start: int,
+        stop: int,
+    ) -> _Piece:
+        """Block positions ``[start, stop)`` gathered into the epoch's order (one ``take``)."""
+        rows = perm[start:stop]
+        piece = _Piece(
+            start,
+            stop,
+            table.take(pa.array(rows)),
+            None if unreadable is None else unreadable[rows],
+            None if absent is None else absent[rows],
+        )
+        return self._filtered(piece)
+
+    def _filtered(self, piece: _Piece) -> _Piece:
+        """The piece with what the iteration's filters leave of it (none: as it is)."""
+        if self.filter is None:
+            return piece
+        size = piece.stop - piece.start
+        failed = np.zeros(size, dtype=bool) if piece.unreadable is None else piece.unreadable.copy()
+        candidates = ~failed
+        if piece.absent is not None:  # an inner join left them out: they count as filtered
+            candidates &= ~piece.absent
+        keep = np.zeros(size, dtype=bool)
+        chosen = np.flatnonzero(candidates)
+        if len(chosen):
+            table = piece.table if len(chosen) == size else piece.table.take(pa.array(chosen))
+            kept = np.empty(len(chosen), dtype=bool)
+            lost = np.empty(len(chosen), dtype=bool)
+            for offset in range(0, len(chosen), PIECE_ROWS):
+                part = table.slice(offset, PIECE_ROWS).combine_chunks().to_batches()
+                if not part:
+                    continue
+                k, f = self.filter(part[0])
+                kept[offset : offset + len(k)] = k
+                lost[offset : offset + len(f)] = f
+            keep[chosen] = kept
+            failed[chosen] |= lost
+        piece.keep, piece.failed = keep, failed
+        piece.rank = np.cumsum(keep, dtype=np.int64) - 1
+        piece.kept_table = piece.table.filter(pa.array(keep))
+        return piece
+
+    def _block(self, plan: EpochPlan, number: int) -> _Block:
         key = (plan.epoch, number)
         with self._lock:
-            future = self._cache.get(key)
-            if future is None:
-                future = self._blocks.submit(self._load, plan, number)
-                self._cache[key] = future
-                while len(self._cache) > self._capacity:
-                    self._cache.popitem(last=False)
-            else:
+            state = self._cache.get(key)
+            if state is not None:
                 self._cache.move_to_end(key)
-            return future
+                return state
+            while len(self._cache) >= self._capacity:  # make room first: its reservation goes
+                self._cache.popitem(last=False)[1].release()
+            state = self._cache[key] = self._start(plan, number)
+            return state
 
-    def block(self, plan: EpochPlan, number: int) -> Rows:
-        """A block's rows (waits for its read; a failed read is tried again next time)."""
-        future = self._future(plan, number)
+    def _wait(self, plan: EpochPlan, state: _Block, index: int) -> _Piece:
+        """A piece of a block (waits for its read; a failed read is tried again next time)."""
         try:
-            return future.result()
+            return wait_for(
+                state.pieces[index],
+                self.pool.timeout,
+                f"reading block {state.number} of iteration {self._iteration_id} "
+                f"({self.reader.main.location.shown})",
+            )
         except BaseException:
             with self._lock:
-                if self._cache.get((plan.epoch, number)) is future:
-                    del self._cache[(plan.epoch, number)]
+                key = (plan.epoch, state.number)
+                if self._cache.get(key) is state:
+                    del self._cache[key]
+                    state.release()
             raise
 
     def prefetch(self, plan: EpochPlan, number: int) -> None:
         """Start reading a block the streams will need soon."""
         if number < len(plan.blocks):
-            self._future(plan, number)
+            self._block(plan, number)
+
+    def _pieces(self, plan: EpochPlan, seq: np.ndarray) -> list[tuple[_Piece, np.ndarray]]:
+        """The pieces ascending global ``seq`` fall in, and their rows in each."""
+        found: list[tuple[_Piece, np.ndarray]] = []
+        for number, start, stop in plan.segments(seq):
+            self.prefetch(plan, number + 1)  # read side by side with this one
+            state = self._block(plan, number)
+            positions = seq[start:stop] - state.start
+            first, last = state.piece_of(int(positions[0])), state.piece_of(int(positions[-1]))
+            cuts = np.searchsorted(positions, state.bounds[first + 1 : last + 1])
+            edges = [0, *cuts.tolist(), len(positions)]
+            for index in range(first, last + 1):
+                a, b = edges[index - first], edges[index - first + 1]
+                if b > a:
+                    piece = self._wait(plan, state, index)
+                    found.append((piece, positions[a:b] - piece.start))
+        return found
 
     def rows(self, plan: EpochPlan, seq: np.ndarray) -> Rows:
         """Rows for ascending global sequence numbers of an epoch, in that order."""
-        pieces: list[Rows] = []
-        for number, start, stop in plan.segments(seq):
-            self.prefetch(plan, number + 1)  # read side by side with this one
-            block = self.block(plan, number)
-            rows = plan.rows_in_block(number, seq[start:stop])
-            contiguous = not plan.shuffle and int(rows[-1]) - int(rows[0]) == len(rows) - 1
-            pieces.append(block.take(rows, contiguous))
+        pieces = [piece.rows(local) for piece, local in self._pieces(plan, seq)]
         if not pieces:
             return Rows(self.reader.schema.empty_table())
         return Rows.concat(pieces)
 
+    def kept(self, plan: EpochPlan, seq: np.ndarray) -> Kept:
+        """What the iteration's filters leave of ascending global sequence numbers.
+
+        Without filters, every readable, present sample is kept.
+        """
+        if self.filter is None:
+            rows = self.rows(plan, seq)
+            failed = np.zeros(len(seq), dtype=bool) if rows.unreadable is None else rows.unreadable
+            keep = ~failed if rows.absent is None else ~failed & ~rows.absent
+            table = rows.table if keep.all() else rows.table.filter(pa.array(keep))
+            return Kept(table, keep, failed)
+        pieces = [piece.kept(local) for piece, local in self._pieces(plan, seq)]
+        if not pieces:
+            empty = np.zeros(0, dtype=bool)
+            return Kept(self.reader.schema.empty_table(), empty, empty)
+        return Kept.concat(pieces)
+
+    def hold_read_ahead(self) -> Reservation:
+        """Reserve, in the memory budget, what one stream may hold ahead of its loop."""
+        return self.memory.reserve(self.read_ahead_bytes, wait=False)
+
     def clear(self) -> None:
-        """Drop every kept block."""
+        """Drop every kept block (and let the allocator give their memory back)."""
         with self._lock:
+            blocks = list(self._cache.values())
             self._cache.clear()
+        for state in blocks:
+            state.release()
+        if blocks:
+            del state, blocks
+            # mimalloc keeps freed pages for reuse; the streams are gone, so give them back
+            pa.default_memory_pool().release_unused()

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...protocol.ranges import RangeSet
+from .samples import SampleSet
 from .state import RankState
 from .store import StreamHandle
 
@@ -63,8 +64,8 @@ class RankFlow:
         self.sent: dict[StreamHandle, RangeSet] = {}
         """The spans of the batches each stream sent (what the loop may take)."""
         self.windowed: set[StreamHandle] = set()
-        self.filtered = RangeSet()
-        self.failed = RangeSet()
+        self.filtered = SampleSet()
+        self.failed = SampleSet()
         self.row_bytes: float | None = None
         self.stale = False
         """Set when the catalog changed under the streams (a pushback): re-read it."""
@@ -169,16 +170,15 @@ class RankFlow:
         self.stale = False
         self.cond.notify_all()
 
-    def dropped_in(self, ranges: list[tuple[int, int]]) -> tuple[RangeSet, RangeSet]:
-        """The filtered and failed samples inside ``ranges`` that streams here dropped."""
-        found = (RangeSet(), RangeSet())
-        for source, target in zip((self.filtered, self.failed), found, strict=True):
-            for a, b in ranges:
-                target.update(source.intersection(a, b))
-        return found
+    def dropped_in(self, ranges: list[tuple[int, int]]) -> tuple[SampleSet, SampleSet]:
+        """The filtered and failed samples inside ``ranges`` that streams here dropped.
 
-    def forget(self, dropped: tuple[RangeSet, RangeSet]) -> None:
+        Sample sets, not range sets: a filter keeping every other sample leaves as many
+        holes as samples (see ``samples``).
+        """
+        return self.filtered.within(ranges), self.failed.within(ranges)
+
+    def forget(self, dropped: tuple[SampleSet, SampleSet]) -> None:
         """Dropped samples now counted in the catalog."""
-        for source, done in zip((self.filtered, self.failed), dropped, strict=True):
-            for a, b in done:
-                source.remove(a, b)
+        self.filtered.discard(dropped[0])
+        self.failed.discard(dropped[1])

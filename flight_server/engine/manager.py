@@ -13,7 +13,6 @@ import logging
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from ...catalog import Catalog, new_id
 from ...protocol.errors import (
@@ -57,7 +56,8 @@ class IterationManager:
         service: datasets, shardsets and readers.
         plugins: the server's filters, collaters and preprocessors.
         workers: preprocessing worker processes (0: preprocess in the server process).
-        read_threads: threads that read shards (and as many that assemble blocks).
+        read_threads: no longer used: blocks are read on the service's read pool
+            (``LavenderService.read_pool``, sized by ``--read-threads``).
         lease_seconds: how long a stream's samples stay its own without a renewal.
         node: this server's id on the catalog (default: a fresh one).
         location: the URL clients reach this server at (registered with the node).
@@ -101,8 +101,9 @@ class IterationManager:
         self.started_at = time.time()
         self._live: dict[str, LiveIteration] = {}
         self._lock = threading.Lock()
-        self._blocks = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-block")
-        self._shard_reads = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-read")
+        # one pool and one budget for the whole server: reads by store, blocks reserved
+        self.reads = service.read_pool
+        self.memory = service.memory
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
 
@@ -159,8 +160,6 @@ class IterationManager:
         self._stop.set()
         if self._janitor is not None:
             self._janitor.join(timeout=5)
-        self._blocks.shutdown(wait=False, cancel_futures=True)
-        self._shard_reads.shutdown(wait=False, cancel_futures=True)
         if self.pool is not None:
             self.pool.close()
         try:
@@ -187,7 +186,7 @@ class IterationManager:
 
     def _make(self, record: IterationRecord, setup: IterationSetup) -> LiveIteration:
         live = LiveIteration(
-            record, setup, self.store, self._blocks, self._shard_reads, self.pool, self.budget
+            record, setup, self.store, self.reads, self.pool, self.budget, self.memory
         )
         self._carry_over(record, setup)
         return live

@@ -131,6 +131,13 @@ class EpochPlan:
             if bounds[i + 1] > bounds[i]
         ]
 
+    def draw_permutation(self, number: int) -> np.ndarray:
+        """``permutation(number)`` drawn afresh, not kept (block reads keep it with the block)."""
+        block = self.blocks[number]
+        if not self.shuffle:
+            return np.arange(block.size, dtype=np.int64)
+        return np.random.default_rng(self._seed(1, number)).permutation(block.size)
+
     def permutation(self, number: int) -> np.ndarray:
         """The order of a block's samples: indices into its shards' rows laid end to end."""
         block = self.blocks[number]
@@ -138,7 +145,7 @@ class EpochPlan:
             return np.arange(block.size, dtype=np.int64)
         perm = self._perms.get(number)
         if perm is None:
-            perm = np.random.default_rng(self._seed(1, number)).permutation(block.size)
+            perm = self.draw_permutation(number)
             self._perms[number] = perm
             while len(self._perms) > 4:
                 self._perms.popitem(last=False)

@@ -20,12 +20,13 @@ from ...protocol.errors import InvalidArgument
 from ...protocol.iterations import IterationPlan, IterationSpec
 from ...transforms import Pipeline, Plugins
 from ...transforms.pipeline import pipeline_spec
+from ..memory import MemoryBudget
 from ..reading import DatasetReader
 from ..service import LavenderService
 from .plan import EpochPlan
 from .world import World, replication_partitions
 
-__all__ = ["IterationSetup", "build_pipeline"]
+__all__ = ["IterationSetup", "build_pipeline", "check_memory"]
 
 PLANS_KEPT = 4
 
@@ -47,6 +48,30 @@ def build_pipeline(
         spec.skip_on_failure,
         uid_column,
         schema=schema,
+    )
+
+
+def check_memory(spec: IterationSpec, reader: DatasetReader, memory: MemoryBudget) -> None:
+    """Refuse an iteration whose largest block of shards cannot fit the memory budget.
+
+    A block (``shuffle_block_size`` shards when shuffled, one shard in order) is what a
+    stream needs in memory at once; it is estimated from the largest shards (their Parquet
+    footers say their decoded size; other files count as their size on disk).
+
+    Raises:
+        InvalidArgument: the block does not fit, saying by how much and what to change.
+    """
+    count = spec.shuffle_block_size if spec.shuffle else 1
+    largest = sorted(reader.main_shards, key=lambda s: s.size_bytes, reverse=True)[:count]
+    need = sum(reader.decoded_bytes(shard) for shard in largest)
+    if need <= memory.max_bytes:
+        return
+    what = f"{len(largest)} shards" if len(largest) > 1 else "one shard"
+    fix = "a smaller shuffle_block_size, or " if len(largest) > 1 else ""
+    raise InvalidArgument(
+        f"a block of this iteration ({what}, about {need / (1 << 20):,.0f} MiB decoded) does "
+        f"not fit the server's memory budget of {memory.max_bytes >> 20} MiB: ask for {fix}"
+        "a server started with a larger --memory-mb (or write smaller shards)"
     )
 
 
@@ -85,6 +110,7 @@ class IterationSetup:
         reader = service.reader(dataset, spec.shardsets, spec.columns, spec.join)
         partitions = replication_partitions(spec.world_size, spec.replication_pg)
         pipeline = build_pipeline(plugins, spec, dataset.uid_column_name, reader.schema)
+        check_memory(spec, reader, service.memory)
         if plan is None:
             plan = IterationPlan(
                 shards=[(shard.index, shard.num_rows) for shard in reader.main_shards], seed=seed

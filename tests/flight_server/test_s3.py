@@ -567,12 +567,15 @@ def test_writing_to_a_missing_bucket_says_so(client: LavenderClient) -> None:
     assert lavender.list_shards(dataset.id, shardset.id) == []
 
 
-def two_ranks_half_read(endpoint: str) -> tuple[Iteration, Iteration, list[int]]:
+def two_ranks_half_read(
+    endpoint: str, service: LavenderService
+) -> tuple[Iteration, Iteration, list[int]]:
     """12 shards on the given server; a 2-rank iteration whose rank 0 was read to the end.
 
-    Rank 1 then needs every shard again (blocks are dropped when no stream reads), so its
-    reads all happen after this returns: a fault made then lands mid-iteration, at a point
-    the test chooses, whatever the server prefetched before.
+    Then the server forgets the shards it decoded (they stay in its memory budget
+    otherwise), so rank 1 needs every shard again, and its reads all happen after this
+    returns: a fault made then lands mid-iteration, at a point the test chooses, whatever
+    the server prefetched before.
     """
     bucket = new_bucket(endpoint)
     options = {"client_kwargs": {"endpoint_url": endpoint}, **FAST_FAILING}
@@ -589,13 +592,18 @@ def two_ranks_half_read(endpoint: str) -> tuple[Iteration, Iteration, list[int]]
         )
         for rank in (0, 1)
     )
-    return rank0, rank1, uids(rank0)
+    delivered = uids(rank0)
+    service.memory.clear()
+    return rank0, rank1, delivered
 
 
 def test_s3_pausing_mid_iteration_is_ridden_out_by_retries(
-    client: LavenderClient, moto_alone: MotoServer, caplog: pytest.LogCaptureFixture
+    client: LavenderClient,
+    moto_alone: MotoServer,
+    service: LavenderService,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    rank0, rank1, delivered = two_ranks_half_read(moto_alone.endpoint)
+    rank0, rank1, delivered = two_ranks_half_read(moto_alone.endpoint, service)
     assert len(delivered) == 240
 
     moto_alone.pause()
@@ -616,9 +624,9 @@ def test_s3_pausing_mid_iteration_is_ridden_out_by_retries(
 
 
 def test_s3_outage_fails_with_a_clear_error_once_retries_are_spent(
-    client: LavenderClient, moto_alone: MotoServer
+    client: LavenderClient, moto_alone: MotoServer, service: LavenderService
 ) -> None:
-    rank0, rank1, delivered = two_ranks_half_read(moto_alone.endpoint)
+    rank0, rank1, delivered = two_ranks_half_read(moto_alone.endpoint, service)
     assert len(delivered) == 240
 
     moto_alone.pause()

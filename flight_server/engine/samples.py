@@ -1,0 +1,135 @@
+"""``SampleSet``: sample numbers as one sorted array, for the holes filters leave.
+
+A filter that keeps every other sample leaves as many one-sample holes as it keeps
+samples: a ``RangeSet`` (a Python list of ranges, changed one range at a time) then spends
+its time moving list items. Dropped samples are only ever added in bulk, counted inside
+ranges and forgotten in bulk, which one sorted ``int64`` array does with a few numpy calls
+whatever their number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from ...protocol.ranges import as_array, runs
+
+__all__ = ["SampleSet"]
+
+Ranges = Sequence[tuple[int, int]] | Sequence[Sequence[int]]
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _bounds(ranges: Ranges) -> tuple[np.ndarray, np.ndarray]:
+    if not len(ranges):
+        return _EMPTY, _EMPTY
+    array = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    order = np.argsort(array[:, 0], kind="stable")
+    return array[order, 0], array[order, 1]
+
+
+class SampleSet:
+    """A set of sample numbers, kept as one sorted array without duplicates."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: np.ndarray | Iterable[int] | None = None) -> None:
+        if values is None:
+            self._values = _EMPTY
+        elif isinstance(values, np.ndarray):
+            self._values = np.unique(values.astype(np.int64))
+        else:
+            self._values = np.unique(np.fromiter(values, dtype=np.int64))
+
+    @classmethod
+    def of_ranges(cls, ranges: Ranges) -> SampleSet:
+        """Every number of ``[start, stop)`` ranges."""
+        found = cls()
+        if len(ranges):
+            found._values = np.unique(as_array([(int(a), int(b)) for a, b in ranges]))
+        return found
+
+    @classmethod
+    def _sorted(cls, values: np.ndarray) -> SampleSet:
+        found = cls()
+        found._values = values
+        return found
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __bool__(self) -> bool:
+        return bool(len(self._values))
+
+    def __contains__(self, value: int) -> bool:
+        i = int(np.searchsorted(self._values, value))
+        return i < len(self._values) and int(self._values[i]) == value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SampleSet) and np.array_equal(self._values, other._values)
+
+    def __repr__(self) -> str:
+        return f"SampleSet({self.ranges()!r})"
+
+    @property
+    def values(self) -> np.ndarray:
+        """The numbers, ascending (read-only view)."""
+        view = self._values.view()
+        view.flags.writeable = False
+        return view
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The numbers as ``[start, stop)`` runs."""
+        found = runs(self._values)
+        assert found is not None
+        return found
+
+    def add(self, other: SampleSet | np.ndarray) -> None:
+        """Add every number of ``other``."""
+        values = other._values if isinstance(other, SampleSet) else np.asarray(other, np.int64)
+        if not len(values):
+            return
+        if not isinstance(other, SampleSet):
+            values = np.unique(values)
+        if not len(self._values) or values[0] > self._values[-1]:  # the usual case: after
+            self._values = np.concatenate((self._values, values))
+        else:
+            self._values = np.union1d(self._values, values)
+
+    def add_ranges(self, ranges: Ranges) -> None:
+        """Add every number of ``[start, stop)`` ranges."""
+        self.add(SampleSet.of_ranges(ranges))
+
+    def _inside(self, ranges: Ranges) -> np.ndarray:
+        """Which numbers lie inside the ranges (a mask)."""
+        if not len(self._values) or not len(ranges):
+            return np.zeros(len(self._values), dtype=bool)
+        starts, stops = _bounds(ranges)
+        at = np.searchsorted(starts, self._values, side="right") - 1
+        inside = at >= 0
+        inside[inside] = self._values[inside] < stops[at[inside]]
+        # ranges may overlap: a number past its nearest start's stop may lie in an earlier
+        # range that reaches further
+        if len(starts) > 1 and not np.all(stops[:-1] <= starts[1:]):
+            reach = np.maximum.accumulate(stops)
+            inside |= (at >= 0) & (self._values < reach[np.maximum(at, 0)])
+        return inside
+
+    def within(self, ranges: Ranges) -> SampleSet:
+        """The numbers inside ``[start, stop)`` ranges."""
+        return SampleSet._sorted(self._values[self._inside(ranges)])
+
+    def pop_within(self, ranges: Ranges) -> SampleSet:
+        """Remove and return the numbers inside ``[start, stop)`` ranges."""
+        inside = self._inside(ranges)
+        found = SampleSet._sorted(self._values[inside])
+        if len(found):
+            self._values = self._values[~inside]
+        return found
+
+    def discard(self, other: SampleSet) -> None:
+        """Remove every number of ``other``."""
+        if len(other) and len(self._values):
+            self._values = self._values[~np.isin(self._values, other._values, assume_unique=True)]
