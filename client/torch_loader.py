@@ -4,7 +4,8 @@ Each worker process streams its share of the rank's batches over its own connect
 loop in the main process reports what it takes and completes. Iterating the loader again
 is the next epoch: the main process decides which (``Iteration.next_epoch``) and tells its
 workers through a shared value, so a rank and its workers always agree. Workers stay for
-the next epochs by default (the ``spawn`` start-up is paid once per job).
+the next epochs by default (the ``spawn`` start-up is paid once per job). Batches reach the
+main process through shared memory, not pickled (``shipping``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..protocol.iterations import IterationTicket
+from ..protocol.iterations import BatchMetadata, IterationTicket
 from .acks import acknowledging
 from .connection import LavenderClient
 from .formats import torch_missing
 from .iteration import stream_batches
 from .settings import ClientSettings
+from .shipping import Shipper, Token
 
 try:
     import torch.utils.data
@@ -39,6 +41,7 @@ class Consumed:
     """The sequence ranges of one batch, carried beside it from a worker to the loop."""
 
     seq: list[tuple[int, int]]
+    report_every: int | None = None
 
 
 def passthrough(item: Any) -> Any:
@@ -51,7 +54,8 @@ class IterationDataset(torch.utils.data.IterableDataset):
 
     It carries the whole :class:`ClientSettings` (URLs, key, timeout, TLS), pickled into
     each worker, so a worker connects exactly as the loop's process does. ``epoch`` is
-    shared with the workers (set by the main process before each epoch).
+    shared with the workers (set by the main process before each epoch). ``ship``: the
+    batches go to a loader's :class:`~.shipping.Shipper` (Arrow, with a ``Token``).
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class IterationDataset(torch.utils.data.IterableDataset):
         self.ticket = ticket
         self.format = format
         self.epoch = epoch
+        self.ship = False
 
     def __getstate__(self) -> dict[str, Any]:
         # the shared epoch travels to spawned workers (as multiprocessing allows it: while
@@ -74,7 +79,7 @@ class IterationDataset(torch.utils.data.IterableDataset):
             state["epoch"] = int(self.epoch.value) if hasattr(self.epoch, "value") else self.epoch
         return state
 
-    def __iter__(self) -> Iterator[tuple[Any, Consumed]]:
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         assert self.ticket is not None, "the loader sets the ticket before the first epoch"
@@ -82,10 +87,19 @@ class IterationDataset(torch.utils.data.IterableDataset):
         ticket = self.ticket.model_copy(
             update={"epoch": epoch, "worker": worker, "num_workers": num_workers}
         )
+        report: list[int | None] = [None]
+
+        def learn(metadata: BatchMetadata) -> None:
+            report[0] = metadata.report_every  # the loop's process reports as the server asks
+
+        ship = self.ship and info is not None
         # a connection of this process: gRPC channels do not survive fork
         with LavenderClient(self.settings) as client:
-            for batch, seq in stream_batches(client, ticket, self.format):
-                yield batch, Consumed(seq)
+            batches = stream_batches(
+                client, ticket, "arrow" if ship else self.format, on_metadata=learn
+            )
+            for batch, seq in batches:
+                yield batch, (Token(seq, report[0]) if ship else Consumed(seq, report[0]))
 
 
 class LavenderDataLoader(torch.utils.data.DataLoader):
@@ -111,6 +125,8 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         # the ticket is set at the first epoch: a script's top level, which spawned
         # workers run again, builds the loader but must create nothing on the server
         dataset = IterationDataset(iteration.client.settings, None, fmt, self._epoch)
+        dataset.ship = num_workers > 0
+        self._format = fmt
         super().__init__(
             dataset,
             batch_size=None,
@@ -126,6 +142,15 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
             timeout=timeout,
         )
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # with workers, the collate runs there and its result comes back by shared memory
+        if name == "collate_fn" and getattr(self, "num_workers", 0) > 0:
+            user = None if value is passthrough or isinstance(value, Shipper) else value
+            if isinstance(value, Shipper):
+                user = value.collate
+            value = Shipper(user, self._format, Consumed)
+        super().__setattr__(name, value)
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         epoch = self.iteration.next_epoch()
         self._epoch.value = epoch
@@ -134,8 +159,18 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         if dataset.ticket is None:  # before the workers start: they get it with the dataset
             dataset.ticket = self.iteration.ticket(epoch)
         acks = self.iteration.acknowledger(epoch)
-        items = ((batch, token.seq) for batch, token in super().__iter__())
-        yield from acknowledging(items, acks)
+        shipper = self.collate_fn if isinstance(self.collate_fn, Shipper) else None
+
+        def items() -> Iterator[tuple[Any, list[tuple[int, int]]]]:
+            for item in super(LavenderDataLoader, self).__iter__():
+                batch, token = shipper.unpack(item) if shipper is not None else item
+                if token.report_every:
+                    acks.report_every = token.report_every
+                if self.pin_memory and shipper is not None:
+                    batch = torch.utils.data._utils.pin_memory.pin_memory(batch)
+                yield batch, token.seq
+
+        yield from acknowledging(items(), acks)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass iterate epoch ``epoch`` (as torch's ``DistributedSampler``)."""

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -89,6 +90,19 @@ def run_loader(
     assert (progress.completed, progress.inflight) == (progress.total, 0)
     assert sum(sizes) == progress.total
     return batches
+
+
+def values(batch: dict[str, Any]) -> dict[str, list[Any]]:
+    """Every value of a batch's columns, as Python lists (tensors compared by value)."""
+    return {
+        name: column.tolist() if isinstance(column, torch.Tensor) else list(column)
+        for name, column in batch.items()
+    }
+
+
+def shared_segments() -> set[str]:
+    """The shared-memory segments of batches shipped from workers still in /dev/shm."""
+    return {path.name for path in Path("/dev/shm").glob("lf_*")}
 
 
 def uids(batches: list[dict[str, Any]]) -> list[int]:
@@ -178,15 +192,87 @@ def test_in_process_loader_tensors_are_views_of_the_received_arrow_memory(
 def test_two_spawned_workers_give_the_same_batches_in_the_same_order(
     dataset_id: str, shuffle: bool
 ) -> None:
+    before = shared_segments()
     alone = run_loader(dataset_id, "workers0", num_workers=0, shuffle=shuffle)
     spawned = run_loader(dataset_id, "workers2", num_workers=2, shuffle=shuffle)
     assert_each_once(uids(spawned), range(TOTAL))
     # DataLoader takes batches from its workers in turn, and worker w streams the rank's
-    # chunks w, w + 2, ...: the same seed gives the same order with or without workers
-    assert [b["uid"].tolist() for b in spawned] == [b["uid"].tolist() for b in alone]
+    # chunks w, w + 2, ...: the same seed gives the same order with or without workers,
+    # and the shared-memory trip from the workers keeps every value of every column
+    assert [values(b) for b in spawned] == [values(b) for b in alone]
+    assert shared_segments() <= before, "a batch's shared memory outlived the loop"
     progress = lavender.get_iteration("workers2")
     assert (progress.completed, progress.done) == (TOTAL, True)
     assert progress.ranks[0].opened == 2
+
+
+class Tokenize:
+    """A user's collate (run in the workers): tensors, numpy arrays, strings and a tuple."""
+
+    def __call__(self, item: tuple[dict[str, Any], Any]) -> tuple[dict[str, Any], Any]:
+        batch, token = item
+        ids = np.zeros((len(batch["text"]), 16), dtype=np.int32)
+        for row, text in enumerate(batch["text"]):
+            raw = text.encode()[:16]
+            ids[row, : len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        made = {
+            "uid": batch["uid"] * 3,
+            "text": [t.upper() for t in batch["text"]],
+            "ids": ids,
+            "pair": (batch["score"].to(torch.float64), "tag"),
+        }
+        return made, token
+
+
+def run_collated(dataset_id: str, iteration_id: str, num_workers: int) -> list[Any]:
+    """Every batch of a shuffled loader whose collate is :class:`Tokenize`."""
+    iteration = Iteration.from_dataset(
+        dataset_id, batch_size=BATCH, shuffle=True, shuffle_seed=SEED, iteration_id=iteration_id
+    )
+    loader = iteration.to_torch_dataloader(num_workers=num_workers)
+    loader.collate_fn = Tokenize()
+    return list(loader)
+
+
+@pytest.mark.slow
+@MANY_WORKERS
+def test_a_collate_in_two_workers_gives_what_it_gives_in_the_loop(dataset_id: str) -> None:
+    before = shared_segments()
+    alone = run_collated(dataset_id, "collate0", num_workers=0)
+    spawned = run_collated(dataset_id, "collate2", num_workers=2)
+    assert len(spawned) == len(alone) == -(-TOTAL // BATCH)
+    for ours, theirs in zip(spawned, alone, strict=True):
+        assert set(ours) == {"uid", "text", "ids", "pair"}
+        assert ours["uid"].dtype == torch.int64 and torch.equal(ours["uid"], theirs["uid"])
+        assert ours["text"] == theirs["text"] and ours["text"][0].startswith("SAMPLE ")
+        assert isinstance(ours["ids"], np.ndarray) and ours["ids"].shape == (len(ours["text"]), 16)
+        assert np.array_equal(ours["ids"], theirs["ids"])
+        assert isinstance(ours["pair"], tuple) and ours["pair"][1] == "tag"
+        assert ours["pair"][0].dtype == torch.float64
+        assert torch.equal(ours["pair"][0], theirs["pair"][0])
+    assert sorted(u // 3 for b in spawned for u in b["uid"].tolist()) == list(range(TOTAL))
+    progress = lavender.get_iteration("collate2")
+    assert (progress.completed, progress.done) == (TOTAL, True)
+    assert shared_segments() <= before, "a batch's shared memory outlived the loop"
+
+
+@pytest.mark.slow
+@MANY_WORKERS
+def test_spawned_workers_stay_for_the_next_epoch(dataset_id: str) -> None:
+    iteration = Iteration.from_dataset(
+        dataset_id, batch_size=BATCH, shuffle=True, shuffle_seed=SEED, iteration_id="persist"
+    )
+    loader = iteration.to_torch_dataloader(num_workers=2)
+    epochs, workers = [], []
+    for _ in range(2):
+        epochs.append([u for batch in loader for u in batch["uid"].tolist()])
+        workers.append([process.pid for process in loader._iterator._workers])
+    assert workers[0] == workers[1], "the workers were spawned again for the second epoch"
+    for seen in epochs:
+        assert_each_once(seen, range(TOTAL))
+    assert epochs[0] != epochs[1]  # epoch 1 has an order of its own
+    progress = lavender.get_iteration("persist")
+    assert progress.completed == TOTAL
 
 
 @pytest.mark.slow

@@ -1,0 +1,306 @@
+"""Batches from DataLoader workers to the loop's process without pickling their rows.
+
+torch pickles what a worker's collate function returns to send it to the loop's process:
+every Python string of a text column, every Arrow buffer, one by one. Here a worker writes
+each batch once into a POSIX shared-memory segment and sends only its name and layout; the
+loop's process maps the segment (no copy) and rebuilds the batch over the shared pages:
+
+- a batch as the server sent it (the loader's own collate): its Arrow record batch, as
+  Arrow IPC (every column type); the loop's process converts it to the loader's format
+  (numeric columns become tensors over the shared pages, strings Python strings);
+- what a collate function of the user's returns: tensors and numpy arrays as their bytes,
+  lists of strings as Arrow strings (offsets and bytes), record batches as Arrow IPC,
+  dicts, lists and tuples of those; anything else is pickled (small values).
+
+A segment is unlinked as soon as the loop's process maps it (the mapping lives while a
+batch uses it). A worker unlinks, when it exits, what it wrote and nobody mapped (a loop
+left early), and ``multiprocessing``'s resource tracker what a killed worker leaves.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing import resource_tracker, util
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .formats import convert
+
+__all__ = ["Shipment", "Shipper", "Token"]
+
+ALIGN = 64
+_KIND = "shared_memory"  # the resource tracker's name for POSIX shared memory
+
+_posixshmem: Any
+try:  # CPython's own binding (what multiprocessing.shared_memory uses)
+    import _posixshmem  # type: ignore[import-not-found, no-redef]
+except ImportError:  # pragma: no cover - not POSIX
+    _posixshmem = None
+
+
+@dataclass
+class Token:
+    """What travels beside a batch: its sequence ranges and how often the loop reports."""
+
+    seq: list[tuple[int, int]]
+    report_every: int | None = None
+
+
+# -- segments --------------------------------------------------------------------------
+
+
+class _Written:
+    """The segments this worker wrote lately (unlinked at its exit if nobody mapped them)."""
+
+    def __init__(self) -> None:
+        self.names: deque[str] = deque(maxlen=1024)  # older ones were mapped long ago
+        self.lock = threading.Lock()
+        self.hooked = False
+
+    def add(self, name: str) -> None:
+        with self.lock:
+            self.names.append(name)
+            if not self.hooked:
+                self.hooked = True
+                util.Finalize(None, self.unlink_all, exitpriority=10)
+
+    def unlink_all(self) -> None:
+        with self.lock:
+            names, self.names = list(self.names), deque(maxlen=1024)
+        for name in names:
+            try:
+                _posixshmem.shm_unlink(name)
+            except FileNotFoundError:
+                continue  # mapped (and unlinked) by the loop's process
+            resource_tracker.unregister(name, _KIND)
+
+
+_written = _Written()
+
+
+def _create(size: int) -> tuple[str, mmap.mmap]:
+    """A new segment of ``size`` bytes, mapped for writing."""
+    name = f"/lf_{os.getpid()}_{secrets.token_hex(8)}"
+    fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    try:
+        os.ftruncate(fd, max(1, size))
+        mapping = mmap.mmap(fd, max(1, size))
+    finally:
+        os.close(fd)
+    resource_tracker.register(name, _KIND)
+    _written.add(name)
+    return name, mapping
+
+
+def _attach(name: str, size: int) -> mmap.mmap:
+    """Map a segment a worker wrote, and unlink it (the mapping keeps its pages)."""
+    fd = _posixshmem.shm_open(name, os.O_RDONLY, mode=0o600)
+    try:
+        # private and writable: tensors over it need no copy, and never reach the worker
+        mapping = mmap.mmap(fd, max(1, size), access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+    _posixshmem.shm_unlink(name)
+    resource_tracker.unregister(name, _KIND)
+    return mapping
+
+
+def _aligned(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
+
+
+# -- what a batch becomes --------------------------------------------------------------
+
+
+def _ipc_size(batch: pa.RecordBatch) -> int:
+    sink = pa.MockOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return int(sink.size())
+
+
+def _write_ipc(batch: pa.RecordBatch, target: memoryview) -> None:
+    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(pa.py_buffer(target)), batch.schema) as w:
+        w.write_batch(batch)
+
+
+def _write_raw(raw: Any, size: int, target: memoryview) -> None:
+    target[:size] = raw
+
+
+def _write_batch(batch: pa.RecordBatch, size: int, target: memoryview) -> None:
+    _write_ipc(batch, target[:size])
+
+
+def _read_ipc(view: memoryview) -> pa.RecordBatch:
+    return pa.ipc.open_stream(pa.py_buffer(view)).read_next_batch()
+
+
+class _Layout:
+    """How a value lies in a segment: a spec (pickled, small) and the bytes to write."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.parts: list[tuple[int, Callable[[memoryview], None]]] = []
+
+    def place(self, nbytes: int, write: Callable[[memoryview], None]) -> int:
+        offset = self.size
+        self.size += _aligned(nbytes)
+        self.parts.append((offset, write))
+        return offset
+
+    def spec(self, value: Any) -> Any:
+        import torch
+
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+            tensor = value.detach().contiguous()
+            raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+            size = tensor.numel() * tensor.element_size()
+            at = self.place(size, partial(_write_raw, raw, size))
+            return ("tensor", str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), at)
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            array = np.ascontiguousarray(value)
+            raw = array.reshape(-1).view(np.uint8)
+            at = self.place(array.nbytes, partial(_write_raw, raw, array.nbytes))
+            return ("ndarray", array.dtype.str, array.shape, at)
+        if isinstance(value, pa.RecordBatch):
+            size = _ipc_size(value)
+            at = self.place(size, partial(_write_batch, value, size))
+            return ("arrow", size, at)
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, str) or v is None for v in value)
+        ):
+            strings = pa.array(value, pa.large_string())
+            batch = pa.record_batch([strings], names=["s"])
+            size = _ipc_size(batch)
+            at = self.place(size, partial(_write_batch, batch, size))
+            return ("strings", size, at)
+        if isinstance(value, dict):
+            return ("dict", [(k, self.spec(v)) for k, v in value.items()])
+        if isinstance(value, (list, tuple)):
+            return ("list" if isinstance(value, list) else "tuple", [self.spec(v) for v in value])
+        return ("value", value)
+
+
+def _rebuild(spec: Any, view: memoryview) -> Any:
+    kind = spec[0]
+    if kind == "tensor":
+        import torch
+
+        _, dtype, shape, at = spec
+        kind_of = getattr(torch, dtype)
+        count = int(np.prod(shape)) if shape else 1
+        if count == 0:
+            return torch.empty(shape, dtype=kind_of)
+        return torch.frombuffer(view, dtype=kind_of, count=count, offset=at).reshape(shape)
+    if kind == "ndarray":
+        _, dtype, shape, at = spec
+        count = int(np.prod(shape)) if shape else 1
+        return np.frombuffer(view, dtype=np.dtype(dtype), count=count, offset=at).reshape(shape)
+    if kind == "arrow":
+        return _read_ipc(view[spec[2] : spec[2] + spec[1]])
+    if kind == "strings":
+        return _read_ipc(view[spec[2] : spec[2] + spec[1]]).column(0).to_pylist()
+    if kind == "dict":
+        return {k: _rebuild(v, view) for k, v in spec[1]}
+    if kind == "list":
+        return [_rebuild(v, view) for v in spec[1]]
+    if kind == "tuple":
+        return tuple(_rebuild(v, view) for v in spec[1])
+    return spec[1]
+
+
+class Shipment:
+    """A batch in a shared-memory segment: pickles as its name and layout, not its rows.
+
+    Made in a worker (``pack``); unpickling it in the loop's process maps (and unlinks)
+    the segment at once, so that a shipment torch drops unread frees its memory too.
+    """
+
+    def __init__(self, name: str, size: int, spec: Any) -> None:
+        self.name = name
+        self.size = size
+        self.spec = spec
+        self._mapping: mmap.mmap | None = None
+
+    @classmethod
+    def pack(cls, value: Any) -> Shipment:
+        """Write ``value`` (see the module docstring) into a new segment."""
+        layout = _Layout()
+        spec = layout.spec(value)
+        if not layout.parts:
+            return cls("", 0, spec)
+        name, mapping = _create(layout.size)
+        try:
+            view = memoryview(mapping)
+            for offset, write in layout.parts:
+                write(view[offset:])
+            del view
+        finally:
+            mapping.close()
+        return cls(name, layout.size, spec)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_received, (self.name, self.size, self.spec))
+
+    def open(self) -> Any:
+        """The value, rebuilt over the shared pages (in the loop's process)."""
+        if not self.name:
+            return _rebuild(self.spec, memoryview(b""))
+        if self._mapping is None:
+            self._mapping = _attach(self.name, self.size)
+        return _rebuild(self.spec, memoryview(self._mapping))
+
+
+def _received(name: str, size: int, spec: Any) -> Shipment:
+    shipment = Shipment(name, size, spec)
+    if name:
+        shipment._mapping = _attach(name, size)  # unlinked now, whatever becomes of it
+    return shipment
+
+
+def _passthrough(item: Any) -> Any:
+    return item
+
+
+class Shipper:
+    """The collate function of a loader with workers: collate there, then ship the result.
+
+    ``collate`` is the user's collate function (None: the loader's own, which changes
+    nothing); it gets ``(batch, token)`` items in the loader's format ``fmt``, as it would
+    with no workers. The loader's own batches travel as the Arrow the server sent, and
+    become the loader's format in the loop's process.
+    """
+
+    def __init__(self, collate: Callable[[Any], Any] | None, fmt: str, token: type) -> None:
+        self.collate = collate
+        self.fmt = fmt
+        self.token = token
+
+    def __call__(self, item: tuple[pa.RecordBatch, Token]) -> tuple[Shipment, Token]:
+        """In a worker: collate one batch, and ship the result."""
+        batch, token = item
+        if self.collate is None or self.collate is _passthrough:
+            return Shipment.pack(batch), token
+        done = self.collate((convert(batch, self.fmt), self.token(token.seq)))
+        return Shipment.pack(done), token
+
+    def unpack(self, item: tuple[Shipment, Token]) -> tuple[Any, Token]:
+        """In the loop's process: the batch (and its token) a worker shipped."""
+        shipment, token = item
+        value = shipment.open()
+        if self.collate is None or self.collate is _passthrough:
+            return convert(value, self.fmt), token
+        batch, _ = value  # a collate keeps the (batch, token) shape
+        return batch, token
