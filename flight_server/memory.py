@@ -117,9 +117,10 @@ class _Entry:
 class Reservation:
     """Room held in a budget until ``release`` (or ``resize`` to another size)."""
 
-    def __init__(self, budget: MemoryBudget, nbytes: int) -> None:
+    def __init__(self, budget: MemoryBudget, nbytes: int, waits: bool = True) -> None:
         self._budget = budget
         self.nbytes = nbytes
+        self.waits = waits  # made by a reader that waits for room (a block), not read-ahead
 
     def resize(self, nbytes: int) -> None:
         """Hold ``nbytes`` from now on (never waits: the memory is already in use)."""
@@ -152,6 +153,7 @@ class MemoryBudget:
         self._kept = 0
         self._reserved = 0
         self._reservations = 0
+        self._waiting_reserved = 0  # what reservations that wait for room hold (blocks)
         self._cond = threading.Condition()
         self.hits = 0
         self.misses = 0
@@ -263,8 +265,11 @@ class MemoryBudget:
     def reserve(self, nbytes: int, wait: bool = True) -> Reservation:
         """Hold ``nbytes`` for what a stream keeps (the cache gives way first).
 
-        With ``wait``, when other reservations hold the budget, wait for them to release
-        room (up to ``wait_seconds``; then go over the budget, logged). Without, never wait.
+        With ``wait``, when other reservations that waited hold the budget (blocks: they
+        come back as streams move on), wait for them to release room (up to
+        ``wait_seconds``; then go over the budget, logged). Without, never wait, and never
+        make the others wait: a stream's read-ahead is held for its whole life, so a block
+        of that very stream waiting for it would wait for itself.
         """
         nbytes = max(0, int(nbytes))
         deadline = time.monotonic() + self.wait_seconds
@@ -272,8 +277,8 @@ class MemoryBudget:
             self._evict(nbytes)
             while (
                 wait
-                and self._reservations
-                and self._reserved + nbytes > self.max_bytes
+                and self._waiting_reserved
+                and self._waiting_reserved + nbytes > self.max_bytes
                 and nbytes <= self.max_bytes
             ):
                 left = deadline - time.monotonic()
@@ -281,14 +286,16 @@ class MemoryBudget:
                     log.warning(
                         "memory budget of %s held by what streams keep (%s reserved): going "
                         "over it by %s rather than waiting longer (raise --memory-mb?)",
-                        _mib(self.max_bytes), _mib(self._reserved),
-                        _mib(self._reserved + nbytes - self.max_bytes),
+                        _mib(self.max_bytes), _mib(self._waiting_reserved),
+                        _mib(self._waiting_reserved + nbytes - self.max_bytes),
                     )  # fmt: skip
                     break
                 self._cond.wait(left)
                 self._evict(nbytes)
-            reservation = Reservation(self, nbytes)
+            reservation = Reservation(self, nbytes, waits=wait)
             self._reserved += nbytes
+            if wait:
+                self._waiting_reserved += nbytes
             if nbytes:
                 self._reservations += 1
             return reservation
@@ -302,6 +309,8 @@ class MemoryBudget:
             elif nbytes == 0:
                 self._reservations -= 1
             self._reserved += nbytes - reservation.nbytes
+            if reservation.waits:
+                self._waiting_reserved += nbytes - reservation.nbytes
             reservation.nbytes = nbytes
             if nbytes:
                 self._evict()

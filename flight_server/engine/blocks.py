@@ -515,8 +515,12 @@ class BlockReader:
         return Kept.concat(pieces)
 
     def hold_read_ahead(self) -> Reservation:
-        """Reserve, in the memory budget, what one stream may hold ahead of its loop."""
-        return self.memory.reserve(self.read_ahead_bytes, wait=False)
+        """Reserve, in the memory budget, what one stream may hold ahead of its loop.
+
+        At most an eighth of the budget: what a stream holds ahead is usually far less
+        than its bound, and the blocks it streams from need the room.
+        """
+        return self.memory.reserve(min(self.read_ahead_bytes, self.memory.max_bytes // 8), False)
 
     def clear(self) -> None:
         """Drop every kept block (and let the allocator give their memory back)."""
