@@ -31,6 +31,8 @@ WORK = {"rounds": 32}
 CASES = {
     workers: f"lavender torch loader b1024 {workers} workers, CPU collate" for workers in (0, 2)
 }
+NEXT_EPOCH = "lavender torch loader b1024 2 workers, CPU collate, 2nd epoch"
+"""The second epoch of one loader with 2 workers (they started with the first and stayed)."""
 
 
 def run(rows: int, repeat: int) -> dict[str, Any]:
@@ -52,6 +54,8 @@ def run(rows: int, repeat: int) -> dict[str, Any]:
                     "collate_work": WORK,
                 }  # fmt: skip
                 runner.case(data, "lavender", name, spec, server.process.pid)
+            runner.case(data, "lavender", NEXT_EPOCH, {**spec, "loader_epochs": 2},
+                        server.process.pid)  # fmt: skip
     base = next((r for r in runner.records if r["case"] == CASES[0] and "samples_per_s" in r), None)
     lines = []
     for record in runner.records:

@@ -71,7 +71,7 @@ def test_memory_bounds_wait_for_a_budget() -> None:
 
 def test_gaps_say_why_and_only_broken_cases_fail_the_check() -> None:
     rows = targets.evaluate(_results())
-    loader = _row(rows, "torch DataLoader 2 workers vs 0, CPU collate")
+    loader = _row(rows, "torch DataLoader 2 workers (2nd epoch) vs 0, CPU collate")
     assert loader["status"] == "not run (--suites loader)"
     assert loader["baseline_case"] == CASES[0]
     broken = _row(rows, "shuffled", "binary")
