@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from ...protocol.errors import InvalidArgument, IterationNotFound
+from ...catalog import VersionChanged
+from ...protocol.errors import InvalidArgument, IterationConflict, IterationNotFound
 from ...protocol.iterations import (
     AckBody,
     BatchMetadata,
@@ -27,14 +28,20 @@ from ...protocol.iterations import (
     IterationRecord,
     IterationTicket,
     RankProgress,
+    WeightsSet,
     encode_positions,
 )
 from ...protocol.ranges import RangeSet
 from ...transforms import Outcome
 from ..pool import TransformPool
+from . import adjust
 from .batching import Message, PlainBatcher, TransformedBatcher
 from .blocks import BlockReader
+from .categorized import CategorizedBatcher
+from .changes import Changes, EpochViews
 from .flow import RankFlow, ReadAhead
+from .mixture import MixtureBlocks, source_filter
+from .plan import EpochPlan
 from .setup import IterationSetup
 from .state import RankState, Unit
 from .store import ProgressStore, StreamHandle
@@ -122,11 +129,22 @@ class _StreamWork:
             with self.flow.cond:
                 room = self.flow.room(self.handle)
             max_chunks = max(1, min(max_chunks, -(-room // self.flow.batch_size)))
-        try:
-            found = self.live.store.claim(self.handle, self.world, max_chunks)
-        except IterationNotFound:
-            self.live.deleted = True
-            raise
+        while True:
+            try:
+                found = self.live.store.claim(
+                    self.handle, self.world, max_chunks, self.live.views.version
+                )
+                break
+            except IterationNotFound:
+                self.live.deleted = True
+                raise
+            except VersionChanged:  # weights or a deal changed: look before mapping
+                self.live.refresh()
+                if self.live.views.deal_number(self.handle.epoch) != self.handle.deal:
+                    raise IterationConflict(
+                        f"iteration {self.live.id} was resumed with world_size="
+                        f"{self.live.views.world_now}: this stream belongs to the old world"
+                    ) from None
         if found is None:
             log.debug("stream of rank %d superseded", self.handle.rank)
             raise _Stopped  # a newer stream of this worker took over
@@ -187,20 +205,34 @@ class LiveIteration:
     ) -> None:
         self.record = record
         self.id = record.id
-        self.spec = record.spec
+        self.spec = setup.spec  # batch_size 0 is SAMPLE_GROUP here; record.spec as asked
         self.setup = setup
         self.store = store
         self.pool = pool
         self.budget = budget or ReadAhead()
-        self.blocks = BlockReader(
-            setup.reader,
-            setup.plan.shards,
-            setup.spec.max_retry_count,
-            setup.spec.skip_on_failure,
-            blocks,
-            shard_reads,
-            iteration_id=record.id,
-        )
+        self.views = EpochViews(setup)
+        self._refreshed = False
+        if setup.mixture is not None:
+            self.blocks: BlockReader = MixtureBlocks(
+                setup.mixture,
+                setup.schema,
+                [source_filter(s.pipeline, pool) for s in setup.sources],
+                setup.spec.max_retry_count,
+                setup.spec.skip_on_failure,
+                blocks,
+                shard_reads,
+                iteration_id=record.id,
+            )
+        else:
+            self.blocks = BlockReader(
+                setup.reader,
+                setup.plan.shards,
+                setup.spec.max_retry_count,
+                setup.spec.skip_on_failure,
+                blocks,
+                shard_reads,
+                iteration_id=record.id,
+            )
         self.parked = False
         self.deleted = False
         self.last_used = time.monotonic()
@@ -216,7 +248,24 @@ class LiveIteration:
     @property
     def schema(self) -> pa.Schema:
         """The schema of the rows read (before transforms)."""
-        return self.setup.reader.schema
+        return self.setup.schema
+
+    def refresh(self) -> None:
+        """Load the iteration's changes (weights, deals) from the catalog."""
+        version, records = self.store.catalog.load_changes(self.id)
+        if version != self.views.version or not self._refreshed:
+            self.views.update(Changes.from_records(version, records))
+        self._refreshed = True
+
+    def _fresh_views(self) -> EpochViews:
+        if not self._refreshed:
+            self.refresh()
+        return self.views
+
+    @property
+    def world_size(self) -> int:
+        """The ranks the iteration has now (another than the spec's after a resize)."""
+        return self._fresh_views().world_now
 
     @property
     def output_schema(self) -> pa.Schema:
@@ -259,9 +308,10 @@ class LiveIteration:
         """What a FlightInfo says of the iteration."""
         return IterationInfo(
             iteration_id=self.id,
-            spec=self.spec,
+            spec=self.record.spec,
             seed=self.setup.plan.seed,
             total=self.setup.total,
+            world_size=self.world_size,
         )
 
     @property
@@ -292,19 +342,27 @@ class LiveIteration:
         With transforms the first message is made before answering: its schema is the
         stream's.
         """
-        world = self.setup.world(ticket.rank, ticket.worker, ticket.num_workers)
+        views = self._fresh_views()
         epoch = ticket.epoch if ticket.epoch is not None else self.epoch_of(ticket.rank)
-        plan = self.setup.epoch(epoch)
         schema = self.schema  # fail before streaming when the data is gone
         self.last_used = time.monotonic()
-        handle = self.store.open_stream(
-            self.id,
-            epoch,
-            ticket.rank,
-            (ticket.worker, ticket.num_workers),
-            self.setup.rank_size,
-            self.spec.batch_size,
-        )
+        while True:
+            world = views.world(epoch, ticket.rank, ticket.worker, ticket.num_workers)
+            plan = views.plan(epoch)
+            try:
+                handle = self.store.open_stream(
+                    self.id,
+                    epoch,
+                    ticket.rank,
+                    (ticket.worker, ticket.num_workers),
+                    lambda rank: views.rank_size(epoch, rank),
+                    self.spec.batch_size,
+                    version=views.version,
+                    deal=views.deal_number(epoch),
+                )
+                break
+            except VersionChanged:  # changed through another server: look again
+                self.refresh()
         flow = self._flow(epoch, ticket.rank)
         with flow.cond:
             flow.held[handle] = RangeSet()
@@ -317,6 +375,21 @@ class LiveIteration:
         batcher: Iterator[Message]
         if self.setup.plain:
             batcher = iter(PlainBatcher(plan, self.blocks, world, work, schema))
+        elif self.setup.pipeline.categorizer is not None:
+            batcher = iter(
+                CategorizedBatcher(
+                    plan,
+                    self.blocks,
+                    world,
+                    work,
+                    self._filter,
+                    self._categorize,
+                    self._process,
+                    schema,
+                    first_chunks=max(1, self.pool.workers if self.pool is not None else 1),
+                    max_chunks=max(1, min(512, (1 << 16) // self.spec.batch_size)),
+                )
+            )
         else:
             batcher = iter(
                 TransformedBatcher(
@@ -331,7 +404,7 @@ class LiveIteration:
                     max_chunks=max(1, min(512, (1 << 16) // self.spec.batch_size)),
                 )
             )
-        messages = self._messages(batcher, work, handle, flow, ticket)
+        messages = self._messages(batcher, work, handle, flow, ticket, plan)
         if self.setup.plain:
             return schema, messages
         try:
@@ -350,6 +423,7 @@ class LiveIteration:
         handle: StreamHandle,
         flow: RankFlow,
         ticket: IterationTicket,
+        plan: EpochPlan,
     ) -> Generator[tuple[pa.RecordBatch, pa.Buffer], None, None]:
         orphan = False  # the client went away mid-stream: any worker may take what it held
         finished = False  # it sent all its work
@@ -365,14 +439,13 @@ class LiveIteration:
                     iteration_id=self.id,
                     rank=handle.rank,
                     epoch=handle.epoch,
+                    deal=handle.deal or None,
                     batches=message.batches,
                     report_every=report,
                 )
                 fields = metadata.model_dump(exclude_none=True)
                 if ticket.positions:
-                    fields.update(
-                        encode_positions(self.setup.epoch(handle.epoch).positions(message.seq))
-                    )
+                    fields.update(encode_positions(plan.positions(message.seq)))
                 self.last_used = time.monotonic()
                 yield message.batch, pa.py_buffer(json.dumps(fields).encode())
             work.drain()
@@ -446,11 +519,34 @@ class LiveIteration:
         spec = json.dumps(self.setup.worker_spec())
         return self.pool.masks(self.pool.submit_filter(spec, batch))
 
+    def _categorize(self, batch: pa.RecordBatch) -> tuple[pa.Array, np.ndarray]:
+        """``(categories, failed)``: a user categorizer in a worker process when there are."""
+        pipeline = self.setup.pipeline
+        step = pipeline.categorizer
+        if self.pool is None or step is None or step.plugin.builtin():
+            return pipeline.categorize(batch)
+        spec = json.dumps(self.setup.worker_spec())
+        return self.pool.masks(self.pool.submit_categorize(spec, batch))
+
+    # -- changes -------------------------------------------------------------------------
+
+    def set_mixture_weights(self, weights: dict[str, float], at: int | None = None) -> WeightsSet:
+        """New weights of a mixture's sources, for every rank (see ``adjust``)."""
+        return adjust.set_weights(self, weights, at)
+
+    def resize(self, world_size: int, dead_nodes: list[str] | None = None) -> bool:
+        """Deal what is not completed to ``world_size`` ranks (see ``adjust``)."""
+        changed = adjust.resize(self, world_size, dead_nodes or ())
+        if changed:
+            with self._lock:
+                self._flows.clear()  # the old world's ranks are gone
+        return changed
+
     # -- what loops report ---------------------------------------------------------------
 
     def ack(self, body: AckBody) -> int:
         """Record what a rank's loop took and completed; saved before answering."""
-        self.setup.world(body.rank)
+        self.check_rank(body.rank)
         epoch = body.epoch if body.epoch is not None else self.epoch_of(body.rank)
         flow = self._flow(epoch, body.rank)
         with flow.ack_lock:
@@ -464,6 +560,7 @@ class LiveIteration:
                 body.completed,
                 len(dropped[0]),
                 len(dropped[1]),
+                deal=body.deal,
             )
             with flow.cond:
                 flow.forget(dropped)
@@ -499,29 +596,38 @@ class LiveIteration:
 
     def progress(self, ranks: bool = True) -> IterationProgress:
         """Where every rank stands in its current epoch (``ranks`` False: totals only)."""
+        views = self._fresh_views()
         latest = self.store.latest(self.id)
         rows: list[RankProgress] = []
         inflight: dict[int, list[int]] = {}
-        for rank in range(self.spec.world_size):
-            epoch, state = latest.get(rank, (0, None))
+        states: dict[int, RankState] = {}
+        world = views.world_now
+        last = max((latest[r][0] for r in range(world) if r in latest), default=0)
+        for rank in range(world):
+            epoch, state = latest.get(rank, (last, None))
             if state is None:
-                state = RankState(self.setup.rank_size(rank), self.spec.batch_size)
+                state = RankState(views.rank_size(epoch, rank), self.spec.batch_size)
+            if epoch == last:
+                states[rank] = state
             rows.append(self._rank_progress(rank, epoch, state, inflight if ranks else None))
+        entry = views.changes.deal(last)
+        carried = entry.deal.carried if entry is not None else None
         updated = max(
             (row.updated_at for row in self.store.catalog.latest_rank_states(self.id).values()),
             default=self.record.created_at,
         )
+        before = carried.finished if carried is not None else 0
         return IterationProgress(
             id=self.id,
             dataset_id=self.spec.dataset_id,
-            spec=self.spec,
+            spec=self.record.spec,
             seed=self.setup.plan.seed,
             epoch=max((r.epoch for r in rows), default=0),
-            total=sum(r.total for r in rows),
-            current=sum(r.current for r in rows),
-            completed=sum(r.completed for r in rows),
-            filtered=sum(r.filtered for r in rows),
-            failed=sum(r.failed for r in rows),
+            total=sum(r.total for r in rows) + before,
+            current=sum(r.current for r in rows) + before,
+            completed=sum(r.completed for r in rows) + (carried.completed if carried else 0),
+            filtered=sum(r.filtered for r in rows) + (carried.filtered if carried else 0),
+            failed=sum(r.failed for r in rows) + (carried.failed if carried else 0),
             inflight=inflight,
             read_ahead=sum(r.read_ahead for r in rows),
             ranks=rows if ranks else [],
@@ -529,6 +635,11 @@ class LiveIteration:
             updated_at=updated,
             done=all(r.done for r in rows)
             and (self.spec.epochs is None or max(r.epoch for r in rows) + 1 >= self.spec.epochs),
+            world_size=world,
+            deal=views.deal_number(last),
+            mixture=adjust.mixture_progress(self, last, states)
+            if self.setup.mixture is not None
+            else None,
         )
 
     def _rank_progress(
@@ -550,8 +661,8 @@ class LiveIteration:
                 if len(positions) >= MAX_LISTED_POSITIONS:
                     break
                 local = np.arange(a, min(b, a + MAX_LISTED_POSITIONS - len(positions)))
-                plan = self.setup.epoch(epoch)
-                seq = plan.to_global(self.setup.partitions[rank], local)
+                plan = self.views.plan(epoch)
+                seq = plan.to_global(self.views.partition(epoch, rank), local)
                 positions.extend(plan.positions(np.sort(seq)).tolist())
             inflight[rank] = positions
         return RankProgress(
@@ -574,7 +685,6 @@ class LiveIteration:
 
     def check_rank(self, rank: int) -> None:
         """Refuse a rank outside the iteration's world."""
-        if not 0 <= rank < self.spec.world_size:
-            raise InvalidArgument(
-                f"rank {rank} is outside iteration {self.id}'s world of {self.spec.world_size}"
-            )
+        world = self.world_size
+        if not 0 <= rank < world:
+            raise InvalidArgument(f"rank {rank} is outside iteration {self.id}'s world of {world}")

@@ -234,7 +234,19 @@ class IterationManager:
         return live
 
     def open(self, command: IterationCommand) -> LiveIteration:
-        """Create an iteration, join the one of the same id and spec, or reopen one by id."""
+        """Create an iteration, join the one of the same id and spec, or reopen one by id.
+
+        With ``world_size`` (and an id), reopen it dealt to that many ranks (elastic resume).
+        """
+        if command.world_size is not None:
+            if command.iteration_id is None or command.spec is not None:
+                raise InvalidArgument(
+                    "world_size reopens an existing iteration by its id, without a spec "
+                    "(Iteration.resume(iteration_id, rank=r, world_size=w))"
+                )
+            live = self.get(command.iteration_id)
+            live.resize(command.world_size, self.dead_nodes())
+            return live
         if command.spec is None:
             if command.iteration_id is None:
                 raise InvalidArgument("give an iteration spec, an iteration_id, or both")
