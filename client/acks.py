@@ -57,6 +57,8 @@ class Acknowledger:
         interval: float = 0.25,
         reconnect_seconds: float = 30.0,
     ) -> None:
+        self.deal: int | None = None
+        """The deal the batches are of (the batch metadata says, after an elastic resume)."""
         self.client = client
         self.iteration_id = iteration_id
         self.rank = rank
@@ -146,6 +148,7 @@ class Acknowledger:
             iteration_id=self.iteration_id,
             rank=self.rank,
             epoch=self.epoch,
+            deal=self.deal,
             taken=taken,
             completed=completed,
         )
