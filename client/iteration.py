@@ -42,7 +42,7 @@ from ..protocol.iterations import (
     PluginCall,
 )
 from . import api
-from .acks import Acknowledger, acknowledging
+from .acks import Acknowledger, acknowledging, acknowledging_samples
 from .connection import LavenderClient
 from .formats import check_format, samples, split
 
@@ -594,12 +594,10 @@ class Iteration:
         fmt = "arrow" if single and self.format == "python" else self.format
         items = stream_batches(self.client, ticket, fmt, learn, flush)
         if not self.progress:
-            batches = acknowledging(items, acks)
             if single:
-                for batch in batches:
-                    yield from samples(batch)
+                yield from acknowledging_samples(items, acks, samples)
                 return
-            yield from batches
+            yield from acknowledging(items, acks)
             return
         from tqdm.auto import tqdm
 
@@ -615,8 +613,7 @@ class Iteration:
                     yield batch, seq
 
             if single:
-                for batch in acknowledging(counted(), acks):
-                    yield from samples(batch)
+                yield from acknowledging_samples(counted(), acks, samples)
                 return
             yield from acknowledging(counted(), acks)
 

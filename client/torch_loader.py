@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.iterations import IterationTicket
-from .acks import acknowledging
+from .acks import acknowledging, acknowledging_samples
 from .connection import LavenderClient
 from .formats import samples, torch_missing
 from .iteration import stream_batches
@@ -136,8 +136,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         acks = self.iteration.acknowledger(epoch)
         items = ((batch, token.seq) for batch, token in super().__iter__())
         if self.iteration.spec.batch_size == 0:  # single samples, cut from whole groups
-            for batch in acknowledging(items, acks):
-                yield from samples(batch)
+            yield from acknowledging_samples(items, acks, samples)
             return
         yield from acknowledging(items, acks)
 

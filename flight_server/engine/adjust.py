@@ -44,6 +44,9 @@ __all__ = ["FRESH_SECONDS", "mixture_progress", "resize", "set_weights"]
 
 FRESH_SECONDS = 60.0
 ATTEMPTS = 20
+STREAMS_END_SECONDS = 3.0
+"""How long a resize waits for the old world's streams to end (a killed job's connections
+take a moment to be noticed: a stream looks at its connection every quarter second)."""
 
 
 class _Later(Exception):
@@ -176,6 +179,7 @@ def resize(live: LiveIteration, world_size: int, dead_nodes: Sequence[str] = ())
             f"iteration {live.id} has replication groups (replication_pg): it resumes with "
             f"its world of {spec.world_size} ranks only"
         )
+    waited_until = time.monotonic() + STREAMS_END_SECONDS
     for _ in range(ATTEMPTS):
         live.refresh()
         views = live.views
@@ -204,6 +208,11 @@ def resize(live: LiveIteration, world_size: int, dead_nodes: Sequence[str] = ())
         try:
             changed = live.store.change_epoch(live.id, epoch, change)
         except (VersionChanged, _Later):
+            continue
+        except IterationBusy:
+            if time.monotonic() > waited_until:
+                raise
+            time.sleep(0.2)
             continue
         live.refresh()
         return changed

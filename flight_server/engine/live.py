@@ -236,7 +236,8 @@ class LiveIteration:
         self.parked = False
         self.deleted = False
         self.last_used = time.monotonic()
-        self._flows: dict[tuple[int, int], RankFlow] = {}
+        self._flows: dict[tuple[int, int, int], RankFlow] = {}
+        """By epoch, rank and deal (a deal's local seqs are not another's)."""
         self._open: dict[StreamHandle, RankFlow] = {}
         self._cancel_checks: dict[StreamHandle, Callable[[], bool]] = {}
         self._lock = threading.Lock()
@@ -320,11 +321,12 @@ class LiveIteration:
         with self._lock:
             return list(self._open)
 
-    def _flow(self, epoch: int, rank: int) -> RankFlow:
+    def _flow(self, epoch: int, rank: int, deal: int = 0) -> RankFlow:
         with self._lock:
-            flow = self._flows.get((epoch, rank))
+            flow = self._flows.get((epoch, rank, deal))
             if flow is None:
-                flow = self._flows[(epoch, rank)] = RankFlow(self.spec.batch_size, self.budget)
+                flow = RankFlow(self.spec.batch_size, self.budget)
+                self._flows[(epoch, rank, deal)] = flow
             return flow
 
     def epoch_of(self, rank: int) -> int:
@@ -363,7 +365,7 @@ class LiveIteration:
                 break
             except VersionChanged:  # changed through another server: look again
                 self.refresh()
-        flow = self._flow(epoch, ticket.rank)
+        flow = self._flow(epoch, ticket.rank, handle.deal)
         with flow.cond:
             flow.held[handle] = RangeSet()
             if ticket.window:
@@ -536,11 +538,7 @@ class LiveIteration:
 
     def resize(self, world_size: int, dead_nodes: list[str] | None = None) -> bool:
         """Deal what is not completed to ``world_size`` ranks (see ``adjust``)."""
-        changed = adjust.resize(self, world_size, dead_nodes or ())
-        if changed:
-            with self._lock:
-                self._flows.clear()  # the old world's ranks are gone
-        return changed
+        return adjust.resize(self, world_size, dead_nodes or ())
 
     # -- what loops report ---------------------------------------------------------------
 
@@ -548,7 +546,8 @@ class LiveIteration:
         """Record what a rank's loop took and completed; saved before answering."""
         self.check_rank(body.rank)
         epoch = body.epoch if body.epoch is not None else self.epoch_of(body.rank)
-        flow = self._flow(epoch, body.rank)
+        deal = body.deal if body.deal is not None else self.views.deal_number(epoch)
+        flow = self._flow(epoch, body.rank, deal)
         with flow.ack_lock:
             with flow.cond:
                 dropped = flow.dropped_in(body.completed)
@@ -645,7 +644,7 @@ class LiveIteration:
     def _rank_progress(
         self, rank: int, epoch: int, state: RankState, inflight: dict[int, list[int]] | None
     ) -> RankProgress:
-        flow = self._flows.get((epoch, rank))
+        flow = self._flows.get((epoch, rank, state.deal))
         filtered = failed = 0
         limit = None
         held = state.inflight
