@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -201,15 +202,28 @@ class Mixture:
         self.initial = tuple(float(s.spec.weight) for s in sources)
         self.ids = [s.spec.dataset_id for s in sources]
         self._plans: OrderedDict[tuple[int, int, int], EpochPlan] = OrderedDict()
+        self._orders: OrderedDict[tuple[int, tuple[Any, ...]], MixtureOrder] = OrderedDict()
         self._lock = threading.Lock()
 
     def order(
         self, epoch: int, schedule: Sequence[tuple[int, Sequence[float]]], version: int = 0
     ) -> MixtureOrder:
-        """The draws of one epoch under a schedule."""
-        return MixtureOrder(
-            self.sizes, schedule, self.spec.on_exhausted, epoch_key(self.seed, epoch), version
-        )
+        """The draws of one epoch under a schedule.
+
+        The same object for the same schedule: its scan is paid once.
+        """
+        key = (epoch, tuple((int(s), tuple(float(w) for w in ws)) for s, ws in schedule))
+        with self._lock:
+            found = self._orders.get(key)
+            if found is None:
+                found = MixtureOrder(
+                    self.sizes, schedule, self.spec.on_exhausted, epoch_key(self.seed, epoch),
+                    version,
+                )  # fmt: skip
+                self._orders[key] = found
+                while len(self._orders) > PLANS_KEPT:
+                    self._orders.popitem(last=False)
+            return found
 
     def source_plan(self, source: int, epoch: int, passed: int) -> EpochPlan:
         """A source's own order in one pass of one epoch (its own seed)."""

@@ -83,8 +83,10 @@ def test_four_killed_ranks_resume_as_two(
     seen = [child.read_batches(stuck_after) for child in ranks]
     # every rank's acks arrived but the batch it is stuck in
     wait_until(
-        lambda: [r.completed for r in lavender.get_iteration("el4").ranks]
-        == [(stuck_after - 1) * batch] * 4
+        lambda: (
+            [r.completed for r in lavender.get_iteration("el4").ranks]
+            == [(stuck_after - 1) * batch] * 4
+        )
     )
     for child in ranks:
         child.kill()
@@ -218,10 +220,12 @@ def test_ranks_of_one_new_world_pass_the_same_size(client: LavenderClient, data_
         Iteration.resume("ele", rank=3)
     # while a rank of the new world streams, another size is refused
     stream = iter(Iteration.resume("ele", rank=0))
-    next(stream)
-    with pytest.raises(IterationBusy, match="open stream"):
-        Iteration.resume("ele", rank=0, world_size=2)
-    stream.close()
+    try:
+        next(stream)
+        with pytest.raises(IterationBusy, match="open stream"):
+            Iteration.resume("ele", rank=0, world_size=2)
+    finally:
+        stream.close()
 
 
 def test_replication_groups_keep_their_world(client: LavenderClient, data_dir: Path) -> None:
@@ -233,5 +237,3 @@ def test_replication_groups_keep_their_world(client: LavenderClient, data_dir: P
     assert it.id == "elr"
     with pytest.raises(InvalidArgument, match="replication groups"):
         Iteration.resume("elr", rank=0, world_size=3)
-
-

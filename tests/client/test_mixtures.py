@@ -154,7 +154,7 @@ def test_cycle_reshuffles_a_source_that_runs_out(small: list[str]) -> None:
     little = [u for u in found if source_of(u) == 1]
     passes = [little[i : i + 300] for i in range(0, len(little), 300)]
     assert len(passes) >= 2
-    for number, seen in enumerate(passes):  # each pass: every sample once, shuffled anew
+    for seen in passes:  # each pass: every sample once, shuffled anew
         assert len(set(seen)) == len(seen)
         if len(seen) == 300:
             assert sorted(seen) == [STRIDE + i for i in range(300)]
@@ -235,8 +235,11 @@ def test_the_sources_columns_must_agree(client: LavenderClient, data_dir: Path) 
          lavender.DatasetColumnOptions(name="text", type_="int32")],
     )  # fmt: skip
     Writer.get(dataset_id=numbers.id, shardset_id=shardset.id).write([{"uid": 1, "text": 2}])
-    with pytest.raises(SchemaMismatch, match=r"column 'text' of mixture source 1 \(dataset "
-                       r"'numbers'\) is int32, of mixture source 0 \(dataset 'plain'\) string"):
+    with pytest.raises(
+        SchemaMismatch,
+        match=r"column 'text' of mixture source 1 \(dataset "
+        r"'numbers'\) is int32, of mixture source 0 \(dataset 'plain'\) string",
+    ):
         Iteration.from_mixture([MixtureSource(plain), MixtureSource(numbers.id)], batch_size=8)
     # choosing the same columns makes them agree
     found = uids(
@@ -276,12 +279,19 @@ def test_new_weights_show_in_the_proportions_after_them(big: list[str]) -> None:
         iteration_id="mix-live",
     )
     stream = iter(iteration)
-    found = [u for _ in range(40) for u in next(stream)["uid"]]
-    changed = lavender.set_mixture_weights("mix-live", {big[0]: 0.2, big[1]: 0.8})
-    assert changed.epoch == 0 and len(found) <= changed.from_seq <= len(found) + 2000
-    assert changed.weights == {big[0]: 0.2, big[1]: 0.8}
-    for batch in stream:
-        found += batch["uid"]
+    try:
+        found: list[int] = []
+        for _ in range(40):  # a loop of some pace: the server reads about 0.5 s ahead of it
+            found += next(stream)["uid"]
+            time.sleep(0.01)
+        changed = lavender.set_mixture_weights("mix-live", {big[0]: 0.2, big[1]: 0.8})
+        assert changed.epoch == 0 and changed.from_seq % 50 == 0
+        assert len(found) <= changed.from_seq <= len(found) + 4000  # past what was read ahead
+        assert changed.weights == {big[0]: 0.2, big[1]: 0.8}
+        for batch in stream:
+            found += batch["uid"]
+    finally:
+        stream.close()
     assert sorted(found) == list(range(8000)) + [STRIDE + i for i in range(4000)]
     before, after = found[: changed.from_seq], found[changed.from_seq : changed.from_seq + 3000]
     assert within(shares(before, 2)[1], 0.2, len(before))
