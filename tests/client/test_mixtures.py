@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 
-from lavender_flight.client import Iteration, MixtureSource, Writer
+from lavender_flight.catalog import Catalog
+from lavender_flight.client import ClientSettings, Iteration, MixtureSource, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
+from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.protocol.errors import InvalidArgument, SchemaMismatch
 from tests.client.test_resume import serve, wait_for_completed
 from tests.flight_server.test_cli import STOP_TIMEOUT, Served
@@ -362,3 +364,32 @@ def test_a_resume_after_a_server_kill_replays_the_same_order(
     assert sorted(expected) == list(range(3000)) + [STRIDE + i for i in range(2000)]
     done = lavender.get_iteration("killed-mix")
     assert (done.completed, done.done) == (len(expected), True)
+
+
+def test_a_change_through_another_server_reaches_this_ones_streams(
+    big: list[str], server: LavenderFlightServer, tmp_path: Path
+) -> None:
+    other_catalog = Catalog(tmp_path / "catalog.db")  # the same file: two servers, one catalog
+    other = LavenderFlightServer(LavenderService(other_catalog, allow_memory=True))
+    try:
+        here = lavender.get_client()
+        there = LavenderClient(ClientSettings(f"grpc://127.0.0.1:{other.port}", timeout=30))
+        sources = [MixtureSource(big[0], 0.8), MixtureSource(big[1], 0.2)]
+        spec: dict[str, Any] = dict(batch_size=50, shuffle_seed=31, on_exhausted="rebalance")
+        stream = iter(Iteration.from_mixture(sources, iteration_id="two-nodes", **spec))
+        try:
+            found = [u for _ in range(10) for u in next(stream)["uid"]]
+            changed = there.set_mixture_weights("two-nodes", {big[0]: 0.2, big[1]: 0.8})
+            for batch in stream:  # streamed by the first server, which learns of the change
+                found += batch["uid"]
+        finally:
+            stream.close()
+        reference = Iteration.from_mixture(sources, iteration_id="two-nodes-ref", client=here,
+                                           **spec)  # fmt: skip
+        again = here.set_mixture_weights(reference.id, changed.weights, at=changed.from_seq)
+        assert again.from_seq == changed.from_seq
+        assert found == uids(reference)
+        there.close()
+    finally:
+        other.shutdown()
+        other_catalog.close()
