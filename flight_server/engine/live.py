@@ -266,7 +266,8 @@ class LiveIteration:
     @property
     def world_size(self) -> int:
         """The ranks the iteration has now (another than the spec's after a resize)."""
-        return self._fresh_views().world_now
+        self.refresh()  # a resize may have been made through another server
+        return self.views.world_now
 
     @property
     def output_schema(self) -> pa.Schema:
@@ -344,7 +345,8 @@ class LiveIteration:
         With transforms the first message is made before answering: its schema is the
         stream's.
         """
-        views = self._fresh_views()
+        self.refresh()  # one query per stream: its world and plans are the latest
+        views = self.views
         epoch = ticket.epoch if ticket.epoch is not None else self.epoch_of(ticket.rank)
         schema = self.schema  # fail before streaming when the data is gone
         self.last_used = time.monotonic()
@@ -595,7 +597,8 @@ class LiveIteration:
 
     def progress(self, ranks: bool = True) -> IterationProgress:
         """Where every rank stands in its current epoch (``ranks`` False: totals only)."""
-        views = self._fresh_views()
+        self.refresh()
+        views = self.views
         latest = self.store.latest(self.id)
         rows: list[RankProgress] = []
         inflight: dict[int, list[int]] = {}
@@ -684,6 +687,8 @@ class LiveIteration:
 
     def check_rank(self, rank: int) -> None:
         """Refuse a rank outside the iteration's world."""
-        world = self.world_size
+        world = self._fresh_views().world_now
+        if not 0 <= rank < world:  # perhaps resized through another server: look again
+            world = self.world_size
         if not 0 <= rank < world:
             raise InvalidArgument(f"rank {rank} is outside iteration {self.id}'s world of {world}")
