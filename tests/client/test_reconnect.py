@@ -14,6 +14,7 @@ import pytest
 
 from lavender_flight.client import Iteration
 from lavender_flight.client import api as lavender
+from lavender_flight.client.acks import MAX_UNSENT_BATCHES
 from lavender_flight.protocol.errors import ServerUnavailable
 from tests.client.test_resume import serve, servers, write_dataset  # noqa: F401
 from tests.flight_server.test_cli import STOP_TIMEOUT, Served
@@ -58,7 +59,12 @@ def test_a_loop_rides_out_a_server_killed_and_restarted(
         loop.start()
         assert halfway.wait(30)
         kill(servers[0])
+        at_kill = len(delivered)
         time.sleep(1.5)  # the loop runs on through what it had, then waits for the server
+        # reports cannot be sent: the loop ran at most 16 batches ahead of them, and that
+        # (with the batch in hand) is all a restart can hand it again
+        ran_on = (len(delivered) - at_kill) // BATCH
+        assert ran_on <= MAX_UNSENT_BATCHES + 2, f"the loop ran {ran_on} batches past the kill"
         serve(servers, home, port=port)  # back on the same address, the same catalog
         loop.join(timeout=60)
     assert not loop.is_alive() and not errors, errors
