@@ -154,7 +154,7 @@ ACTIONS: dict[str, ActionSpec] = {
         IterationBody,
         "Progress of an iteration {iteration_id}: current, completed, filtered, failed, the "
         "positions in flight per rank; as JSON.",
-        lambda srv, b: _json(srv.iterations.get(b.iteration_id).progress(ranks=True)),
+        lambda srv, b: _json(srv.iterations.progress(b.iteration_id, ranks=True)),
     ),
     "list_iterations": ActionSpec(
         ListIterationsBody,

@@ -26,7 +26,6 @@ from ...protocol.iterations import (
     IterationProgress,
     IterationRecord,
     IterationTicket,
-    RankProgress,
     encode_positions,
 )
 from ...protocol.ranges import RangeSet
@@ -35,8 +34,9 @@ from ..pool import TransformPool
 from .batching import Message, PlainBatcher, TransformedBatcher
 from .blocks import BlockReader
 from .flow import RankFlow, ReadAhead
+from .progress import iteration_progress
 from .setup import IterationSetup
-from .state import RankState, Unit
+from .state import Unit
 from .store import ProgressStore, StreamHandle
 from .world import World
 
@@ -44,7 +44,6 @@ __all__ = ["LiveIteration"]
 
 log = logging.getLogger(__name__)
 
-MAX_LISTED_POSITIONS = 1000
 UNBOUNDED = 1 << 62
 WAIT_SECONDS = 0.25
 """How often a stream waiting on its budget looks at the catalog (acks through another
@@ -499,78 +498,10 @@ class LiveIteration:
 
     def progress(self, ranks: bool = True) -> IterationProgress:
         """Where every rank stands in its current epoch (``ranks`` False: totals only)."""
-        latest = self.store.latest(self.id)
-        rows: list[RankProgress] = []
-        inflight: dict[int, list[int]] = {}
-        for rank in range(self.spec.world_size):
-            epoch, state = latest.get(rank, (0, None))
-            if state is None:
-                state = RankState(self.setup.rank_size(rank), self.spec.batch_size)
-            rows.append(self._rank_progress(rank, epoch, state, inflight if ranks else None))
-        updated = max(
-            (row.updated_at for row in self.store.catalog.latest_rank_states(self.id).values()),
-            default=self.record.created_at,
-        )
-        return IterationProgress(
-            id=self.id,
-            dataset_id=self.spec.dataset_id,
-            spec=self.spec,
-            seed=self.setup.plan.seed,
-            epoch=max((r.epoch for r in rows), default=0),
-            total=sum(r.total for r in rows),
-            current=sum(r.current for r in rows),
-            completed=sum(r.completed for r in rows),
-            filtered=sum(r.filtered for r in rows),
-            failed=sum(r.failed for r in rows),
-            inflight=inflight,
-            read_ahead=sum(r.read_ahead for r in rows),
-            ranks=rows if ranks else [],
-            created_at=self.record.created_at,
-            updated_at=updated,
-            done=all(r.done for r in rows)
-            and (self.spec.epochs is None or max(r.epoch for r in rows) + 1 >= self.spec.epochs),
-        )
-
-    def _rank_progress(
-        self, rank: int, epoch: int, state: RankState, inflight: dict[int, list[int]] | None
-    ) -> RankProgress:
-        flow = self._flows.get((epoch, rank))
-        filtered = failed = 0
-        limit = None
-        held = state.inflight
-        if flow is not None:
-            with flow.cond:
-                # dropped inside batches the loop took but did not complete yet
-                extra = flow.dropped_in(held.ranges())
-                filtered, failed = len(extra[0]), len(extra[1])
-                limit = flow.window() if flow.windowed else None
-        if inflight is not None:
-            positions: list[int] = []
-            for a, b in held:
-                if len(positions) >= MAX_LISTED_POSITIONS:
-                    break
-                local = np.arange(a, min(b, a + MAX_LISTED_POSITIONS - len(positions)))
-                plan = self.setup.epoch(epoch)
-                seq = plan.to_global(self.setup.partitions[rank], local)
-                positions.extend(plan.positions(np.sort(seq)).tolist())
-            inflight[rank] = positions
-        return RankProgress(
-            rank=rank,
-            epoch=epoch,
-            total=state.size,
-            current=state.current,
-            completed=state.completed,
-            filtered=state.filtered + filtered,
-            failed=state.failed + failed,
-            inflight=max(0, len(held) - filtered - failed),
-            read_ahead=state.read_ahead,
-            read_ahead_limit=limit,
-            pending=state.pending_count,
-            streams=state.open_streams,
-            opened=state.next_generation - 1,
-            nodes=state.nodes,
-            done=state.done,
-        )
+        with self._lock:
+            flows = dict(self._flows)
+        rows = self.store.catalog.latest_rank_states(self.id)
+        return iteration_progress(self.record, self.setup, rows, flows, ranks)
 
     def check_rank(self, rank: int) -> None:
         """Refuse a rank outside the iteration's world."""

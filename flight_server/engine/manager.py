@@ -34,6 +34,8 @@ from ..pool import TransformPool
 from ..service import LavenderService
 from .flow import ReadAhead
 from .live import LiveIteration
+from .plans import Plans
+from .progress import iteration_progress
 from .setup import IterationSetup
 from .state import RankState
 from .store import ProgressStore
@@ -41,6 +43,9 @@ from .store import ProgressStore
 __all__ = ["IterationManager"]
 
 log = logging.getLogger(__name__)
+
+PLANS_CACHED = 256
+"""Plans kept for iterations whose progress is asked for without a stream here."""
 
 
 def _differences(stored: IterationSpec, asked: IterationSpec) -> str:
@@ -100,6 +105,7 @@ class IterationManager:
         self.store = ProgressStore(catalog, self.node, lease_seconds or 300.0)
         self.started_at = time.time()
         self._live: dict[str, LiveIteration] = {}
+        self._plans: dict[str, Plans] = {}  # of iterations listed, not live here
         self._lock = threading.Lock()
         self._blocks = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-block")
         self._shard_reads = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-read")
@@ -295,12 +301,34 @@ class IterationManager:
                 "same arguments; pick a new iteration_id for a new run"
             )
 
+    def progress(self, iteration_id: str, ranks: bool = True) -> IterationProgress:
+        """Where an iteration stands (live here or not: no reader is built for it)."""
+        with self._lock:
+            live = self._live.get(iteration_id)
+        if live is not None:
+            return live.progress(ranks=ranks)
+        return self._progress_of(self.catalog.get_iteration(iteration_id), ranks)
+
+    def _progress_of(self, record: IterationRecord, ranks: bool) -> IterationProgress:
+        with self._lock:
+            live = self._live.get(record.id)
+            plans = self._plans.get(record.id)
+            if live is None and plans is None:
+                plans = self._plans[record.id] = Plans(record.spec, record.plan)
+                while len(self._plans) > PLANS_CACHED:
+                    self._plans.pop(next(iter(self._plans)))
+        if live is not None:
+            return live.progress(ranks=ranks)
+        assert plans is not None
+        rows = self.catalog.latest_rank_states(record.id)
+        return iteration_progress(record, plans, rows, ranks=ranks)
+
     def list(self, dataset_id: str | None = None, ranks: bool = False) -> list[IterationProgress]:
         """Progress of every iteration (of one dataset), newest first."""
         found = []
         for record in self.catalog.list_iterations(dataset_id):
             try:
-                found.append(self.get(record.id).progress(ranks=ranks))
+                found.append(self._progress_of(record, ranks))
             except IterationNotFound:  # deleted meanwhile
                 continue
         return found

@@ -1,33 +1,28 @@
 """``IterationSetup``: everything an iteration derives from its stored spec, built once.
 
 The reader of its shardsets and columns, its transforms (validated against the server's
-plugins), the partition each rank reads, and the plan of each epoch. The manager builds
-one when an iteration is created (checking the spec) and hands it to the live iteration,
-so nothing is derived twice.
+plugins), and its ``Plans`` (the partition each rank reads, the plan of each epoch). The
+manager builds one when an iteration is created (checking the spec) and hands it to the live
+iteration, so nothing is derived twice.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from ...protocol import Dataset
-from ...protocol.errors import InvalidArgument
 from ...protocol.iterations import IterationPlan, IterationSpec
 from ...transforms import Pipeline, Plugins
 from ...transforms.pipeline import pipeline_spec
 from ..reading import DatasetReader
 from ..service import LavenderService
-from .plan import EpochPlan
-from .world import World, replication_partitions
+from .plans import Plans
+from .world import replication_partitions
 
 __all__ = ["IterationSetup", "build_pipeline"]
-
-PLANS_KEPT = 4
 
 
 def build_pipeline(
@@ -51,18 +46,12 @@ def build_pipeline(
 
 
 @dataclass
-class IterationSetup:
-    """An iteration's reader, transforms, partitions and epoch plans (see module doc)."""
+class IterationSetup(Plans):
+    """An iteration's reader and transforms, over its ``Plans`` (see module doc)."""
 
-    spec: IterationSpec
-    plan: IterationPlan
-    dataset: Dataset
-    reader: DatasetReader
-    pipeline: Pipeline
-    partitions: list[int]
-    """The partition of the epoch each rank reads (ranks of a replication group share one)."""
-    _plans: OrderedDict[int, EpochPlan] = field(default_factory=OrderedDict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    dataset: Dataset = field(kw_only=True)
+    reader: DatasetReader = field(kw_only=True)
+    pipeline: Pipeline = field(kw_only=True)
 
     @classmethod
     def build(
@@ -83,77 +72,18 @@ class IterationSetup:
         """
         dataset = service.get_dataset(dataset_id=spec.dataset_id)
         reader = service.reader(dataset, spec.shardsets, spec.columns, spec.join)
-        partitions = replication_partitions(spec.world_size, spec.replication_pg)
+        replication_partitions(spec.world_size, spec.replication_pg)  # bad groups fail here
         pipeline = build_pipeline(plugins, spec, dataset.uid_column_name, reader.schema)
         if plan is None:
             plan = IterationPlan(
                 shards=[(shard.index, shard.num_rows) for shard in reader.main_shards], seed=seed
             )
-        return cls(spec, plan, dataset, reader, pipeline, partitions)
-
-    @property
-    def num_partitions(self) -> int:
-        """How many distinct partitions each epoch is cut into."""
-        return len(set(self.partitions))
+        return cls(spec, plan, dataset=dataset, reader=reader, pipeline=pipeline)
 
     @property
     def plain(self) -> bool:
         """Rows go out as read: no transform, and no inner join leaving samples out."""
         return self.pipeline.identity and self.spec.join == "left"
-
-    def epoch(self, number: int) -> EpochPlan:
-        """The plan of one epoch (the last few are kept)."""
-        if self.spec.epochs is not None and number >= self.spec.epochs:
-            raise InvalidArgument(
-                f"the iteration makes {self.spec.epochs} epoch(s) (epochs={self.spec.epochs}); "
-                f"epoch {number} is past its end: create a new iteration for more passes"
-            )
-        with self._lock:
-            found = self._plans.get(number)
-            if found is None:
-                found = EpochPlan(
-                    [rows for _, rows in self.plan.shards],
-                    self.spec.batch_size,
-                    partitions=self.num_partitions,
-                    shuffle=self.spec.shuffle,
-                    seed=self.plan.seed,
-                    block_size=self.spec.shuffle_block_size,
-                    drop_last=self.spec.drop_last,
-                    epoch=number,
-                )
-                self._plans[number] = found
-                while len(self._plans) > PLANS_KEPT:
-                    self._plans.popitem(last=False)
-            else:
-                self._plans.move_to_end(number)
-            return found
-
-    @property
-    def total(self) -> int:
-        """Samples per epoch, every rank together."""
-        return self.epoch(0).total
-
-    def rank_size(self, rank: int) -> int:
-        """Samples one rank delivers in an epoch (the same in every epoch)."""
-        return self.epoch(0).partition_size(self.partitions[rank])
-
-    def world(self, rank: int, worker: int = 0, num_workers: int = 1) -> World:
-        """Where one stream sits."""
-        if not 0 <= rank < self.spec.world_size:
-            raise InvalidArgument(
-                f"rank {rank} is outside the iteration's world of {self.spec.world_size}"
-            )
-        return World(
-            rank=rank,
-            world_size=self.spec.world_size,
-            replication_pg=(
-                tuple(tuple(g) for g in self.spec.replication_pg)
-                if self.spec.replication_pg
-                else None
-            ),
-            worker=worker,
-            num_workers=num_workers,
-        )
 
     def worker_spec(self) -> dict[str, Any]:
         """The JSON-able pipeline a preprocessing worker process rebuilds."""
