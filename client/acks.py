@@ -115,6 +115,11 @@ class Acknowledger:
                 self._wake.set()
                 self._sent.wait(min(left, 1.0))
 
+    def unsent(self) -> int:
+        """Completed samples not recorded by the server yet."""
+        with self._lock:
+            return _size(self._completed)
+
     def unrecorded(self) -> ServerUnavailable:
         """The error that says what could not be recorded (call with the lock held)."""
         count = _size(self._completed)
@@ -231,6 +236,17 @@ def acknowledging(items: Iterable[tuple[T, Any]], acks: Acknowledger) -> Iterato
             consumed = seq
             yield batch
         ended = True
+    except ServerUnavailable as exc:  # the server stayed away: say what was not recorded
+        if consumed is not None:
+            acks.complete(consumed)
+            consumed = None
+        lost = acks.unsent()
+        if lost:
+            raise ServerUnavailable(
+                f"{exc}; {lost} completed sample(s) were not recorded: they will be "
+                "delivered again on resume"
+            ) from None
+        raise
     finally:
         if consumed is not None:
             acks.complete(consumed)

@@ -1,4 +1,4 @@
-"""Changing a running iteration: its mixture weights, its world size; and their progress.
+"""Changing a running iteration: its mixture weights, its world size.
 
 Both changes run in one catalog transaction that holds the iteration alone and every state
 row of the epoch (``ProgressStore.change_epoch``), so no claim races them:
@@ -26,13 +26,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from ...catalog import EpochRows, VersionChanged
 from ...protocol.errors import InvalidArgument, IterationBusy, IterationConflict
-from ...protocol.iterations import MixtureProgress, SourceProgress, WeightChange, WeightsSet
+from ...protocol.iterations import WeightsSet
 from .changes import DEAL, WEIGHTS
-from .deals import _merge, deal_anew, ranges_to_global
+from .deals import deal_anew
 from .draws import check_weights
 from .mixture import MixturePlan
 from .state import RankState
@@ -40,7 +38,7 @@ from .state import RankState
 if TYPE_CHECKING:
     from .live import LiveIteration
 
-__all__ = ["FRESH_SECONDS", "mixture_progress", "resize", "set_weights"]
+__all__ = ["FRESH_SECONDS", "resize", "set_weights"]
 
 FRESH_SECONDS = 60.0
 ATTEMPTS = 20
@@ -55,18 +53,6 @@ class _Later(Exception):
 
 def _states(rows: EpochRows) -> dict[int, RankState]:
     return {r: RankState.from_json(row.state) for r, row in rows.rows.items() if row.state}
-
-
-def _frontier(live: LiveIteration, epoch: int, states: dict[int, RankState]) -> int:
-    """One past the last global seq any rank of the epoch was handed (0: none)."""
-    plan = live.views.plan(epoch)
-    found = 0
-    for rank, state in states.items():
-        if state.covered:
-            last = np.array([state.covered.ranges()[-1][1] - 1], dtype=np.int64)
-            partition = live.views.partition(epoch, rank)
-            found = max(found, int(plan.to_global(partition, last)[0]) + 1)
-    return found
 
 
 def _latest_epoch(live: LiveIteration) -> int:
@@ -142,7 +128,7 @@ def _change_weights(
         total = following.total
         return WeightsSet(epoch=epoch + 1, from_seq=0, weights=named, total=total)
     step = spec.batch_size * (plan.partitions if spec.drop_last else 1)
-    frontier = _frontier(live, epoch, states)
+    frontier = live.views.frontier(epoch, states)
     from_seq = -(-frontier // step) * step
     if at is not None:
         from_seq = max(from_seq, at)
@@ -278,77 +264,3 @@ def _deal(
         rows.drop(rank)
     rows.add(DEAL, json.dumps(deal.to_json()))
     return True
-
-
-# -- progress ----------------------------------------------------------------------------
-
-
-def mixture_progress(
-    live: LiveIteration, epoch: int, states: dict[int, RankState]
-) -> MixtureProgress:
-    """A mixture's sources in ``epoch`` and its weights over time."""
-    mixture = live.setup.mixture
-    assert mixture is not None
-    views = live.views
-    plan = views.plan(epoch)
-    assert isinstance(plan, MixturePlan)
-    order = plan.order
-    entry = views.changes.deal(epoch)
-    base = views.base_plan(epoch)
-    finished_runs: list[tuple[int, int]] = []
-    reached_runs: list[tuple[int, int]] = []
-    for rank, state in states.items():
-        partition = views.partition(epoch, rank)
-        deal = entry.deal if entry is not None else None
-        finished_runs += ranges_to_global(
-            deal, base, partition, state.finished.ranges(), plan.batch_size
-        )
-        seen = state.taken.copy()
-        seen.update(state.finished.ranges())
-        reached_runs += ranges_to_global(deal, base, partition, seen.ranges(), plan.batch_size)
-    finished = order.counts_in(_union(finished_runs))
-    reached = order.counts_in(_union(reached_runs))
-    if entry is not None:  # what the deals before finished: below the cut, not in the base
-        before = order.counts_before(entry.deal.cut) - order.counts_in(entry.deal.base)
-        finished, reached = finished + before, reached + before
-    frontier = _frontier(live, epoch, states)
-    weights = order.weights_at(max(0, frontier - 1)) if frontier else order.weights[0]
-    sources = []
-    for index, source in enumerate(mixture.sources):
-        size = source.size
-        drawn = int(reached[index])
-        sources.append(
-            SourceProgress(
-                dataset_id=source.spec.dataset_id,
-                weight=float(weights[index]),
-                size=size,
-                drawn=drawn,
-                finished=int(finished[index]),
-                passes=max(1, -(-drawn // size)),
-                exhausted=live.setup.spec.on_exhausted != "cycle" and drawn >= size,
-            )
-        )
-    schedule = [
-        WeightChange(
-            epoch=0, from_seq=0, weights=dict(zip(mixture.ids, mixture.initial, strict=True)),
-            at=live.record.created_at,
-        )
-    ] + [
-        WeightChange(
-            epoch=change.epoch,
-            from_seq=change.from_seq,
-            weights=dict(zip(mixture.ids, change.weights, strict=True)),
-            at=change.at,
-        )
-        for change in views.changes.weights
-    ]  # fmt: skip
-    return MixtureProgress(
-        on_exhausted=live.setup.spec.on_exhausted, sources=sources, schedule=schedule
-    )
-
-
-def _union(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    if not runs:
-        return []
-    bounds = np.array(runs, dtype=np.int64).reshape(-1, 2)
-    return _merge(bounds[:, 0], bounds[:, 1])

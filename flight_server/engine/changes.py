@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from ...catalog import ChangeRecord
 from ...protocol.errors import InvalidArgument
@@ -30,7 +32,8 @@ from .deals import Deal
 from .draws import MixtureOrder
 from .mixture import MixturePlan
 from .plan import EpochPlan
-from .setup import IterationSetup
+from .plans import Plans
+from .state import RankState
 from .world import World
 
 __all__ = ["DEAL", "WEIGHTS", "Changes", "DealEntry", "EpochViews", "WeightEntry"]
@@ -142,7 +145,7 @@ class Changes:
 class EpochViews:
     """Plans and worlds of an iteration's epochs under its changes (see module doc)."""
 
-    def __init__(self, setup: IterationSetup, changes: Changes | None = None) -> None:
+    def __init__(self, setup: Plans, changes: Changes | None = None) -> None:
         self.setup = setup
         self.changes = changes or Changes()
         self._plans: dict[tuple[int, int], EpochPlan] = {}
@@ -268,3 +271,13 @@ class EpochViews:
     def rank_size(self, epoch: int, rank: int) -> int:
         """Samples one rank delivers in an epoch (as its deal and weights say now)."""
         return self.plan(epoch).partition_size(self.partition(epoch, rank))
+
+    def frontier(self, epoch: int, states: Mapping[int, RankState]) -> int:
+        """One past the last global seq any rank of the epoch was handed (0: none)."""
+        plan = self.plan(epoch)
+        found = 0
+        for rank, state in states.items():
+            if state.covered:
+                last = np.array([state.covered.ranges()[-1][1] - 1], dtype=np.int64)
+                found = max(found, int(plan.to_global(self.partition(epoch, rank), last)[0]) + 1)
+        return found

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from ...catalog import VersionChanged
-from ...protocol.errors import InvalidArgument, IterationConflict, IterationNotFound
+from ...protocol.errors import InvalidArgument
 from ...protocol.iterations import (
     AckBody,
     BatchMetadata,
@@ -27,7 +27,6 @@ from ...protocol.iterations import (
     IterationProgress,
     IterationRecord,
     IterationTicket,
-    RankProgress,
     WeightsSet,
     encode_positions,
 )
@@ -42,143 +41,14 @@ from .changes import Changes, EpochViews
 from .flow import RankFlow, ReadAhead
 from .mixture import MixtureBlocks, source_filter
 from .plan import EpochPlan
+from .progress import iteration_progress
 from .setup import IterationSetup
-from .state import RankState, Unit
 from .store import ProgressStore, StreamHandle
-from .world import World
+from .work import Stopped, StreamWork
 
 __all__ = ["LiveIteration"]
 
 log = logging.getLogger(__name__)
-
-MAX_LISTED_POSITIONS = 1000
-UNBOUNDED = 1 << 62
-WAIT_SECONDS = 0.25
-"""How often a stream waiting on its budget looks at the catalog (acks through another
-server, a pushback) and at whether it should stop."""
-
-
-class _Stopped(Exception):
-    """The stream must end (superseded, server parking, iteration deleted, client gone)."""
-
-
-class _StreamWork:
-    """The ``Work`` a batcher does for one stream: claims within the budget."""
-
-    def __init__(
-        self,
-        live: LiveIteration,
-        handle: StreamHandle,
-        world: World,
-        flow: RankFlow,
-        windowed: bool,
-        cancelled: Callable[[], bool],
-    ) -> None:
-        self.live = live
-        self.handle = handle
-        self.world = world
-        self.flow = flow
-        self.windowed = windowed
-        self.cancelled = cancelled
-
-    def _check(self) -> None:
-        if self.live.parked or self.live.deleted or self.cancelled():
-            log.debug(
-                "stream of rank %d stops: parked=%s deleted=%s cancelled=%s",
-                self.handle.rank,
-                self.live.parked,
-                self.live.deleted,
-                self.cancelled(),
-            )
-            raise _Stopped
-
-    def room(self) -> int:
-        if not self.windowed:
-            return UNBOUNDED
-        with self.flow.cond:
-            return max(self.flow.room(self.handle), self.flow.batch_size)
-
-    def _wait_for_room(self) -> None:
-        flow = self.flow
-        with flow.cond:
-            while True:
-                self._check()
-                if flow.stale:
-                    self._refresh()
-                    continue
-                # claim when half the budget is free: fewer, larger claims
-                if flow.room(self.handle) >= max(1, flow.share() // 2) or not flow.ahead(
-                    self.handle
-                ):
-                    return
-                if not flow.cond.wait(WAIT_SECONDS):
-                    self._refresh()
-
-    def _refresh(self) -> None:
-        """Re-read the rank from the catalog (called with the flow's lock held)."""
-        state = self.live.store.state(self.handle.iteration_id, self.handle.epoch, self.handle.rank)
-        if state is None:
-            log.debug("stream of rank %d: no state", self.handle.rank)
-            raise _Stopped
-        self.flow.learn(state)
-
-    def claim(self, max_chunks: int) -> list[Unit]:
-        self._check()
-        if self.windowed:
-            self._wait_for_room()
-            with self.flow.cond:
-                room = self.flow.room(self.handle)
-            max_chunks = max(1, min(max_chunks, -(-room // self.flow.batch_size)))
-        while True:
-            try:
-                found = self.live.store.claim(
-                    self.handle, self.world, max_chunks, self.live.views.version
-                )
-                break
-            except IterationNotFound:
-                self.live.deleted = True
-                raise
-            except VersionChanged:  # weights or a deal changed: look before mapping
-                self.live.refresh()
-                if self.live.views.deal_number(self.handle.epoch) != self.handle.deal:
-                    raise IterationConflict(
-                        f"iteration {self.live.id} was resumed with world_size="
-                        f"{self.live.views.world_now}: this stream belongs to the old world"
-                    ) from None
-        if found is None:
-            log.debug("stream of rank %d superseded", self.handle.rank)
-            raise _Stopped  # a newer stream of this worker took over
-        with self.flow.cond:
-            for unit in found.units:
-                self.flow.claimed(self.handle, unit)
-        log.debug("stream of rank %d claimed %d chunks (asked %d)", self.handle.rank,
-                  len(found.units), max_chunks)  # fmt: skip
-        return found.units
-
-    def drain(self) -> None:
-        """Wait until the loop took everything this stream sent (windowed streams only).
-
-        The stream then ends holding nothing ahead of the loop: what it sent stays its own
-        while the loop works through it, instead of going back to the queue.
-        """
-        if not self.windowed:
-            return
-        flow = self.flow
-        with flow.cond:
-            while True:
-                self._check()
-                if flow.stale:
-                    self._refresh()
-                    continue
-                if not flow.ahead(self.handle):
-                    return
-                if not flow.cond.wait(WAIT_SECONDS):
-                    self._refresh()
-
-    def release(self, ranges: list[tuple[int, int]], filtered: int, failed: int) -> None:
-        self.live.store.release(self.handle, ranges, filtered, failed)
-        with self.flow.cond:
-            self.flow.released(self.handle, ranges)
 
 
 class LiveIteration:
@@ -215,6 +85,7 @@ class LiveIteration:
         if setup.mixture is not None:
             self.blocks: BlockReader = MixtureBlocks(
                 setup.mixture,
+                setup.sources,
                 setup.schema,
                 [source_filter(s.pipeline, pool) for s in setup.sources],
                 setup.spec.max_retry_count,
@@ -374,7 +245,7 @@ class LiveIteration:
                 flow.windowed.add(handle)
         with self._lock:
             self._open[handle] = flow
-        work = _StreamWork(self, handle, world, flow, ticket.window, cancelled)
+        work = StreamWork(self, handle, world, flow, ticket.window, cancelled)
         self._cancel_checks[handle] = cancelled
         batcher: Iterator[Message]
         if self.setup.plain:
@@ -423,7 +294,7 @@ class LiveIteration:
     def _messages(
         self,
         batcher: Iterator[Message],
-        work: _StreamWork,
+        work: StreamWork,
         handle: StreamHandle,
         flow: RankFlow,
         ticket: IterationTicket,
@@ -454,7 +325,7 @@ class LiveIteration:
                 yield message.batch, pa.py_buffer(json.dumps(fields).encode())
             work.drain()
             finished = True
-        except _Stopped:
+        except Stopped:
             return
         except GeneratorExit:  # gRPC dropped the stream: the client is gone
             log.debug("stream of rank %d: dropped by gRPC", handle.rank)
@@ -598,92 +469,10 @@ class LiveIteration:
     def progress(self, ranks: bool = True) -> IterationProgress:
         """Where every rank stands in its current epoch (``ranks`` False: totals only)."""
         self.refresh()
-        views = self.views
-        latest = self.store.latest(self.id)
-        rows: list[RankProgress] = []
-        inflight: dict[int, list[int]] = {}
-        states: dict[int, RankState] = {}
-        world = views.world_now
-        last = max((latest[r][0] for r in range(world) if r in latest), default=0)
-        for rank in range(world):
-            epoch, state = latest.get(rank, (last, None))
-            if state is None:
-                state = RankState(views.rank_size(epoch, rank), self.spec.batch_size)
-            if epoch == last:
-                states[rank] = state
-            rows.append(self._rank_progress(rank, epoch, state, inflight if ranks else None))
-        entry = views.changes.deal(last)
-        carried = entry.deal.carried if entry is not None else None
-        updated = max(
-            (row.updated_at for row in self.store.catalog.latest_rank_states(self.id).values()),
-            default=self.record.created_at,
-        )
-        before = carried.finished if carried is not None else 0
-        return IterationProgress(
-            id=self.id,
-            dataset_id=self.spec.dataset_id,
-            spec=self.record.spec,
-            seed=self.setup.plan.seed,
-            epoch=max((r.epoch for r in rows), default=0),
-            total=sum(r.total for r in rows) + before,
-            current=sum(r.current for r in rows) + before,
-            completed=sum(r.completed for r in rows) + (carried.completed if carried else 0),
-            filtered=sum(r.filtered for r in rows) + (carried.filtered if carried else 0),
-            failed=sum(r.failed for r in rows) + (carried.failed if carried else 0),
-            inflight=inflight,
-            read_ahead=sum(r.read_ahead for r in rows),
-            ranks=rows if ranks else [],
-            created_at=self.record.created_at,
-            updated_at=updated,
-            done=all(r.done for r in rows)
-            and (self.spec.epochs is None or max(r.epoch for r in rows) + 1 >= self.spec.epochs),
-            world_size=world,
-            deal=views.deal_number(last),
-            mixture=adjust.mixture_progress(self, last, states)
-            if self.setup.mixture is not None
-            else None,
-        )
-
-    def _rank_progress(
-        self, rank: int, epoch: int, state: RankState, inflight: dict[int, list[int]] | None
-    ) -> RankProgress:
-        flow = self._flows.get((epoch, rank, state.deal))
-        filtered = failed = 0
-        limit = None
-        held = state.inflight
-        if flow is not None:
-            with flow.cond:
-                # dropped inside batches the loop took but did not complete yet
-                extra = flow.dropped_in(held.ranges())
-                filtered, failed = len(extra[0]), len(extra[1])
-                limit = flow.window() if flow.windowed else None
-        if inflight is not None:
-            positions: list[int] = []
-            for a, b in held:
-                if len(positions) >= MAX_LISTED_POSITIONS:
-                    break
-                local = np.arange(a, min(b, a + MAX_LISTED_POSITIONS - len(positions)))
-                plan = self.views.plan(epoch)
-                seq = plan.to_global(self.views.partition(epoch, rank), local)
-                positions.extend(plan.positions(np.sort(seq)).tolist())
-            inflight[rank] = positions
-        return RankProgress(
-            rank=rank,
-            epoch=epoch,
-            total=state.size,
-            current=state.current,
-            completed=state.completed,
-            filtered=state.filtered + filtered,
-            failed=state.failed + failed,
-            inflight=max(0, len(held) - filtered - failed),
-            read_ahead=state.read_ahead,
-            read_ahead_limit=limit,
-            pending=state.pending_count,
-            streams=state.open_streams,
-            opened=state.next_generation - 1,
-            nodes=state.nodes,
-            done=state.done,
-        )
+        with self._lock:
+            flows = dict(self._flows)
+        rows = self.store.catalog.latest_rank_states(self.id)
+        return iteration_progress(self.record, self.views, rows, flows, ranks)
 
     def check_rank(self, rank: int) -> None:
         """Refuse a rank outside the iteration's world."""

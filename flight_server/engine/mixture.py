@@ -192,15 +192,22 @@ def source_filter(pipeline: Pipeline, pool: TransformPool | None) -> Filter | No
 
 
 class Mixture:
-    """A mixture's sources and their own orders: what turns draws into source samples."""
+    """A mixture's sources and their own orders: what turns draws into source samples.
 
-    def __init__(self, sources: list[SourceSetup], spec: IterationSpec, seed: int) -> None:
-        self.sources = sources
+    Needs only the stored record (the spec, and the main shards each source froze), so
+    progress of a mixture no stream reads here builds no reader.
+    """
+
+    def __init__(
+        self, spec: IterationSpec, shards: Sequence[Sequence[tuple[int, int]]], seed: int
+    ) -> None:
+        assert spec.mixture is not None
         self.spec = spec
         self.seed = seed
-        self.sizes = [s.size for s in sources]
-        self.initial = tuple(float(s.spec.weight) for s in sources)
-        self.ids = [s.spec.dataset_id for s in sources]
+        self.shards = [[(int(i), int(n)) for i, n in found] for found in shards]
+        self.sizes = [sum(n for _, n in found) for found in self.shards]
+        self.initial = tuple(float(s.weight) for s in spec.mixture)
+        self.ids = [s.dataset_id for s in spec.mixture]
         self._plans: OrderedDict[tuple[int, int, int], EpochPlan] = OrderedDict()
         self._orders: OrderedDict[tuple[int, tuple[Any, ...]], MixtureOrder] = OrderedDict()
         self._lock = threading.Lock()
@@ -232,7 +239,7 @@ class Mixture:
             plan = self._plans.get(key)
             if plan is None:
                 plan = EpochPlan(
-                    [rows for _, rows in self.sources[source].shards],
+                    [rows for _, rows in self.shards[source]],
                     1,
                     shuffle=self.spec.shuffle,
                     seed=int(epoch_key(self.seed, source) >> 1),
@@ -320,6 +327,7 @@ class MixtureBlocks(BlockReader):
     def __init__(
         self,
         mixture: Mixture,
+        sources: Sequence[SourceSetup],
         schema: pa.Schema,
         filters: Sequence[Filter | None],
         retries: int,
@@ -328,7 +336,7 @@ class MixtureBlocks(BlockReader):
         shard_reads: ThreadPoolExecutor,
         iteration_id: str = "",
     ) -> None:
-        first = mixture.sources[0]
+        first = sources[0]
         super().__init__(
             first.reader, first.shards, retries, skip, blocks, shard_reads,
             iteration_id=iteration_id,
@@ -339,7 +347,7 @@ class MixtureBlocks(BlockReader):
         self.readers = [
             BlockReader(s.reader, s.shards, retries, skip, blocks, shard_reads,
                         iteration_id=iteration_id)
-            for s in mixture.sources
+            for s in sources
         ]  # fmt: skip
         column = mixture.spec.source_column
         self._data = pa.schema([f for f in schema if f.name != column])

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from lavender_flight.client import Iteration, MixtureSource, Writer
+from lavender_flight.catalog import Catalog
+from lavender_flight.client import ClientSettings, Iteration, MixtureSource, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
+from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.protocol.errors import InvalidArgument, IterationBusy, IterationConflict
 from tests.client.test_resume import Child, children, write_dataset  # noqa: F401
 
@@ -170,19 +172,25 @@ def test_a_shuffled_filtered_iteration_shrinks_and_grows(
     assert (progress.completed, progress.filtered, progress.done) == (len(kept), 500, True)
 
 
-def test_a_mixture_resumes_with_another_world(client: LavenderClient, data_dir: Path) -> None:
+def two_sources(data_dir: Path, prefix: str = "mix") -> list[str]:
+    """Two datasets of uids 0..399 and 1000..1299."""
     ids = []
     for index, rows in enumerate((400, 300)):
-        dataset = lavender.create_dataset(f"mix{index}")
+        dataset = lavender.create_dataset(f"{prefix}{index}")
         shardset = lavender.create_shardset(
             dataset.id,
-            (data_dir / f"mix{index}").as_uri(),
+            (data_dir / f"{prefix}{index}").as_uri(),
             [lavender.DatasetColumnOptions(name="uid", type_="int")],
         )
         Writer.get(dataset_id=dataset.id, shardset_id=shardset.id).write(
             [{"uid": index * 1000 + u} for u in range(rows)]
         )
         ids.append(dataset.id)
+    return ids
+
+
+def test_a_mixture_resumes_with_another_world(client: LavenderClient, data_dir: Path) -> None:
+    ids = two_sources(data_dir)
     sources = [MixtureSource(ids[0], 1), MixtureSource(ids[1], 1)]
     seen: list[int] = []
     for rank in range(2):
@@ -200,6 +208,44 @@ def test_a_mixture_resumes_with_another_world(client: LavenderClient, data_dir: 
     progress = lavender.get_iteration("mix-el")
     assert progress.mixture is not None and progress.done
     assert [s.finished for s in progress.mixture.sources] == [400, 300]
+
+
+def test_a_server_that_never_streamed_it_reports_a_resized_mixture_alike(
+    client: LavenderClient, server: LavenderFlightServer, data_dir: Path, tmp_path: Path
+) -> None:
+    ids = two_sources(data_dir)
+    sources = [MixtureSource(ids[0], 1), MixtureSource(ids[1], 1)]
+    spec: dict = dict(batch_size=10, on_exhausted="rebalance", shuffle_seed=4, world_size=2)
+    for rank in range(2):
+        stream = iter(Iteration.from_mixture(sources, rank=rank, iteration_id="seen", **spec))
+        take(stream, 8)
+        stream.close()
+    lavender.set_mixture_weights("seen", {ids[1]: 3.0})
+    for rank in range(3):
+        stream = iter(Iteration.resume("seen", rank=rank, world_size=3))
+        take(stream, 3)
+        stream.close()
+    other_catalog = Catalog(tmp_path / "catalog.db")  # the same file: two servers, one catalog
+    other = LavenderFlightServer(LavenderService(other_catalog, allow_memory=True))
+    try:
+        there = LavenderClient(ClientSettings(f"grpc://127.0.0.1:{other.port}", timeout=30))
+        here = lavender.get_iteration("seen")
+        # 16 batches before the resize (carried over), 9 after; a loop closed completes its last
+        assert (here.world_size, here.deal, here.completed) == (3, 1, 160 + 90)
+        assert here.mixture is not None and len(here.mixture.schedule) == 2
+        assert sum(s.finished for s in here.mixture.sources) == here.completed
+        for found in (there.get_iteration("seen"), there.list_iterations()[0]):
+            assert found.mixture == here.mixture
+            assert (found.world_size, found.deal, found.total) == (3, 1, here.total)
+            assert (found.current, found.completed) == (here.current, here.completed)
+        ranks = there.get_iteration("seen").ranks
+        assert [r.model_dump(exclude={"read_ahead_limit"}) for r in ranks] == [
+            r.model_dump(exclude={"read_ahead_limit"}) for r in here.ranks
+        ]
+        there.close()
+    finally:
+        other.shutdown()
+        other_catalog.close()
 
 
 def test_ranks_of_one_new_world_pass_the_same_size(client: LavenderClient, data_dir: Path) -> None:
