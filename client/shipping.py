@@ -49,10 +49,11 @@ except ImportError:  # pragma: no cover - not POSIX
 
 @dataclass
 class Token:
-    """What travels beside a batch: its sequence ranges and how often the loop reports."""
+    """What travels beside a batch: its sequence ranges, how often the loop reports, its deal."""
 
     seq: list[tuple[int, int]]
     report_every: int | None = None
+    deal: int | None = None
 
 
 # -- segments --------------------------------------------------------------------------

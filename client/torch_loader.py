@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.iterations import BatchMetadata, IterationTicket
-from .acks import acknowledging
+from .acks import acknowledging, acknowledging_samples
 from .connection import LavenderClient
-from .formats import torch_missing
+from .formats import samples, torch_missing
 from .iteration import stream_batches
 from .settings import ClientSettings
 from .shipping import Shipper, Token
@@ -42,6 +42,7 @@ class Consumed:
 
     seq: list[tuple[int, int]]
     report_every: int | None = None
+    deal: int | None = None
 
 
 def passthrough(item: Any) -> Any:
@@ -88,9 +89,11 @@ class IterationDataset(torch.utils.data.IterableDataset):
             update={"epoch": epoch, "worker": worker, "num_workers": num_workers}
         )
         report: list[int | None] = [None]
+        deal: list[int | None] = [None]
 
         def learn(metadata: BatchMetadata) -> None:
             report[0] = metadata.report_every  # the loop's process reports as the server asks
+            deal[0] = metadata.deal  # and of the deal the batches are of (elastic resume)
 
         ship = self.ship and info is not None
         # a connection of this process: gRPC channels do not survive fork
@@ -99,7 +102,8 @@ class IterationDataset(torch.utils.data.IterableDataset):
                 client, ticket, "arrow" if ship else self.format, on_metadata=learn
             )
             for batch, seq in batches:
-                yield batch, (Token(seq, report[0]) if ship else Consumed(seq, report[0]))
+                made = Token if ship else Consumed
+                yield batch, made(seq, report[0], deal[0])
 
 
 class LavenderDataLoader(torch.utils.data.DataLoader):
@@ -166,10 +170,14 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
                 batch, token = shipper.unpack(item) if shipper is not None else item
                 if token.report_every:
                     acks.report_every = token.report_every
+                acks.deal = token.deal
                 if self.pin_memory and shipper is not None:
                     batch = torch.utils.data._utils.pin_memory.pin_memory(batch)
                 yield batch, token.seq
 
+        if self.iteration.spec.batch_size == 0:  # single samples, cut from whole groups
+            yield from acknowledging_samples(items(), acks, samples)
+            return
         yield from acknowledging(items(), acks)
 
     def set_epoch(self, epoch: int) -> None:

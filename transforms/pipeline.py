@@ -214,6 +214,8 @@ class Pipeline:
     """Seconds one plugin call on one batch may take (None: no limit)."""
     watch: Watch | None = field(default=None, repr=False)
     """Told each step before it runs (a worker process marks it for the pool)."""
+    categorizer: Step | None = None
+    """Says each (kept) sample's category; batches then hold one category each."""
 
     @classmethod
     def build(
@@ -226,6 +228,7 @@ class Pipeline:
         skip_on_failure: bool = False,
         uid_column: str = "uid",
         schema: pa.Schema | None = None,
+        categorizer: Call | None = None,
     ) -> Pipeline:
         """Resolve names, validate parameters, order preprocessors; errors name the problem.
 
@@ -239,6 +242,7 @@ class Pipeline:
             uid_column: the column errors name samples by.
             schema: the rows the iteration reads; given, each plugin's ``check_schema``
                 checks its parameters against the columns.
+            categorizer: ``(name, params)`` of the categorizer, or None.
 
         Raises:
             InvalidArgument: an unknown plugin, a wrong parameter, a column that does not
@@ -261,6 +265,7 @@ class Pipeline:
             skip_on_failure=skip_on_failure,
             uid_column=uid_column,
             timeout=plugins.timeout,
+            categorizer=step("categorizer", categorizer) if categorizer is not None else None,
         )
         if schema is not None:
             pipeline.check_schema(schema)
@@ -287,6 +292,8 @@ class Pipeline:
 
         for step in self.filters:
             check(step, schema)
+        if self.categorizer is not None:
+            check(self.categorizer, schema)
         current: pa.Schema | None = schema
         for step in [self.collater] if self.collater is not None else []:
             current = check(step, schema)
@@ -299,7 +306,12 @@ class Pipeline:
     @property
     def steps(self) -> list[Step]:
         """Every step, in the order they run."""
-        return [*self.filters, *([self.collater] if self.collater else []), *self.preprocessors]
+        return [
+            *self.filters,
+            *([self.categorizer] if self.categorizer else []),
+            *([self.collater] if self.collater else []),
+            *self.preprocessors,
+        ]
 
     @property
     def only_builtins(self) -> bool:
@@ -309,7 +321,12 @@ class Pipeline:
     @property
     def identity(self) -> bool:
         """No transform at all: batches go out as read."""
-        return not self.filters and self.collater is None and not self.preprocessors
+        return (
+            not self.filters
+            and self.collater is None
+            and not self.preprocessors
+            and self.categorizer is None
+        )
 
     @property
     def transforms_batches(self) -> bool:
@@ -351,6 +368,31 @@ class Pipeline:
         keep = np.zeros(batch.num_rows, dtype=bool)
         keep[~failed] = outcome.result
         return keep, failed
+
+    def _categories(self, batch: pa.RecordBatch) -> pa.Array:
+        assert self.categorizer is not None
+        return _categories(self.categorizer, self._run(self.categorizer, batch), batch.num_rows)
+
+    def categorize(self, batch: pa.RecordBatch) -> tuple[pa.Array, np.ndarray]:
+        """``(categories, failed)``: each row's category (null where it failed), failed mask.
+
+        Raises:
+            TransformFailed: as ``filter`` does.
+        """
+        if self.categorizer is None:
+            return pa.nulls(batch.num_rows, pa.int64()), np.zeros(batch.num_rows, dtype=bool)
+        outcome = self._guarded(self._categories, batch, None)
+        failed = np.zeros(batch.num_rows, dtype=bool)
+        failed[outcome.failed] = True
+        if outcome.result is None:
+            return pa.nulls(batch.num_rows, pa.int64()), failed
+        values = outcome.result
+        if failed.any():  # the survivors' answers, back in their rows
+            survivors = np.flatnonzero(~failed)
+            spread = np.full(batch.num_rows, -1, dtype=np.int64)
+            spread[survivors] = np.arange(len(survivors))
+            values = values.take(pa.array(spread, mask=failed))
+        return values, failed
 
     def process(self, batch: pa.RecordBatch) -> Outcome:
         """The collated, preprocessed batch, and the rows that failed (already left out).
@@ -509,6 +551,36 @@ def _answers(step: Step, result: Any, rows: int) -> np.ndarray:
     return np.asarray(mask, dtype=bool)
 
 
+def _categories(step: Step, result: Any, rows: int) -> pa.Array:
+    """A categorizer's answers as an Arrow array of ``rows`` ints or strings, or broken."""
+    if isinstance(result, pa.ChunkedArray):
+        result = result.combine_chunks()
+    if isinstance(result, np.ndarray):
+        result = pa.array(result)
+    if not isinstance(result, pa.Array):
+        raise PluginBroken(
+            step, BrokenContract(f"returned {type(result).__name__}, not an Arrow Array")
+        )
+    kind = result.type
+    if not (
+        pa.types.is_integer(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_null(kind)
+    ):
+        raise PluginBroken(step, BrokenContract(f"returned {kind} values, not integers or strings"))
+    if len(result) != rows:
+        raise PluginBroken(
+            step,
+            BrokenContract(
+                f"returned {len(result)} categories for a batch of {rows} rows; a categorizer "
+                "answers one category per row"
+            ),
+        )
+    return result
+
+
 def _as_batch(step: Step, result: Any, rows: int) -> pa.RecordBatch:
     """A preprocessor's or collater's result as a RecordBatch of the right rows, or broken."""
     if isinstance(result, pa.RecordBatch):
@@ -548,9 +620,10 @@ def pipeline_spec(
     max_retry_count: int,
     skip_on_failure: bool,
     uid_column: str,
+    categorizer: Call | None = None,
 ) -> dict[str, Any]:
     """The JSON-able description a worker process rebuilds a ``Pipeline`` from."""
-    return {
+    found: dict[str, Any] = {
         "filters": [list(c) for c in filters],
         "collater": list(collater) if collater is not None else None,
         "preprocessors": [list(c) for c in preprocessors],
@@ -558,6 +631,9 @@ def pipeline_spec(
         "skip_on_failure": skip_on_failure,
         "uid_column": uid_column,
     }
+    if categorizer is not None:
+        found["categorizer"] = list(categorizer)
+    return found
 
 
 def from_spec(plugins: Plugins, spec: dict[str, Any]) -> Pipeline:
@@ -570,4 +646,7 @@ def from_spec(plugins: Plugins, spec: dict[str, Any]) -> Pipeline:
         spec["max_retry_count"],
         spec["skip_on_failure"],
         spec["uid_column"],
+        categorizer=(spec["categorizer"][0], spec["categorizer"][1])
+        if spec.get("categorizer")
+        else None,
     )
