@@ -21,7 +21,7 @@ from .connection import LavenderClient
 from .formats import samples, torch_missing
 from .iteration import stream_batches
 from .settings import ClientSettings
-from .shipping import Shipper, Token
+from .shipping import Shipper, Token, sweep_at_exit
 
 try:
     import torch.utils.data
@@ -130,6 +130,8 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         # workers run again, builds the loader but must create nothing on the server
         dataset = IterationDataset(iteration.client.settings, None, fmt, self._epoch)
         dataset.ship = num_workers > 0
+        if dataset.ship:
+            sweep_at_exit()
         self._format = fmt
         super().__init__(
             dataset,

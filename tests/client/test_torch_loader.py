@@ -4,6 +4,8 @@ process (``num_workers=0``) or in spawned workers that each open their own conne
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -330,3 +332,19 @@ def test_two_spawned_workers_verify_a_tls_server_with_the_settings_ca(
     progress = lavender.get_iteration("tls-workers")
     assert (progress.completed, progress.done) == (TOTAL, True)
     assert progress.ranks[0].opened == 2  # both workers streamed over TLS
+
+
+def test_what_a_killed_worker_wrote_goes_when_the_loop_exits() -> None:
+    script = (
+        "import os, sys\n"
+        "from lavender_flight.client import shipping\n"
+        "shipping.sweep_at_exit()\n"
+        "import _posixshmem\n"
+        "fd = _posixshmem.shm_open(f'/lf_{os.getpid()}_1_left', os.O_CREAT | os.O_RDWR, 0o600)\n"
+        "os.close(fd)\n"
+        "print(os.getpid())\n"
+    )  # a loop's process whose (killed) worker left a segment behind
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert not Path(f"/dev/shm/lf_{done.stdout.strip()}_1_left").exists()
