@@ -91,8 +91,10 @@ class SampleSet:
         values = other._values if isinstance(other, SampleSet) else np.asarray(other, np.int64)
         if not len(values):
             return
-        if not isinstance(other, SampleSet):
-            values = np.unique(values)
+        if not isinstance(other, SampleSet) and len(values) > 1:
+            # batchers hand in sorted arrays: checking is O(n), sorting again O(n log n)
+            if not bool((values[1:] > values[:-1]).all()):
+                values = np.unique(values)
         if not len(self._values) or values[0] > self._values[-1]:  # the usual case: after
             self._values = np.concatenate((self._values, values))
         else:
