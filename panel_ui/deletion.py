@@ -67,7 +67,9 @@ class ConfirmDelete(Page):
         self._confirm.on_click(self._on_confirm)
         self._cancel = pn.widgets.Button(label="Cancel")
         self._cancel.on_click(lambda _: self.cancel())
-        self._force = pn.widgets.Checkbox.from_param(self.param.force, name=FORCE_LABEL)
+        self._force = pn.widgets.Checkbox.from_param(
+            self.param.force, name=FORCE_LABEL, css_classes=["lf-force"]
+        )
         self._text = pn.pane.HTML("", stylesheets=[TABLE_CSS], sizing_mode="stretch_width")
         self._box = pn.Column(
             self._text,
@@ -141,7 +143,7 @@ class ConfirmDelete(Page):
             parts.append(f'<p class="lf-busy"><span class="lf-live">{html.escape(live)}</span></p>')
         self._text.object = f'<div class="lf-confirm">{"".join(parts)}</div>'
         self._force.visible = bool(live)
-        self._confirm.name = "End them and delete" if self.force else "Delete"
+        self._confirm.label = "End them and delete" if self.force else "Delete"
 
     def __panel__(self) -> pn.viewable.Viewable:
         return pn.Column(self._ask, self._box, self._alerts, sizing_mode="stretch_width")

@@ -281,7 +281,7 @@ class IterationsPage(Page):
         self.datasets = {"all datasets": "", **{name: i for i, name in names.items()}}
         known = self.dataset_id in names
         self._choice = pn.widgets.Select(
-            name="dataset",
+            label="dataset",
             options=self.datasets,
             value=self.dataset_id if known else "",
             width=260,
