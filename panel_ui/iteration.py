@@ -162,6 +162,8 @@ class IterationPage(Page):
         )
         chart.line("time", "samples_per_s", source=self._source, line_width=2, color="#5b3a99")
         self._chart = pn.pane.Bokeh(chart, sizing_mode="stretch_width", visible=False)
+        # the chart joins the page with its first point: hidden, it still left an empty frame
+        self._chart_box = pn.Column(sizing_mode="stretch_width")
         self._pushback = pn.widgets.Button(label="Pushback", color="warning", disabled=True)
         self._pushback.on_click(self._on_pushback)
         self.remover = ConfirmDelete(
@@ -362,6 +364,8 @@ class IterationPage(Page):
         if self._points:
             self._rate_note.object = ""
             self._chart.visible = True
+            if not self._chart_box.objects:
+                self._chart_box.objects = [self._chart]
         else:
             self._rate_note.object = (
                 '<p class="lf-empty" id="throughput-empty">'
@@ -373,6 +377,7 @@ class IterationPage(Page):
                 + "</p>"
             )
             self._chart.visible = False
+            self._chart_box.objects = []
 
     def __panel__(self) -> pn.viewable.Viewable:
         rows = [pn.Row(self._labels[name], self.bars[name]) for name in BARS]
@@ -387,7 +392,7 @@ class IterationPage(Page):
             self._inflight,
             pn.pane.HTML("<h3>Throughput (samples/s)</h3>"),
             self._rate_note,
-            self._chart,
+            self._chart_box,
             pn.pane.HTML("<h3>Delete</h3>"),
             self.remover,
         )

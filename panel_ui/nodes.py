@@ -73,9 +73,10 @@ class NodesPage(Page):
         self.error = ""
         self.nodes = nodes_frame(found)
         alive = sum(n.alive for n in found)
+        streams = sum(n.streams for n in found)
         self._summary.object = (
             f'<p id="nodes-summary">{len(found)} server{"s" if len(found) != 1 else ""} on '
-            f"this catalog, {alive} alive · {sum(n.streams for n in found)} streams · "
+            f"this catalog, {alive} alive · {streams} stream{'s' if streams != 1 else ''} · "
             f"{sum(n.samples_per_s for n in found):.1f} samples/s</p>"
         )
 

@@ -162,7 +162,7 @@ def test_a_finished_iteration_has_no_pushback_and_no_zero_chart(
     page.__panel__()
     assert page.progress is not None and page.progress.done
     assert page._pushback.disabled and page.pushback() is None
-    assert not page._chart.visible
+    assert not page._chart.visible and page._chart_box.objects == []
     assert "Finished: no work while this page is open." in page._rate_note.object
     assert 'href="dataset?id=' in page._summary.object and ">flowers</a>" in page._summary.object
     # the seed the server chose is shown, so the order can be reproduced
