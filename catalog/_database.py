@@ -183,6 +183,9 @@ class Database:
                 if conn is not None:
                     if not self.dialect.is_disconnect(exc):
                         self.release(conn)
+                        plain = self.dialect.plain_error(exc)
+                        if plain is not None:
+                            raise plain from None
                         raise
                     self._discard(conn)
                 elif not self.dialect.is_disconnect(exc):
@@ -253,6 +256,9 @@ class Database:
                     time.sleep(self.dialect.conflict_backoff(conflicts) * random.uniform(0.5, 1.5))
                     conflicts += 1
                     continue
+                plain = self.dialect.plain_error(exc)
+                if plain is not None:
+                    raise plain from None
                 raise
 
     def _rollback(self, conn: Any) -> None:

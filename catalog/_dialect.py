@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import adbc_driver_manager
 
+from ..protocol.errors import StorageError
 from ._target import CatalogTarget
 
 __all__ = [
@@ -182,6 +183,13 @@ class Dialect:
         """The failed statement cannot have run on the server (so a ``COMMIT`` did not commit)."""
         return False
 
+    def plain_error(self, exc: BaseException) -> StorageError | None:
+        """The one line to say when the database itself fails, instead of the SQL error.
+
+        Its disk is full, its file is gone...; None for any other failure.
+        """
+        return None
+
     def conflict_backoff(self, attempt: int) -> float:
         """Seconds to wait before running a transaction again after its ``attempt``-th try."""
         return min(0.05 * 2**attempt, 1.0)
@@ -196,14 +204,27 @@ class SQLiteDialect(Dialect):
 
     name = "sqlite"
 
+    opened: bool = False
+    """The file was opened once: if it is not there any more, it was deleted meanwhile."""
+
     def connect(self) -> Any:
-        """Open the file in autocommit mode, WAL, with a busy timeout and foreign keys on."""
+        """Open the file in autocommit mode, WAL, with a busy timeout and foreign keys on.
+
+        Raises:
+            StorageError: the file was there and is gone (SQLite would make an empty one).
+        """
         import adbc_driver_sqlite.dbapi as sqlite_dbapi
 
         path = self.target.path
+        if self.opened and not path.exists():
+            raise StorageError(
+                f"the catalog file {path} is gone (deleted or moved while the server ran): "
+                "put it back, or restart the server on another catalog"
+            )
         if not path.parent.is_dir():  # checked first: a mkdir would count as a disk write
             path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite_dbapi.connect(str(path), autocommit=True)
+        self.opened = True
         try:
             for pragma in (
                 f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}",
@@ -228,6 +249,30 @@ class SQLiteDialect(Dialect):
                 if not self.is_conflict(exc) or attempt == self.conflict_retries:
                     raise
                 time.sleep(self.conflict_backoff(attempt))
+
+    def plain_error(self, exc: BaseException) -> StorageError | None:
+        """A full disk, an unusable or vanished file, said plainly."""
+        if not isinstance(exc, adbc_driver_manager.Error):
+            return None
+        text, path = _message(exc), self.target.path
+        if "database or disk is full" in text or "disk is full" in text:
+            return StorageError(
+                f"the catalog's disk is full ({path}): free some space there; the change was "
+                "not saved"
+            )
+        if "no such table" in text or not path.exists():
+            return StorageError(
+                f"the catalog file {path} is gone or was replaced by another file: put it "
+                "back, or restart the server on another catalog"
+            )
+        if "disk i/o error" in text or "unable to open database file" in text:
+            return StorageError(f"cannot use the catalog file {path}: {text.splitlines()[0]}")
+        if "readonly database" in text or "read-only" in text:
+            return StorageError(
+                f"the catalog file {path} cannot be written (read-only): give the server's "
+                "user write access to it and its folder"
+            )
+        return None
 
     def begin(self, lock: Lock) -> tuple[str, ...]:
         """``BEGIN IMMEDIATE``: the write lock of the file, whatever ``lock`` says."""

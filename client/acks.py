@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from ..protocol.errors import IterationNotFound, LavenderError, ServerUnavailable
@@ -25,7 +25,7 @@ from ..protocol.iterations import AckBody
 from ..protocol.ranges import RangeSet
 from .connection import LavenderClient
 
-__all__ = ["Acknowledger", "acknowledging"]
+__all__ = ["Acknowledger", "acknowledging", "acknowledging_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class Acknowledger:
         interval: float = 0.25,
         reconnect_seconds: float = 30.0,
     ) -> None:
+        self.deal: int | None = None
+        """The deal the batches are of (the batch metadata says, after an elastic resume)."""
         self.client = client
         self.iteration_id = iteration_id
         self.rank = rank
@@ -126,6 +128,11 @@ class Acknowledger:
                 self._told = True
                 raise self._gone
 
+    def unsent(self) -> int:
+        """Completed samples not recorded by the server yet."""
+        with self._lock:
+            return _size(self._completed)
+
     def unrecorded(self) -> ServerUnavailable:
         """The error that says what could not be recorded (call with the lock held)."""
         count = _size(self._completed)
@@ -160,6 +167,7 @@ class Acknowledger:
             iteration_id=self.iteration_id,
             rank=self.rank,
             epoch=self.epoch,
+            deal=self.deal,
             taken=taken,
             completed=completed,
         )
@@ -249,7 +257,58 @@ def acknowledging(items: Iterable[tuple[T, Any]], acks: Acknowledger) -> Iterato
             consumed = seq
             yield batch
         ended = True
+    except ServerUnavailable as exc:  # the server stayed away: say what was not recorded
+        if consumed is not None:
+            acks.complete(consumed)
+            consumed = None
+        lost = acks.unsent()
+        if lost:
+            raise ServerUnavailable(
+                f"{exc}; {lost} completed sample(s) were not recorded: they will be "
+                "delivered again on resume"
+            ) from None
+        raise
     finally:
         if consumed is not None:
             acks.complete(consumed)
         acks.close(wait=ended)  # a loop left early (break, an error) only warns
+
+
+def acknowledging_samples(
+    items: Iterable[tuple[Any, Any]], acks: Acknowledger, explode: Callable[[Any], Iterable[T]]
+) -> Iterator[T]:
+    """Yield the samples of ``(group, seq ranges)`` items one at a time (``batch_size=0``).
+
+    A group is taken when its first sample is yielded and completed when the sample after
+    its last is asked for (or the loop ends, or leaves right after its last sample). A loop
+    that leaves in the middle of a group leaves that group not completed: it comes again
+    on resume, whole (the samples of a group are acknowledged together).
+    """
+    seen = RangeSet()
+    pending: Any = None
+    holding: Any = None
+    ended = False
+    try:
+        for group, seq in items:
+            if seq and all(not seen.gaps(a, b) for a, b in seq):
+                continue  # a repeat after a reconnect: the loop had it already
+            for a, b in seq:
+                seen.add(a, b)
+            acks.take(seq)
+            rows = list(explode(group))
+            for index, sample in enumerate(rows):
+                if pending is not None:
+                    acks.complete(pending)
+                    pending = None
+                holding = seq if index == len(rows) - 1 else None
+                yield sample
+                holding = None
+            if pending is not None:  # a group with no sample left (all filtered)
+                acks.complete(pending)
+            pending = seq
+        ended = True
+    finally:
+        for done in (pending, holding):
+            if done is not None:
+                acks.complete(done)
+        acks.close(wait=ended)

@@ -182,7 +182,10 @@ class DatasetReader:
         uid = dataset.uid_column_name
         main = dataset.main_shardset
         if main is None:
-            raise InvalidArgument(f"dataset {dataset.name!r} has no shardset yet")
+            raise InvalidArgument(
+                f"dataset {dataset.name!r} has no shardset yet, so no rows to read: add one "
+                "with create_shardset"
+            )
         by_id = {s.id: s for s in dataset.shardsets}
         chosen = list(dataset.shardsets) if shardset_ids is None else []
         for shardset_id in shardset_ids or ():

@@ -15,7 +15,7 @@ import pyarrow.flight as flight
 from pydantic import BaseModel
 
 from ..protocol import Dataset, wire
-from ..protocol.errors import ActionNotFound, InvalidRequest
+from ..protocol.errors import ActionNotFound, InvalidRequest, LavenderError
 from ..protocol.iterations import (
     AckBody,
     DeleteIterationBody,
@@ -23,6 +23,7 @@ from ..protocol.iterations import (
     IterationCommand,
     IterationTicket,
     ListIterationsBody,
+    MixtureWeightsBody,
     NodeInfo,
     decode_ticket,
 )
@@ -188,7 +189,7 @@ ACTIONS: dict[str, ActionSpec] = {
         IterationBody,
         "Progress of an iteration {iteration_id}: current, completed, filtered, failed, the "
         "positions in flight per rank; as JSON.",
-        lambda srv, b: _json(srv.iterations.get(b.iteration_id).progress(ranks=True)),
+        lambda srv, b: _json(srv.iterations.progress(b.iteration_id, ranks=True)),
     ),
     "list_iterations": ActionSpec(
         ListIterationsBody,
@@ -218,6 +219,15 @@ ACTIONS: dict[str, ActionSpec] = {
         "answers {pushed_back: samples}.",
         lambda srv, b: _json(
             wire.PushedBack(pushed_back=srv.iterations.get(b.iteration_id).pushback())
+        ),
+    ),
+    "set_mixture_weights": ActionSpec(
+        MixtureWeightsBody,
+        "Change a mixture's weights {iteration_id, weights: {dataset_id: weight}, at?} for "
+        "every rank, from the first seq no rank was handed yet; answers {epoch, from_seq, "
+        "weights, total}.",
+        lambda srv, b: _json(
+            srv.iterations.get(b.iteration_id).set_mixture_weights(b.weights, b.at)
         ),
     ),
     "delete_iteration": ActionSpec(
@@ -307,8 +317,7 @@ class LavenderFlightServer(flight.FlightServerBase):
         descriptor: flight.FlightDescriptor,
         shardset_ids: list[str] | None = None,
     ) -> flight.FlightInfo:
-        if dataset.main_shardset is None:
-            return flight.FlightInfo(pa.schema([]), descriptor, [], 0, 0)
+        self.service.check_readable(dataset)
         reader = self.service.reader(dataset, shardset_ids)
         endpoints = [
             flight.FlightEndpoint(
@@ -331,7 +340,7 @@ class LavenderFlightServer(flight.FlightServerBase):
     ) -> flight.FlightInfo:
         endpoints = [
             flight.FlightEndpoint(wire.encode(IterationTicket(iteration_id=live.id, rank=rank)), [])
-            for rank in range(live.spec.world_size)
+            for rank in range(live.world_size)
         ]
         return flight.FlightInfo(
             live.output_schema,
@@ -346,11 +355,22 @@ class LavenderFlightServer(flight.FlightServerBase):
     def list_flights(
         self, context: flight.ServerCallContext, criteria: bytes
     ) -> Iterator[flight.FlightInfo]:
-        """One FlightInfo per dataset, descriptor path ``[dataset name]``."""
-        infos = [
-            self._flight_info(dataset, flight.FlightDescriptor.for_path(dataset.name))
-            for dataset in self.service.list_datasets()
-        ]
+        """One FlightInfo per dataset, descriptor path ``[dataset name]``.
+
+        A dataset with no shardset yet is listed empty (no columns, no endpoints, no rows);
+        one that cannot be opened now (say, its location was refused) is left out, and the
+        others are still listed.
+        """
+        infos = []
+        for dataset in self.service.list_datasets():
+            descriptor = flight.FlightDescriptor.for_path(dataset.name)
+            if dataset.main_shardset is None:
+                infos.append(flight.FlightInfo(pa.schema([]), descriptor, [], 0, 0))
+                continue
+            try:
+                infos.append(self._flight_info(dataset, descriptor))
+            except LavenderError as exc:
+                log.info("list_flights leaves out dataset %s: %s", dataset.name, exc)
         return iter(infos)
 
     @translate_errors

@@ -246,6 +246,19 @@ class LavenderService:
             shard_io=self.shard_io,
         )
 
+    @staticmethod
+    def check_readable(dataset: Dataset) -> None:
+        """Refuse to read a dataset with no shardset yet (it has no rows and no columns).
+
+        Raises:
+            InvalidArgument: saying so, and what to do.
+        """
+        if dataset.main_shardset is None:
+            raise InvalidArgument(
+                f"dataset {dataset.name!r} has no shardset yet, so no rows to read: add one "
+                "with create_shardset"
+            )
+
     def dataset_schema(self, dataset: Dataset) -> pa.Schema:
         """The joined schema of all shardsets of a dataset (empty before the first one)."""
         if dataset.main_shardset is None:
@@ -266,8 +279,7 @@ class LavenderService:
                 f"offset must be >= 0 and limit within 0..{MAX_PREVIEW_ROWS}, got {offset}, {limit}"
             )
         dataset = self.catalog.get_dataset(dataset_id=dataset_id)
-        if dataset.main_shardset is None:
-            return pa.table({})
+        self.check_readable(dataset)
         reader = self.reader(dataset, columns=columns, join=join)
         pieces = list(reader.iter_rows(offset, limit))
         if not pieces:

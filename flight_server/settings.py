@@ -101,9 +101,9 @@ class ServerSettings(BaseSettings):
     tls_key: Path | None = Field(default=None, description="PEM private key of --tls-cert.")
     storage_root: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
-        description="Folder under which file:// shardset locations may be read and written "
-        "(repeatable; the environment variable takes a list separated by the path separator); "
-        "default: the data home and the folder the server was started in.",
+        description="Folder under which file:// shardset locations may be read and written, "
+        "besides the data home and the folder the server was started in (repeatable; the "
+        "environment variable takes a list separated by the path separator).",
     )
     allow_protocol: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -275,11 +275,14 @@ class ServerSettings(BaseSettings):
     def storage_roots(self, cwd: Path | None = None) -> list[Path]:
         """Folders file:// locations must lie under.
 
-        ``--storage-root``, or else the data home and ``cwd`` (where the server started).
+        The data home, ``cwd`` (where the server started), and every ``--storage-root``.
         """
-        if self.storage_root:
-            return [p.expanduser().resolve() for p in self.storage_root]
-        return [self.home, (cwd or Path.cwd()).resolve()]
+        roots = [self.home, (cwd or Path.cwd()).resolve()]
+        for extra in self.storage_root:
+            found = extra.expanduser().resolve()
+            if found not in roots:
+                roots.append(found)
+        return roots
 
     def storage_defaults(self) -> dict[str, dict[str, Any]]:
         """Default storage options per protocol, from the ``s3_*`` settings that are set.

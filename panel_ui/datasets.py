@@ -204,6 +204,9 @@ class DatasetPage(Page):
         """Read the current preview page (uid column always included)."""
         if self.dataset is None:
             return
+        if self.dataset.main_shardset is None:  # nothing to read yet (the page says so)
+            self.preview = pd.DataFrame()
+            return
         with self.calling():
             table = self.connection.preview_dataset(
                 self.dataset.id,

@@ -33,8 +33,11 @@ from ...protocol.iterations import (
 from ...transforms import DEFAULT_PLUGIN_TIMEOUT, Plugins
 from ..pool import TransformPool
 from ..service import LavenderService
+from .changes import Changes, EpochViews
 from .flow import ReadAhead
 from .live import LiveIteration
+from .plans import Plans
+from .progress import iteration_progress
 from .setup import IterationSetup
 from .state import RankState
 from .store import ProgressStore
@@ -42,6 +45,10 @@ from .store import ProgressStore
 __all__ = ["IterationManager"]
 
 log = logging.getLogger(__name__)
+
+PLANS_CACHED = 256
+"""Plans (and mixture orders) kept for iterations whose progress is asked for without a
+stream here."""
 
 
 def _differences(stored: IterationSpec, asked: IterationSpec) -> str:
@@ -101,6 +108,7 @@ class IterationManager:
         self.store = ProgressStore(catalog, self.node, lease_seconds or 300.0)
         self.started_at = time.time()
         self._live: dict[str, LiveIteration] = {}
+        self._views: dict[str, EpochViews] = {}  # of iterations listed, not live here
         self._lock = threading.Lock()
         self._blocks = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-block")
         self._shard_reads = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-read")
@@ -235,7 +243,19 @@ class IterationManager:
         return live
 
     def open(self, command: IterationCommand) -> LiveIteration:
-        """Create an iteration, join the one of the same id and spec, or reopen one by id."""
+        """Create an iteration, join the one of the same id and spec, or reopen one by id.
+
+        With ``world_size`` (and an id), reopen it dealt to that many ranks (elastic resume).
+        """
+        if command.world_size is not None:
+            if command.iteration_id is None or command.spec is not None:
+                raise InvalidArgument(
+                    "world_size reopens an existing iteration by its id, without a spec "
+                    "(Iteration.resume(iteration_id, rank=r, world_size=w))"
+                )
+            live = self.get(command.iteration_id)
+            live.resize(command.world_size, self.dead_nodes())
+            return live
         if command.spec is None:
             if command.iteration_id is None:
                 raise InvalidArgument("give an iteration spec, an iteration_id, or both")
@@ -296,6 +316,32 @@ class IterationManager:
                 "same arguments; pick a new iteration_id for a new run"
             )
 
+    def progress(self, iteration_id: str, ranks: bool = True) -> IterationProgress:
+        """Where an iteration stands (live here or not: no reader is built for it)."""
+        with self._lock:
+            live = self._live.get(iteration_id)
+        if live is not None:
+            return live.progress(ranks=ranks)
+        return self._progress_of(self.catalog.get_iteration(iteration_id), ranks)
+
+    def _progress_of(self, record: IterationRecord, ranks: bool) -> IterationProgress:
+        with self._lock:
+            live = self._live.get(record.id)
+            views = self._views.get(record.id)
+            if views is not None and views.setup.asked != record.spec:
+                views = None  # deleted and made again under the same id
+            if live is None and views is None:
+                views = self._views[record.id] = EpochViews(Plans(record.spec, record.plan))
+                while len(self._views) > PLANS_CACHED:
+                    self._views.pop(next(iter(self._views)))
+        if live is not None:
+            return live.progress(ranks=ranks)
+        assert views is not None
+        version, changes = self.catalog.load_changes(record.id)  # weights, deals
+        views.update(Changes.from_records(version, changes))
+        rows = self.catalog.latest_rank_states(record.id)
+        return iteration_progress(record, views, rows, ranks=ranks)
+
     def list(
         self,
         dataset_id: str | None = None,
@@ -331,19 +377,14 @@ class IterationManager:
         found = []
         for record in records:
             try:
-                found.append(self.get(record.id).progress(ranks=ranks))
+                found.append(self._progress_of(record, ranks))
             except IterationNotFound:  # deleted meanwhile
                 continue
         return found
 
     def _done(self, record: IterationRecord) -> bool:
-        """Whether an iteration is done, as ``LiveIteration.progress`` says, from its states."""
-        latest = self.store.latest(record.id)
-        if len(latest) < record.spec.world_size:  # a rank never streamed: its size decides
-            return self.get(record.id).progress(ranks=False).done
-        last = max(epoch for epoch, _ in latest.values())
-        epochs = record.spec.epochs
-        return all(s.done for _, s in latest.values()) and (epochs is None or last + 1 >= epochs)
+        """Whether an iteration is done, as its progress says (no reader is built for it)."""
+        return self._progress_of(record, ranks=False).done
 
     def busy(self, iteration_id: str) -> int:
         """Open streams of an iteration, on any server."""

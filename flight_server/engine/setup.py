@@ -1,15 +1,14 @@
 """``IterationSetup``: everything an iteration derives from its stored spec, built once.
 
-The reader of its shardsets and columns, its transforms (validated against the server's
-plugins), the partition each rank reads, and the plan of each epoch. The manager builds
-one when an iteration is created (checking the spec) and hands it to the live iteration,
-so nothing is derived twice.
+The reader of its shardsets and columns (a mixture: one per source, with the source's own
+filters), its transforms (validated against the server's plugins), and its ``Plans`` (the
+partition each rank reads, the plan of each epoch). The manager builds one when an
+iteration is created (checking the spec) and hands it to the live iteration, so nothing is
+derived twice.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,12 +21,11 @@ from ...transforms import Pipeline, Plugins
 from ...transforms.pipeline import pipeline_spec
 from ..reading import DatasetReader
 from ..service import LavenderService
-from .plan import EpochPlan
-from .world import World, replication_partitions
+from .mixture import SourceSetup, build_sources
+from .plans import Plans
+from .world import replication_partitions
 
 __all__ = ["IterationSetup", "build_pipeline"]
-
-PLANS_KEPT = 4
 
 
 def build_pipeline(
@@ -38,6 +36,11 @@ def build_pipeline(
     With ``schema`` (the rows the iteration reads), each plugin also checks its parameters
     against the columns (an expression naming an unknown column fails here).
     """
+    if spec.categorizer is not None and spec.batch_size == 0:
+        raise InvalidArgument(
+            "a categorizer makes batches of one category: give batch_size >= 1 (batch_size 0 "
+            "delivers single samples)"
+        )
     return Pipeline.build(
         plugins,
         [(f.name, f.params) for f in spec.filters],
@@ -47,22 +50,22 @@ def build_pipeline(
         spec.skip_on_failure,
         uid_column,
         schema=schema,
+        categorizer=(spec.categorizer.name, spec.categorizer.params) if spec.categorizer else None,
     )
 
 
 @dataclass
-class IterationSetup:
-    """An iteration's reader, transforms, partitions and epoch plans (see module doc)."""
+class IterationSetup(Plans):
+    """An iteration's readers and transforms, over its ``Plans`` (see module doc)."""
 
-    spec: IterationSpec
-    plan: IterationPlan
-    dataset: Dataset
-    reader: DatasetReader
-    pipeline: Pipeline
-    partitions: list[int]
-    """The partition of the epoch each rank reads (ranks of a replication group share one)."""
-    _plans: OrderedDict[int, EpochPlan] = field(default_factory=OrderedDict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    dataset: Dataset = field(kw_only=True)
+    """The dataset (a mixture's first source's)."""
+    reader: DatasetReader = field(kw_only=True)
+    pipeline: Pipeline = field(kw_only=True)
+    sources: list[SourceSetup] = field(default_factory=list, kw_only=True)
+    """A mixture's sources (empty otherwise)."""
+    read_schema: pa.Schema | None = field(default=None, kw_only=True)
+    """The rows read (a mixture's: its sources' columns, and the source column)."""
 
     @classmethod
     def build(
@@ -75,84 +78,45 @@ class IterationSetup:
     ) -> IterationSetup:
         """Check a spec against the dataset and the plugins, and derive everything from it.
 
-        Without ``plan`` (a new iteration), the main shards are frozen as they are now and
-        ``seed`` is the shuffle seed.
+        Without ``plan`` (a new iteration), the main shards are frozen as they are now (of
+        every source of a mixture) and ``seed`` is the shuffle seed.
 
         Raises:
             InvalidArgument: a shardset, column, plugin or parameter the spec names is wrong.
         """
+        replication_partitions(spec.world_size, spec.replication_pg)  # bad groups fail here
+        if spec.mixture is not None:
+            sources, schema = build_sources(
+                spec, service, plugins, plan.sources if plan is not None else None
+            )
+            dataset, reader = sources[0].dataset, sources[0].reader
+            pipeline = build_pipeline(plugins, spec, dataset.uid_column_name, schema)
+            if plan is None:
+                plan = IterationPlan(shards=[], seed=seed, sources=[s.shards for s in sources])
+            return cls(spec, plan, dataset=dataset, reader=reader, pipeline=pipeline,
+                       sources=sources, read_schema=schema)  # fmt: skip
         dataset = service.get_dataset(dataset_id=spec.dataset_id)
         reader = service.reader(dataset, spec.shardsets, spec.columns, spec.join)
-        partitions = replication_partitions(spec.world_size, spec.replication_pg)
         pipeline = build_pipeline(plugins, spec, dataset.uid_column_name, reader.schema)
         if plan is None:
             plan = IterationPlan(
                 shards=[(shard.index, shard.num_rows) for shard in reader.main_shards], seed=seed
             )
-        return cls(spec, plan, dataset, reader, pipeline, partitions)
+        return cls(spec, plan, dataset=dataset, reader=reader, pipeline=pipeline)
 
     @property
-    def num_partitions(self) -> int:
-        """How many distinct partitions each epoch is cut into."""
-        return len(set(self.partitions))
+    def schema(self) -> pa.Schema:
+        """The schema of the rows read (before transforms)."""
+        return self.read_schema if self.read_schema is not None else self.reader.schema
 
     @property
     def plain(self) -> bool:
         """Rows go out as read: no transform, and no inner join leaving samples out."""
-        return self.pipeline.identity and self.spec.join == "left"
-
-    def epoch(self, number: int) -> EpochPlan:
-        """The plan of one epoch (the last few are kept)."""
-        if self.spec.epochs is not None and number >= self.spec.epochs:
-            raise InvalidArgument(
-                f"the iteration makes {self.spec.epochs} epoch(s) (epochs={self.spec.epochs}); "
-                f"epoch {number} is past its end: create a new iteration for more passes"
-            )
-        with self._lock:
-            found = self._plans.get(number)
-            if found is None:
-                found = EpochPlan(
-                    [rows for _, rows in self.plan.shards],
-                    self.spec.batch_size,
-                    partitions=self.num_partitions,
-                    shuffle=self.spec.shuffle,
-                    seed=self.plan.seed,
-                    block_size=self.spec.shuffle_block_size,
-                    drop_last=self.spec.drop_last,
-                    epoch=number,
-                )
-                self._plans[number] = found
-                while len(self._plans) > PLANS_KEPT:
-                    self._plans.popitem(last=False)
-            else:
-                self._plans.move_to_end(number)
-            return found
-
-    @property
-    def total(self) -> int:
-        """Samples per epoch, every rank together."""
-        return self.epoch(0).total
-
-    def rank_size(self, rank: int) -> int:
-        """Samples one rank delivers in an epoch (the same in every epoch)."""
-        return self.epoch(0).partition_size(self.partitions[rank])
-
-    def world(self, rank: int, worker: int = 0, num_workers: int = 1) -> World:
-        """Where one stream sits."""
-        if not 0 <= rank < self.spec.world_size:
-            raise InvalidArgument(
-                f"rank {rank} is outside the iteration's world of {self.spec.world_size}"
-            )
-        return World(
-            rank=rank,
-            world_size=self.spec.world_size,
-            replication_pg=(
-                tuple(tuple(g) for g in self.spec.replication_pg)
-                if self.spec.replication_pg
-                else None
-            ),
-            worker=worker,
-            num_workers=num_workers,
+        return (
+            self.pipeline.identity
+            and self.spec.join == "left"
+            and self.spec.categorizer is None
+            and not any(s.pipeline.filters for s in self.sources)
         )
 
     def worker_spec(self) -> dict[str, Any]:
@@ -165,4 +129,5 @@ class IterationSetup:
             p.max_retry_count,
             p.skip_on_failure,
             p.uid_column,
+            (p.categorizer.name, p.categorizer.params) if p.categorizer else None,
         )

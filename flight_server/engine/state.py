@@ -120,6 +120,8 @@ class RankState:
     """Samples skipped after errors inside finished ranges."""
     streams: dict[StreamKey, StreamState] = field(default_factory=dict)
     next_generation: int = 1
+    deal: int = 0
+    """Which deal of the epoch the local seqs are of (``deals``; 0: the world it began with)."""
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class RankState:
                 "failed": self.failed,
                 "streams": [[w, n, s.to_json()] for (w, n), s in sorted(self.streams.items())],
                 "next_generation": self.next_generation,
+                **({"deal": self.deal} if self.deal else {}),
             },
             separators=(",", ":"),
         )
@@ -158,6 +161,7 @@ class RankState:
             failed=int(data["failed"]),
             streams={(int(w), int(n)): StreamState.from_json(s) for w, n, s in data["streams"]},
             next_generation=int(data["next_generation"]),
+            deal=int(data.get("deal", 0)),
         )
 
     @classmethod

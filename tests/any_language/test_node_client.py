@@ -103,7 +103,13 @@ def test_node_sees_not_found(node: str, client: LavenderClient, api_url: str) ->
     )
 
 
-def test_node_reads_an_empty_table(node: str, client: LavenderClient, api_url: str) -> None:
+def test_node_is_told_plainly_that_a_dataset_has_nothing_to_read(
+    node: str, client: LavenderClient, api_url: str
+) -> None:
     lavender.create_dataset(name="nothing")
-    out = json.loads(run_node(node, api_url, "nothing").stdout)
-    assert (out["num_rows"], out["rows"], out["endpoints"]) == (0, [], 0)
+    done = run_node(node, api_url, "nothing")
+    assert done.returncode == 1, done.stdout
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(
+        "GetFlightInfo failed: INVALID_ARGUMENT: InvalidArgument: dataset 'nothing' has no shardset"
+    )

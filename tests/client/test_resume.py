@@ -277,10 +277,10 @@ NODE_TIMEOUT = 2.0
 """Seconds after which a server that stopped beating counts as dead (the tests' servers)."""
 
 
-def serve(servers: list[Served], home: Path) -> str:
-    """Start ``lavender-flight serve`` on a free port and the given data home; its URL."""
+def serve(servers: list[Served], home: Path, port: int = 0) -> str:
+    """Start ``lavender-flight serve`` on ``port`` (0: a free one) and a data home; its URL."""
     process = subprocess.Popen(
-        [*lavender_flight_command(), "serve", "--no-ui", "--port", "0",
+        [*lavender_flight_command(), "serve", "--no-ui", "--port", str(port),
          "--data-home", str(home), "--storage-root", str(home.parent),
          "--node-timeout", str(NODE_TIMEOUT)],
         stdin=subprocess.DEVNULL,

@@ -318,12 +318,12 @@ def test_plain_client_cannot_talk_to_a_tls_server(
 # -- storage roots ------------------------------------------------------------------------
 
 
-def write_shard_file(folder: Path) -> None:
+def write_shard_file(folder: Path, column: str = "text") -> None:
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(
-        pa.table({"uid": list(range(5)), "text": [str(i) for i in range(5)]}),
+        pa.table({"uid": list(range(5)), column: [str(i) for i in range(5)]}),
         folder / "shard.00000.parquet",
     )
 
@@ -388,8 +388,16 @@ def test_default_roots_are_the_data_home_and_the_start_folder(tmp_path: Path) ->
         (tmp_path / "home").resolve(),
         (tmp_path / "cwd").resolve(),
     ]
-    given = ServerSettings(storage_root=[tmp_path / "a", tmp_path / "b"])
-    assert given.storage_roots() == [(tmp_path / "a").resolve(), (tmp_path / "b").resolve()]
+    # --storage-root adds to them (the demo and the start folder keep working)
+    given = ServerSettings(
+        data_home=tmp_path / "home", storage_root=[tmp_path / "a", tmp_path / "b"]
+    )
+    assert given.storage_roots(cwd=tmp_path / "cwd") == [
+        (tmp_path / "home").resolve(),
+        (tmp_path / "cwd").resolve(),
+        (tmp_path / "a").resolve(),
+        (tmp_path / "b").resolve(),
+    ]
 
 
 def test_storage_roots_from_the_environment(
@@ -398,7 +406,7 @@ def test_storage_roots_from_the_environment(
     monkeypatch.setenv(
         "LAVENDER_FLIGHT_STORAGE_ROOT", f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}"
     )
-    assert ServerSettings().storage_roots() == [
+    assert ServerSettings(data_home=tmp_path / "home").storage_roots(cwd=tmp_path)[2:] == [
         (tmp_path / "a").resolve(),
         (tmp_path / "b").resolve(),
     ]
@@ -463,10 +471,10 @@ def test_cli_with_keys_tls_and_roots(
     with pytest.raises(InvalidLocation, match="outside the server's storage roots") as refused:
         lavender.create_shardset(dataset.id, (tmp_path / "outside").as_uri())
     assert str(root.resolve()) in str(refused.value)
-    # the start folder is not a root once --storage-root is given
-    with pytest.raises(InvalidLocation, match="outside the server's storage roots"):
-        lavender.create_shardset(dataset.id, start_dir.as_uri())
-    assert len(lavender.get_dataset(dataset.id).shardsets) == 1
+    # --storage-root adds to the default roots: the start folder stays one
+    write_shard_file(start_dir / "c", column="note")
+    assert lavender.create_shardset(dataset.id, (start_dir / "c").as_uri()).total_samples == 5
+    assert len(lavender.get_dataset(dataset.id).shardsets) == 2
     # the dashboard reaches the TLS server with a key, behind its login
     page = served.wait_for(re.compile(r"^\s+ui\s+(http://\S+/)")).group(1)
     user = browser()

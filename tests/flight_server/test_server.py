@@ -12,6 +12,7 @@ import pytest
 from lavender_flight.client import Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
+from lavender_flight.protocol.errors import InvalidArgument
 from tests.conftest import call_options
 
 COLUMNS = [
@@ -176,3 +177,14 @@ def test_walkthrough_of_the_readme(
     assert [d.name for d in lavender.list_datasets()] == ["my-dataset"]
     lavender.delete_dataset(dataset.id)
     assert lavender.list_datasets() == []
+
+
+def test_a_dataset_without_shardsets_says_it_has_nothing_to_read(client: LavenderClient) -> None:
+    dataset = lavender.create_dataset(name="nothing-yet")
+    for read in (
+        lambda: lavender.preview_dataset(dataset.id),
+        lambda: lavender.read_dataset("nothing-yet"),
+        lambda: lavender.read_shard(dataset.id, 0),
+    ):
+        with pytest.raises(InvalidArgument, match="has no shardset yet.*create_shardset"):
+            read()

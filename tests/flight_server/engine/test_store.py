@@ -1,0 +1,133 @@
+"""The engine without Flight: ``ProgressStore`` on a real catalog file, two servers sharing it,
+and a ``LiveIteration`` driven directly through the manager."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from lavender_flight.catalog import Catalog
+from lavender_flight.flight_server import LavenderService
+from lavender_flight.flight_server.engine import IterationManager, ProgressStore, World
+from lavender_flight.protocol import ColumnOptions
+from lavender_flight.protocol.errors import InvalidArgument
+from lavender_flight.protocol.iterations import (
+    AckBody,
+    IterationCommand,
+    IterationPlan,
+    IterationRecord,
+    IterationSpec,
+    IterationTicket,
+)
+
+SIZE, BATCH = 40, 4
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    return Catalog(tmp_path / "catalog.db")
+
+
+@pytest.fixture
+def iteration_id(catalog: Catalog) -> str:
+    dataset = catalog.create_dataset("d", "uid")
+    record = IterationRecord(
+        id="it-1",
+        dataset_id=dataset.id,
+        spec=IterationSpec(dataset_id=dataset.id, batch_size=BATCH),
+        plan=IterationPlan(shards=[(0, SIZE)], seed=0),
+        total=SIZE,
+        created_at=0.0,
+    )
+    catalog.create_iteration(record)
+    return record.id
+
+
+def sizes(rank: int) -> int:
+    return SIZE
+
+
+def test_two_servers_on_one_catalog_never_hand_out_a_sample_twice(
+    catalog: Catalog, iteration_id: str, tmp_path: Path
+) -> None:
+    other_catalog = Catalog(tmp_path / "catalog.db")  # another server process's view
+    a, b = ProgressStore(catalog, "nd-a"), ProgressStore(other_catalog, "nd-b")
+    mine = a.open_stream(iteration_id, 0, 0, (0, 2), sizes, BATCH)
+    theirs = b.open_stream(iteration_id, 0, 0, (1, 2), sizes, BATCH)
+    seen: list[tuple[int, int]] = []
+    for store, handle, worker in ((a, mine, 0), (b, theirs, 1)) * 10:
+        claim = store.claim(handle, World(worker=worker, num_workers=2), 1)
+        assert claim is not None
+        seen.extend(r for unit in claim.units for r in unit)
+    covered = sorted(s for start, stop in seen for s in range(start, stop))
+    assert covered == list(range(SIZE))  # each once, both servers together
+    state = a.state(iteration_id, 0, 0)
+    assert state is not None and sorted(state.nodes) == ["nd-a", "nd-b"]
+    other_catalog.close()
+
+
+def test_a_dead_servers_streams_are_freed_by_a_live_one(
+    catalog: Catalog, iteration_id: str
+) -> None:
+    dying, alive = ProgressStore(catalog, "nd-dying"), ProgressStore(catalog, "nd-alive")
+    handle = dying.open_stream(iteration_id, 0, 0, (0, 1), sizes, BATCH)
+    dying.claim(handle, World(), 3)
+    assert alive.expire() == 0  # its lease is good and its node is not known dead
+    assert alive.expire(dead_nodes=["nd-dying"]) == 3 * BATCH
+    state = alive.state(iteration_id, 0, 0)
+    assert state is not None and state.streams == {} and state.pending_count == 3 * BATCH
+    assert dying.claim(handle, World(), 1) is None  # the zombie stream learns it is over
+
+
+def test_acks_complete_once_and_refuse_what_was_never_sent(
+    catalog: Catalog, iteration_id: str
+) -> None:
+    store = ProgressStore(catalog, "nd-a")
+    handle = store.open_stream(iteration_id, 0, 0, (0, 1), sizes, BATCH)
+    store.claim(handle, World(), 2)
+    added, _ = store.ack(iteration_id, 0, 0, [(0, 8)], [(0, 4)])
+    assert added == 4
+    again, state = store.ack(iteration_id, 0, 0, [], [(0, 4)])  # a retried ack
+    assert again == 0 and state.completed == 4 and state.current == 8
+    with pytest.raises(InvalidArgument, match="never sent"):
+        store.ack(iteration_id, 0, 0, [], [(8, 12)])
+
+
+def write_dataset(service: LavenderService, folder: Path) -> str:
+    dataset = service.create_dataset("engine", "uid")
+    shardset = service.create_shardset(
+        dataset.id,
+        folder.as_uri(),
+        [ColumnOptions(name="uid", type_="int"), ColumnOptions(name="text", type_="str")],
+    )
+    for index in range(3):
+        uids = list(range(index * 30, (index + 1) * 30))
+        table = pa.table({"uid": uids, "text": [f"t{u}" for u in uids]})
+        service.write_shard(dataset.id, shardset.id, index, table)
+    return dataset.id
+
+
+def test_a_live_iteration_streams_and_acks_without_flight(catalog: Catalog, tmp_path: Path) -> None:
+    service = LavenderService(catalog)
+    dataset_id = write_dataset(service, tmp_path / "data")
+    manager = IterationManager(catalog, service)
+    try:
+        spec = IterationSpec(dataset_id=dataset_id, batch_size=8, shuffle=True, shuffle_seed=3)
+        live = manager.open(IterationCommand(iteration_id="direct", spec=spec))
+        schema, messages = live.stream(IterationTicket(iteration_id="direct", window=False))
+        assert schema.names == ["uid", "text"]
+        uids: list[int] = []
+        for batch, metadata in messages:
+            uids.extend(batch.column("uid").to_pylist())
+            spans = [
+                r for _, ranges in json.loads(metadata.to_pybytes())["batches"] for r in ranges
+            ]
+            live.ack(AckBody(iteration_id="direct", taken=spans, completed=spans))
+        assert sorted(uids) == list(range(90)) and uids != sorted(uids)
+        progress = manager.progress("direct")
+        assert (progress.completed, progress.done, progress.read_ahead) == (90, True, 0)
+    finally:
+        manager.close()
