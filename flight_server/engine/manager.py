@@ -107,6 +107,8 @@ class IterationManager:
         self.budget = budget or ReadAhead()
         self.store = ProgressStore(catalog, self.node, lease_seconds or 300.0)
         self.started_at = time.time()
+        self._sent_seen: dict[str, int] = {}
+        self._beat_at: float | None = None
         self._live: dict[str, LiveIteration] = {}
         self._views: dict[str, EpochViews] = {}  # of iterations listed, not live here
         self._lock = threading.Lock()
@@ -124,7 +126,19 @@ class IterationManager:
         self._janitor.start()
 
     def _heartbeat(self) -> None:
-        info = json.dumps({"streams": sum(len(i.open_streams) for i in self._all())})
+        """Say this server is alive, with its open streams and samples/s since the last beat."""
+        live = self._all()
+        now = time.monotonic()
+        sent = {i.id: i.sent for i in live}
+        # samples each live iteration sent since the last beat (one evicted meanwhile: its
+        # last samples go uncounted; one new: all it sent)
+        delta = sum(max(0, n - self._sent_seen.get(key, 0)) for key, n in sent.items())
+        elapsed = now - self._beat_at if self._beat_at is not None else 0.0
+        rate = delta / elapsed if elapsed > 0 else 0.0
+        self._sent_seen, self._beat_at = sent, now
+        info = json.dumps(
+            {"streams": sum(len(i.open_streams) for i in live), "samples_per_s": round(rate, 1)}
+        )
         self.catalog.heartbeat_node(self.node, self.location, self.started_at, info)
 
     def _all(self) -> list[LiveIteration]:

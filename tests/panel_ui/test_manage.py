@@ -7,6 +7,7 @@ the login's key check, throughput that follows the work, and the UX notes' small
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -277,3 +278,27 @@ def test_infer_columns_error_speaks_to_the_form(client: LavenderClient, data_dir
     form.location = (data_dir / "empty").as_uri()
     assert form.infer() is None
     assert FORM_HINT in form.error and "columns=[" not in form.error
+
+
+def test_nodes_page_shows_the_samples_a_busy_server_sends(
+    client: LavenderClient, data_dir: Path
+) -> None:
+    dataset_id = write_dataset("ds", data_dir / "main", 2, 100)
+    stream = iter(Iteration.from_dataset(dataset_id, batch_size=2, iteration_id="busy"))
+    page = NodesPage(client=client)
+    try:
+        deadline = time.monotonic() + 20
+        seen: list[tuple[int, float]] = []
+        while time.monotonic() < deadline:
+            next(stream)  # a loop at about 40 samples/s, for the heartbeats to measure
+            time.sleep(0.05)
+            page.refresh()
+            assert page.nodes is not None
+            (row,) = page.nodes.to_dict("records")
+            seen.append((row["streams"], row["samples/s"]))
+            if row["streams"] == 1 and row["samples/s"] > 0:
+                break
+        assert seen[-1][0] == 1 and seen[-1][1] > 0, seen[-5:]
+        assert "1 stream · " in page._summary.object
+    finally:
+        stream.close()
