@@ -238,9 +238,12 @@ class IterationsTable(Page):
         self._table.object = html_table(shown, "iterations-table", links=links, empty=empty)
         count = 0 if frame is None else len(frame)
         first = self.offset + 1 if count else 0
+        # an empty page says so in the table's place: no "iterations 0-0"
         self._where.object = (
             f'<span id="iterations-rows">iterations {first}-{self.offset + count}'
             f"{' (more on the next page)' if self.has_more else ''}</span>"
+            if count
+            else ""
         )
         self._previous.disabled = self.offset == 0
         self._next.disabled = not self.has_more
