@@ -91,7 +91,11 @@ class IterationsTable(Page):
 
     dataset_id = param.String(default="", doc="Only this dataset's (empty: every dataset's).")
     show_dataset = param.Boolean(default=True, doc="Whether the table names each dataset.")
-    state: param.Selector = param.Selector(default="all", objects=STATES, doc="running / done.")
+    state: param.Selector = param.Selector(
+        default="all",
+        objects=STATES,
+        doc="Which iterations to show: all, the running ones or the done ones.",
+    )
     offset = param.Integer(default=0, bounds=(0, None), doc="First iteration of the page.")
     limit: param.Selector = param.Selector(default=10, objects=PAGE_SIZES, doc="Per page.")
     rows = param.DataFrame(default=None, doc="The page's iterations.")
