@@ -113,6 +113,8 @@ class LiveIteration:
             )
         self.parked = False
         self.deleted = False
+        self.sent = 0
+        """Samples this server's streams sent (for the nodes' samples/s)."""
         self.last_used = time.monotonic()
         self._flows: dict[tuple[int, int, int], RankFlow] = {}
         """By epoch, rank and deal (a deal's local seqs are not another's)."""
@@ -329,6 +331,7 @@ class LiveIteration:
                 if ticket.positions:
                     fields.update(encode_positions(plan.positions(message.seq)))
                 self.last_used = time.monotonic()
+                self.sent += message.batch.num_rows
                 yield message.batch, pa.py_buffer(json.dumps(fields).encode())
             work.drain()
             finished = True
