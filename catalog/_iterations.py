@@ -74,14 +74,27 @@ class IterationStore:
             raise IterationNotFound(f"no iteration with id {iteration_id!r}")
         return self._iteration(rows[0])
 
-    def list_iterations(self, dataset_id: str | None = None) -> list[IterationRecord]:
-        """Iterations, newest first (of one dataset when given)."""
+    def list_iterations(
+        self, dataset_id: str | None = None, offset: int = 0, limit: int | None = None
+    ) -> list[IterationRecord]:
+        """Iterations, newest first (of one dataset when given), one page of them.
+
+        ``limit`` of them after skipping ``offset`` (every one by default). Iterations
+        created in the same instant come in a fixed order (by id), so pages never overlap.
+        """
         sql = "SELECT id, dataset_id, spec, plan, total, created_at FROM iterations"
-        params: tuple[Any, ...] = ()
+        params: list[Any] = []
         if dataset_id is not None:
             sql += " WHERE dataset_id = ?"
-            params = (dataset_id,)
-        return [self._iteration(r) for r in self._query(sql + " ORDER BY created_at DESC", params)]
+            params.append(dataset_id)
+        sql += " ORDER BY created_at DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += [int(limit), int(offset)]
+        rows = self._query(sql, params)
+        if limit is None and offset:
+            rows = rows[offset:]
+        return [self._iteration(r) for r in rows]
 
     @staticmethod
     def _iteration(row: tuple[Any, ...]) -> IterationRecord:

@@ -9,6 +9,7 @@ never delivered again; what was not sent when the process dies is delivered agai
 When reports cannot be sent (the server is gone), the loop is let run on for a bounded
 number of batches, then waits for the server (retrying) for up to ``reconnect_seconds``,
 and raises ``ServerUnavailable`` saying how much was not recorded if it does not come back.
+An iteration deleted meanwhile is no such case: the loop gets ``IterationNotFound`` at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from ..protocol.errors import LavenderError, ServerUnavailable
+from ..protocol.errors import IterationNotFound, LavenderError, ServerUnavailable
 from ..protocol.iterations import AckBody
 from ..protocol.ranges import RangeSet
 from .connection import LavenderClient
@@ -71,6 +72,9 @@ class Acknowledger:
         self._failing_since: float | None = None
         self._error: LavenderError | None = None
         self._gave_up = False
+        self._gone: IterationNotFound | None = None
+        """The iteration was deleted: nothing more is sent, the loop is told once."""
+        self._told = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -93,8 +97,14 @@ class Acknowledger:
         """The loop is done with the batch of these ranges.
 
         Waits (retrying) when reports have been failing for ``MAX_UNSENT_BATCHES`` batches.
+        Raises ``IterationNotFound`` (once) when the iteration was deleted.
         """
         with self._lock:
+            if self._gone is not None:
+                if self._told:
+                    return
+                self._told = True
+                raise self._gone
             for start, stop in ranges:
                 self._completed.add(start, stop)
             self._unsent_batches += 1
@@ -105,13 +115,16 @@ class Acknowledger:
     def _wait_for_server(self) -> None:
         with self._lock:
             since = self._failing_since or time.monotonic()
-            while self._failing_since is not None:
+            while self._failing_since is not None and self._gone is None:
                 left = since + self.reconnect_seconds - time.monotonic()
                 if left <= 0:
                     self._gave_up = True
                     raise self.unrecorded()
                 self._wake.set()
                 self._sent.wait(min(left, 1.0))
+            if self._gone is not None and not self._told:
+                self._told = True
+                raise self._gone
 
     def unsent(self) -> int:
         """Completed samples not recorded by the server yet."""
@@ -145,7 +158,8 @@ class Acknowledger:
             taken, completed = self._taken.ranges(), self._completed.ranges()
             self._taken, self._completed = RangeSet(), RangeSet()
             batches, self._unsent_batches = self._unsent_batches, 0
-        if not taken and not completed:
+            gone = self._gone is not None
+        if gone or (not taken and not completed):
             return
         body = AckBody(
             iteration_id=self.iteration_id,
@@ -156,6 +170,11 @@ class Acknowledger:
         )
         try:
             self.client.action("ack", body)
+        except IterationNotFound as exc:  # deleted: final, there is nothing to retry
+            with self._lock:
+                self._gone = exc
+                self._sent.notify_all()
+            raise
         except BaseException as exc:
             with self._lock:
                 self._taken.update(taken)
@@ -194,6 +213,8 @@ class Acknowledger:
             try:
                 self.flush()
                 return
+            except IterationNotFound:
+                return  # deleted: the loop was told (or is being told) by its stream
             except LavenderError as exc:
                 if time.monotonic() + delay > deadline:
                     with self._lock:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ..protocol import ColumnOptions, Dataset, Shard, Shardset, SyncResult, wire
 from ..protocol.errors import InvalidArgument, ServerUnavailable
-from ..protocol.iterations import IterationProgress
+from ..protocol.iterations import IterationProgress, NodeInfo
 from .connection import LavenderClient
 from .settings import DEFAULT_RECONNECT_SECONDS, DEFAULT_TIMEOUT, ClientSettings
 
@@ -40,6 +40,7 @@ __all__ = [
     "list_actions",
     "list_datasets",
     "list_iterations",
+    "list_nodes",
     "list_plugins",
     "list_shards",
     "preview_dataset",
@@ -153,9 +154,13 @@ def list_datasets() -> list[Dataset]:
     return get_client().list_datasets()
 
 
-def delete_dataset(dataset_id: str) -> wire.Deleted:
-    """Delete a dataset from the catalog (its shard files stay in storage)."""
-    return get_client().delete_dataset(dataset_id)
+def delete_dataset(dataset_id: str, force: bool = False) -> wire.Deleted:
+    """Delete a dataset and its iterations from the catalog (its shard files stay in storage).
+
+    One with live iterations is refused (``IterationBusy``) unless ``force=True``, which
+    ends them first (their readers get ``IterationNotFound``).
+    """
+    return get_client().delete_dataset(dataset_id, force)
 
 
 def create_shardset(
@@ -180,9 +185,13 @@ def get_shardset(dataset_id: str, shardset_id: str) -> Shardset:
     return get_client().get_shardset(dataset_id, shardset_id)
 
 
-def delete_shardset(dataset_id: str, shardset_id: str) -> wire.Deleted:
-    """Remove a shardset from the catalog (its files stay in storage)."""
-    return get_client().delete_shardset(dataset_id, shardset_id)
+def delete_shardset(dataset_id: str, shardset_id: str, force: bool = False) -> wire.Deleted:
+    """Remove a shardset from the catalog (its files stay in storage).
+
+    One that live iterations read is refused (``IterationBusy``) unless ``force=True``,
+    which ends them first (their readers get ``IterationNotFound``).
+    """
+    return get_client().delete_shardset(dataset_id, shardset_id, force)
 
 
 def list_shards(dataset_id: str, shardset_id: str) -> list[Shard]:
@@ -246,9 +255,19 @@ def get_iteration(iteration_id: str) -> IterationProgress:
     return get_client().get_iteration(iteration_id)
 
 
-def list_iterations(dataset_id: str | None = None) -> list[IterationProgress]:
-    """Progress of every iteration (of one dataset), newest first."""
-    return get_client().list_iterations(dataset_id)
+def list_iterations(
+    dataset_id: str | None = None,
+    state: str | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+    ranks: bool = False,
+) -> list[IterationProgress]:
+    """Progress of the iterations (of one dataset), newest first.
+
+    ``state`` ``"running"`` or ``"done"`` keeps those; ``offset`` and ``limit`` page them
+    (default: every one); ``ranks`` adds each rank's progress.
+    """
+    return get_client().list_iterations(dataset_id, state, offset, limit, ranks)
 
 
 def pushback(iteration_id: str) -> int:
@@ -256,9 +275,18 @@ def pushback(iteration_id: str) -> int:
     return get_client().pushback(iteration_id)
 
 
-def delete_iteration(iteration_id: str) -> wire.Deleted:
-    """Forget an iteration and its progress."""
-    return get_client().delete_iteration(iteration_id)
+def delete_iteration(iteration_id: str, force: bool = False) -> wire.Deleted:
+    """Forget an iteration and its progress.
+
+    One with open streams is refused (``IterationBusy``) unless ``force=True``, which ends
+    them first (their readers get ``IterationNotFound``).
+    """
+    return get_client().delete_iteration(iteration_id, force)
+
+
+def list_nodes() -> list[NodeInfo]:
+    """The servers sharing the catalog: location, last heartbeat, alive, streams."""
+    return get_client().list_nodes()
 
 
 # Last: the features module uses this one's default client (an import cycle, resolved here).

@@ -24,7 +24,13 @@ from ..protocol.errors import (
     ServerError,
     from_flight_error,
 )
-from ..protocol.iterations import IterationBody, IterationProgress, ListIterationsBody
+from ..protocol.iterations import (
+    DeleteIterationBody,
+    IterationBody,
+    IterationProgress,
+    ListIterationsBody,
+    NodeInfo,
+)
 from .settings import ClientSettings
 
 __all__ = ["LavenderClient", "column_options", "domain_error"]
@@ -35,6 +41,7 @@ _DATASETS: TypeAdapter[list[Dataset]] = TypeAdapter(list[Dataset])
 _SHARDS: TypeAdapter[list[Shard]] = TypeAdapter(list[Shard])
 _COLUMNS: TypeAdapter[list[ColumnOptions]] = TypeAdapter(list[ColumnOptions])
 _PROGRESSES: TypeAdapter[list[IterationProgress]] = TypeAdapter(list[IterationProgress])
+_NODES: TypeAdapter[list[NodeInfo]] = TypeAdapter(list[NodeInfo])
 
 
 def domain_error(exc: BaseException, url: str = "") -> LavenderError:
@@ -168,9 +175,14 @@ class LavenderClient:
         """Every dataset on the server."""
         return self._call(_DATASETS, "list_datasets", wire.Empty())
 
-    def delete_dataset(self, dataset_id: str) -> wire.Deleted:
-        """Delete a dataset from the catalog (its shard files stay in storage)."""
-        body = wire.build(wire.DatasetBody, "arguments", dataset_id=dataset_id)
+    def delete_dataset(self, dataset_id: str, force: bool = False) -> wire.Deleted:
+        """Delete a dataset and its iterations from the catalog (shard files stay in storage).
+
+        A dataset with live iterations (streams open on any server) is refused with
+        ``IterationBusy`` naming them; ``force=True`` ends them first (their readers get
+        ``IterationNotFound``).
+        """
+        body = wire.build(wire.DeleteDatasetBody, "arguments", dataset_id=dataset_id, force=force)
         return self._call(wire.Deleted, "delete_dataset", body)
 
     # -- shardsets and shards ------------------------------------------------------------
@@ -212,10 +224,20 @@ class LavenderClient:
         )
         return self._call(Shardset, "get_shardset", body)
 
-    def delete_shardset(self, dataset_id: str, shardset_id: str) -> wire.Deleted:
-        """Remove a shardset from the catalog (its files stay in storage)."""
+    def delete_shardset(
+        self, dataset_id: str, shardset_id: str, force: bool = False
+    ) -> wire.Deleted:
+        """Remove a shardset from the catalog (its files stay in storage).
+
+        One that live iterations read is refused with ``IterationBusy``; ``force=True``
+        ends those iterations first (their readers get ``IterationNotFound``).
+        """
         body = wire.build(
-            wire.ShardsetBody, "arguments", dataset_id=dataset_id, shardset_id=shardset_id
+            wire.DeleteShardsetBody,
+            "arguments",
+            dataset_id=dataset_id,
+            shardset_id=shardset_id,
+            force=force,
         )
         return self._call(wire.Deleted, "delete_shardset", body)
 
@@ -362,15 +384,49 @@ class LavenderClient:
         body = wire.build(IterationBody, "arguments", iteration_id=iteration_id)
         return self._call(IterationProgress, "get_iteration", body)
 
-    def list_iterations(self, dataset_id: str | None = None) -> list[IterationProgress]:
-        """Progress of every iteration (of one dataset), newest first."""
-        body = wire.build(ListIterationsBody, "arguments", dataset_id=dataset_id)
+    def list_iterations(
+        self,
+        dataset_id: str | None = None,
+        state: str | None = None,
+        offset: int = 0,
+        limit: int | None = None,
+        ranks: bool = False,
+    ) -> list[IterationProgress]:
+        """Progress of the iterations (of one dataset), newest first.
+
+        Args:
+            dataset_id: Only this dataset's.
+            state: ``"running"`` or ``"done"``: only those.
+            offset: Skip that many (after the filters), for paging.
+            limit: At most that many (default: every one).
+            ranks: Add each rank's progress (``.ranks``).
+        """
+        body = wire.build(
+            ListIterationsBody,
+            "arguments",
+            dataset_id=dataset_id,
+            state=state,
+            offset=offset,
+            limit=limit,
+            ranks=ranks,
+        )
         return self._call(_PROGRESSES, "list_iterations", body)
 
-    def delete_iteration(self, iteration_id: str) -> wire.Deleted:
-        """Forget an iteration and its progress."""
-        body = wire.build(IterationBody, "arguments", iteration_id=iteration_id)
+    def delete_iteration(self, iteration_id: str, force: bool = False) -> wire.Deleted:
+        """Forget an iteration and its progress.
+
+        One with open streams (on any server) is refused with ``IterationBusy``;
+        ``force=True`` ends them first (their readers get ``IterationNotFound``).
+        """
+        body = wire.build(DeleteIterationBody, "arguments", iteration_id=iteration_id, force=force)
         return self._call(wire.Deleted, "delete_iteration", body)
+
+    def list_nodes(self) -> list[NodeInfo]:
+        """The servers sharing this server's catalog: location, heartbeat, alive, streams.
+
+        Raises ``ActionNotFound`` on a server without the ``list_nodes`` action.
+        """
+        return self._call(_NODES, "list_nodes", wire.Empty())
 
     def pushback(self, iteration_id: str) -> int:
         """Return every in-flight sample of an iteration to its queue; how many."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from ..protocol.iterations import (
     IterationCommand,
     IterationTicket,
     ListIterationsBody,
+    NodeInfo,
     decode_ticket,
 )
 from ..transforms import Plugins
@@ -56,6 +58,30 @@ def _deleted(delete: Callable[..., None], *ids: str) -> bytes:
     return _json(wire.Deleted(deleted=ids[-1]))
 
 
+def _nodes(srv: LavenderFlightServer) -> list[NodeInfo]:
+    """Every server registered on the catalog, alive when its heartbeat is recent."""
+    limit = time.time() - srv.iterations.node_timeout
+    found = []
+    for node in srv.service.catalog.list_nodes():
+        try:
+            info = json.loads(node.info or "{}")
+        except ValueError:
+            info = {}
+        info = info if isinstance(info, dict) else {}
+        found.append(
+            NodeInfo(
+                id=node.id,
+                location=node.location,
+                started_at=node.started_at,
+                heartbeat_at=node.heartbeat_at,
+                alive=node.heartbeat_at >= limit,
+                streams=int(info.get("streams") or 0),
+                samples_per_s=float(info.get("samples_per_s") or 0.0),
+            )
+        )
+    return found
+
+
 def _ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -80,9 +106,11 @@ ACTIONS: dict[str, ActionSpec] = {
         lambda srv, b: _json(srv.service.list_datasets()),
     ),
     "delete_dataset": ActionSpec(
-        wire.DatasetBody,
-        "Delete a dataset {dataset_id} from the catalog (shard files stay).",
-        lambda srv, b: _deleted(srv.service.delete_dataset, b.dataset_id),
+        wire.DeleteDatasetBody,
+        "Delete a dataset {dataset_id, force?: false} and its iterations from the catalog "
+        "(shard files stay); one with live iterations only with force, which ends them "
+        "first (their readers get IterationNotFound).",
+        lambda srv, b: _deleted(lambda d: srv.iterations.delete_dataset(d, b.force), b.dataset_id),
     ),
     "create_shardset": ActionSpec(
         wire.CreateShardsetBody,
@@ -107,9 +135,15 @@ ACTIONS: dict[str, ActionSpec] = {
         lambda srv, b: _json(srv.service.get_shardset(b.dataset_id, b.shardset_id)),
     ),
     "delete_shardset": ActionSpec(
-        wire.ShardsetBody,
-        "Remove a shardset {dataset_id, shardset_id} from the catalog (files stay).",
-        lambda srv, b: _deleted(srv.service.delete_shardset, b.dataset_id, b.shardset_id),
+        wire.DeleteShardsetBody,
+        "Remove a shardset {dataset_id, shardset_id, force?: false} from the catalog (files "
+        "stay); one that live iterations read only with force, which ends them first "
+        "(their readers get IterationNotFound).",
+        lambda srv, b: _deleted(
+            lambda d, s: srv.iterations.delete_shardset(d, s, b.force),
+            b.dataset_id,
+            b.shardset_id,
+        ),
     ),
     "list_shards": ActionSpec(
         wire.ShardsetBody,
@@ -158,9 +192,18 @@ ACTIONS: dict[str, ActionSpec] = {
     ),
     "list_iterations": ActionSpec(
         ListIterationsBody,
-        "Progress of every iteration {dataset_id?, ranks?: false}, newest first; as a JSON "
-        "array (each rank's progress only with ranks=true).",
-        lambda srv, b: _json(srv.iterations.list(b.dataset_id, b.ranks)),
+        "Progress of the iterations {dataset_id?, ranks?: false, state?: running|done, "
+        "offset?: 0, limit?}, newest first; as a JSON array (each rank's progress only "
+        "with ranks=true; every iteration unless limit).",
+        lambda srv, b: _json(
+            srv.iterations.list(b.dataset_id, b.ranks, b.offset, b.limit, b.state)
+        ),
+    ),
+    "list_nodes": ActionSpec(
+        wire.Empty,
+        "The servers sharing this catalog: id, location, started_at, heartbeat_at, alive, "
+        "streams, samples_per_s; as a JSON array.",
+        lambda srv, b: _json(_nodes(srv)),
     ),
     "ack": ActionSpec(
         AckBody,

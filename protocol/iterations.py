@@ -191,10 +191,18 @@ class NodeInfo(BaseModel):
 
 
 class ListIterationsBody(WireModel):
-    """``list_iterations``, of one dataset or all; ``ranks`` adds each rank's progress."""
+    """``list_iterations``, of one dataset or all, newest first; a page of them.
+
+    ``ranks`` adds each rank's progress; ``state`` keeps the ``running`` (not done) or the
+    ``done`` ones; ``offset`` skips that many (after the filters); ``limit`` answers at
+    most that many (None: all).
+    """
 
     dataset_id: str | None = Field(default=None, max_length=128)
     ranks: bool = False
+    state: Literal["running", "done"] | None = None
+    offset: int = Field(default=0, ge=0, le=1 << 40)
+    limit: int | None = Field(default=None, ge=1, le=10_000)
 
 
 class BatchMetadata(WireModel):

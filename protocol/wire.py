@@ -27,6 +27,8 @@ __all__ = [
     "CreateDatasetBody",
     "CreateShardsetBody",
     "DatasetBody",
+    "DeleteDatasetBody",
+    "DeleteShardsetBody",
     "Deleted",
     "Empty",
     "GetDatasetBody",
@@ -83,6 +85,16 @@ class DatasetBody(WireModel):
     dataset_id: str = _Id
 
 
+class DeleteDatasetBody(WireModel):
+    """``delete_dataset``: ``force`` ends its iterations that have live streams first.
+
+    Without it, a dataset with live iterations is refused (``IterationBusy``).
+    """
+
+    dataset_id: str = _Id
+    force: bool = False
+
+
 class CreateShardsetBody(WireModel):
     """``create_shardset``: columns may be omitted to infer them from the first shard.
 
@@ -108,6 +120,17 @@ class ShardsetBody(WireModel):
 
     dataset_id: str = _Id
     shardset_id: str = _Id
+
+
+class DeleteShardsetBody(WireModel):
+    """``delete_shardset``: ``force`` ends the live iterations reading it first.
+
+    Without it, a shardset that live iterations read is refused (``IterationBusy``).
+    """
+
+    dataset_id: str = _Id
+    shardset_id: str = _Id
+    force: bool = False
 
 
 class PreviewBody(WireModel):

@@ -74,7 +74,11 @@ class _StreamWork:
         self.cancelled = cancelled
 
     def _check(self) -> None:
-        if self.live.parked or self.live.deleted or self.cancelled():
+        if self.live.deleted:  # the reader learns why its stream ends, in one line
+            raise IterationNotFound(
+                f"iteration {self.live.id} was deleted while this stream read it"
+            )
+        if self.live.parked or self.cancelled():
             log.debug(
                 "stream of rank %d stops: parked=%s deleted=%s cancelled=%s",
                 self.handle.rank,
@@ -109,9 +113,12 @@ class _StreamWork:
     def _refresh(self) -> None:
         """Re-read the rank from the catalog (called with the flow's lock held)."""
         state = self.live.store.state(self.handle.iteration_id, self.handle.epoch, self.handle.rank)
-        if state is None:
+        if state is None:  # its row is gone: the iteration was deleted (through any server)
             log.debug("stream of rank %d: no state", self.handle.rank)
-            raise _Stopped
+            self.live.deleted = True
+            raise IterationNotFound(
+                f"iteration {self.live.id} was deleted while this stream read it"
+            )
         self.flow.learn(state)
 
     def claim(self, max_chunks: int) -> list[Unit]:

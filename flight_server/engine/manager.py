@@ -13,6 +13,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ...catalog import Catalog, new_id
@@ -229,13 +230,13 @@ class IterationManager:
         """A live iteration, loaded from the catalog when needed (e.g. after a restart)."""
         with self._lock:
             live = self._live.get(iteration_id)
-        if live is not None:
+        if live is not None and not live.deleted:
             return live
         record = self.catalog.get_iteration(iteration_id)
         setup = IterationSetup.build(record.spec, self.service, self.plugins, plan=record.plan)
         with self._lock:
             live = self._live.get(iteration_id)
-            if live is None:
+            if live is None or live.deleted:  # deleted through another server, made again
                 live = self._live[iteration_id] = self._make(record, setup)
         return live
 
@@ -323,19 +324,90 @@ class IterationManager:
         rows = self.catalog.latest_rank_states(record.id)
         return iteration_progress(record, plans, rows, ranks=ranks)
 
-    def list(self, dataset_id: str | None = None, ranks: bool = False) -> list[IterationProgress]:
-        """Progress of every iteration (of one dataset), newest first."""
+    def list(
+        self,
+        dataset_id: str | None = None,
+        ranks: bool = False,
+        offset: int = 0,
+        limit: int | None = None,
+        state: str | None = None,
+    ) -> list[IterationProgress]:
+        """Progress of the iterations (of one dataset), newest first; one page of them.
+
+        ``state`` ``"running"`` or ``"done"`` keeps those only; ``offset`` and ``limit``
+        cut the page after that filter. Only the page's iterations are loaded: without a
+        state filter the catalog cuts the page; with one, each candidate's rank states are
+        read (no setup) until the page is full.
+        """
+        if state is None:
+            records = self.catalog.list_iterations(dataset_id, offset=offset, limit=limit)
+        else:
+            records = []
+            skipped = 0
+            for record in self.catalog.list_iterations(dataset_id):
+                if limit is not None and len(records) >= limit:
+                    break
+                try:
+                    if self._done(record) != (state == "done"):
+                        continue
+                except IterationNotFound:  # deleted meanwhile
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                records.append(record)
         found = []
-        for record in self.catalog.list_iterations(dataset_id):
+        for record in records:
             try:
                 found.append(self._progress_of(record, ranks))
             except IterationNotFound:  # deleted meanwhile
                 continue
         return found
 
+    def _done(self, record: IterationRecord) -> bool:
+        """Whether an iteration is done, as ``LiveIteration.progress`` says, from its states."""
+        latest = self.store.latest(record.id)
+        if len(latest) < record.spec.world_size:  # a rank never streamed: its size decides
+            return self._progress_of(record, ranks=False).done
+        last = max(epoch for epoch, _ in latest.values())
+        epochs = record.spec.epochs
+        return all(s.done for _, s in latest.values()) and (epochs is None or last + 1 >= epochs)
+
     def busy(self, iteration_id: str) -> int:
         """Open streams of an iteration, on any server."""
         return sum(len(state.streams) for _, state in self.store.latest(iteration_id).values())
+
+    def _busy(self, records: Sequence[IterationRecord]) -> dict[str, int]:
+        """The iterations among ``records`` with open streams (on any server), and how many."""
+        found = {}
+        for record in records:
+            streams = self.busy(record.id)
+            if streams:
+                found[record.id] = streams
+        return found
+
+    @staticmethod
+    def _refusal(busy: dict[str, int], what: str) -> IterationBusy:
+        named = ", ".join(f"{i} ({n} open stream{'s' if n > 1 else ''})" for i, n in busy.items())
+        if len(busy) == 1:
+            return IterationBusy(
+                f"{what} has a live iteration: {named}; stop the job that reads it, or "
+                "delete with force=True (which ends it first: its readers get "
+                "IterationNotFound)"
+            )
+        return IterationBusy(
+            f"{what} has {len(busy)} live iterations: {named}; stop the jobs that read "
+            "them, or delete with force=True (which ends them first: their readers get "
+            "IterationNotFound)"
+        )
+
+    def _end(self, iteration_id: str) -> None:
+        """Stop serving an iteration here; its streams end with ``IterationNotFound``."""
+        with self._lock:
+            live = self._live.pop(iteration_id, None)
+        if live is not None:
+            live.deleted = True
+            live.park()
 
     def delete(self, iteration_id: str, force: bool = False) -> None:
         """Forget an iteration; one with open streams only with ``force`` (they end)."""
@@ -347,9 +419,48 @@ class IterationManager:
                 "reads it, or delete it with force=True (its readers then get "
                 "IterationNotFound)"
             )
-        with self._lock:
-            live = self._live.pop(iteration_id, None)
-        if live is not None:
-            live.deleted = True
-            live.park()
+        self._end(iteration_id)
         self.catalog.delete_iteration(iteration_id)
+
+    def delete_dataset(self, dataset_id: str, force: bool = False) -> None:
+        """Delete a dataset and its iterations; with live ones only with ``force``.
+
+        ``force`` ends the live iterations first (their readers get ``IterationNotFound``),
+        then the dataset goes (its shard files stay).
+        """
+        self.service.get_dataset(dataset_id=dataset_id)  # DatasetNotFound first
+        records = self.catalog.list_iterations(dataset_id)
+        busy = self._busy(records)
+        if busy and not force:
+            raise self._refusal(busy, f"dataset {dataset_id}")
+        for record in records:
+            self._end(record.id)
+        self.service.delete_dataset(dataset_id)
+
+    def delete_shardset(self, dataset_id: str, shardset_id: str, force: bool = False) -> None:
+        """Delete a shardset; one that live iterations read only with ``force``.
+
+        An iteration reads the dataset's main shardset and those its spec names (all of
+        them when it names none). ``force`` deletes the live ones first (their readers get
+        ``IterationNotFound``); the others stay, and are set up again from the catalog when
+        next used.
+        """
+        shardset = self.service.get_shardset(dataset_id, shardset_id)  # not found first
+        records = [
+            r
+            for r in self.catalog.list_iterations(dataset_id)
+            if shardset.is_main or r.spec.shardsets is None or shardset_id in r.spec.shardsets
+        ]
+        busy = self._busy(records)
+        if busy and not force:
+            raise self._refusal(busy, f"shardset {shardset_id}")
+        for iteration_id in busy:
+            self._end(iteration_id)
+            try:
+                self.catalog.delete_iteration(iteration_id)
+            except IterationNotFound:  # deleted meanwhile
+                pass
+        self.service.delete_shardset(dataset_id, shardset_id)
+        with self._lock:  # their setup read the shardset: build it again when used
+            for record in records:
+                self._live.pop(record.id, None)
