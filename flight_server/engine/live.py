@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from ...protocol.errors import InvalidArgument, IterationNotFound
+from ...protocol.errors import InvalidArgument, IterationNotFound, ServerUnavailable, StorageError
 from ...protocol.iterations import (
     AckBody,
     BatchMetadata,
@@ -36,7 +36,7 @@ from .blocks import BlockReader
 from .flow import RankFlow, ReadAhead
 from .progress import iteration_progress
 from .setup import IterationSetup
-from .state import Unit
+from .state import Unit, stream_key
 from .store import ProgressStore, StreamHandle
 from .world import World
 
@@ -52,6 +52,22 @@ server, a pushback) and at whether it should stop."""
 
 class _Stopped(Exception):
     """The stream must end (superseded, server parking, iteration deleted, client gone)."""
+
+
+class _Superseded(_Stopped):
+    """The catalog has another stream in this one's place.
+
+    A newer stream of its loop, a resumed job taking the rank over, or this server taken
+    for dead after an outage put it there. Its loop, if still there, reconnects: a newer
+    stream of its own session takes over.
+    """
+
+
+class _CatalogLost(Exception):
+    """The catalog failed under the stream (down too long, or a commit of unknown outcome).
+
+    The client reconnects, and its new stream takes over what this one held.
+    """
 
 
 class _StreamWork:
@@ -112,7 +128,12 @@ class _StreamWork:
 
     def _refresh(self) -> None:
         """Re-read the rank from the catalog (called with the flow's lock held)."""
-        state = self.live.store.state(self.handle.iteration_id, self.handle.epoch, self.handle.rank)
+        try:
+            state = self.live.store.state(
+                self.handle.iteration_id, self.handle.epoch, self.handle.rank
+            )
+        except StorageError as exc:
+            raise _CatalogLost(str(exc)) from exc
         if state is None:  # its row is gone: the iteration was deleted (through any server)
             log.debug("stream of rank %d: no state", self.handle.rank)
             self.live.deleted = True
@@ -133,9 +154,11 @@ class _StreamWork:
         except IterationNotFound:
             self.live.deleted = True
             raise
+        except StorageError as exc:
+            raise _CatalogLost(str(exc)) from exc
         if found is None:
             log.debug("stream of rank %d superseded", self.handle.rank)
-            raise _Stopped  # a newer stream of this worker took over
+            raise _Superseded
         with self.flow.cond:
             for unit in found.units:
                 self.flow.claimed(self.handle, unit)
@@ -164,7 +187,10 @@ class _StreamWork:
                     self._refresh()
 
     def release(self, ranges: list[tuple[int, int]], filtered: int, failed: int) -> None:
-        self.live.store.release(self.handle, ranges, filtered, failed)
+        try:
+            self.live.store.release(self.handle, ranges, filtered, failed)
+        except StorageError as exc:
+            raise _CatalogLost(str(exc)) from exc
         with self.flow.cond:
             self.flow.released(self.handle, ranges)
 
@@ -216,6 +242,8 @@ class LiveIteration:
         self._lock = threading.Lock()
         self._row_cost: float | None = None
         self._output_schema: pa.Schema | None = None
+        self.samples_sent = 0
+        """Samples the batches of its streams spanned, since it was loaded (a rate's count)."""
 
     # -- what it is ----------------------------------------------------------------------
 
@@ -303,14 +331,19 @@ class LiveIteration:
         plan = self.setup.epoch(epoch)
         schema = self.schema  # fail before streaming when the data is gone
         self.last_used = time.monotonic()
-        handle = self.store.open_stream(
-            self.id,
-            epoch,
-            ticket.rank,
-            (ticket.worker, ticket.num_workers),
-            self.setup.rank_size,
-            self.spec.batch_size,
-        )
+        self._end_cancelled(ticket.rank)
+        try:
+            handle = self.store.open_stream(
+                self.id,
+                epoch,
+                ticket.rank,
+                stream_key(ticket.worker, ticket.num_workers, ticket.session),
+                self.setup.rank_size,
+                self.spec.batch_size,
+                takeover=ticket.takeover,
+            )
+        except StorageError as exc:  # another server may have the catalog: try there
+            raise ServerUnavailable(f"this server cannot open the stream now: {exc}") from exc
         flow = self._flow(epoch, ticket.rank)
         with flow.cond:
             flow.held[handle] = RangeSet()
@@ -349,6 +382,19 @@ class LiveIteration:
             return self.output_schema, iter(())
         return first[0].schema, itertools.chain([first], messages)
 
+    def _end_cancelled(self, rank: int) -> None:
+        """End the rank's streams here whose client is gone, before a new stream opens.
+
+        Their own loops notice within ``WAIT_SECONDS``; a client resuming the rank at once
+        (a new session: it does not take over other sessions' streams) must find what they
+        held back in the queue already.
+        """
+        with self._lock:
+            checks = list(self._cancel_checks.items())
+        gone = [handle for handle, cancelled in checks if handle.rank == rank and cancelled()]
+        if gone:
+            self.store.end_streams(gone, orphan=True)
+
     def _messages(
         self,
         batcher: Iterator[Message],
@@ -380,11 +426,23 @@ class LiveIteration:
                         encode_positions(self.setup.epoch(handle.epoch).positions(message.seq))
                     )
                 self.last_used = time.monotonic()
+                with self._lock:
+                    self.samples_sent += message.samples
                 yield message.batch, pa.py_buffer(json.dumps(fields).encode())
             work.drain()
             finished = True
-        except _Stopped:
+        except _Stopped as exc:
+            if self.parked and not self.deleted:  # the client goes on through another server
+                raise ServerUnavailable(
+                    "this server is stopping: reconnect (to another server of the catalog)"
+                ) from None
+            if isinstance(exc, _Superseded):  # not the end of the work: the loop reopens
+                raise ServerUnavailable(
+                    f"another stream took this one's place in rank {handle.rank}: reconnect"
+                ) from None
             return
+        except _CatalogLost as exc:
+            raise ServerUnavailable(f"this server lost the catalog mid-stream: {exc}") from None
         except GeneratorExit:  # gRPC dropped the stream: the client is gone
             log.debug("stream of rank %d: dropped by gRPC", handle.rank)
             orphan = True

@@ -2,8 +2,10 @@
 
 Live iterations are kept in memory while they are used and dropped when idle (their state
 is in the catalog). A janitor thread keeps this server's part of the shared state right:
-it says the server is alive (``nodes``), renews the leases of the streams it serves, and
-frees the samples of streams whose server died or whose lease ran out.
+it says the server is alive (``nodes``, with what it serves: streams, samples/s), renews
+the leases of the streams it serves, and frees the samples of streams whose server died or
+whose lease ran out. ``live_locations`` lists the servers sharing the catalog
+(``get_flight_info`` spreads ranks across them).
 """
 
 from __future__ import annotations
@@ -112,6 +114,9 @@ class IterationManager:
         self._shard_reads = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-read")
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
+        self._evicted_sent = 0  # samples sent by live iterations dropped since
+        self._rate = (time.monotonic(), 0, 0.0)  # (when, samples sent then, samples/s)
+        self._locations: tuple[float, list[str]] = (0.0, [])
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -122,8 +127,48 @@ class IterationManager:
         self._janitor.start()
 
     def _heartbeat(self) -> None:
-        info = json.dumps({"streams": sum(len(i.open_streams) for i in self._all())})
+        live = self._all()
+        info = json.dumps(
+            {
+                "streams": sum(len(i.open_streams) for i in live),
+                "samples_per_s": round(self._samples_per_s(live), 1),
+            }
+        )
         self.catalog.heartbeat_node(self.node, self.location, self.started_at, info)
+
+    def _samples_per_s(self, live: list[LiveIteration]) -> float:
+        """Samples sent per second since the last heartbeat (a counter per live iteration)."""
+        sent = self._evicted_sent + sum(i.samples_sent for i in live)
+        when, before, rate = self._rate
+        now = time.monotonic()
+        if now - when >= 0.5:  # heartbeats close together keep the last figure
+            rate = max(0, sent - before) / (now - when)
+            self._rate = (now, sent, rate)
+        return rate
+
+    # -- the servers on the catalog ------------------------------------------------------
+
+    def live_locations(self) -> list[str]:
+        """The URLs of the live servers on the catalog, oldest first, this one included.
+
+        Every server answers the same list (the catalog's order), so the ranks and shards
+        that ``get_flight_info`` spreads over it land alike whichever server was asked.
+        Cached for a heartbeat's time: it is read by every ``get_flight_info``.
+        """
+        when, found = self._locations
+        now = time.monotonic()
+        if now - when < min(1.0, self.node_timeout / 4) and found:
+            return found
+        limit = time.time() - self.node_timeout
+        found = []
+        for node in self.catalog.list_nodes():
+            alive = node.heartbeat_at >= limit or node.id == self.node
+            if alive and node.location and node.location not in found:
+                found.append(node.location)
+        if self.location and self.location not in found:  # not registered yet (or evicted)
+            found.append(self.location)
+        self._locations = (now, found)
+        return found
 
     def _all(self) -> list[LiveIteration]:
         with self._lock:
@@ -134,24 +179,34 @@ class IterationManager:
         renew = max(0.2, self.store.lease_seconds / 4)
         expire = max(0.2, min(self.store.lease_seconds, self.node_timeout) / 4)
         last_renew = last_expire = 0.0
+        last_beat = time.monotonic()  # start() beat
+        beating_since = float("-inf")  # since when this server's beats get through
         while not self._stop.wait(min(beat, expire)):
             try:
                 self._heartbeat()
                 now = time.monotonic()
+                if now - last_beat > self.node_timeout:  # its own beats lapsed (an outage,
+                    beating_since = now  # a call that waited it out): the others' too, maybe
+                last_beat = now
                 if now - last_renew >= renew:
                     self.store.renew([h for i in self._all() for h in i.open_streams])
                     last_renew = now
                 if now - last_expire >= expire:
-                    self.store.expire(self.dead_nodes())
+                    # after an outage of the catalog every server's heartbeat looks old: the
+                    # others get a whole timeout to beat again before any is taken for dead
+                    trusted = now - beating_since >= self.node_timeout
+                    self.store.expire(self.dead_nodes() if trusted else ())
                     last_expire = now
                 self._evict_idle()
             except Exception as exc:  # the catalog is down: try again next round
                 log.warning("keeping iteration state: %s", exc)
 
     def dead_nodes(self) -> list[str]:
-        """Servers whose heartbeat lapsed."""
+        """Servers whose heartbeat lapsed (never this one: it runs)."""
         limit = time.time() - self.node_timeout
-        return [n.id for n in self.catalog.list_nodes() if n.heartbeat_at < limit]
+        return [
+            n.id for n in self.catalog.list_nodes() if n.heartbeat_at < limit and n.id != self.node
+        ]
 
     def _evict_idle(self) -> None:
         now = time.monotonic()
@@ -159,6 +214,7 @@ class IterationManager:
             for iteration_id, live in list(self._live.items()):
                 if not live.open_streams and now - live.last_used > self.idle_seconds:
                     del self._live[iteration_id]
+                    self._evicted_sent += live.samples_sent
                     live.blocks.clear()
 
     def close(self) -> None:
@@ -405,6 +461,8 @@ class IterationManager:
         """Stop serving an iteration here; its streams end with ``IterationNotFound``."""
         with self._lock:
             live = self._live.pop(iteration_id, None)
+            if live is not None:
+                self._evicted_sent += live.samples_sent
         if live is not None:
             live.deleted = True
             live.park()
