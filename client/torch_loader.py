@@ -10,7 +10,7 @@ the next epochs by default (the ``spawn`` start-up is paid once per job).
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +50,9 @@ class IterationDataset(torch.utils.data.IterableDataset):
     """One rank's stream; in a worker process, that worker's share of it.
 
     It carries the whole :class:`ClientSettings` (URLs, key, timeout, TLS), pickled into
-    each worker, so a worker connects exactly as the loop's process does. ``epoch`` is
-    shared with the workers (set by the main process before each epoch).
+    each worker, so a worker connects exactly as the loop's process does, and the servers
+    of the rank (``locations``, the order its streams try them in). ``epoch`` is shared
+    with the workers (set by the main process before each epoch).
     """
 
     def __init__(
@@ -60,11 +61,13 @@ class IterationDataset(torch.utils.data.IterableDataset):
         ticket: IterationTicket | None,
         format: str,
         epoch: Any,
+        locations: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.ticket = ticket
         self.format = format
         self.epoch = epoch
+        self.locations = list(locations)
 
     def __getstate__(self) -> dict[str, Any]:
         # the shared epoch travels to spawned workers (as multiprocessing allows it: while
@@ -84,7 +87,7 @@ class IterationDataset(torch.utils.data.IterableDataset):
         )
         # a connection of this process: gRPC channels do not survive fork
         with LavenderClient(self.settings) as client:
-            for batch, seq in stream_batches(client, ticket, self.format):
+            for batch, seq in stream_batches(client, ticket, self.format, locations=self.locations):
                 yield batch, Consumed(seq)
 
 
@@ -133,6 +136,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         assert isinstance(dataset, IterationDataset)
         if dataset.ticket is None:  # before the workers start: they get it with the dataset
             dataset.ticket = self.iteration.ticket(epoch)
+            dataset.locations = self.iteration.locations
         acks = self.iteration.acknowledger(epoch)
         items = ((batch, token.seq) for batch, token in super().__iter__())
         yield from acknowledging(items, acks)
