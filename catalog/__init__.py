@@ -9,8 +9,10 @@ opens the database a setting names (a SQLite file, the embedded default, or a
 from __future__ import annotations
 
 from ._catalog import Catalog, new_id, open_catalog
+from ._changes import ChangeRecord, EpochRows
 from ._database import Database, Transaction
 from ._dialect import Dialect, Lock, PostgresDialect, SQLiteDialect
+from ._progress import VersionChanged
 from ._schema import SCHEMA_VERSION
 from ._target import SUPPORTED_FORMS, CatalogTarget, mask_url, parse_target
 
@@ -19,12 +21,15 @@ __all__ = [
     "SUPPORTED_FORMS",
     "Catalog",
     "CatalogTarget",
+    "ChangeRecord",
     "Database",
     "Dialect",
+    "EpochRows",
     "Lock",
     "PostgresDialect",
     "SQLiteDialect",
     "Transaction",
+    "VersionChanged",
     "mask_url",
     "new_id",
     "open_catalog",

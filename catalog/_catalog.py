@@ -25,10 +25,10 @@ from ..protocol.records import (
     UidValue,
     column_clashes,
 )
+from ._changes import IterationChanges
 from ._database import DEFAULT_RECONNECT_SECONDS, Database, Transaction
 from ._dialect import dialect_for
 from ._iterations import IterationStore
-from ._progress import ProgressRows
 from ._schema import MIGRATIONS, SCHEMA_VERSION
 from ._target import parse_target
 
@@ -48,7 +48,7 @@ def _decode_uid(text: str | None) -> UidValue:
     return None if text is None else json.loads(text)
 
 
-class Catalog(IterationStore, ProgressRows):
+class Catalog(IterationStore, IterationChanges):
     """The system of record: every other layer reads and writes state through this class.
 
     A SQLite file (WAL mode, the embedded default) or a PostgreSQL database, with the same
@@ -193,7 +193,7 @@ class Catalog(IterationStore, ProgressRows):
             if not tx.run("SELECT id FROM datasets WHERE id = ?", (dataset_id,)):
                 raise DatasetNotFound(f"no dataset with id {dataset_id!r}")
             iterations = "SELECT id FROM iterations WHERE dataset_id = ?"
-            for table in ("iteration_ranks", "iteration_rank_states"):
+            for table in ("iteration_ranks", "iteration_rank_states", "iteration_changes"):
                 tx.run(f"DELETE FROM {table} WHERE iteration_id IN ({iterations})", (dataset_id,))
             tx.run("DELETE FROM iterations WHERE dataset_id = ?", (dataset_id,))
             shardsets = "SELECT id FROM shardsets WHERE dataset_id = ?"

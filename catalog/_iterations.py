@@ -154,7 +154,7 @@ class IterationStore:
         def delete(tx: Transaction) -> None:
             if not tx.run("SELECT id FROM iterations WHERE id = ?", (iteration_id,)):
                 raise IterationNotFound(f"no iteration with id {iteration_id!r}")
-            for table in ("iteration_ranks", "iteration_rank_states"):
+            for table in ("iteration_ranks", "iteration_rank_states", "iteration_changes"):
                 tx.run(f"DELETE FROM {table} WHERE iteration_id = ?", (iteration_id,))
             tx.run("DELETE FROM iterations WHERE id = ?", (iteration_id,))
 

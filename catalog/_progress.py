@@ -20,9 +20,21 @@ from ..protocol.errors import IterationNotFound
 if TYPE_CHECKING:
     from ._database import Database, Transaction
 
-__all__ = ["NodeRecord", "ProgressRows", "RankRow"]
+__all__ = ["NodeRecord", "ProgressRows", "RankRow", "VersionChanged"]
 
 T = TypeVar("T")
+
+
+class VersionChanged(Exception):
+    """The iteration changed (weights, a deal) since the caller last looked: look again.
+
+    Raised by ``update_rank_states`` when the version it was given is not the stored one;
+    nothing was changed.
+    """
+
+    def __init__(self, iteration_id: str, version: int) -> None:
+        super().__init__(f"iteration {iteration_id} is at version {version} now")
+        self.version = version
 
 
 @dataclass
@@ -76,47 +88,65 @@ class ProgressRows:
         epoch: int,
         ranks: Sequence[int],
         change: Callable[[dict[int, RankRow]], T],
+        version: int | None = None,
     ) -> T:
         """Change the state rows of some ranks of one epoch, all in one transaction.
 
         ``change`` gets every asked rank's row (``state`` None where there is none yet) and
         may ``set`` them; changed rows are written back, and nothing is when it raises. It
         may run more than once (after a conflict between servers): it must change nothing
-        but the rows it is given.
+        but the rows it is given. With ``version``, the iteration must still be at that
+        version (see ``change_epoch``), else ``VersionChanged`` is raised before ``change``.
 
         Raises:
             IterationNotFound: the iteration does not exist (or was deleted meanwhile).
+            VersionChanged: ``version`` is not the iteration's version any more.
         """
         wanted = sorted(set(ranks))
 
         def body(tx: Transaction) -> T:
             share = " FOR SHARE" if tx.dialect.name == "postgresql" else ""
-            if not tx.run("SELECT id FROM iterations WHERE id = ?" + share, (iteration_id,)):
+            found = tx.run("SELECT version FROM iterations WHERE id = ?" + share, (iteration_id,))
+            if not found:
                 raise IterationNotFound(f"no iteration with id {iteration_id!r}")
+            if version is not None and int(found[0][0]) != version:
+                raise VersionChanged(iteration_id, int(found[0][0]))
             rows = self._rows(tx, iteration_id, epoch, wanted)
             before = {rank: (row.state, row.expires_at, row.nodes) for rank, row in rows.items()}
             result = change(rows)
-            now = time.time()
-            for rank, row in rows.items():
-                if row.state is None or (row.state, row.expires_at, row.nodes) == before[rank]:
-                    continue
-                values = (row.state, row.expires_at, _nodes_text(row.nodes), now)
-                if before[rank][0] is None:
-                    tx.run(
-                        "INSERT INTO iteration_rank_states (state, expires_at, nodes, updated_at, "
-                        "iteration_id, epoch, rank) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (*values, iteration_id, epoch, rank),
-                    )
-                else:
-                    tx.run(
-                        "UPDATE iteration_rank_states SET state = ?, expires_at = ?, nodes = ?, "
-                        "updated_at = ? WHERE iteration_id = ? AND epoch = ? AND rank = ?",
-                        (*values, iteration_id, epoch, rank),
-                    )
-                row.updated_at = now
+            self._write_rows(tx, iteration_id, epoch, rows, before)
             return result
 
         return self._db.transaction(body, lock="rows")
+
+    @staticmethod
+    def _write_rows(
+        tx: Transaction,
+        iteration_id: str,
+        epoch: int,
+        rows: dict[int, RankRow],
+        before: dict[int, tuple[str | None, float | None, tuple[str, ...]]],
+    ) -> None:
+        """Write back the rows a change set (inserting those that had none)."""
+        now = time.time()
+        for rank, row in rows.items():
+            old = before.get(rank, (None, None, ()))
+            if row.state is None or (row.state, row.expires_at, row.nodes) == old:
+                continue
+            values = (row.state, row.expires_at, _nodes_text(row.nodes), now)
+            if old[0] is None:
+                tx.run(
+                    "INSERT INTO iteration_rank_states (state, expires_at, nodes, updated_at, "
+                    "iteration_id, epoch, rank) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (*values, iteration_id, epoch, rank),
+                )
+            else:
+                tx.run(
+                    "UPDATE iteration_rank_states SET state = ?, expires_at = ?, nodes = ?, "
+                    "updated_at = ? WHERE iteration_id = ? AND epoch = ? AND rank = ?",
+                    (*values, iteration_id, epoch, rank),
+                )
+            row.updated_at = now
 
     @staticmethod
     def _rows(
@@ -143,6 +173,20 @@ class ProgressRows:
         for rank in ranks:
             found.setdefault(rank, RankRow(epoch, rank, None))
         return found
+
+    @staticmethod
+    def _locked_rows(tx: Transaction, iteration_id: str, epoch: int) -> dict[int, RankRow]:
+        """Every stored row of an epoch, locked until the transaction ends."""
+        sql = (
+            "SELECT rank, state, expires_at, nodes, updated_at FROM iteration_rank_states "
+            "WHERE iteration_id = ? AND epoch = ?"
+        )
+        return {
+            int(rank): RankRow(epoch, int(rank), state, x, _nodes_of(nodes), float(updated))
+            for rank, state, x, nodes, updated in tx.run(
+                tx.dialect.for_update(sql), (iteration_id, epoch)
+            )
+        }
 
     def load_rank_states(self, iteration_id: str, epoch: int | None = None) -> list[RankRow]:
         """The stored rows of an iteration (of one epoch, or all), by epoch and rank."""

@@ -101,6 +101,21 @@ MIGRATIONS: list[list[str]] = [
             info TEXT NOT NULL
         )""",
     ],
+    [
+        # changes made to a running iteration (mixture weights, a deal to another world
+        # size), numbered by the iteration's version: every state transaction reads the
+        # version, so a server that missed a change finds out before it acts on it
+        "ALTER TABLE iterations ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE iteration_changes (
+            iteration_id TEXT NOT NULL REFERENCES iterations (id),
+            version INTEGER NOT NULL,
+            epoch INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (iteration_id, version)
+        )""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

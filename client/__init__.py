@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import api, errors
 from .connection import LavenderClient
 from .features import FeatureWriter, write_feature_shardset
-from .iteration import Iteration
+from .iteration import Iteration, MixtureSource
 from .settings import ClientSettings
 from .writer import Writer
 
@@ -19,6 +19,7 @@ __all__ = [
     "FeatureWriter",
     "Iteration",
     "LavenderClient",
+    "MixtureSource",
     "Writer",
     "api",
     "errors",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..protocol.errors import IterationNotFound, LavenderError, ServerUnavailable
@@ -30,7 +30,7 @@ from ..protocol.iterations import AckBody
 from ..protocol.ranges import RangeSet
 from .connection import LavenderClient
 
-__all__ = ["Acknowledger", "acknowledging"]
+__all__ = ["Acknowledger", "acknowledging", "acknowledging_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class Acknowledger:
         reconnect_seconds: float = 30.0,
         fallbacks: Sequence[LavenderClient] = (),
     ) -> None:
+        self.deal: int | None = None
+        """The deal the batches are of (the batch metadata says, after an elastic resume)."""
         self.client = client
         self.fallbacks = [c for c in fallbacks if c is not client]
         self.iteration_id = iteration_id
@@ -201,6 +203,7 @@ class Acknowledger:
             iteration_id=self.iteration_id,
             rank=self.rank,
             epoch=self.epoch,
+            deal=self.deal,
             taken=taken,
             completed=completed,
         )
@@ -305,3 +308,43 @@ def acknowledging(items: Iterable[tuple[T, Any]], acks: Acknowledger) -> Iterato
         if consumed is not None:
             acks.complete(consumed)
         acks.close(wait=ended)  # a loop left early (break, an error) only warns
+
+
+def acknowledging_samples(
+    items: Iterable[tuple[Any, Any]], acks: Acknowledger, explode: Callable[[Any], Iterable[T]]
+) -> Iterator[T]:
+    """Yield the samples of ``(group, seq ranges)`` items one at a time (``batch_size=0``).
+
+    A group is taken when its first sample is yielded and completed when the sample after
+    its last is asked for (or the loop ends, or leaves right after its last sample). A loop
+    that leaves in the middle of a group leaves that group not completed: it comes again
+    on resume, whole (the samples of a group are acknowledged together).
+    """
+    seen = RangeSet()
+    pending: Any = None
+    holding: Any = None
+    ended = False
+    try:
+        for group, seq in items:
+            if seq and all(not seen.gaps(a, b) for a, b in seq):
+                continue  # a repeat after a reconnect: the loop had it already
+            for a, b in seq:
+                seen.add(a, b)
+            acks.take(seq)
+            rows = list(explode(group))
+            for index, sample in enumerate(rows):
+                if pending is not None:
+                    acks.complete(pending)
+                    pending = None
+                holding = seq if index == len(rows) - 1 else None
+                yield sample
+                holding = None
+            if pending is not None:  # a group with no sample left (all filtered)
+                acks.complete(pending)
+            pending = seq
+        ended = True
+    finally:
+        for done in (pending, holding):
+            if done is not None:
+                acks.complete(done)
+        acks.close(wait=ended)

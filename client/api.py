@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ..protocol import ColumnOptions, Dataset, Shard, Shardset, SyncResult, wire
 from ..protocol.errors import InvalidArgument, ServerUnavailable
-from ..protocol.iterations import IterationProgress, NodeInfo
+from ..protocol.iterations import IterationProgress, NodeInfo, WeightsSet
 from .connection import LavenderClient
 from .settings import DEFAULT_RECONNECT_SECONDS, DEFAULT_TIMEOUT, ClientSettings
 
@@ -26,6 +26,7 @@ __all__ = [
     "DatasetColumnOptions",
     "FeatureWriter",
     "LavenderClient",
+    "MixtureSource",
     "create_dataset",
     "create_shardset",
     "delete_dataset",
@@ -47,6 +48,7 @@ __all__ = [
     "pushback",
     "read_dataset",
     "read_shard",
+    "set_mixture_weights",
     "sync_shardset",
     "write_feature_shardset",
 ]
@@ -275,6 +277,17 @@ def pushback(iteration_id: str) -> int:
     return get_client().pushback(iteration_id)
 
 
+def set_mixture_weights(
+    iteration_id: str, weights: Mapping[str, float], at: int | None = None
+) -> WeightsSet:
+    """Change a mixture's weights ``{dataset_id: weight}`` for every rank, from the next sample.
+
+    The change and the sample where it took effect are stored, so a resume replays the same
+    order (see :meth:`LavenderClient.set_mixture_weights`).
+    """
+    return get_client().set_mixture_weights(iteration_id, weights, at)
+
+
 def delete_iteration(iteration_id: str, force: bool = False) -> wire.Deleted:
     """Forget an iteration and its progress.
 
@@ -291,3 +304,4 @@ def list_nodes() -> list[NodeInfo]:
 
 # Last: the features module uses this one's default client (an import cycle, resolved here).
 from .features import FeatureWriter, write_feature_shardset  # noqa: E402
+from .iteration import MixtureSource  # noqa: E402

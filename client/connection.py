@@ -37,7 +37,9 @@ from ..protocol.iterations import (
     IterationBody,
     IterationProgress,
     ListIterationsBody,
+    MixtureWeightsBody,
     NodeInfo,
+    WeightsSet,
 )
 from .settings import ClientSettings
 
@@ -558,3 +560,21 @@ class LavenderClient:
         """Return every in-flight sample of an iteration to its queue; how many."""
         body = wire.build(IterationBody, "arguments", iteration_id=iteration_id)
         return self._call(wire.PushedBack, "pushback", body).pushed_back
+
+    def set_mixture_weights(
+        self, iteration_id: str, weights: Mapping[str, float], at: int | None = None
+    ) -> WeightsSet:
+        """Change a mixture's weights (by source dataset id) for every rank of it.
+
+        They take effect at the first sample no rank has been handed yet (``at``: not
+        before that sample of the epoch), in the epoch the ranks are in and the next ones;
+        the answer says where (``epoch``, ``from_seq``) and the epoch's new ``total``.
+        """
+        body = wire.build(
+            MixtureWeightsBody,
+            "arguments",
+            iteration_id=iteration_id,
+            weights={str(k): float(v) for k, v in weights.items()},
+            at=at,
+        )
+        return self._call(WeightsSet, "set_mixture_weights", body)

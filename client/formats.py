@@ -11,7 +11,15 @@ import pyarrow as pa
 
 from ..protocol.errors import InvalidArgument
 
-__all__ = ["FORMATS", "check_format", "convert", "require_torch", "split", "torch_missing"]
+__all__ = [
+    "FORMATS",
+    "check_format",
+    "convert",
+    "require_torch",
+    "samples",
+    "split",
+    "torch_missing",
+]
 
 FORMATS = ("python", "numpy", "arrow", "torch")
 
@@ -109,3 +117,19 @@ def split(message: pa.RecordBatch, sizes: list[int], fmt: str) -> Iterator[Any]:
     for rows in sizes:
         yield {name: values[offset : offset + rows] for name, values in columns.items()}
         offset += rows
+
+
+def samples(batch: Any) -> Iterator[dict[str, Any]]:
+    """The samples of a batch one at a time, as dicts (for ``batch_size=0``).
+
+    An Arrow batch gives Python values (``to_pylist``: no Python per value of ours); a
+    converted one (numpy, torch) gives each column's row: numpy scalars and arrays, 0-d
+    and row tensors, Python values of list columns.
+    """
+    if isinstance(batch, pa.RecordBatch):
+        yield from batch.to_pylist()
+        return
+    names = list(batch)
+    rows = len(batch[names[0]]) if names else 0
+    for index in range(rows):
+        yield {name: batch[name][index] for name in names}

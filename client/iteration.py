@@ -8,7 +8,11 @@ Iterating it is one epoch: a ``for`` loop streams the rank's share of the epoch;
 ``for`` loop is the next epoch (shuffled anew, from a seed derived from the iteration's
 seed and the epoch number); ``set_epoch(n)`` picks one explicitly. A new ``Iteration`` over
 an existing iteration (``resume``, or ``from_dataset`` with its id) starts where the rank
-is: the rest of its current epoch, or the next one when it is done.
+is: the rest of its current epoch, or the next one when it is done; ``resume(...,
+world_size=w)`` deals what is left to another number of ranks.
+
+``from_mixture`` draws from several datasets by weight (``MixtureSource``); with
+``batch_size=0`` an iteration yields single samples (dicts).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -34,17 +39,25 @@ from ..protocol.iterations import (
     IterationProgress,
     IterationSpec,
     IterationTicket,
+    MixtureSourceSpec,
     PluginCall,
 )
 from . import api
-from .acks import Acknowledger, acknowledging
+from .acks import Acknowledger, acknowledging, acknowledging_samples
 from .connection import LavenderClient, endpoint_locations
-from .formats import check_format, split
+from .formats import check_format, samples, split
 
 if TYPE_CHECKING:
     from .torch_loader import LavenderDataLoader
 
-__all__ = ["Iteration", "PluginArg", "stream_batches", "stream_messages", "stream_nodes"]
+__all__ = [
+    "Iteration",
+    "MixtureSource",
+    "PluginArg",
+    "stream_batches",
+    "stream_messages",
+    "stream_nodes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,34 @@ def _plugin(value: PluginArg) -> PluginCall:
         name, params = value
         return PluginCall(name=name, params=params)
     return PluginCall.model_validate(value)
+
+
+@dataclass(frozen=True)
+class MixtureSource:
+    """One source of ``Iteration.from_mixture``: a dataset, its weight, what to read of it.
+
+    ``weight`` is relative (the weights need not add up to 1; 0 leaves the source out
+    until ``set_mixture_weights`` gives it one). ``shardsets``, ``columns`` and ``filters``
+    are ``from_dataset``'s, for this source alone; the sources' columns must agree.
+    """
+
+    dataset_id: str
+    weight: float = 1.0
+    shardsets: Sequence[str] | None = None
+    columns: Sequence[str] | None = None
+    filters: Sequence[PluginArg] | None = field(default=None)
+
+    def spec(self) -> MixtureSourceSpec:
+        """The wire form."""
+        return wire.build(
+            MixtureSourceSpec,
+            "mixture source",
+            dataset_id=self.dataset_id,
+            weight=self.weight,
+            shardsets=list(self.shardsets) if self.shardsets is not None else None,
+            columns=list(self.columns) if self.columns is not None else None,
+            filters=[_plugin(f) for f in self.filters or ()],
+        )
 
 
 def _distributed() -> Any | None:
@@ -276,10 +317,10 @@ class Iteration:
             descriptor = flight.FlightDescriptor.for_command(wire.encode(self._command))
             info = client.get_flight_info(descriptor)
             found = IterationInfo.model_validate_json(info.app_metadata)
-            if not 0 <= self.rank < found.spec.world_size:
+            world = found.world_size or found.spec.world_size
+            if not 0 <= self.rank < world:
                 raise InvalidArgument(
-                    f"rank {self.rank} is outside iteration {found.iteration_id}'s world of "
-                    f"{found.spec.world_size}"
+                    f"rank {self.rank} is outside iteration {found.iteration_id}'s world of {world}"
                 )
             endpoint = info.endpoints[self.rank]  # the server's ticket for this rank
             self._ticket = IterationTicket.model_validate_json(endpoint.ticket.ticket)
@@ -385,6 +426,7 @@ class Iteration:
         filters: Sequence[PluginArg] | None = None,
         collater: PluginArg | None = None,
         preprocessors: Sequence[PluginArg] | None = None,
+        categorizer: PluginArg | None = None,
         max_retry_count: int = 0,
         skip_on_failure: bool = False,
         join: str = "left",
@@ -407,11 +449,19 @@ class Iteration:
         read. ``join="left"`` keeps every sample of the main shardset (columns a feature
         shardset lacks are null); ``join="inner"`` keeps those present in every selected
         shardset, and counts the others as filtered.
+
+        ``batch_size=0`` yields single samples (dicts), for loaders that batch themselves
+        (the server sends and the client acknowledges them in groups of ``SAMPLE_GROUP``).
+        ``categorizer=("bucket", {"column": "text", "boundaries": [64, 256]})``: every batch
+        holds samples of one category (each stream makes at most one partial batch per
+        category; none with ``drop_last``).
         """
-        rank, world_size = default_world(rank, world_size)
-        spec = wire.build(
-            IterationSpec,
-            "iteration",
+        return cls._create(
+            client,
+            rank,
+            iteration_id,
+            format,
+            progress,
             dataset_id=dataset_id,
             shardsets=list(shardsets) if shardsets is not None else None,
             columns=list(columns) if columns is not None else None,
@@ -422,13 +472,35 @@ class Iteration:
             drop_last=drop_last,
             epochs=epochs,
             world_size=world_size,
-            replication_pg=[list(g) for g in replication_pg] if replication_pg else None,
+            replication_pg=replication_pg,
             filters=[_plugin(f) for f in filters or ()],
             collater=_plugin(collater) if collater is not None else None,
             preprocessors=[_plugin(p) for p in preprocessors or ()],
+            categorizer=_plugin(categorizer) if categorizer is not None else None,
             max_retry_count=max_retry_count,
             skip_on_failure=skip_on_failure,
             join=join,
+        )
+
+    @classmethod
+    def _create(
+        cls,
+        client: LavenderClient | None,
+        rank: int | None,
+        iteration_id: str | None,
+        format: str,
+        progress: bool,
+        **fields: Any,
+    ) -> Iteration:
+        """Build and check a spec, then the (lazy) iteration of this rank."""
+        rank, world_size = default_world(rank, fields.pop("world_size"))
+        groups = fields.pop("replication_pg")
+        spec = wire.build(
+            IterationSpec,
+            "iteration",
+            world_size=world_size,
+            replication_pg=[list(g) for g in groups] if groups else None,
+            **fields,
         )
         if not 0 <= rank < world_size:
             raise InvalidArgument(f"rank {rank} is outside the world of {world_size}")
@@ -440,6 +512,76 @@ class Iteration:
         return cls(command, rank, format, progress, client)
 
     @classmethod
+    def from_mixture(
+        cls,
+        sources: Sequence[MixtureSource],
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        shuffle_seed: int | None = None,
+        shuffle_block_size: int = 4,
+        on_exhausted: str = "stop",
+        source_column: str | None = None,
+        drop_last: bool = False,
+        epochs: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        replication_pg: Sequence[Sequence[int]] | None = None,
+        collater: PluginArg | None = None,
+        preprocessors: Sequence[PluginArg] | None = None,
+        categorizer: PluginArg | None = None,
+        max_retry_count: int = 0,
+        skip_on_failure: bool = False,
+        join: str = "left",
+        iteration_id: str | None = None,
+        format: str = "python",
+        progress: bool = False,
+        client: LavenderClient | None = None,
+    ) -> Iteration:
+        """An iteration drawing from several datasets by weight, sample by sample.
+
+        Each sample is drawn from a source chosen by the weights (deterministic for a
+        seed; each source is shuffled as ``from_dataset`` shuffles it). The sources must
+        give the same columns (checked here, naming the source and column that differ).
+        ``on_exhausted``: when a source runs out, ``"stop"`` ends the epoch, ``"cycle"``
+        starts that source's next (reshuffled) pass (the epoch ends when every source
+        completed one), ``"rebalance"`` goes on with the others, their weights
+        renormalized (the epoch ends when all ran out). ``source_column="source"`` adds a
+        column holding each row's source dataset id. ``lavender.set_mixture_weights``
+        changes the weights while it runs. The other options are ``from_dataset``'s.
+        """
+        found = list(sources)
+        if not found or not all(isinstance(s, MixtureSource) for s in found):
+            raise InvalidArgument(
+                "from_mixture takes a list of MixtureSource(dataset_id=..., weight=...)"
+            )
+        return cls._create(
+            client,
+            rank,
+            iteration_id,
+            format,
+            progress,
+            dataset_id=found[0].dataset_id,
+            mixture=[s.spec() for s in found],
+            on_exhausted=on_exhausted,
+            source_column=source_column,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            shuffle_seed=shuffle_seed,
+            shuffle_block_size=shuffle_block_size,
+            drop_last=drop_last,
+            epochs=epochs,
+            world_size=world_size,
+            replication_pg=replication_pg,
+            collater=_plugin(collater) if collater is not None else None,
+            preprocessors=[_plugin(p) for p in preprocessors or ()],
+            categorizer=_plugin(categorizer) if categorizer is not None else None,
+            max_retry_count=max_retry_count,
+            skip_on_failure=skip_on_failure,
+            join=join,
+        )
+
+    @classmethod
     def resume(
         cls,
         iteration_id: str,
@@ -447,17 +589,24 @@ class Iteration:
         format: str = "python",
         progress: bool = False,
         client: LavenderClient | None = None,
+        world_size: int | None = None,
     ) -> Iteration:
         """Continue an iteration (after a crash, a restart, or in another process).
 
         The first loop delivers the rest of the rank's current epoch (or the next epoch
-        when that one is done). It takes the rank over: streams of the rank that another
-        ``Iteration`` object still has open (a loop that hangs, an older process) end, and
-        what they held is delivered here. (Two objects made with ``from_dataset`` on one
-        rank share its samples instead, each getting a part.)
+        when that one is done). ``world_size`` other than the iteration's (every rank of
+        the new world passes the same): what is not completed, what the old ranks held in
+        flight included, is dealt anew to ``world_size`` ranks, their shares within one
+        batch of each other (equal with ``drop_last``), nothing completed delivered again.
+        It takes the rank over: streams of the rank that another ``Iteration`` object still
+        has open (a loop that hangs, an older process) end, and what they held is delivered
+        here. (Two objects made with ``from_dataset`` on one rank share its samples instead,
+        each getting a part.)
         """
         rank, _ = default_world(rank, None)
-        command = wire.build(IterationCommand, "iteration", iteration_id=iteration_id)
+        command = wire.build(
+            IterationCommand, "iteration", iteration_id=iteration_id, world_size=world_size
+        )
         iteration = cls(command, rank, format, progress, client)
         iteration.takeover = True
         iteration._ensure()  # a wrong id fails here
@@ -474,7 +623,9 @@ class Iteration:
         return self.get_progress().ranks[self.rank].total
 
     def __len__(self) -> int:
-        """Batches this rank delivers in a full epoch."""
+        """Batches this rank delivers in a full epoch (samples, with ``batch_size=0``)."""
+        if self.spec.batch_size == 0:
+            return self.rank_total()
         return -(-self.rank_total() // self.spec.batch_size)
 
     # -- iterating -----------------------------------------------------------------------
@@ -492,17 +643,18 @@ class Iteration:
         )
 
     def batches(
-        self, ticket: IterationTicket, acks: Acknowledger
+        self, ticket: IterationTicket, acks: Acknowledger, format: str | None = None
     ) -> Iterator[tuple[Any, list[tuple[int, int]]]]:
         """The batches of one stream and their seq ranges, as they come (repeats included).
 
         The stream moves to the next server of the rank when its own goes away; the reports
-        follow it.
+        follow it. ``format``: the batches' (default: the iteration's).
         """
 
         def learn(metadata: BatchMetadata) -> None:
             if metadata.report_every:
                 acks.report_every = metadata.report_every
+            acks.deal = metadata.deal
 
         def flush() -> None:
             try:
@@ -511,15 +663,22 @@ class Iteration:
                 pass
 
         return stream_batches(
-            self.client, ticket, self.format, learn, flush, self.locations, acks.follow
+            self.client, ticket, format or self.format, learn, flush, self.locations, acks.follow
         )
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.next_epoch()
         ticket = self.ticket(epoch)
         acks = self.acknowledger(epoch)
-        items = self.batches(ticket, acks)
+        single = self.spec.batch_size == 0
+        # single samples: a group is taken when its first sample is yielded, completed
+        # when the sample after its last is asked for
+        fmt = "arrow" if single and self.format == "python" else self.format
+        items = self.batches(ticket, acks, fmt)
         if not self.progress:
+            if single:
+                yield from acknowledging_samples(items, acks, samples)
+                return
             yield from acknowledging(items, acks)
             return
         from tqdm.auto import tqdm
@@ -535,6 +694,9 @@ class Iteration:
                     bar.update(sum(b - a for a, b in seq))
                     yield batch, seq
 
+            if single:
+                yield from acknowledging_samples(counted(), acks, samples)
+                return
             yield from acknowledging(counted(), acks)
 
     def to_torch_dataloader(

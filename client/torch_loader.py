@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.iterations import IterationTicket
-from .acks import acknowledging
+from .acks import acknowledging, acknowledging_samples
 from .connection import LavenderClient
-from .formats import torch_missing
+from .formats import samples, torch_missing
 from .iteration import stream_batches
 from .settings import ClientSettings
 
@@ -139,6 +139,9 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
             dataset.locations = self.iteration.locations
         acks = self.iteration.acknowledger(epoch)
         items = ((batch, token.seq) for batch, token in super().__iter__())
+        if self.iteration.spec.batch_size == 0:  # single samples, cut from whole groups
+            yield from acknowledging_samples(items, acks, samples)
+            return
         yield from acknowledging(items, acks)
 
     def set_epoch(self, epoch: int) -> None:

@@ -238,6 +238,10 @@ class TransformPool:
         """Queue one batch to filter; ``masks`` reads the future."""
         return self._submit("filter", spec, batch)
 
+    def submit_categorize(self, spec: str, batch: pa.RecordBatch) -> Future[WorkResult]:
+        """Queue one batch to categorize; ``masks`` reads the future (categories, failed)."""
+        return self._submit("categorize", spec, batch)
+
     def _submit(self, op: str, spec: str, batch: pa.RecordBatch) -> Future[WorkResult]:
         future: Future[WorkResult] = Future()
         if self._closed:
@@ -446,6 +450,8 @@ class TransformPool:
             log.warning("skipping %d samples: %s", rows, lost)
             if task.op == "filter":
                 nothing = WorkResult(np.zeros(rows, bool), np.ones(rows, bool), None, 0.0)
+            elif task.op == "categorize":
+                nothing = WorkResult(pa.nulls(rows, pa.int64()), np.ones(rows, bool), None, 0.0)
             else:
                 nothing = WorkResult(None, np.arange(rows, dtype=np.int64), None, 0.0)
             task.future.set_result(nothing)

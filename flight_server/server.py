@@ -24,6 +24,7 @@ from ..protocol.iterations import (
     IterationCommand,
     IterationTicket,
     ListIterationsBody,
+    MixtureWeightsBody,
     NodeInfo,
     decode_ticket,
 )
@@ -221,6 +222,15 @@ ACTIONS: dict[str, ActionSpec] = {
             wire.PushedBack(pushed_back=srv.iterations.get(b.iteration_id).pushback())
         ),
     ),
+    "set_mixture_weights": ActionSpec(
+        MixtureWeightsBody,
+        "Change a mixture's weights {iteration_id, weights: {dataset_id: weight}, at?} for "
+        "every rank, from the first seq no rank was handed yet; answers {epoch, from_seq, "
+        "weights, total}.",
+        lambda srv, b: _json(
+            srv.iterations.get(b.iteration_id).set_mixture_weights(b.weights, b.at)
+        ),
+    ),
     "delete_iteration": ActionSpec(
         DeleteIterationBody,
         "Forget an iteration {iteration_id, force?: false} and its progress; one with open "
@@ -350,7 +360,7 @@ class LavenderFlightServer(flight.FlightServerBase):
                 wire.encode(IterationTicket(iteration_id=live.id, rank=rank)),
                 self._spread(rank, nodes),
             )
-            for rank in range(live.spec.world_size)
+            for rank in range(live.world_size)
         ]
         return flight.FlightInfo(
             live.output_schema,

@@ -11,9 +11,10 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, Va
 from .errors import InvalidRequest
 from .ranges import runs
 from .records import _Record
-from .wire import MAX_PAYLOAD_BYTES, Ranges, ShardTicket, WireModel, _Id, problems
+from .wire import MAX_PAYLOAD_BYTES, Answer, Ranges, ShardTicket, WireModel, _Id, problems
 
 __all__ = [
+    "MAX_MIXTURE_SOURCES",
     "MAX_WORLD_SIZE",
     "NodeInfo",
     "AckBody",
@@ -28,10 +29,18 @@ __all__ = [
     "IterationTicket",
     "ListIterationsBody",
     "IterationProgress",
+    "MixtureProgress",
+    "MixtureSourceSpec",
+    "MixtureWeightsBody",
+    "OnExhausted",
     "IterationRecord",
     "PluginCall",
     "RankProgress",
     "RankProgressRecord",
+    "SAMPLE_GROUP",
+    "SourceProgress",
+    "WeightChange",
+    "WeightsSet",
     "decode_positions",
     "decode_ticket",
     "encode_positions",
@@ -51,19 +60,42 @@ class PluginCall(BaseModel):
 
 MAX_WORLD_SIZE = 16_384
 """The most ranks one iteration may have (each rank's progress is kept and reported)."""
+MAX_MIXTURE_SOURCES = 256
+"""The most sources one mixture may draw from."""
+
+OnExhausted = Literal["stop", "cycle", "rebalance"]
+"""What a mixture does when a source runs out: end the epoch, start the source's next
+(reshuffled) pass, or go on with the others (their weights renormalized)."""
+
+
+class MixtureSourceSpec(BaseModel):
+    """One source of a mixture: a dataset (its shardsets, columns, filters) and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = _Id
+    weight: float = Field(ge=0, allow_inf_nan=False)
+    shardsets: list[str] | None = Field(default=None, max_length=1000)
+    columns: list[str] | None = Field(default=None, max_length=10_000)
+    filters: list[PluginCall] = Field(default_factory=list, max_length=100)
 
 
 class IterationSpec(WireModel):
     """What an iteration delivers; ranks that join one iteration must send the same spec.
 
     ``epochs``: how many passes the iteration makes (None: as many as the job asks for;
-    each new pass over the iteration is the next epoch, shuffled anew).
+    each new pass over the iteration is the next epoch, shuffled anew). ``batch_size`` 0
+    delivers single samples (the server sends them in groups of ``SAMPLE_GROUP``, what the
+    client acknowledges). ``mixture``: draw from several datasets by weight (then
+    ``dataset_id`` is the first source's and ``shardsets``/``columns`` are per source);
+    ``source_column`` adds a column naming each row's source dataset. ``categorizer``:
+    every batch holds samples of one category.
     """
 
     dataset_id: str = _Id
     shardsets: list[str] | None = Field(default=None, max_length=1000)
     columns: list[str] | None = Field(default=None, max_length=10_000)
-    batch_size: int = Field(ge=1, le=1_000_000)
+    batch_size: int = Field(ge=0, le=1_000_000)
     shuffle: bool = False
     shuffle_seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
     shuffle_block_size: int = Field(default=4, ge=1, le=1_000_000)
@@ -77,6 +109,16 @@ class IterationSpec(WireModel):
     skip_on_failure: bool = False
     join: Literal["left", "inner"] = "left"
     epochs: int | None = Field(default=None, ge=1, le=1_000_000)
+    mixture: list[MixtureSourceSpec] | None = Field(
+        default=None, min_length=1, max_length=MAX_MIXTURE_SOURCES
+    )
+    on_exhausted: OnExhausted = "stop"
+    source_column: str | None = Field(default=None, min_length=1, max_length=256)
+    categorizer: PluginCall | None = None
+
+
+SAMPLE_GROUP = 64
+"""Single samples (``batch_size`` 0) travel and are acknowledged in groups of this many."""
 
 
 class IterationPlan(BaseModel):
@@ -89,8 +131,10 @@ class IterationPlan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     shards: list[tuple[int, int]]
-    """``(shard index, rows)`` of each main shard, in shard order."""
+    """``(shard index, rows)`` of each main shard, in shard order (a mixture: empty)."""
     seed: int
+    sources: list[list[tuple[int, int]]] | None = None
+    """A mixture: the main shards of each source, as ``shards``."""
 
 
 class IterationCommand(WireModel):
@@ -99,6 +143,8 @@ class IterationCommand(WireModel):
     kind: Literal["iteration"] = "iteration"
     iteration_id: str | None = Field(default=None, pattern=_ITERATION_ID)
     spec: IterationSpec | None = None
+    world_size: int | None = Field(default=None, ge=1, le=MAX_WORLD_SIZE)
+    """Reopen with this many ranks: what is not completed is dealt anew (elastic resume)."""
 
 
 class CheckAnswer(WireModel):
@@ -118,6 +164,8 @@ class IterationInfo(WireModel):
     """The shuffle seed in use (the one the server chose when the spec gave none)."""
     total: int
     """Samples per epoch, every rank together."""
+    world_size: int | None = None
+    """The ranks it has now (None: the spec's; another after an elastic resume)."""
 
 
 class IterationTicket(WireModel):
@@ -157,6 +205,8 @@ class AckBody(WireModel):
     iteration_id: str = Field(pattern=_ITERATION_ID)
     rank: int = Field(default=0, ge=0, lt=MAX_WORLD_SIZE)
     epoch: int | None = Field(default=None, ge=0, le=1_000_000)
+    deal: int | None = Field(default=None, ge=0, le=1_000_000)
+    """The deal of the batch metadata (None: the rank's current one)."""
     taken: Ranges = Field(default_factory=list, max_length=1_000_000)
     completed: Ranges = Field(
         default_factory=list,
@@ -196,6 +246,39 @@ class NodeInfo(BaseModel):
     """Samples it sent per second lately."""
 
 
+class MixtureWeightsBody(WireModel):
+    """``set_mixture_weights``: new weights of some sources (by dataset id), for every rank.
+
+    They take effect at the first seq no rank has been handed yet (or at ``at``, when no
+    rank has been handed it yet), in the epoch the ranks are in and the next ones.
+    """
+
+    iteration_id: str = Field(pattern=_ITERATION_ID)
+    weights: dict[str, float] = Field(min_length=1, max_length=MAX_MIXTURE_SOURCES)
+    at: int | None = Field(default=None, ge=0, le=1 << 62)
+
+
+class WeightChange(BaseModel):
+    """Weights in force from ``from_seq`` of ``epoch`` on (the first entry: the spec's)."""
+
+    epoch: int
+    from_seq: int
+    weights: dict[str, float]
+    """By source dataset id."""
+    at: float
+    """When the change was made (seconds since the epoch)."""
+
+
+class WeightsSet(Answer):
+    """``set_mixture_weights``: where the new weights took effect."""
+
+    epoch: int
+    from_seq: int
+    weights: dict[str, float]
+    total: int
+    """The epoch's samples with the new weights (every rank together)."""
+
+
 class ListIterationsBody(WireModel):
     """``list_iterations``, of one dataset or all, newest first; a page of them.
 
@@ -225,6 +308,8 @@ class BatchMetadata(WireModel):
     iteration_id: str
     rank: int
     epoch: int = 0
+    deal: int | None = None
+    """The deal the seq ranges belong to, after an elastic resume (send it with ``ack``)."""
     batches: list[tuple[int, Ranges]]
     positions: Ranges | None = None
     positions_i64: str | None = None
@@ -323,6 +408,35 @@ class RankProgress(BaseModel):
     done: bool = False
 
 
+class SourceProgress(BaseModel):
+    """One source of a mixture in the epoch the ranks are in.
+
+    ``size``: its samples per pass; ``drawn``: its samples the loops reached (as
+    ``current``); ``finished``: of those, the ones whose batches were completed (filtered
+    and failed ones included); ``passes``: passes started (``"cycle"`` starts more than
+    one); ``exhausted``: it ran out (``"stop"`` ends the epoch then, ``"rebalance"`` goes
+    on without it).
+    """
+
+    dataset_id: str
+    weight: float
+    """In force now."""
+    size: int
+    drawn: int = 0
+    finished: int = 0
+    passes: int = 1
+    exhausted: bool = False
+
+
+class MixtureProgress(BaseModel):
+    """A mixture's sources and its weights over time (what the iteration page draws)."""
+
+    on_exhausted: OnExhausted
+    sources: list[SourceProgress]
+    schedule: list[WeightChange]
+    """Every weight change, oldest first, the spec's weights first (epoch 0, seq 0)."""
+
+
 class IterationProgress(BaseModel):
     """Progress of an iteration: the dashboard's four bars and what is in flight.
 
@@ -330,6 +444,8 @@ class IterationProgress(BaseModel):
     ``inflight`` maps each rank to the dataset positions its loop holds (taken, not
     completed; the first thousand). ``read_ahead`` is what the server holds ahead of the
     loops. ``done``: every rank finished its current epoch (and, with ``epochs``, the last).
+    ``world_size``: its ranks now (another than the spec's after an elastic resume; ``deal``
+    counts the resizes of the current epoch). ``mixture``: a mixture's sources.
     """
 
     id: str
@@ -348,3 +464,6 @@ class IterationProgress(BaseModel):
     created_at: float
     updated_at: float
     done: bool
+    world_size: int | None = None
+    deal: int = 0
+    mixture: MixtureProgress | None = None

@@ -208,11 +208,11 @@ class PluginParameter(BaseModel):
 
 
 class PluginDescription(BaseModel):
-    """A filter, collater or preprocessor a server offers."""
+    """A filter, collater, preprocessor or categorizer a server offers."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    kind: Literal["filter", "collater", "preprocessor"]
+    kind: Literal["filter", "collater", "preprocessor", "categorizer"]
     name: str
     doc: str = ""
     """The first line of its docstring."""

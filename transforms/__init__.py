@@ -1,4 +1,4 @@
-"""Transforms run on the server: ``Filter``, ``Collater``, ``Preprocessor`` plugins.
+"""Transforms run on the server: ``Filter``, ``Collater``, ``Preprocessor``, ``Categorizer``.
 
 Write one by subclassing with a name::
 
@@ -13,7 +13,7 @@ and put the file in the server's modules folder (``--modules-dir``).
 
 from __future__ import annotations
 
-from .base import BrokenContract, Collater, Filter, Parameter, Plugin, Preprocessor
+from .base import BrokenContract, Categorizer, Collater, Filter, Parameter, Plugin, Preprocessor
 from .limits import DEFAULT_PLUGIN_TIMEOUT, CallTimedOut, abandoned_calls
 from .pipeline import Outcome, Pipeline, PluginBroken, PluginFailed, PluginTimedOut, Step
 from .registry import ENTRY_POINT_GROUPS, PluginInfo, Plugins, Registry
@@ -23,6 +23,7 @@ __all__ = [
     "ENTRY_POINT_GROUPS",
     "BrokenContract",
     "CallTimedOut",
+    "Categorizer",
     "Collater",
     "Filter",
     "Outcome",

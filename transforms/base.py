@@ -1,4 +1,4 @@
-"""Plugin base classes: ``Filter``, ``Preprocessor``, ``Collater``.
+"""Plugin base classes: ``Filter``, ``Preprocessor``, ``Collater``, ``Categorizer``.
 
 A subclass names itself with ``name=`` (``class UidModFilter(Filter, name="uid_mod")``) and
 overrides one method of its kind: the vectorized form over a ``pyarrow.RecordBatch``, or
@@ -32,7 +32,15 @@ from pydantic import ConfigDict, ValidationError, create_model
 
 from ..protocol.errors import InvalidArgument
 
-__all__ = ["BrokenContract", "Collater", "Filter", "Parameter", "Plugin", "Preprocessor"]
+__all__ = [
+    "BrokenContract",
+    "Categorizer",
+    "Collater",
+    "Filter",
+    "Parameter",
+    "Plugin",
+    "Preprocessor",
+]
 
 BUILTINS_MODULE = __name__.rsplit(".", 1)[0] + ".builtins"
 """The module of the built-in plugins (our own code, bounded by its input)."""
@@ -87,7 +95,7 @@ class Plugin:
     def method(cls) -> Callable[..., Any] | None:
         """The method this plugin overrides: its vectorized or its per-sample form."""
         for base in cls.__mro__:
-            if base in (Filter, Preprocessor, Collater, Plugin, object):
+            if base in (Filter, Preprocessor, Collater, Categorizer, Plugin, object):
                 break
             for attr in (cls._vectorized, cls._per_sample):
                 if attr in base.__dict__:
@@ -200,7 +208,7 @@ class Plugin:
             InvalidArgument: a parameter does not fit the columns (name the columns there
                 are).
         """
-        return schema if cls.kind == "filter" else None
+        return schema if cls.kind in ("filter", "categorizer") else None
 
     @classmethod
     def create(cls, params: dict[str, Any]) -> Plugin:
@@ -296,4 +304,36 @@ class Collater(Plugin):
 
     def collate(self, samples: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
         """The batch's columns out of its samples."""
+        raise NotImplementedError
+
+
+class Categorizer(Plugin):
+    """Says each sample's category: every batch then holds samples of one category.
+
+    Override ``categorize_batch(batch, **params) -> Array`` (vectorized, preferred: one
+    value per row, ints or strings, null for "no category", a category of its own) or
+    ``categorize(sample, **params) -> int | str | None`` (per sample). Categories are
+    values, not positions: the same value is the same category in every batch.
+    """
+
+    kind = "categorizer"
+    _vectorized = "categorize_batch"
+    _per_sample = "categorize"
+
+    def categorize_batch(self, batch: pa.RecordBatch, **params: Any) -> pa.Array:
+        """The category of each row."""
+        answers = [self.categorize(row, **params) for row in batch.to_pylist()]
+        for answer in answers:
+            if answer is not None and not isinstance(answer, (bool, int, str, np.integer)):
+                raise BrokenContract(
+                    f"categorize() returned {type(answer).__name__} {answer!r:.40} for a "
+                    "sample, not an int or a str"
+                )
+        try:
+            return pa.array(answers)
+        except (pa.ArrowException, TypeError, ValueError) as exc:
+            raise BrokenContract(f"categorize() answers are not of one type: {exc}") from None
+
+    def categorize(self, sample: dict[str, Any], **params: Any) -> int | str | None:
+        """The category of one sample."""
         raise NotImplementedError

@@ -1,9 +1,10 @@
-"""Built-in plugins: range, sample and expression filters; the Arrow collater; byte tokens."""
+"""Built-in plugins: filters (range, sample, expression), collater, tokenizer, categorizer."""
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,9 +13,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..protocol.errors import InvalidArgument
-from .base import Collater, Filter, Preprocessor
+from .base import Categorizer, Collater, Filter, Preprocessor
 
-__all__ = ["ArrowCollater", "ByteTokenizer", "ExpressionFilter", "RangeFilter", "SampleFilter"]
+__all__ = [
+    "ArrowCollater",
+    "BucketCategorizer",
+    "ByteTokenizer",
+    "ExpressionFilter",
+    "RangeFilter",
+    "SampleFilter",
+]
 
 MAX_EXPRESSION_CHARS = 10_000
 """The longest filter expression (an ``in [...]`` list of ids fits in it)."""
@@ -395,3 +403,49 @@ class ByteTokenizer(Preprocessor, name="byte_tokenize"):
             pa.FixedSizeListArray.from_arrays(mask, max_length),
         ]
         return pa.RecordBatch.from_arrays(arrays, names=[*names, output, f"{output}_mask"])
+
+
+MAX_BOUNDARIES = 10_000
+
+
+class BucketCategorizer(Categorizer, name="bucket"):
+    """Buckets of a numeric column, or of the UTF-8 length of a text column, by boundaries.
+
+    Category ``i`` holds values in ``[boundaries[i - 1], boundaries[i])`` (category 0 those
+    below the first, ``len(boundaries)`` those at or above the last); a null value is a
+    category of its own. E.g. ``{"column": "text", "boundaries": [64, 256, 1024]}`` makes 4
+    length buckets; ``{"column": "aspect", "boundaries": [0.75, 1.34]}`` 3 aspect ratios.
+    """
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """The boundaries ascend (strictly) and are not too many."""
+        bounds = params["boundaries"]
+        if not bounds or len(bounds) > MAX_BOUNDARIES:
+            raise InvalidArgument(
+                f"bucket boundaries must be 1 to {MAX_BOUNDARIES} numbers, got {len(bounds)}"
+            )
+        if any(b <= a for a, b in itertools.pairwise(bounds)):
+            raise InvalidArgument(f"bucket boundaries must ascend strictly, got {bounds[:20]}")
+
+    @classmethod
+    def check_schema(cls, params: dict[str, Any], schema: pa.Schema) -> pa.Schema:
+        """The column holds numbers or text."""
+        kind = _column(schema, params["column"], "bucket")
+        if not (_numeric(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise InvalidArgument(
+                f"bucket needs a numeric or text column, {params['column']!r} is {kind}"
+            )
+        return schema
+
+    def categorize_batch(  # type: ignore[override]
+        self, batch: pa.RecordBatch, *, column: str, boundaries: list[float]
+    ) -> pa.Array:
+        """Each row's bucket (int32), null where the value is null."""
+        values = batch.column(column)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            values = pc.utf8_length(values)
+        numbers = values.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        buckets = np.searchsorted(np.asarray(boundaries, dtype=np.float64), numbers, "right")
+        nulls = np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        return pa.array(buckets.astype(np.int32), mask=nulls if nulls.any() else None)

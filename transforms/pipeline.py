@@ -12,7 +12,8 @@ runs past the time limit (``timeout``, the server's ``--plugin-timeout``), and, 
 whatever the policy, with no hint to skip: a plugin that breaks its contract (see
 ``base``) or raises ``InvalidArgument`` (its parameters do not fit the data).
 
-Every error a plugin causes names its kind and name, at creation as when running.
+Every error a plugin causes names its kind and name, at creation as when running. One
+plugin call and the checks of what it returns are ``steps``.
 """
 
 from __future__ import annotations
@@ -26,9 +27,19 @@ import numpy as np
 import pyarrow as pa
 
 from ..protocol.errors import InvalidArgument, LavenderError, TransformFailed
-from .base import BrokenContract, Plugin
-from .limits import CallTimedOut, run_with_limit
+from .base import Plugin
 from .registry import Plugins
+from .steps import (
+    Call,
+    PluginBroken,
+    PluginFailed,
+    PluginTimedOut,
+    Step,
+    Watch,
+    category_array,
+    filter_mask,
+    output_batch,
+)
 
 __all__ = [
     "Outcome",
@@ -43,106 +54,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Watch = Callable[["Step | None"], None]
-"""Told the step about to run, then None when it returned (a worker process marks it)."""
-
 NO_ROWS = np.zeros(0, dtype=np.int64)
 
-Call = tuple[str, dict[str, Any]]
-"""A plugin by name with its parameters."""
-
 R = TypeVar("R")
-
-
-class PluginFailed(Exception):
-    """A plugin call raised (on one of the samples, perhaps): retried, then by the policy."""
-
-    def __init__(self, step: Step, error: BaseException) -> None:
-        super().__init__(f"{step.label}: {type(error).__name__}: {error}")
-        self.step = step
-        self.error = error
-
-
-class PluginTimedOut(PluginFailed):
-    """A plugin call ran past the time limit: the whole batch fails by the policy."""
-
-    def __init__(self, step: Step, error: CallTimedOut) -> None:
-        super().__init__(step, error)
-        self.seconds = error.seconds
-
-
-class PluginBroken(PluginFailed):
-    """A plugin broke its contract, or said its parameters do not fit the data.
-
-    Not a sample's failure: the iteration fails whatever the policy.
-    """
-
-    def __init__(self, step: Step, error: BaseException) -> None:
-        super().__init__(step, error)
-        self.args = (f"{step.label}: {error}",)
-
-
-@dataclass
-class Step:
-    """One plugin with its validated parameters and its instance."""
-
-    plugin: type[Plugin]
-    params: dict[str, Any]
-    instance: Plugin = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.instance = self.plugin.create(self.params)
-
-    @property
-    def kind(self) -> str:
-        """filter, collater or preprocessor."""
-        return self.plugin.kind
-
-    @property
-    def name(self) -> str:
-        """The plugin's name."""
-        return self.plugin.name
-
-    @property
-    def label(self) -> str:
-        """How errors name it: ``preprocessor 'tokenize'``."""
-        return f"{self.kind} {self.name!r}"
-
-    def run(
-        self, batch: pa.RecordBatch, timeout: float | None = None, watch: Watch | None = None
-    ) -> Any:
-        """Run the plugin's vectorized form on a batch; errors name the plugin.
-
-        Args:
-            batch: the rows.
-            timeout: seconds the call may take (None: no limit; built-ins never get one).
-            watch: told this step before the call and None after it.
-
-        Raises:
-            PluginTimedOut: past ``timeout`` (the call is abandoned, still running).
-            PluginBroken: it raised ``InvalidArgument`` or broke its contract.
-            PluginFailed: it raised anything else.
-        """
-        method = getattr(self.instance, self.plugin._vectorized)
-        if watch is not None:
-            watch(self)
-        try:
-            return run_with_limit(
-                lambda: method(batch, **self.params), None if self.plugin.builtin() else timeout
-            )
-        except CallTimedOut as exc:
-            raise PluginTimedOut(self, exc) from None
-        except (BrokenContract, InvalidArgument) as exc:
-            raise PluginBroken(self, exc) from exc
-        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() fails too
-            raise PluginFailed(self, exc) from exc
-        finally:
-            if watch is not None:
-                watch(None)
-
-    def __call__(self, batch: pa.RecordBatch) -> Any:
-        """Run the plugin on a batch, without a time limit."""
-        return self.run(batch)
 
 
 @dataclass
@@ -214,6 +128,8 @@ class Pipeline:
     """Seconds one plugin call on one batch may take (None: no limit)."""
     watch: Watch | None = field(default=None, repr=False)
     """Told each step before it runs (a worker process marks it for the pool)."""
+    categorizer: Step | None = None
+    """Says each (kept) sample's category; batches then hold one category each."""
 
     @classmethod
     def build(
@@ -226,6 +142,7 @@ class Pipeline:
         skip_on_failure: bool = False,
         uid_column: str = "uid",
         schema: pa.Schema | None = None,
+        categorizer: Call | None = None,
     ) -> Pipeline:
         """Resolve names, validate parameters, order preprocessors; errors name the problem.
 
@@ -239,6 +156,7 @@ class Pipeline:
             uid_column: the column errors name samples by.
             schema: the rows the iteration reads; given, each plugin's ``check_schema``
                 checks its parameters against the columns.
+            categorizer: ``(name, params)`` of the categorizer, or None.
 
         Raises:
             InvalidArgument: an unknown plugin, a wrong parameter, a column that does not
@@ -261,6 +179,7 @@ class Pipeline:
             skip_on_failure=skip_on_failure,
             uid_column=uid_column,
             timeout=plugins.timeout,
+            categorizer=step("categorizer", categorizer) if categorizer is not None else None,
         )
         if schema is not None:
             pipeline.check_schema(schema)
@@ -287,6 +206,8 @@ class Pipeline:
 
         for step in self.filters:
             check(step, schema)
+        if self.categorizer is not None:
+            check(self.categorizer, schema)
         current: pa.Schema | None = schema
         for step in [self.collater] if self.collater is not None else []:
             current = check(step, schema)
@@ -299,7 +220,12 @@ class Pipeline:
     @property
     def steps(self) -> list[Step]:
         """Every step, in the order they run."""
-        return [*self.filters, *([self.collater] if self.collater else []), *self.preprocessors]
+        return [
+            *self.filters,
+            *([self.categorizer] if self.categorizer else []),
+            *([self.collater] if self.collater else []),
+            *self.preprocessors,
+        ]
 
     @property
     def only_builtins(self) -> bool:
@@ -309,7 +235,12 @@ class Pipeline:
     @property
     def identity(self) -> bool:
         """No transform at all: batches go out as read."""
-        return not self.filters and self.collater is None and not self.preprocessors
+        return (
+            not self.filters
+            and self.collater is None
+            and not self.preprocessors
+            and self.categorizer is None
+        )
 
     @property
     def transforms_batches(self) -> bool:
@@ -324,14 +255,14 @@ class Pipeline:
     def _mask(self, batch: pa.RecordBatch) -> np.ndarray:
         keep = np.ones(batch.num_rows, dtype=bool)
         for step in self.filters:
-            keep &= _answers(step, self._run(step, batch), batch.num_rows)
+            keep &= filter_mask(step, self._run(step, batch), batch.num_rows)
         return keep
 
     def _process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         if self.collater is not None:
-            batch = _as_batch(self.collater, self._run(self.collater, batch), batch.num_rows)
+            batch = output_batch(self.collater, self._run(self.collater, batch), batch.num_rows)
         for step in self.preprocessors:
-            batch = _as_batch(step, self._run(step, batch), batch.num_rows)
+            batch = output_batch(step, self._run(step, batch), batch.num_rows)
         return batch
 
     # -- under the failure policy --------------------------------------------------------
@@ -351,6 +282,31 @@ class Pipeline:
         keep = np.zeros(batch.num_rows, dtype=bool)
         keep[~failed] = outcome.result
         return keep, failed
+
+    def _categories(self, batch: pa.RecordBatch) -> pa.Array:
+        assert self.categorizer is not None
+        return category_array(self.categorizer, self._run(self.categorizer, batch), batch.num_rows)
+
+    def categorize(self, batch: pa.RecordBatch) -> tuple[pa.Array, np.ndarray]:
+        """``(categories, failed)``: each row's category (null where it failed), failed mask.
+
+        Raises:
+            TransformFailed: as ``filter`` does.
+        """
+        if self.categorizer is None:
+            return pa.nulls(batch.num_rows, pa.int64()), np.zeros(batch.num_rows, dtype=bool)
+        outcome = self._guarded(self._categories, batch, None)
+        failed = np.zeros(batch.num_rows, dtype=bool)
+        failed[outcome.failed] = True
+        if outcome.result is None:
+            return pa.nulls(batch.num_rows, pa.int64()), failed
+        values = outcome.result
+        if failed.any():  # the survivors' answers, back in their rows
+            survivors = np.flatnonzero(~failed)
+            spread = np.full(batch.num_rows, -1, dtype=np.int64)
+            spread[survivors] = np.arange(len(survivors))
+            values = values.take(pa.array(spread, mask=failed))
+        return values, failed
 
     def process(self, batch: pa.RecordBatch) -> Outcome:
         """The collated, preprocessed batch, and the rows that failed (already left out).
@@ -471,76 +427,6 @@ class Pipeline:
         return error
 
 
-def _answers(step: Step, result: Any, rows: int) -> np.ndarray:
-    """A filter's answers as a boolean mask of ``rows`` (nulls drop the row), or broken."""
-    if isinstance(result, pa.ChunkedArray):
-        result = result.combine_chunks()
-    if isinstance(result, pa.Array):
-        if not pa.types.is_boolean(result.type):
-            raise PluginBroken(
-                step, BrokenContract(f"returned {result.type} values, not booleans (bool_)")
-            )
-        mask = result.fill_null(False).to_numpy(zero_copy_only=False)
-    elif isinstance(result, np.ndarray):
-        if result.dtype != np.bool_:
-            raise PluginBroken(
-                step, BrokenContract(f"returned an array of {result.dtype}, not of booleans")
-            )
-        mask = result
-    elif isinstance(result, (list, tuple)):
-        odd = next((a for a in result if not isinstance(a, (bool, np.bool_))), None)
-        if odd is not None:
-            raise PluginBroken(
-                step, BrokenContract(f"returned {type(odd).__name__} {odd!r:.40}, not a bool")
-            )
-        mask = np.array(result, dtype=bool)
-    else:
-        raise PluginBroken(
-            step, BrokenContract(f"returned {type(result).__name__}, not a BooleanArray")
-        )
-    if mask.shape != (rows,):
-        raise PluginBroken(
-            step,
-            BrokenContract(
-                f"returned {len(mask)} answers for a batch of {rows} rows; a filter answers "
-                "one boolean per row"
-            ),
-        )
-    return np.asarray(mask, dtype=bool)
-
-
-def _as_batch(step: Step, result: Any, rows: int) -> pa.RecordBatch:
-    """A preprocessor's or collater's result as a RecordBatch of the right rows, or broken."""
-    if isinstance(result, pa.RecordBatch):
-        batch = result
-    elif isinstance(result, pa.Table):
-        batch = (
-            result.combine_chunks().to_batches()[0]
-            if result.num_rows
-            else pa.RecordBatch.from_pylist([], result.schema)
-        )
-    elif isinstance(result, dict):
-        try:
-            batch = pa.RecordBatch.from_pydict(result)
-        except (pa.ArrowException, TypeError, ValueError) as exc:
-            raise PluginBroken(
-                step, BrokenContract(f"returned a dict that is not a batch of columns: {exc}")
-            ) from None
-    else:
-        raise PluginBroken(
-            step, BrokenContract(f"returned {type(result).__name__}, not a RecordBatch")
-        )
-    if batch.num_rows != rows and not step.plugin.changes_rows:
-        raise PluginBroken(
-            step,
-            BrokenContract(
-                f"returned {batch.num_rows} rows for a batch of {rows}; a {step.kind} that "
-                "adds or drops rows says so with the class attribute changes_rows = True"
-            ),
-        )
-    return batch
-
-
 def pipeline_spec(
     filters: Sequence[Call],
     collater: Call | None,
@@ -548,9 +434,10 @@ def pipeline_spec(
     max_retry_count: int,
     skip_on_failure: bool,
     uid_column: str,
+    categorizer: Call | None = None,
 ) -> dict[str, Any]:
     """The JSON-able description a worker process rebuilds a ``Pipeline`` from."""
-    return {
+    found: dict[str, Any] = {
         "filters": [list(c) for c in filters],
         "collater": list(collater) if collater is not None else None,
         "preprocessors": [list(c) for c in preprocessors],
@@ -558,6 +445,9 @@ def pipeline_spec(
         "skip_on_failure": skip_on_failure,
         "uid_column": uid_column,
     }
+    if categorizer is not None:
+        found["categorizer"] = list(categorizer)
+    return found
 
 
 def from_spec(plugins: Plugins, spec: dict[str, Any]) -> Pipeline:
@@ -570,4 +460,7 @@ def from_spec(plugins: Plugins, spec: dict[str, Any]) -> Pipeline:
         spec["max_retry_count"],
         spec["skip_on_failure"],
         spec["uid_column"],
+        categorizer=(spec["categorizer"][0], spec["categorizer"][1])
+        if spec.get("categorizer")
+        else None,
     )

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any, Generic, TypeVar
 
 from ..protocol.errors import AlreadyExists, InvalidArgument
-from .base import Collater, Filter, Plugin, Preprocessor
+from .base import Categorizer, Collater, Filter, Plugin, Preprocessor
 from .limits import DEFAULT_PLUGIN_TIMEOUT
 
 __all__ = ["ENTRY_POINT_GROUPS", "PluginInfo", "Plugins", "Registry"]
@@ -30,6 +30,7 @@ ENTRY_POINT_GROUPS = {
     "filter": "lavender_flight.filters",
     "collater": "lavender_flight.collaters",
     "preprocessor": "lavender_flight.preprocessors",
+    "categorizer": "lavender_flight.categorizers",
 }
 
 P = TypeVar("P", bound=Plugin)
@@ -92,6 +93,7 @@ class Plugins:
     filters: Registry[Filter] = field(default_factory=lambda: Registry("filter"))
     collaters: Registry[Collater] = field(default_factory=lambda: Registry("collater"))
     preprocessors: Registry[Preprocessor] = field(default_factory=lambda: Registry("preprocessor"))
+    categorizers: Registry[Categorizer] = field(default_factory=lambda: Registry("categorizer"))
     problems: list[str] = field(default_factory=list)
     modules_dir: str | None = None
     timeout: float | None = DEFAULT_PLUGIN_TIMEOUT
@@ -103,16 +105,19 @@ class Plugins:
             "filter": self.filters,
             "collater": self.collaters,
             "preprocessor": self.preprocessors,
+            "categorizer": self.categorizers,
         }
         return registries[kind]
 
     def add(self, plugin: type[Plugin], source: str) -> None:
         """Register a plugin class under its kind."""
-        for base in (Filter, Collater, Preprocessor):
+        for base in (Filter, Collater, Preprocessor, Categorizer):
             if issubclass(plugin, base):
                 self.registry(base.kind).add(plugin, source)
                 return
-        raise InvalidArgument(f"{plugin!r} from {source} is not a Filter, Collater or Preprocessor")
+        raise InvalidArgument(
+            f"{plugin!r} from {source} is not a Filter, Collater, Preprocessor or Categorizer"
+        )
 
     def add_module(self, module: ModuleType, source: str) -> None:
         """Register the plugin classes a module defines."""
@@ -162,7 +167,7 @@ class Plugins:
     def describe(self) -> list[PluginInfo]:
         """Every plugin with its kind, doc line, parameters and source."""
         infos = []
-        for kind in ("filter", "collater", "preprocessor"):
+        for kind in ("filter", "collater", "preprocessor", "categorizer"):
             registry = self.registry(kind)
             for name in registry.names():
                 plugin = registry.get(name)
@@ -197,7 +202,7 @@ def _defined_in(module: ModuleType) -> Iterable[type[Plugin]]:
         if (
             issubclass(obj, Plugin)
             and obj.__module__ == module.__name__
-            and obj not in (Plugin, Filter, Collater, Preprocessor)
+            and obj not in (Plugin, Filter, Collater, Preprocessor, Categorizer)
             and not obj.is_abstract()
         ):
             yield obj

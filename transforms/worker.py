@@ -138,6 +138,10 @@ def _serve_one(
             keep, failed = pipeline.filter(batch)
             conn.send(("filtered", keep, failed, time.perf_counter() - started))
             return
+        if op == "categorize":  # answered as a filter is: values and the failed mask
+            categories, failed = pipeline.categorize(batch)
+            conn.send(("filtered", categories, failed, time.perf_counter() - started))
+            return
         outcome = pipeline.process(batch)
     except LavenderError as exc:  # TransformFailed, as the policy says; or a bad spec
         conn.send(("error", str(exc), time.perf_counter() - started))

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from ...protocol.errors import InvalidArgument, IterationNotFound, ServerUnavailable, StorageError
+from ...catalog import VersionChanged
+from ...protocol.errors import InvalidArgument, ServerUnavailable, StorageError
 from ...protocol.iterations import (
     AckBody,
     BatchMetadata,
@@ -26,173 +27,29 @@ from ...protocol.iterations import (
     IterationProgress,
     IterationRecord,
     IterationTicket,
+    WeightsSet,
     encode_positions,
 )
 from ...protocol.ranges import RangeSet
 from ...transforms import Outcome
 from ..pool import TransformPool
+from . import adjust
 from .batching import Message, PlainBatcher, TransformedBatcher
 from .blocks import BlockReader
+from .categorized import CategorizedBatcher
+from .changes import Changes, EpochViews
 from .flow import RankFlow, ReadAhead
+from .mixture import MixtureBlocks, source_filter
+from .plan import EpochPlan
 from .progress import iteration_progress
 from .setup import IterationSetup
-from .state import Unit, stream_key
+from .state import stream_key
 from .store import ProgressStore, StreamHandle
-from .world import World
+from .work import CatalogLost, Stopped, StreamWork, Superseded
 
 __all__ = ["LiveIteration"]
 
 log = logging.getLogger(__name__)
-
-UNBOUNDED = 1 << 62
-WAIT_SECONDS = 0.25
-"""How often a stream waiting on its budget looks at the catalog (acks through another
-server, a pushback) and at whether it should stop."""
-
-
-class _Stopped(Exception):
-    """The stream must end (superseded, server parking, iteration deleted, client gone)."""
-
-
-class _Superseded(_Stopped):
-    """The catalog has another stream in this one's place.
-
-    A newer stream of its loop, a resumed job taking the rank over, or this server taken
-    for dead after an outage put it there. Its loop, if still there, reconnects: a newer
-    stream of its own session takes over.
-    """
-
-
-class _CatalogLost(Exception):
-    """The catalog failed under the stream (down too long, or a commit of unknown outcome).
-
-    The client reconnects, and its new stream takes over what this one held.
-    """
-
-
-class _StreamWork:
-    """The ``Work`` a batcher does for one stream: claims within the budget."""
-
-    def __init__(
-        self,
-        live: LiveIteration,
-        handle: StreamHandle,
-        world: World,
-        flow: RankFlow,
-        windowed: bool,
-        cancelled: Callable[[], bool],
-    ) -> None:
-        self.live = live
-        self.handle = handle
-        self.world = world
-        self.flow = flow
-        self.windowed = windowed
-        self.cancelled = cancelled
-
-    def _check(self) -> None:
-        if self.live.deleted:  # the reader learns why its stream ends, in one line
-            raise IterationNotFound(
-                f"iteration {self.live.id} was deleted while this stream read it"
-            )
-        if self.live.parked or self.cancelled():
-            log.debug(
-                "stream of rank %d stops: parked=%s deleted=%s cancelled=%s",
-                self.handle.rank,
-                self.live.parked,
-                self.live.deleted,
-                self.cancelled(),
-            )
-            raise _Stopped
-
-    def room(self) -> int:
-        if not self.windowed:
-            return UNBOUNDED
-        with self.flow.cond:
-            return max(self.flow.room(self.handle), self.flow.batch_size)
-
-    def _wait_for_room(self) -> None:
-        flow = self.flow
-        with flow.cond:
-            while True:
-                self._check()
-                if flow.stale:
-                    self._refresh()
-                    continue
-                # claim when half the budget is free: fewer, larger claims
-                if flow.room(self.handle) >= max(1, flow.share() // 2) or not flow.ahead(
-                    self.handle
-                ):
-                    return
-                if not flow.cond.wait(WAIT_SECONDS):
-                    self._refresh()
-
-    def _refresh(self) -> None:
-        """Re-read the rank from the catalog (called with the flow's lock held)."""
-        try:
-            state = self.live.store.state(
-                self.handle.iteration_id, self.handle.epoch, self.handle.rank
-            )
-        except StorageError as exc:
-            raise _CatalogLost(str(exc)) from exc
-        if state is None:  # its row is gone: the iteration was deleted (through any server)
-            log.debug("stream of rank %d: no state", self.handle.rank)
-            self.live.deleted = True
-            raise IterationNotFound(
-                f"iteration {self.live.id} was deleted while this stream read it"
-            )
-        self.flow.learn(state)
-
-    def claim(self, max_chunks: int) -> list[Unit]:
-        self._check()
-        if self.windowed:
-            self._wait_for_room()
-            with self.flow.cond:
-                room = self.flow.room(self.handle)
-            max_chunks = max(1, min(max_chunks, -(-room // self.flow.batch_size)))
-        try:
-            found = self.live.store.claim(self.handle, self.world, max_chunks)
-        except IterationNotFound:
-            self.live.deleted = True
-            raise
-        except StorageError as exc:
-            raise _CatalogLost(str(exc)) from exc
-        if found is None:
-            log.debug("stream of rank %d superseded", self.handle.rank)
-            raise _Superseded
-        with self.flow.cond:
-            for unit in found.units:
-                self.flow.claimed(self.handle, unit)
-        log.debug("stream of rank %d claimed %d chunks (asked %d)", self.handle.rank,
-                  len(found.units), max_chunks)  # fmt: skip
-        return found.units
-
-    def drain(self) -> None:
-        """Wait until the loop took everything this stream sent (windowed streams only).
-
-        The stream then ends holding nothing ahead of the loop: what it sent stays its own
-        while the loop works through it, instead of going back to the queue.
-        """
-        if not self.windowed:
-            return
-        flow = self.flow
-        with flow.cond:
-            while True:
-                self._check()
-                if flow.stale:
-                    self._refresh()
-                    continue
-                if not flow.ahead(self.handle):
-                    return
-                if not flow.cond.wait(WAIT_SECONDS):
-                    self._refresh()
-
-    def release(self, ranges: list[tuple[int, int]], filtered: int, failed: int) -> None:
-        try:
-            self.live.store.release(self.handle, ranges, filtered, failed)
-        except StorageError as exc:
-            raise _CatalogLost(str(exc)) from exc
-        with self.flow.cond:
-            self.flow.released(self.handle, ranges)
 
 
 class LiveIteration:
@@ -219,24 +76,40 @@ class LiveIteration:
     ) -> None:
         self.record = record
         self.id = record.id
-        self.spec = record.spec
+        self.spec = setup.spec  # batch_size 0 is SAMPLE_GROUP here; record.spec as asked
         self.setup = setup
         self.store = store
         self.pool = pool
         self.budget = budget or ReadAhead()
-        self.blocks = BlockReader(
-            setup.reader,
-            setup.plan.shards,
-            setup.spec.max_retry_count,
-            setup.spec.skip_on_failure,
-            blocks,
-            shard_reads,
-            iteration_id=record.id,
-        )
+        self.views = EpochViews(setup)
+        self._refreshed = False
+        if setup.mixture is not None:
+            self.blocks: BlockReader = MixtureBlocks(
+                setup.mixture,
+                setup.sources,
+                setup.schema,
+                [source_filter(s.pipeline, pool) for s in setup.sources],
+                setup.spec.max_retry_count,
+                setup.spec.skip_on_failure,
+                blocks,
+                shard_reads,
+                iteration_id=record.id,
+            )
+        else:
+            self.blocks = BlockReader(
+                setup.reader,
+                setup.plan.shards,
+                setup.spec.max_retry_count,
+                setup.spec.skip_on_failure,
+                blocks,
+                shard_reads,
+                iteration_id=record.id,
+            )
         self.parked = False
         self.deleted = False
         self.last_used = time.monotonic()
-        self._flows: dict[tuple[int, int], RankFlow] = {}
+        self._flows: dict[tuple[int, int, int], RankFlow] = {}
+        """By epoch, rank and deal (a deal's local seqs are not another's)."""
         self._open: dict[StreamHandle, RankFlow] = {}
         self._cancel_checks: dict[StreamHandle, Callable[[], bool]] = {}
         self._lock = threading.Lock()
@@ -250,7 +123,25 @@ class LiveIteration:
     @property
     def schema(self) -> pa.Schema:
         """The schema of the rows read (before transforms)."""
-        return self.setup.reader.schema
+        return self.setup.schema
+
+    def refresh(self) -> None:
+        """Load the iteration's changes (weights, deals) from the catalog."""
+        version, records = self.store.catalog.load_changes(self.id)
+        if version != self.views.version or not self._refreshed:
+            self.views.update(Changes.from_records(version, records))
+        self._refreshed = True
+
+    def _fresh_views(self) -> EpochViews:
+        if not self._refreshed:
+            self.refresh()
+        return self.views
+
+    @property
+    def world_size(self) -> int:
+        """The ranks the iteration has now (another than the spec's after a resize)."""
+        self.refresh()  # a resize may have been made through another server
+        return self.views.world_now
 
     @property
     def output_schema(self) -> pa.Schema:
@@ -293,9 +184,10 @@ class LiveIteration:
         """What a FlightInfo says of the iteration."""
         return IterationInfo(
             iteration_id=self.id,
-            spec=self.spec,
+            spec=self.record.spec,
             seed=self.setup.plan.seed,
             total=self.setup.total,
+            world_size=self.world_size,
         )
 
     @property
@@ -304,11 +196,12 @@ class LiveIteration:
         with self._lock:
             return list(self._open)
 
-    def _flow(self, epoch: int, rank: int) -> RankFlow:
+    def _flow(self, epoch: int, rank: int, deal: int = 0) -> RankFlow:
         with self._lock:
-            flow = self._flows.get((epoch, rank))
+            flow = self._flows.get((epoch, rank, deal))
             if flow is None:
-                flow = self._flows[(epoch, rank)] = RankFlow(self.spec.batch_size, self.budget)
+                flow = RankFlow(self.spec.batch_size, self.budget)
+                self._flows[(epoch, rank, deal)] = flow
             return flow
 
     def epoch_of(self, rank: int) -> int:
@@ -326,36 +219,59 @@ class LiveIteration:
         With transforms the first message is made before answering: its schema is the
         stream's.
         """
-        world = self.setup.world(ticket.rank, ticket.worker, ticket.num_workers)
+        self.refresh()  # one query per stream: its world and plans are the latest
+        views = self.views
         epoch = ticket.epoch if ticket.epoch is not None else self.epoch_of(ticket.rank)
-        plan = self.setup.epoch(epoch)
         schema = self.schema  # fail before streaming when the data is gone
         self.last_used = time.monotonic()
         self._end_cancelled(ticket.rank)
-        try:
-            handle = self.store.open_stream(
-                self.id,
-                epoch,
-                ticket.rank,
-                stream_key(ticket.worker, ticket.num_workers, ticket.session),
-                self.setup.rank_size,
-                self.spec.batch_size,
-                takeover=ticket.takeover,
-            )
-        except StorageError as exc:  # another server may have the catalog: try there
-            raise ServerUnavailable(f"this server cannot open the stream now: {exc}") from exc
-        flow = self._flow(epoch, ticket.rank)
+        while True:
+            world = views.world(epoch, ticket.rank, ticket.worker, ticket.num_workers)
+            plan = views.plan(epoch)
+            try:
+                handle = self.store.open_stream(
+                    self.id,
+                    epoch,
+                    ticket.rank,
+                    stream_key(ticket.worker, ticket.num_workers, ticket.session),
+                    lambda rank: views.rank_size(epoch, rank),
+                    self.spec.batch_size,
+                    version=views.version,
+                    deal=views.deal_number(epoch),
+                    takeover=ticket.takeover,
+                )
+                break
+            except VersionChanged:  # changed through another server: look again
+                self.refresh()
+            except StorageError as exc:  # another server may have the catalog: try there
+                raise ServerUnavailable(f"this server cannot open the stream now: {exc}") from exc
+        flow = self._flow(epoch, ticket.rank, handle.deal)
         with flow.cond:
             flow.held[handle] = RangeSet()
             if ticket.window:
                 flow.windowed.add(handle)
         with self._lock:
             self._open[handle] = flow
-        work = _StreamWork(self, handle, world, flow, ticket.window, cancelled)
+        work = StreamWork(self, handle, world, flow, ticket.window, cancelled)
         self._cancel_checks[handle] = cancelled
         batcher: Iterator[Message]
         if self.setup.plain:
             batcher = iter(PlainBatcher(plan, self.blocks, world, work, schema))
+        elif self.setup.pipeline.categorizer is not None:
+            batcher = iter(
+                CategorizedBatcher(
+                    plan,
+                    self.blocks,
+                    world,
+                    work,
+                    self._filter,
+                    self._categorize,
+                    self._process,
+                    schema,
+                    first_chunks=max(1, self.pool.workers if self.pool is not None else 1),
+                    max_chunks=max(1, min(512, (1 << 16) // self.spec.batch_size)),
+                )
+            )
         else:
             batcher = iter(
                 TransformedBatcher(
@@ -370,7 +286,7 @@ class LiveIteration:
                     max_chunks=max(1, min(512, (1 << 16) // self.spec.batch_size)),
                 )
             )
-        messages = self._messages(batcher, work, handle, flow, ticket)
+        messages = self._messages(batcher, work, handle, flow, ticket, plan)
         if self.setup.plain:
             return schema, messages
         try:
@@ -398,10 +314,11 @@ class LiveIteration:
     def _messages(
         self,
         batcher: Iterator[Message],
-        work: _StreamWork,
+        work: StreamWork,
         handle: StreamHandle,
         flow: RankFlow,
         ticket: IterationTicket,
+        plan: EpochPlan,
     ) -> Generator[tuple[pa.RecordBatch, pa.Buffer], None, None]:
         orphan = False  # the client went away mid-stream: any worker may take what it held
         finished = False  # it sent all its work
@@ -417,31 +334,30 @@ class LiveIteration:
                     iteration_id=self.id,
                     rank=handle.rank,
                     epoch=handle.epoch,
+                    deal=handle.deal or None,
                     batches=message.batches,
                     report_every=report,
                 )
                 fields = metadata.model_dump(exclude_none=True)
                 if ticket.positions:
-                    fields.update(
-                        encode_positions(self.setup.epoch(handle.epoch).positions(message.seq))
-                    )
+                    fields.update(encode_positions(plan.positions(message.seq)))
                 self.last_used = time.monotonic()
                 with self._lock:
                     self.samples_sent += message.samples
                 yield message.batch, pa.py_buffer(json.dumps(fields).encode())
             work.drain()
             finished = True
-        except _Stopped as exc:
+        except Stopped as exc:
             if self.parked and not self.deleted:  # the client goes on through another server
                 raise ServerUnavailable(
                     "this server is stopping: reconnect (to another server of the catalog)"
                 ) from None
-            if isinstance(exc, _Superseded):  # not the end of the work: the loop reopens
+            if isinstance(exc, Superseded):  # not the end of the work: the loop reopens
                 raise ServerUnavailable(
                     f"another stream took this one's place in rank {handle.rank}: reconnect"
                 ) from None
             return
-        except _CatalogLost as exc:
+        except CatalogLost as exc:
             raise ServerUnavailable(f"this server lost the catalog mid-stream: {exc}") from None
         except GeneratorExit:  # gRPC dropped the stream: the client is gone
             log.debug("stream of rank %d: dropped by gRPC", handle.rank)
@@ -510,13 +426,33 @@ class LiveIteration:
         spec = json.dumps(self.setup.worker_spec())
         return self.pool.masks(self.pool.submit_filter(spec, batch))
 
+    def _categorize(self, batch: pa.RecordBatch) -> tuple[pa.Array, np.ndarray]:
+        """``(categories, failed)``: a user categorizer in a worker process when there are."""
+        pipeline = self.setup.pipeline
+        step = pipeline.categorizer
+        if self.pool is None or step is None or step.plugin.builtin():
+            return pipeline.categorize(batch)
+        spec = json.dumps(self.setup.worker_spec())
+        return self.pool.masks(self.pool.submit_categorize(spec, batch))
+
+    # -- changes -------------------------------------------------------------------------
+
+    def set_mixture_weights(self, weights: dict[str, float], at: int | None = None) -> WeightsSet:
+        """New weights of a mixture's sources, for every rank (see ``adjust``)."""
+        return adjust.set_weights(self, weights, at)
+
+    def resize(self, world_size: int, dead_nodes: list[str] | None = None) -> bool:
+        """Deal what is not completed to ``world_size`` ranks (see ``adjust``)."""
+        return adjust.resize(self, world_size, dead_nodes or ())
+
     # -- what loops report ---------------------------------------------------------------
 
     def ack(self, body: AckBody) -> int:
         """Record what a rank's loop took and completed; saved before answering."""
-        self.setup.world(body.rank)
+        self.check_rank(body.rank)
         epoch = body.epoch if body.epoch is not None else self.epoch_of(body.rank)
-        flow = self._flow(epoch, body.rank)
+        deal = body.deal if body.deal is not None else self.views.deal_number(epoch)
+        flow = self._flow(epoch, body.rank, deal)
         with flow.ack_lock:
             with flow.cond:
                 dropped = flow.dropped_in(body.completed)
@@ -528,6 +464,7 @@ class LiveIteration:
                 body.completed,
                 len(dropped[0]),
                 len(dropped[1]),
+                deal=body.deal,
             )
             with flow.cond:
                 flow.forget(dropped)
@@ -563,14 +500,16 @@ class LiveIteration:
 
     def progress(self, ranks: bool = True) -> IterationProgress:
         """Where every rank stands in its current epoch (``ranks`` False: totals only)."""
+        self.refresh()
         with self._lock:
             flows = dict(self._flows)
         rows = self.store.catalog.latest_rank_states(self.id)
-        return iteration_progress(self.record, self.setup, rows, flows, ranks)
+        return iteration_progress(self.record, self.views, rows, flows, ranks)
 
     def check_rank(self, rank: int) -> None:
         """Refuse a rank outside the iteration's world."""
-        if not 0 <= rank < self.spec.world_size:
-            raise InvalidArgument(
-                f"rank {rank} is outside iteration {self.id}'s world of {self.spec.world_size}"
-            )
+        world = self._fresh_views().world_now
+        if not 0 <= rank < world:  # perhaps resized through another server: look again
+            world = self.world_size
+        if not 0 <= rank < world:
+            raise InvalidArgument(f"rank {rank} is outside iteration {self.id}'s world of {world}")

@@ -35,6 +35,7 @@ from ...protocol.iterations import (
 from ...transforms import DEFAULT_PLUGIN_TIMEOUT, Plugins
 from ..pool import TransformPool
 from ..service import LavenderService
+from .changes import Changes, EpochViews
 from .flow import ReadAhead
 from .live import LiveIteration
 from .plans import Plans
@@ -48,7 +49,8 @@ __all__ = ["IterationManager"]
 log = logging.getLogger(__name__)
 
 PLANS_CACHED = 256
-"""Plans kept for iterations whose progress is asked for without a stream here."""
+"""Plans (and mixture orders) kept for iterations whose progress is asked for without a
+stream here."""
 
 
 def _differences(stored: IterationSpec, asked: IterationSpec) -> str:
@@ -108,7 +110,7 @@ class IterationManager:
         self.store = ProgressStore(catalog, self.node, lease_seconds or 300.0)
         self.started_at = time.time()
         self._live: dict[str, LiveIteration] = {}
-        self._plans: dict[str, Plans] = {}  # of iterations listed, not live here
+        self._views: dict[str, EpochViews] = {}  # of iterations listed, not live here
         self._lock = threading.Lock()
         self._blocks = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-block")
         self._shard_reads = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-read")
@@ -297,7 +299,19 @@ class IterationManager:
         return live
 
     def open(self, command: IterationCommand) -> LiveIteration:
-        """Create an iteration, join the one of the same id and spec, or reopen one by id."""
+        """Create an iteration, join the one of the same id and spec, or reopen one by id.
+
+        With ``world_size`` (and an id), reopen it dealt to that many ranks (elastic resume).
+        """
+        if command.world_size is not None:
+            if command.iteration_id is None or command.spec is not None:
+                raise InvalidArgument(
+                    "world_size reopens an existing iteration by its id, without a spec "
+                    "(Iteration.resume(iteration_id, rank=r, world_size=w))"
+                )
+            live = self.get(command.iteration_id)
+            live.resize(command.world_size, self.dead_nodes())
+            return live
         if command.spec is None:
             if command.iteration_id is None:
                 raise InvalidArgument("give an iteration spec, an iteration_id, or both")
@@ -369,16 +383,20 @@ class IterationManager:
     def _progress_of(self, record: IterationRecord, ranks: bool) -> IterationProgress:
         with self._lock:
             live = self._live.get(record.id)
-            plans = self._plans.get(record.id)
-            if live is None and plans is None:
-                plans = self._plans[record.id] = Plans(record.spec, record.plan)
-                while len(self._plans) > PLANS_CACHED:
-                    self._plans.pop(next(iter(self._plans)))
+            views = self._views.get(record.id)
+            if views is not None and views.setup.asked != record.spec:
+                views = None  # deleted and made again under the same id
+            if live is None and views is None:
+                views = self._views[record.id] = EpochViews(Plans(record.spec, record.plan))
+                while len(self._views) > PLANS_CACHED:
+                    self._views.pop(next(iter(self._views)))
         if live is not None:
             return live.progress(ranks=ranks)
-        assert plans is not None
+        assert views is not None
+        version, changes = self.catalog.load_changes(record.id)  # weights, deals
+        views.update(Changes.from_records(version, changes))
         rows = self.catalog.latest_rank_states(record.id)
-        return iteration_progress(record, plans, rows, ranks=ranks)
+        return iteration_progress(record, views, rows, ranks=ranks)
 
     def list(
         self,

@@ -18,13 +18,18 @@ seed and ``e`` (epoch 0 keeps the order iterations had before epochs existed).
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...protocol.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from .deals import Deal
 
 __all__ = ["Block", "EpochPlan"]
 
@@ -66,6 +71,10 @@ class EpochPlan:
         self.drop_last = drop_last
         self.shard_starts = np.concatenate(([0], np.cumsum(self.shard_rows, dtype=np.int64)))
         available = int(self.shard_starts[-1])
+        self.available = available
+        """Samples of the epoch before ``drop_last`` (what a later deal may hand out)."""
+        self.deal: Deal | None = None
+        """A later deal of the epoch (elastic resume): local seqs map through its base."""
         if drop_last:
             # Only full batches, and the same number for every partition: DDP ranks stay
             # in lockstep to the last step instead of one waiting for the others forever.
@@ -97,8 +106,16 @@ class EpochPlan:
         """Chunks in the epoch (the last may be short unless ``drop_last``)."""
         return -(-self.total // self.batch_size)
 
+    def dealt(self, deal: Deal | None) -> EpochPlan:
+        """The same order, its local seqs dealt by ``deal`` (a copy; None: deal 0)."""
+        found = copy.copy(self)
+        found.deal = deal
+        return found
+
     def partition_size(self, partition: int) -> int:
         """Samples in one partition's stream."""
+        if self.deal is not None:
+            return self.deal.partition_size(partition, self.available)
         chunks = len(range(partition, self.num_chunks, self.partitions))
         if chunks == 0:
             return 0
@@ -110,6 +127,8 @@ class EpochPlan:
 
     def to_global(self, partition: int, local: np.ndarray) -> np.ndarray:
         """Global sequence numbers of a partition's local sequence numbers."""
+        if self.deal is not None:
+            return self.deal.to_global(partition, local)
         local = np.asarray(local, dtype=np.int64)
         chunk, offset = np.divmod(local, self.batch_size)
         return (chunk * self.partitions + partition) * self.batch_size + offset

@@ -1,8 +1,10 @@
 """``Plans``: what an iteration's stored record fixes, epoch by epoch, without reading data.
 
 The plan of each epoch, the partition each rank reads, how many samples a rank delivers,
-where a stream sits. The live iteration's setup is a ``Plans`` with a reader and transforms
-on top; progress of an iteration that no stream reads on this server needs only this.
+where a stream sits; for a mixture its sources' sizes and orders (``Mixture``: the frozen
+shards of each source are in the record's plan). The live iteration's setup is a ``Plans``
+with readers and transforms on top; progress of an iteration that no stream reads on this
+server needs only this (and its changes: ``changes.EpochViews``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ...protocol.errors import InvalidArgument
-from ...protocol.iterations import IterationPlan, IterationSpec
+from ...protocol.iterations import SAMPLE_GROUP, IterationPlan, IterationSpec
+from .mixture import Mixture, MixturePlan
 from .plan import EpochPlan
 from .world import World, replication_partitions
 
@@ -23,53 +26,86 @@ PLANS_KEPT = 4
 
 @dataclass
 class Plans:
-    """The epoch plans, partitions and rank sizes an iteration's spec and plan fix."""
+    """The epoch plans, partitions and rank sizes an iteration's spec and plan fix.
+
+    ``spec`` is the spec as the engine runs it: ``batch_size`` 0 (single samples) becomes
+    ``SAMPLE_GROUP`` (they travel and are acknowledged in groups); ``asked`` is as stored.
+    """
 
     spec: IterationSpec
     plan: IterationPlan
+    asked: IterationSpec = field(init=False)
+    """The spec as stored (``batch_size`` 0 kept)."""
     partitions: list[int] = field(init=False)
     """The partition of the epoch each rank reads (ranks of a replication group share one)."""
-    _plans: OrderedDict[int, EpochPlan] = field(default_factory=OrderedDict, init=False, repr=False)
+    mixture: Mixture | None = field(init=False)
+    """A mixture's sources and draws (None: one dataset)."""
+    _plans: OrderedDict[tuple[int, int], EpochPlan] = field(
+        default_factory=OrderedDict, init=False, repr=False
+    )
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.asked = self.spec
+        if self.spec.batch_size == 0:
+            self.spec = self.spec.model_copy(update={"batch_size": SAMPLE_GROUP})
         self.partitions = replication_partitions(self.spec.world_size, self.spec.replication_pg)
+        self.mixture = None
+        if self.spec.mixture is not None:
+            if self.plan.sources is None or len(self.plan.sources) != len(self.spec.mixture):
+                raise InvalidArgument("the iteration's plan does not match its mixture")
+            self.mixture = Mixture(self.spec, self.plan.sources, self.plan.seed)
 
     @property
     def num_partitions(self) -> int:
         """How many distinct partitions each epoch is cut into."""
         return len(set(self.partitions))
 
-    def epoch(self, number: int) -> EpochPlan:
-        """The plan of one epoch (the last few are kept)."""
+    def epoch(self, number: int, partitions: int | None = None) -> EpochPlan:
+        """The plan of one epoch (the last few are kept), over ``partitions`` if given.
+
+        A mixture's is a ``MixturePlan`` with the spec's weights (``changes`` applies live
+        weights to it).
+        """
         if self.spec.epochs is not None and number >= self.spec.epochs:
             raise InvalidArgument(
                 f"the iteration makes {self.spec.epochs} epoch(s) (epochs={self.spec.epochs}); "
                 f"epoch {number} is past its end: create a new iteration for more passes"
             )
+        parts = partitions if partitions is not None else self.num_partitions
         with self._lock:
-            found = self._plans.get(number)
+            found = self._plans.get((number, parts))
             if found is None:
-                found = EpochPlan(
-                    [rows for _, rows in self.plan.shards],
-                    self.spec.batch_size,
-                    partitions=self.num_partitions,
-                    shuffle=self.spec.shuffle,
-                    seed=self.plan.seed,
-                    block_size=self.spec.shuffle_block_size,
-                    drop_last=self.spec.drop_last,
-                    epoch=number,
-                )
-                self._plans[number] = found
+                if self.mixture is not None:
+                    found = MixturePlan(
+                        self.mixture,
+                        self.mixture.order(number, [(0, self.mixture.initial)]),
+                        self.spec.batch_size,
+                        parts,
+                        self.spec.drop_last,
+                        number,
+                    )
+                else:
+                    found = EpochPlan(
+                        [rows for _, rows in self.plan.shards],
+                        self.spec.batch_size,
+                        partitions=parts,
+                        shuffle=self.spec.shuffle,
+                        seed=self.plan.seed,
+                        block_size=self.spec.shuffle_block_size,
+                        drop_last=self.spec.drop_last,
+                        epoch=number,
+                    )
+                self._plans[(number, parts)] = found
                 while len(self._plans) > PLANS_KEPT:
                     self._plans.popitem(last=False)
             else:
-                self._plans.move_to_end(number)
+                self._plans.move_to_end((number, parts))
             return found
 
     @property
     def total(self) -> int:
-        """Samples per epoch, every rank together."""
+        """Samples per epoch, every rank together (a mixture's: with the spec's weights)."""
         return self.epoch(0).total
 
     def rank_size(self, rank: int) -> int:

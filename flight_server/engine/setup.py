@@ -1,9 +1,10 @@
 """``IterationSetup``: everything an iteration derives from its stored spec, built once.
 
-The reader of its shardsets and columns, its transforms (validated against the server's
-plugins), and its ``Plans`` (the partition each rank reads, the plan of each epoch). The
-manager builds one when an iteration is created (checking the spec) and hands it to the live
-iteration, so nothing is derived twice.
+The reader of its shardsets and columns (a mixture: one per source, with the source's own
+filters), its transforms (validated against the server's plugins), and its ``Plans`` (the
+partition each rank reads, the plan of each epoch). The manager builds one when an
+iteration is created (checking the spec) and hands it to the live iteration, so nothing is
+derived twice.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 import pyarrow as pa
 
 from ...protocol import Dataset
+from ...protocol.errors import InvalidArgument
 from ...protocol.iterations import IterationPlan, IterationSpec
 from ...transforms import Pipeline, Plugins
 from ...transforms.pipeline import pipeline_spec
 from ..reading import DatasetReader
 from ..service import LavenderService
+from .mixture import SourceSetup, build_sources
 from .plans import Plans
 from .world import replication_partitions
 
@@ -33,6 +36,11 @@ def build_pipeline(
     With ``schema`` (the rows the iteration reads), each plugin also checks its parameters
     against the columns (an expression naming an unknown column fails here).
     """
+    if spec.categorizer is not None and spec.batch_size == 0:
+        raise InvalidArgument(
+            "a categorizer makes batches of one category: give batch_size >= 1 (batch_size 0 "
+            "delivers single samples)"
+        )
     return Pipeline.build(
         plugins,
         [(f.name, f.params) for f in spec.filters],
@@ -42,16 +50,22 @@ def build_pipeline(
         spec.skip_on_failure,
         uid_column,
         schema=schema,
+        categorizer=(spec.categorizer.name, spec.categorizer.params) if spec.categorizer else None,
     )
 
 
 @dataclass
 class IterationSetup(Plans):
-    """An iteration's reader and transforms, over its ``Plans`` (see module doc)."""
+    """An iteration's readers and transforms, over its ``Plans`` (see module doc)."""
 
     dataset: Dataset = field(kw_only=True)
+    """The dataset (a mixture's first source's)."""
     reader: DatasetReader = field(kw_only=True)
     pipeline: Pipeline = field(kw_only=True)
+    sources: list[SourceSetup] = field(default_factory=list, kw_only=True)
+    """A mixture's sources (empty otherwise)."""
+    read_schema: pa.Schema | None = field(default=None, kw_only=True)
+    """The rows read (a mixture's: its sources' columns, and the source column)."""
 
     @classmethod
     def build(
@@ -64,15 +78,25 @@ class IterationSetup(Plans):
     ) -> IterationSetup:
         """Check a spec against the dataset and the plugins, and derive everything from it.
 
-        Without ``plan`` (a new iteration), the main shards are frozen as they are now and
-        ``seed`` is the shuffle seed.
+        Without ``plan`` (a new iteration), the main shards are frozen as they are now (of
+        every source of a mixture) and ``seed`` is the shuffle seed.
 
         Raises:
             InvalidArgument: a shardset, column, plugin or parameter the spec names is wrong.
         """
+        replication_partitions(spec.world_size, spec.replication_pg)  # bad groups fail here
+        if spec.mixture is not None:
+            sources, schema = build_sources(
+                spec, service, plugins, plan.sources if plan is not None else None
+            )
+            dataset, reader = sources[0].dataset, sources[0].reader
+            pipeline = build_pipeline(plugins, spec, dataset.uid_column_name, schema)
+            if plan is None:
+                plan = IterationPlan(shards=[], seed=seed, sources=[s.shards for s in sources])
+            return cls(spec, plan, dataset=dataset, reader=reader, pipeline=pipeline,
+                       sources=sources, read_schema=schema)  # fmt: skip
         dataset = service.get_dataset(dataset_id=spec.dataset_id)
         reader = service.reader(dataset, spec.shardsets, spec.columns, spec.join)
-        replication_partitions(spec.world_size, spec.replication_pg)  # bad groups fail here
         pipeline = build_pipeline(plugins, spec, dataset.uid_column_name, reader.schema)
         if plan is None:
             plan = IterationPlan(
@@ -81,9 +105,19 @@ class IterationSetup(Plans):
         return cls(spec, plan, dataset=dataset, reader=reader, pipeline=pipeline)
 
     @property
+    def schema(self) -> pa.Schema:
+        """The schema of the rows read (before transforms)."""
+        return self.read_schema if self.read_schema is not None else self.reader.schema
+
+    @property
     def plain(self) -> bool:
         """Rows go out as read: no transform, and no inner join leaving samples out."""
-        return self.pipeline.identity and self.spec.join == "left"
+        return (
+            self.pipeline.identity
+            and self.spec.join == "left"
+            and self.spec.categorizer is None
+            and not any(s.pipeline.filters for s in self.sources)
+        )
 
     def worker_spec(self) -> dict[str, Any]:
         """The JSON-able pipeline a preprocessing worker process rebuilds."""
@@ -95,4 +129,5 @@ class IterationSetup(Plans):
             p.max_retry_count,
             p.skip_on_failure,
             p.uid_column,
+            (p.categorizer.name, p.categorizer.params) if p.categorizer else None,
         )

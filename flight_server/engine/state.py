@@ -138,6 +138,8 @@ class RankState:
     """Samples skipped after errors inside finished ranges."""
     streams: dict[StreamKey, StreamState] = field(default_factory=dict)
     next_generation: int = 1
+    deal: int = 0
+    """Which deal of the epoch the local seqs are of (``deals``; 0: the world it began with)."""
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -158,6 +160,7 @@ class RankState:
                     [k[0], k[1], _stream_json(k, s)] for k, s in sorted(self.streams.items())
                 ],
                 "next_generation": self.next_generation,
+                **({"deal": self.deal} if self.deal else {}),
             },
             separators=(",", ":"),
         )
@@ -181,6 +184,7 @@ class RankState:
                 for w, n, s in data["streams"]
             },
             next_generation=int(data["next_generation"]),
+            deal=int(data.get("deal", 0)),
         )
 
     @classmethod

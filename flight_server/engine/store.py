@@ -16,16 +16,19 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
-from ...catalog import Catalog
+from ...catalog import Catalog, EpochRows
 from ...catalog._progress import RankRow
-from ...protocol.errors import InvalidArgument
+from ...protocol.errors import InvalidArgument, IterationConflict
 from .state import Claim, RankState, StreamKey
 from .world import World
 
 __all__ = ["ProgressStore", "StreamHandle"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Sizes = Callable[[int], int]
 """Samples of a rank in an epoch, by rank (the same for every epoch)."""
@@ -40,6 +43,8 @@ class StreamHandle:
     rank: int
     key: StreamKey
     generation: int
+    deal: int = 0
+    """The deal of the epoch the stream's local seqs are of."""
 
 
 class ProgressStore:
@@ -75,11 +80,13 @@ class ProgressStore:
         change: Callable[[dict[int, RankState | None]], object],
         sizes: Sizes | None = None,
         batch_size: int | None = None,
+        version: int | None = None,
     ) -> object:
         """Run ``change`` on the states of ``ranks`` inside one transaction and save them.
 
         With ``sizes`` and ``batch_size``, a rank without a row yet starts empty; without
-        them it is given as None.
+        them it is given as None. With ``version``, the iteration must still be at it
+        (``VersionChanged`` otherwise: the caller's plans are stale).
         """
 
         def apply(rows: dict[int, RankRow]) -> object:
@@ -97,12 +104,13 @@ class ProgressStore:
                     rows[rank].set(state.to_json(), state.expires_at, state.nodes)
             return result
 
-        return self.catalog.update_rank_states(iteration_id, epoch, ranks, apply)
+        return self.catalog.update_rank_states(iteration_id, epoch, ranks, apply, version)
 
     def _one(
         self,
         handle: StreamHandle,
         change: Callable[[RankState], object],
+        version: int | None = None,
     ) -> object:
         def apply(states: dict[int, RankState | None]) -> object:
             state = states[handle.rank]
@@ -113,7 +121,9 @@ class ProgressStore:
                 )
             return change(state)
 
-        return self._change(handle.iteration_id, handle.epoch, [handle.rank], apply)
+        return self._change(
+            handle.iteration_id, handle.epoch, [handle.rank], apply, version=version
+        )
 
     # -- streams -------------------------------------------------------------------------
 
@@ -126,22 +136,27 @@ class ProgressStore:
         sizes: Sizes,
         batch_size: int,
         start: Callable[[int], RankState | None] | None = None,
+        version: int | None = None,
+        deal: int = 0,
         takeover: bool = False,
     ) -> StreamHandle:
         """Start a stream of a rank's epoch (creating the epoch's state when it is new).
 
         An earlier stream of the same worker is over: what it held goes back to the queue;
         with ``takeover``, every other session's stream of the rank too (see
-        ``RankState.open_stream``).
-        ``start`` may give the state a rank begins an epoch with (progress carried over
-        from an older catalog).
+        ``RankState.open_stream``). ``start`` may give the state a rank begins an epoch
+        with (progress carried over from an older catalog). ``version`` and ``deal``: the
+        changes the caller's plans are of (``VersionChanged`` when the iteration changed
+        since).
         """
         now = self.clock()
 
         def apply(states: dict[int, RankState | None]) -> int:
             state = states[rank]
             if state is None:
-                state = (start(rank) if start else None) or RankState(sizes(rank), batch_size)
+                state = (start(rank) if start else None) or RankState(
+                    sizes(rank), batch_size, deal=deal
+                )
                 states[rank] = state
             elif state.done and state.size:
                 raise InvalidArgument(
@@ -151,23 +166,29 @@ class ProgressStore:
             state.expire(now)
             return state.open_stream(key, self.node, now + self.lease_seconds, takeover)
 
-        generation = self._change(iteration_id, epoch, [rank], apply)
+        generation = self._change(iteration_id, epoch, [rank], apply, version=version)
         assert isinstance(generation, int)
-        return StreamHandle(iteration_id, epoch, rank, key, generation)
+        return StreamHandle(iteration_id, epoch, rank, key, generation, deal)
 
-    def claim(self, handle: StreamHandle, world: World, max_chunks: int) -> Claim | None:
-        """Work for a stream, held by it from now on (None: the stream was superseded)."""
+    def claim(
+        self, handle: StreamHandle, world: World, max_chunks: int, version: int | None = None
+    ) -> Claim | None:
+        """Work for a stream, held by it from now on (None: the stream was superseded).
+
+        ``version``: the changes the stream's plan is of (``VersionChanged`` when the
+        iteration changed since: look again before mapping anything).
+        """
         now = self.clock()
 
         def apply(state: RankState) -> Claim | None:
             state.expire(now)
             stream = state.stream(handle.key, handle.generation)
-            if stream is None:
+            if stream is None or state.deal != handle.deal:
                 return None
             stream.lease_until = now + self.lease_seconds
             return state.claim(stream, world, max_chunks)
 
-        found = self._one(handle, apply)
+        found = self._one(handle, apply, version)
         assert found is None or isinstance(found, Claim)
         return found
 
@@ -283,10 +304,15 @@ class ProgressStore:
         completed: list[tuple[int, int]],
         filtered: int = 0,
         failed: int = 0,
+        deal: int | None = None,
     ) -> tuple[int, RankState]:
         """Record what a rank's loop took and completed.
 
         Answers the delivered samples newly completed, and the state after the change.
+        ``deal``: the deal the ranges are of (None: the rank's current one).
+
+        Raises:
+            IterationConflict: the ranges are of a deal the epoch was dealt anew since.
         """
 
         def apply(states: dict[int, RankState | None]) -> tuple[int, RankState]:
@@ -298,6 +324,13 @@ class ProgressStore:
                         f"{epoch}: acknowledge only the seq ranges of batches received"
                     )
                 raise InvalidArgument(f"rank {rank} has not started epoch {epoch}")
+            if deal is not None and deal != state.deal:
+                raise IterationConflict(
+                    f"iteration {iteration_id} was resumed with another world size since "
+                    f"these batches were sent (epoch {epoch} deal {deal}, now {state.deal}): "
+                    "this loop belongs to the old world; stop it (its batches not completed "
+                    "are dealt to the new ranks)"
+                )
             state.take(taken)
             return state.complete(completed, filtered, failed), state
 
@@ -351,6 +384,15 @@ class ProgressStore:
                 )  # fmt: skip
             freed += found
         return freed
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def change_epoch(self, iteration_id: str, epoch: int, change: Callable[[EpochRows], T]) -> T:
+        """Run ``change`` on every state row of an epoch, the iteration held alone.
+
+        See ``Catalog.change_epoch``: a change of weights or world size is made there.
+        """
+        return self.catalog.change_epoch(iteration_id, epoch, change)
 
     # -- reading -------------------------------------------------------------------------
 
