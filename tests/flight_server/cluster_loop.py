@@ -62,11 +62,11 @@ class CountingIteration(Iteration):
         )
 
     def batches(
-        self, ticket: IterationTicket, acks: Acknowledger
+        self, ticket: IterationTicket, acks: Acknowledger, format: str | None = None
     ) -> Iterator[tuple[Any, list[tuple[int, int]]]]:
         assert isinstance(acks, RecordingAcknowledger)
         received = RangeSet()
-        for batch, seq in super().batches(ticket, acks):
+        for batch, seq in super().batches(ticket, acks, format):
             if seq and all(not received.gaps(a, b) for a, b in seq):
                 rows = sum(b - a for a, b in seq)
                 self.resent += rows

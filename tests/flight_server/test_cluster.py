@@ -78,6 +78,18 @@ class Loops:
             for rank in range(args["world_size"])
         ]
 
+    def check(self) -> None:
+        """Fail at once, with its stderr, when a loop exited with an error."""
+        for process in self.processes:
+            if process.poll() not in (None, 0):
+                _, err = process.communicate(timeout=LOOP_TIMEOUT)
+                pytest.fail(f"a loop failed ({process.returncode}): {err[-3000:]}")
+
+    def completed(self, iteration_id: str) -> int:
+        """Samples completed so far (0 before the loops made the iteration)."""
+        self.check()
+        return completed(iteration_id)
+
     def results(self) -> list[dict[str, Any]]:
         found = []
         for process in self.processes:
@@ -87,10 +99,11 @@ class Loops:
         return found
 
     def kill(self) -> None:
+        """Kill the loops still running; close every pipe."""
         for process in self.processes:
             if process.poll() is None:
                 process.kill()
-                process.communicate(timeout=LOOP_TIMEOUT)
+            process.communicate(timeout=LOOP_TIMEOUT)
 
 
 def check_delivery(results: list[dict[str, Any]], total: int) -> None:
@@ -114,7 +127,7 @@ def test_four_ranks_on_three_nodes_ride_out_a_killed_and_a_restarted_node(
         batch_size=batch, seed=11, pause=0.08,
     )  # fmt: skip
     try:
-        wait_until(lambda: completed("cluster") >= total // 4, 60, "a quarter is done")
+        wait_until(lambda: loops.completed("cluster") >= total // 4, 60, "a quarter is done")
         pg_cluster.kill(0)  # the oldest node: ranks 0 and 3 start there
         at_kill = completed("cluster")
         wait_until(
@@ -122,7 +135,7 @@ def test_four_ranks_on_three_nodes_ride_out_a_killed_and_a_restarted_node(
             pg_cluster.node_timeout * 3 + 5,
             "the killed node's heartbeat lapsed",
         )
-        wait_until(lambda: completed("cluster") >= total * 6 // 10, 60, "60% is done")
+        wait_until(lambda: loops.completed("cluster") >= total * 6 // 10, 60, "60% is done")
         assert pg_cluster.stop(1) == 0  # an operator restarts another one
         pg_cluster.start(1)
         results = loops.results()
@@ -156,7 +169,7 @@ def test_postgresql_restarted_mid_epoch_the_nodes_reconnect_and_nothing_is_lost(
         batch_size=20, seed=5, pause=0.04,
     )  # fmt: skip
     try:
-        wait_until(lambda: completed("pg-restart") >= total // 4, 60, "a quarter is done")
+        wait_until(lambda: loops.completed("pg-restart") >= total // 4, 60, "a quarter is done")
         postgres.stop()  # -m fast: every session of the nodes is cut
         time.sleep(3)  # longer than the nodes' heartbeat timeout
         postgres.start_again()
