@@ -281,6 +281,7 @@ def serve(
                 settings.ui_port,
                 settings.host,
                 api_key=keys[0] if keys else None,
+                login_keys=keys,  # the login accepts any of the server's keys
                 # it calls this very process: its certificate may name another host
                 disable_server_verification=bool(tls),
             )

@@ -38,6 +38,9 @@ from ..protocol.errors import LavenderError
 from .common import TABLE_CSS, describe_error, navigation
 from .datasets import DatasetPage, DatasetsPage
 from .iteration import IterationPage
+from .iterations import IterationsPage
+from .login import KeyLogin
+from .nodes import NodesPage
 from .plugins import PluginsPage
 from .shardsets import ShardsetPage
 
@@ -57,6 +60,8 @@ TITLES = {
     "/dataset": "Dataset",
     "/shardset": "Shardset",
     "/iteration": "Iteration",
+    "/iterations": "Iterations",
+    "/nodes": "Nodes",
     "/plugins": "Plugins",
 }
 
@@ -105,6 +110,14 @@ def build_routes(client: LavenderClient) -> dict[str, TViewableFuncOrPath]:
         pn.state.onload(page.start_polling)  # once a browser is connected to the session
         return page
 
+    def iterations() -> IterationsPage:
+        return IterationsPage(client=client, dataset_id=_arg("dataset"))
+
+    def nodes() -> NodesPage:
+        page = NodesPage(client=client)
+        pn.state.onload(page.start_polling)
+        return page
+
     def plugins() -> PluginsPage:
         return PluginsPage(client=client)
 
@@ -114,6 +127,8 @@ def build_routes(client: LavenderClient) -> dict[str, TViewableFuncOrPath]:
         "/dataset": _safely(dataset),
         "/shardset": _safely(shardset),
         "/iteration": _safely(iteration),
+        "/iterations": _safely(iterations),
+        "/nodes": _safely(nodes),
         "/plugins": _safely(plugins),
     }
 
@@ -152,10 +167,10 @@ class DashboardServer:
         port: int,
         address: str = "127.0.0.1",
         websocket_origin: Sequence[str] = (),
-        password: str | None = None,
+        passwords: Sequence[str] = (),
     ) -> None:
         self.client = client
-        self._password = password
+        self._passwords = tuple(p for p in passwords if p)
         self.address = address
         self.port = port
         self._requested_port = port
@@ -177,14 +192,17 @@ class DashboardServer:
         return f"http://{host}:{self.port}/"
 
     def _auth_options(self) -> dict[str, Any]:
-        """Panel's login page on every page when there is a password.
+        """A login page on every page when there are passwords (the server's API keys).
 
-        Any user name with the password logs in; the session cookie is signed with a secret
-        made for this server.
+        Any of the keys logs in (compared in constant time, see :class:`KeyLogin`); the
+        session cookie is signed with a secret made for this server.
         """
-        if not self._password:
+        if not self._passwords:
             return {}
-        return {"basic_auth": self._password, "cookie_secret": secrets.token_urlsafe(32)}
+        return {
+            "auth_provider": KeyLogin(self._passwords),
+            "cookie_secret": secrets.token_urlsafe(32),
+        }
 
     def _listen(self) -> None:
         # Bokeh's "server" resources: its JS and CSS (and Panel's) come from this server.
@@ -299,6 +317,7 @@ def serve_dashboard(
     tls_root_certs: str | bytes | None = None,
     require_login: bool | None = None,
     disable_server_verification: bool = False,
+    login_keys: Sequence[str] | None = None,
 ) -> DashboardServer:
     """Serve the dashboard of the Flight server at ``api_url`` on ``http://address:port/``.
 
@@ -318,11 +337,13 @@ def serve_dashboard(
         websocket_origin: More ``host:port`` origins allowed to open pages (behind a proxy).
         timeout: Seconds each call to the Flight server may take.
         tls_root_certs: PEM of the CA of a ``grpc+tls://`` server (default: the system's).
-        require_login: Guard every page with a login form whose password is ``api_key``
+        require_login: Guard every page with a login form asking for an API key
             (default: whenever ``api_key`` is given), so the dashboard is no way around
             the server's keys.
         disable_server_verification: Do not check a ``grpc+tls://`` server's certificate
             (for a dashboard served by the Flight server's own process).
+        login_keys: The keys the login accepts, every one of them (default: ``api_key``);
+            the Flight server's own process passes all of its keys.
 
     Returns:
         The running (or, unthreaded, the stopped) server: ``.url``, ``.port``, ``.stop()``.
@@ -345,11 +366,12 @@ def serve_dashboard(
         )
     api_key = settings.api_key_value()
     client = LavenderClient(settings)
-    login = bool(api_key) if require_login is None else require_login
-    if login and not api_key:
-        raise ValueError("require_login needs the api_key that serves as the password")
+    keys = [k for k in (login_keys if login_keys is not None else [api_key]) if k]
+    login = bool(keys) if require_login is None else require_login
+    if login and not keys:
+        raise ValueError("require_login needs the api_key (or login_keys) a user logs in with")
     dashboard = DashboardServer(
-        client, port, address, websocket_origin, password=api_key if login else None
+        client, port, address, websocket_origin, passwords=keys if login else ()
     )
     if show:
         # After listening: the port may be chosen by the system.

@@ -2,7 +2,8 @@
 
 Tables are plain HTML built from the pages' DataFrame params (every value escaped), so a
 page's state is testable without a browser and the browser needs nothing but Panel's own
-bundled resources.
+bundled resources. A page whose subject is not there (a bad id, or deleted) shows its
+header, the one-line error and a way back, and nothing else.
 """
 
 from __future__ import annotations
@@ -10,28 +11,43 @@ from __future__ import annotations
 import datetime as dt
 import html
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlencode
 
+import numpy as np
 import pandas as pd
 import panel as pn
 import param
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..client.connection import LavenderClient
 from ..protocol.errors import LavenderError, ServerUnavailable
 
 __all__ = [
+    "NAVIGATION",
     "TABLE_CSS",
     "Page",
+    "arrow_frame",
     "describe_error",
+    "format_ago",
     "format_bytes",
     "format_time",
     "html_table",
     "link",
     "navigation",
 ]
+
+NAVIGATION = (
+    ("datasets", "Datasets"),
+    ("iterations", "Iterations"),
+    ("nodes", "Nodes"),
+    ("plugins", "Plugins"),
+)
+"""The pages every header links to: (path, label)."""
 
 TABLE_CSS = """
 table.lf-table { border-collapse: collapse; font-size: 14px; margin: 4px 0 12px 0; }
@@ -44,6 +60,10 @@ p.lf-empty { color: #666; font-style: italic; }
 div.lf-alert { padding: 8px 12px; border-radius: 4px; margin: 4px 0; }
 div.lf-error { background: #fbe3e4; color: #8a1f11; border: 1px solid #f1a9a0; }
 div.lf-message { background: #e6f4ea; color: #1e4620; border: 1px solid #a8d5b5; }
+div.lf-confirm { background: #fff8e1; border: 1px solid #e0c36a; padding: 8px 12px;
+  border-radius: 4px; margin: 4px 0; }
+div.lf-confirm p { margin: 4px 0; }
+span.lf-live { color: #8a1f11; font-weight: bold; }
 a { color: #5b3a99; }
 """
 
@@ -77,6 +97,70 @@ def format_time(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def format_ago(timestamp: float, now: float | None = None) -> str:
+    """How long ago a UNIX time was, for people: ``3 s ago``, ``5 min ago``, ``2 h ago``."""
+    seconds = max(0.0, (time.time() if now is None else now) - timestamp)
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
+
+
+class _Float32(float):
+    """A float32 inside a nested value, printed with float32's shortest digits."""
+
+    def __repr__(self) -> str:
+        return str(np.float32(self))
+
+    __str__ = __repr__
+
+
+def _has_short_float(type_: pa.DataType) -> bool:
+    if pa.types.is_float32(type_) or pa.types.is_float16(type_):
+        return True
+    return any(_has_short_float(type_.field(i).type) for i in range(type_.num_fields))
+
+
+def _short_floats(value: Any, type_: pa.DataType) -> Any:
+    """A nested Python value with its float32 values as :class:`_Float32`."""
+    if value is None:
+        return None
+    if pa.types.is_float32(type_) or pa.types.is_float16(type_):
+        return _Float32(value)
+    if pa.types.is_struct(type_):
+        return {f.name: _short_floats(value.get(f.name), f.type) for f in type_}
+    if pa.types.is_map(type_):
+        return [(_short_floats(k, type_.key_type), _short_floats(v, type_.item_type))
+                for k, v in value]  # fmt: skip
+    if type_.num_fields == 1:  # the lists
+        return [_short_floats(v, type_.value_type) for v in value]
+    return value
+
+
+def arrow_frame(table: pa.Table) -> tuple[pd.DataFrame, list[str]]:
+    """A table as a DataFrame to show, and its numeric columns (to align right).
+
+    float32 (and float16) values read as pyarrow prints them (``0.052231137``), not with the
+    float64 digits of their Python value (``0.052231136709451675``).
+    """
+    columns: dict[str, list[Any]] = {}
+    numeric = []
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        type_ = column.type
+        if pa.types.is_integer(type_) or pa.types.is_floating(type_):
+            numeric.append(name)
+        if pa.types.is_float32(type_) or pa.types.is_float16(type_):
+            columns[name] = pc.cast(column, pa.string()).to_pylist()
+        elif _has_short_float(type_):
+            columns[name] = [_short_floats(v, type_) for v in column.to_pylist()]
+        else:
+            columns[name] = column.to_pylist()
+    return pd.DataFrame(columns, columns=table.column_names), numeric
+
+
 def link(page: str, text: str, **query: str) -> str:
     """An HTML link to another page of the dashboard (relative, so a prefix keeps working)."""
     href = f"{page}?{urlencode(query)}" if query else page
@@ -97,8 +181,13 @@ def html_table(
     table_id: str,
     links: Mapping[str, Callable[[Mapping[str, Any]], str]] | None = None,
     empty: str = "nothing here yet",
+    numeric: Collection[str] = (),
 ) -> str:
-    """An HTML table of a DataFrame; ``links`` renders some columns as links of a row."""
+    """An HTML table of a DataFrame.
+
+    ``links`` renders some columns as HTML of their row (links; the callables escape what
+    they show); numbers, and the ``numeric`` columns, align right.
+    """
     if frame is None or frame.empty:
         return f'<p class="lf-empty" id="{table_id}-empty">{html.escape(empty)}</p>'
     links = links or {}
@@ -107,9 +196,10 @@ def html_table(
     for record in frame.to_dict("records"):
         cells = []
         for column, value in record.items():
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            right = column in numeric or is_number
             content = links[column](record) if column in links else _cell(value)
-            cells.append(f'<td class="num">{content}</td>' if numeric else f"<td>{content}</td>")
+            cells.append(f'<td class="num">{content}</td>' if right else f"<td>{content}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
     return (
         f'<table class="lf-table" id="{table_id}"><thead><tr>{head}</tr></thead>'
@@ -117,12 +207,26 @@ def html_table(
     )
 
 
-def navigation(title: str) -> pn.viewable.Viewable:
-    """The header of every page: the product name, links to the lists, the page title."""
+def _logged_in() -> bool:
+    """Whether this browser session logged in (the dashboard has a login)."""
+    try:
+        user = pn.state.user
+    except Exception:  # outside a served session
+        return False
+    return user not in (None, "", "guest")
+
+
+def navigation(title: str, logout: bool | None = None) -> pn.viewable.Viewable:
+    """The header of every page: the product name, links to the lists, the page title.
+
+    ``logout`` adds a *Log out* link (default: when this browser session logged in).
+    """
+    links = "".join(link(path, label) for path, label in NAVIGATION)
+    if logout if logout is not None else _logged_in():
+        links += '<span style="flex:1"></span><a id="lf-logout" href="logout">Log out</a>'
     return pn.pane.HTML(
         '<div style="display:flex;gap:18px;align-items:baseline">'
-        '<b style="color:#5b3a99;font-size:18px">Lavender Flight</b>'
-        f"{link('datasets', 'Datasets')}{link('plugins', 'Plugins')}</div>"
+        f'<b style="color:#5b3a99;font-size:18px">Lavender Flight</b>{links}</div>'
         f'<h2 id="lf-title" style="margin:8px 0 4px 0">{html.escape(title)}</h2>',
         stylesheets=[TABLE_CSS],
         sizing_mode="stretch_width",
@@ -136,15 +240,26 @@ class Page(pn.viewable.Viewer):
     dashboard's, never the module-level client a user's script in the same process may
     hold. Calls go through :meth:`calling`, which turns any failure into the ``error``
     param (``DatasetNotFound: no dataset ...``) instead of raising.
+
+    ``found`` False (the page's subject could not be read, or was deleted) hides the
+    page's body: only the header, the alerts and a link back (``back``) show.
     """
 
     client = param.ClassSelector(class_=LavenderClient, doc="The connection to the server.")
     message = param.String(default="", doc="What the last action did, for the user.")
     error = param.String(default="", doc="The last error, one line; empty when all is well.")
+    found = param.Boolean(default=True, doc="Whether the page's subject is there to show.")
+
+    back: tuple[str, str] = ("datasets", "All datasets")
+    """Where the link of a page without its subject leads: (path, label)."""
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._alerts = pn.pane.HTML("", stylesheets=[TABLE_CSS], sizing_mode="stretch_width")
+        self._missing = pn.pane.HTML(
+            f'<p id="lf-back">{link(*self.back)}</p>', stylesheets=[TABLE_CSS], visible=False
+        )
+        self._body = pn.Column(sizing_mode="stretch_width")
         self._show_alerts()
 
     @property
@@ -177,6 +292,15 @@ class Page(pn.viewable.Viewer):
         self._alerts.object = "".join(parts)
         self._alerts.visible = bool(parts)
 
+    @param.depends("found", watch=True)
+    def _show_body(self) -> None:
+        self._body.visible = self.found
+        self._missing.visible = not self.found
+
     def layout(self, title: str, *body: Any) -> pn.Column:
-        """The page: header, alerts, then its own parts."""
-        return pn.Column(navigation(title), self._alerts, *body, sizing_mode="stretch_width")
+        """The page: header, alerts, then its own parts (hidden while ``found`` is False)."""
+        self._body.objects = list(body)
+        self._show_body()
+        return pn.Column(
+            navigation(title), self._alerts, self._missing, self._body, sizing_mode="stretch_width"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,8 +11,9 @@ import panel as pn
 import param
 
 from ..protocol import Dataset
-from ..protocol.iterations import IterationProgress
-from .common import TABLE_CSS, Page, format_bytes, format_time, html_table, link
+from .common import TABLE_CSS, Page, arrow_frame, format_bytes, format_time, html_table, link
+from .deletion import ConfirmDelete, Doomed
+from .iterations import IterationsTable, iterations_frame, streams_of
 from .shardsets import AddShardsetForm
 
 __all__ = ["DatasetPage", "DatasetsPage", "iterations_frame"]
@@ -21,41 +23,6 @@ PAGE_SIZES = [10, 25, 50, 100]
 
 def _dataset_link(row: Mapping[str, Any]) -> str:
     return link("dataset", str(row["name"]), id=str(row["id"]))
-
-
-def _iteration_link(row: Mapping[str, Any]) -> str:
-    return link("iteration", str(row["id"]), id=str(row["id"]))
-
-
-def iterations_frame(iterations: list[IterationProgress]) -> pd.DataFrame:
-    """One row per iteration: its id, the four counts, what is in flight, done, created."""
-    return pd.DataFrame(
-        [
-            {
-                "id": it.id,
-                "total": it.total,
-                "current": it.current,
-                "completed": it.completed,
-                "filtered": it.filtered,
-                "failed": it.failed,
-                "in flight": sum(r.inflight for r in it.ranks),
-                "done": "yes" if it.done else "no",
-                "created": format_time(it.created_at),
-            }
-            for it in iterations
-        ],
-        columns=[
-            "id",
-            "total",
-            "current",
-            "completed",
-            "filtered",
-            "failed",
-            "in flight",
-            "done",
-            "created",
-        ],
-    )
 
 
 class DatasetsPage(Page):
@@ -136,12 +103,15 @@ class DatasetsPage(Page):
 
 
 class DatasetPage(Page):
-    """One dataset: its shardsets, a paged preview of the joined rows, its iterations."""
+    """One dataset: its shardsets, a paged preview of the joined rows, its iterations.
+
+    The iterations table is filtered, paged and deleted from like the iterations page's
+    (``iterations_table``); *Delete dataset* asks first, naming what goes.
+    """
 
     dataset_id = param.String(default="", doc="The dataset shown.")
     dataset = param.ClassSelector(class_=Dataset, default=None, doc="The dataset, as read.")
     shardsets = param.DataFrame(default=None, doc="One row per shardset.")
-    iterations = param.DataFrame(default=None, doc="One row per iteration of the dataset.")
     preview = param.DataFrame(default=None, doc="The rows of the current preview page.")
     preview_columns = param.ListSelector(default=[], objects=[], doc="Columns to preview.")
     offset = param.Integer(default=0, bounds=(0, None), doc="First row of the preview page.")
@@ -155,14 +125,25 @@ class DatasetPage(Page):
         self._summary = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
         self._shardsets = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
         self._preview = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
-        self._iterations = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
         self._rows = pn.pane.HTML("", stylesheets=css)
+        self._numeric: list[str] = []
         self._previous = pn.widgets.Button(label="Previous")
         self._next = pn.widgets.Button(label="Next")
         self._previous.on_click(lambda _: self.previous_page())
         self._next.on_click(lambda _: self.next_page())
         self.add_shardset = AddShardsetForm(client=self.client, dataset_id=self.dataset_id)
         self.add_shardset.param.watch(lambda _: self.refresh(), "created")
+        self.iterations_table = IterationsTable(
+            client=self.client, dataset_id=self.dataset_id, show_dataset=False
+        )
+        self.remover = ConfirmDelete(
+            client=self.client,
+            label="Delete dataset",
+            describe=self.describe_delete,
+            delete=self.delete,
+            disabled=True,
+        )
+        self.remover.param.watch(self._on_deleted, "deleted")
         self.refresh()
 
     @property
@@ -170,39 +151,49 @@ class DatasetPage(Page):
         """Samples of the dataset (rows of its main shardset)."""
         return self.dataset.total_samples if self.dataset is not None else 0
 
+    @property
+    def iterations(self) -> pd.DataFrame | None:
+        """The rows of the iterations table's current page."""
+        rows: pd.DataFrame | None = self.iterations_table.rows
+        return rows
+
     def refresh(self) -> None:
         """Read the dataset and its iterations, then the preview page."""
         picked: list[str] | None = None
+        dataset: Dataset | None = None
         with self.calling():
             dataset = self.connection.get_dataset(dataset_id=self.dataset_id)
-            iterations = self.connection.list_iterations(dataset.id)
-            uid = dataset.uid_column_name
-            names = list(
-                dict.fromkeys(c.name for s in dataset.shardsets for c in s.columns if c.name != uid)
-            )
-            self.shardsets = pd.DataFrame(
-                [
-                    {
-                        "id": s.id,
-                        "location": s.location,
-                        "main": "yes" if s.is_main else "",
-                        "columns": ", ".join(f"{c.name}: {c.type_}" for c in s.columns),
-                        "shards": s.shard_count,
-                        "samples": s.total_samples,
-                        "size": format_bytes(s.total_bytes),
-                    }
-                    for s in dataset.shardsets
-                ],
-                columns=["id", "location", "main", "columns", "shards", "samples", "size"],
-            )
-            self.iterations = iterations_frame(iterations)
-            # New columns start picked; the ones the user already saw keep their choice.
-            known = self.param.preview_columns.objects
-            picked = [c for c in names if c in self.preview_columns or c not in known]
-            self.param.preview_columns.objects = names
-            self.dataset = dataset
-        if picked is None:
+        if dataset is None:
+            self.found = self.dataset is not None and not self.error.startswith("DatasetNotFound")
+            self.remover.disabled = not self.found
             return
+        uid = dataset.uid_column_name
+        names = list(
+            dict.fromkeys(c.name for s in dataset.shardsets for c in s.columns if c.name != uid)
+        )
+        self.shardsets = pd.DataFrame(
+            [
+                {
+                    "id": s.id,
+                    "location": s.location,
+                    "main": "yes" if s.is_main else "",
+                    "columns": ", ".join(f"{c.name}: {c.type_}" for c in s.columns),
+                    "shards": s.shard_count,
+                    "samples": s.total_samples,
+                    "size": format_bytes(s.total_bytes),
+                }
+                for s in dataset.shardsets
+            ],
+            columns=["id", "location", "main", "columns", "shards", "samples", "size"],
+        )
+        self.iterations_table.refresh()
+        # New columns start picked; the ones the user already saw keep their choice.
+        known = self.param.preview_columns.objects
+        picked = [c for c in names if c in self.preview_columns or c not in known]
+        self.param.preview_columns.objects = names
+        self.dataset = dataset
+        self.found = True
+        self.remover.disabled = False
         if picked != list(self.preview_columns):
             self.preview_columns = picked  # the watcher loads the preview
         else:
@@ -223,7 +214,8 @@ class DatasetPage(Page):
                 limit=int(self.limit),
                 columns=list(self.preview_columns),
             )
-            self.preview = pd.DataFrame(table.to_pydict(), columns=table.column_names)
+            frame, self._numeric = arrow_frame(table)
+            self.preview = frame
 
     def next_page(self) -> None:
         """Show the next page of rows, if there is one."""
@@ -234,7 +226,44 @@ class DatasetPage(Page):
         """Show the previous page of rows."""
         self.offset = max(0, self.offset - int(self.limit))
 
-    @param.depends("dataset", "shardsets", "iterations", watch=True)
+    # -- deleting ------------------------------------------------------------------------
+
+    def describe_delete(self) -> Doomed:
+        """What deleting the dataset takes away (and its live iterations, if any)."""
+        dataset = self.dataset
+        assert dataset is not None
+        running = self.connection.list_iterations(dataset.id, state="running", ranks=True)
+        live = [
+            f"{it.id} ({n} open stream{'s' if n > 1 else ''})"
+            for it in running
+            if (n := streams_of(it))
+        ]
+        count = len(dataset.shardsets)
+        return Doomed(
+            what=f"dataset {dataset.name!r} ({dataset.id})",
+            consequences=(
+                f"Its {count} shardset{'s' if count != 1 else ''} ({dataset.total_samples} "
+                "samples) and all its iterations, with their progress, leave the catalog; the "
+                "shard files stay in storage."
+            ),
+            live=", ".join(live),
+        )
+
+    def delete(self, force: bool) -> str:
+        """Delete the dataset (ending its live iterations first when ``force``)."""
+        dataset = self.dataset
+        assert dataset is not None
+        self.connection.delete_dataset(dataset.id, force=force)
+        return f"Deleted dataset {dataset.name!r} ({dataset.id}); its shard files stay."
+
+    def _on_deleted(self, event: Any) -> None:
+        if event.new:
+            self.message, self.remover.message = self.remover.message, ""
+            self.found = False
+
+    # -- showing -------------------------------------------------------------------------
+
+    @param.depends("dataset", "shardsets", watch=True)
     def _render(self) -> None:
         dataset = self.dataset
         if dataset is None:
@@ -242,8 +271,8 @@ class DatasetPage(Page):
             return
         self._summary.object = (
             f'<p id="dataset-summary">id <code>{dataset.id}</code> · uid column '
-            f"<code>{dataset.uid_column_name}</code> · {dataset.total_samples} samples · "
-            f"created {format_time(dataset.created_at)}</p>"
+            f"<code>{html.escape(dataset.uid_column_name)}</code> · {dataset.total_samples} "
+            f"samples · created {format_time(dataset.created_at)}</p>"
         )
         self._shardsets.object = html_table(
             self.shardsets,
@@ -255,12 +284,6 @@ class DatasetPage(Page):
             },
             empty="No shardsets yet: add one below.",
         )
-        self._iterations.object = html_table(
-            self.iterations,
-            "iterations-table",
-            links={"id": _iteration_link},
-            empty="No iterations yet.",
-        )
 
     @param.depends("preview", watch=True)
     def _render_preview(self) -> None:
@@ -269,7 +292,9 @@ class DatasetPage(Page):
         self._rows.object = (
             f'<span id="preview-rows">rows {first}-{self.offset + shown} of {self.total}</span>'
         )
-        self._preview.object = html_table(self.preview, "preview-table", empty="No rows.")
+        self._preview.object = html_table(
+            self.preview, "preview-table", empty="No rows.", numeric=self._numeric
+        )
         self._previous.disabled = self.offset == 0
         self._next.disabled = self.offset + int(self.limit) >= self.total
 
@@ -290,7 +315,9 @@ class DatasetPage(Page):
             ),
             self._preview,
             pn.pane.HTML("<h3>Iterations</h3>"),
-            self._iterations,
+            self.iterations_table,
             pn.pane.HTML("<h3>Add a shardset</h3>"),
             self.add_shardset,
+            pn.pane.HTML("<h3>Delete</h3>"),
+            self.remover,
         )

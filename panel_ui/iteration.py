@@ -1,4 +1,10 @@
-"""An iteration's page, live while a job runs: four bars, what is in flight, throughput."""
+"""An iteration's page, live while a job runs: what the loop sees, rank by rank, and its pace.
+
+The four bars and the ranks table follow the training loop (current: where the loop is;
+completed; filtered; failed; in flight: taken by the loop, not completed); the server's
+read-ahead is shown apart, with its limit. Each rank says its epoch and the servers
+(nodes) streaming it. The throughput chart follows the work (:mod:`.throughput`).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,24 @@ from typing import Any
 import pandas as pd
 import panel as pn
 import param
-from bokeh.models import ColumnDataSource
+from bokeh.models import ColumnDataSource, DatetimeTickFormatter, Range1d
 from bokeh.plotting import figure
 
-from ..protocol.iterations import IterationProgress
-from .common import TABLE_CSS, Page, format_time, html_table, link
+from ..protocol import Dataset
+from ..protocol.errors import ActionNotFound, IterationNotFound
+from ..protocol.iterations import IterationProgress, RankProgress
+from .common import TABLE_CSS, Page, describe_error, format_time, html_table, link
+from .deletion import ConfirmDelete, Doomed
+from .throughput import Throughput, chart_ms
 
-__all__ = ["BARS", "IterationPage", "inflight_frame"]
+__all__ = ["BARS", "IterationPage", "inflight_frame", "ranks_frame"]
 
 BARS = ("current", "completed", "filtered", "failed")
 """The four counts of an iteration, each shown as a bar out of its total."""
 
 SHOWN_POSITIONS = 20
+NODES_EVERY = 10.0
+"""Seconds between two reads of the servers' locations (when a rank names a new one)."""
 
 
 def inflight_frame(progress: IterationProgress) -> pd.DataFrame:
@@ -37,20 +49,79 @@ def inflight_frame(progress: IterationProgress) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["rank", "samples", "positions"])
 
 
+def _read_ahead(rank: RankProgress) -> str:
+    if rank.read_ahead_limit is None:
+        return str(rank.read_ahead)
+    return f"{rank.read_ahead} / {rank.read_ahead_limit}"
+
+
+def ranks_frame(
+    progress: IterationProgress, locations: dict[str, str] | None = None
+) -> pd.DataFrame:
+    """One row per rank, as its loop sees it, and the server's read-ahead apart.
+
+    current: where the loop is; in flight: taken, not completed; read ahead: sent by the
+    server ahead of the loop (``n / limit`` when the stream has a budget); pending: to be
+    handed out again; nodes: the servers streaming it (their locations when known).
+    """
+    locations = locations or {}
+    return pd.DataFrame(
+        [
+            {
+                "rank": r.rank,
+                "epoch": r.epoch,
+                "total": r.total,
+                "current": r.current,
+                "completed": r.completed,
+                "filtered": r.filtered,
+                "failed": r.failed,
+                "in flight": r.inflight,
+                "read ahead": _read_ahead(r),
+                "pending": r.pending,
+                "streams": r.streams,
+                "nodes": ", ".join(locations.get(n, n) for n in r.nodes),
+                "done": "yes" if r.done else "no",
+            }
+            for r in progress.ranks
+        ],
+        columns=[
+            "rank",
+            "epoch",
+            "total",
+            "current",
+            "completed",
+            "filtered",
+            "failed",
+            "in flight",
+            "read ahead",
+            "pending",
+            "streams",
+            "nodes",
+            "done",
+        ],
+    )
+
+
 class IterationPage(Page):
     """Progress of one iteration, read every ``period_ms`` while the page is open.
 
-    ``throughput`` holds one point per poll: seconds since the page opened and the samples
-    completed per second since the previous poll.
+    ``throughput`` holds one point per change the server recorded: its clock ``time`` and
+    the samples completed per second over the last ``window`` seconds of work.
     """
 
     iteration_id = param.String(default="", doc="The iteration shown.")
     progress = param.ClassSelector(class_=IterationProgress, default=None, doc="Last read.")
+    dataset = param.ClassSelector(class_=Dataset, default=None, doc="Its dataset, by name.")
     inflight = param.DataFrame(default=None, doc="One row per rank holding samples.")
-    throughput = param.DataFrame(default=None, doc="Columns seconds, samples_per_s.")
+    ranks = param.DataFrame(default=None, doc="One row per rank: the loop's view.")
+    throughput = param.DataFrame(default=None, doc="Columns time, samples_per_s.")
+    locations = param.Dict(default={}, doc="The servers' locations by node id.")
     period_ms = param.Integer(default=500, bounds=(50, None), doc="How often to poll.")
     history = param.Integer(default=600, bounds=(2, None), doc="Throughput points kept.")
-    clock = param.Callable(default=time.monotonic, doc="Seconds, for throughput (tests fake it).")
+    window = param.Number(default=5.0, bounds=(0.1, None), doc="Seconds each rate spans.")
+    clock = param.Callable(default=time.monotonic, doc="The page's seconds (tests fake it).")
+
+    back = ("iterations", "All iterations")
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -71,57 +142,115 @@ class IterationPage(Page):
             )
             for name in BARS
         }
+        self._ranks = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
         self._inflight = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
-        self._source = ColumnDataSource(data={"seconds": [], "samples_per_s": []})
+        self._rate_note = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
+        self._source = ColumnDataSource(data={"time": [], "samples_per_s": []})
+        self._y = Range1d(start=0, end=1)
         chart = figure(
             height=260,
             sizing_mode="stretch_width",
-            x_axis_label="seconds since the page opened",
+            x_axis_type="datetime",
+            x_axis_label="clock time",
             y_axis_label="samples/s",
+            y_range=self._y,
             tools="",
             toolbar_location=None,
         )
-        chart.line("seconds", "samples_per_s", source=self._source, line_width=2, color="#5b3a99")
-        self._chart = pn.pane.Bokeh(chart, sizing_mode="stretch_width")
-        self._pushback = pn.widgets.Button(label="Pushback", color="warning")
+        chart.xaxis.formatter = DatetimeTickFormatter(
+            seconds="%H:%M:%S", minsec="%H:%M:%S", minutes="%H:%M", hourmin="%H:%M"
+        )
+        chart.line("time", "samples_per_s", source=self._source, line_width=2, color="#5b3a99")
+        self._chart = pn.pane.Bokeh(chart, sizing_mode="stretch_width", visible=False)
+        # the chart joins the page with its first point: hidden, it still left an empty frame
+        self._chart_box = pn.Column(sizing_mode="stretch_width")
+        self._pushback = pn.widgets.Button(label="Pushback", color="warning", disabled=True)
         self._pushback.on_click(self._on_pushback)
-        self._opened: float | None = None
-        self._last: tuple[float, int] | None = None
+        self.remover = ConfirmDelete(
+            client=self.client,
+            label="Delete iteration",
+            describe=self.describe_delete,
+            delete=self.delete,
+            disabled=True,
+        )
+        self.remover.param.watch(self._on_deleted, "deleted")
+        self._rates = Throughput(self.window)
         self._points: list[tuple[float, float]] = []
         self._poll: Any = None
+        self._nodes_read: float | None = None
+        self._gone = False
         self.refresh()
 
+    # -- reading -------------------------------------------------------------------------
+
     def refresh(self, now: float | None = None) -> None:
-        """Read the progress; add a throughput point from the change since the last read.
+        """Read the progress; add a throughput point when the server recorded a change.
 
         Args:
-            now: The time of this read in seconds (default: ``clock()``).
+            now: The page's time of this read in seconds (default: ``clock()``).
         """
+        if self._gone:
+            return
         now = self.clock() if now is None else now
         progress: IterationProgress | None = None
-        with self.calling():
+        try:
             progress = self.connection.get_iteration(self.iteration_id)
-        if progress is None:
+        except IterationNotFound as exc:
+            self.error, self.found = f"IterationNotFound: {exc}", False
             return
-        if self._opened is None:
-            self._opened = now
-        if self._last is not None and now > self._last[0]:
-            rate = max(0.0, (progress.completed - self._last[1]) / (now - self._last[0]))
-            point = (round(now - self._opened, 3), round(rate, 3))
-            self._points = [*self._points, point][-self.history :]
+        except Exception as exc:  # the server is away, a bad id: said, the page stays
+            self.error = describe_error(exc)
+            return
+        self.error, self.found = "", True
+        if self.dataset is None or self.dataset.id != progress.dataset_id:
+            try:
+                self.dataset = self.connection.get_dataset(dataset_id=progress.dataset_id)
+            except Exception:  # deleted meanwhile: the id is shown instead
+                self.dataset = None
+        self._learn_nodes(progress)
+        points = self._rates.observe(progress.updated_at, progress.completed, now)
+        if points:
+            self._points = [*self._points, *points][-self.history :]
             self._source.stream(
-                {"seconds": [point[0]], "samples_per_s": [point[1]]}, rollover=self.history
+                {
+                    "time": [chart_ms(t) for t, _ in points],
+                    "samples_per_s": [round(r, 3) for _, r in points],
+                },
+                rollover=self.history,
             )
-            self.throughput = pd.DataFrame(self._points, columns=["seconds", "samples_per_s"])
-        self._last = (now, progress.completed)
+            self._y.end = max(1.0, 1.15 * max(r for _, r in self._points))
+            self.throughput = pd.DataFrame(
+                [(t, round(r, 3)) for t, r in self._points], columns=["time", "samples_per_s"]
+            )
         self.inflight = inflight_frame(progress)
+        self.ranks = ranks_frame(progress, self.locations)
         self.progress = progress
+
+    def _learn_nodes(self, progress: IterationProgress) -> None:
+        """Read the servers' locations when a rank names one not known (not too often)."""
+        named = {n for r in progress.ranks for n in r.nodes}
+        if not named - set(self.locations):
+            return
+        now = time.monotonic()
+        if self._nodes_read is not None and now - self._nodes_read < NODES_EVERY:
+            return
+        self._nodes_read = now
+        try:
+            self.locations = {n.id: n.location for n in self.connection.list_nodes()}
+        except ActionNotFound:
+            self._nodes_read = float("inf")  # an older server: node ids it is
+        except Exception:  # shown by id until the next try
+            pass
+
+    # -- actions -------------------------------------------------------------------------
 
     def _on_pushback(self, _event: object) -> None:
         self.pushback()
 
     def pushback(self) -> int | None:
         """Return every in-flight sample to the queue; say how many."""
+        if self.progress is None or self.progress.done:
+            return None
         count: int | None = None
         with self.calling():
             count = self.connection.pushback(self.iteration_id)
@@ -131,6 +260,35 @@ class IterationPage(Page):
         self.message = f"Pushed back {count} in-flight samples: they return to the queue."
         self.refresh()
         return count
+
+    def describe_delete(self) -> Doomed:
+        """What deleting this iteration takes away."""
+        p = self.progress
+        assert p is not None
+        name = self.dataset.name if self.dataset is not None else p.dataset_id
+        streams = sum(r.streams for r in p.ranks)
+        return Doomed(
+            what=f"iteration {p.id}",
+            consequences=(
+                f"Its progress ({p.completed} of {p.total} samples completed in epoch "
+                f"{p.epoch}) is forgotten; a job that resumes it by id starts over. Dataset "
+                f"{name!r} and its shard files stay."
+            ),
+            live=f"{streams} open stream{'s' if streams > 1 else ''}" if streams else "",
+        )
+
+    def delete(self, force: bool) -> str:
+        """Delete this iteration (ending its streams first when ``force``)."""
+        self.connection.delete_iteration(self.iteration_id, force=force)
+        return f"Deleted iteration {self.iteration_id}."
+
+    def _on_deleted(self, event: Any) -> None:
+        if not event.new:
+            return
+        self._gone = True
+        self.stop_polling()
+        self.message, self.remover.message = self.remover.message, ""
+        self.found = False
 
     def start_polling(self) -> None:
         """Poll every ``period_ms`` in the browser session (stops when the session ends)."""
@@ -142,6 +300,18 @@ class IterationPage(Page):
         if self._poll is not None:
             self._poll.stop()
             self._poll = None
+
+    # -- showing -------------------------------------------------------------------------
+
+    @param.depends("found", watch=True)
+    def _found_changed(self) -> None:
+        self._pushback.disabled = not self.found or self.progress is None or self.progress.done
+        self.remover.disabled = not self.found
+
+    def _dataset_html(self, p: IterationProgress) -> str:
+        if self.dataset is None:
+            return f"<code>{html.escape(p.dataset_id)}</code>"
+        return link("dataset", self.dataset.name, id=self.dataset.id)
 
     @param.depends("progress", watch=True)
     def _render(self) -> None:
@@ -161,19 +331,53 @@ class IterationPage(Page):
             )
         spec = p.spec
         held = sum(r.inflight for r in p.ranks)
-        shuffle = f"yes (seed {p.seed})" if spec.shuffle else "no"
+        limits = [r.read_ahead_limit for r in p.ranks if r.read_ahead_limit is not None]
+        limit = f" (limit {sum(limits)})" if limits else ""
+        if not spec.shuffle:
+            shuffle = "no"
+        elif spec.shuffle_seed is None:
+            shuffle = f"yes (seed {p.seed}, chosen by the server)"
+        else:
+            shuffle = f"yes (seed {p.seed})"
+        epochs = f"{spec.epochs} in all" if spec.epochs is not None else "no limit"
         self._summary.object = (
-            f'<p id="iteration-summary">dataset {link("dataset", p.dataset_id, id=p.dataset_id)}'
+            f'<p id="iteration-summary">dataset {self._dataset_html(p)}'
+            f' · epoch <b id="lf-epoch">{p.epoch}</b> ({epochs}, from 0)'
             f" · batch size {spec.batch_size} · shuffle "
-            f"{html.escape(shuffle)} · world size {spec.world_size}"
-            f" · created {format_time(p.created_at)} · updated {format_time(p.updated_at)}"
-            f' · <b id="lf-state">{"done" if p.done else "running"}</b></p>'
-            f'<p>in flight: <b id="lf-inflight">{held}</b> samples'
+            f'<span id="lf-shuffle">{html.escape(shuffle)}</span> · world size '
+            f"{spec.world_size} · created {format_time(p.created_at)} · updated "
+            f'{format_time(p.updated_at)} · <b id="lf-state">{"done" if p.done else "running"}'
+            "</b></p>"
+            f'<p>in flight (the loop took them, not completed yet): <b id="lf-inflight">{held}'
+            f"</b> samples · read ahead by the server: "
+            f'<b id="lf-read-ahead">{p.read_ahead}</b>{limit}'
             f" · pending again: {sum(r.pending for r in p.ranks)}</p>"
+        )
+        self._ranks.object = html_table(
+            self.ranks, "ranks-table", empty="No rank has started.", numeric=["read ahead"]
         )
         self._inflight.object = html_table(
             self.inflight, "inflight-table", empty="Nothing in flight."
         )
+        self._pushback.disabled = p.done or not self.found
+        self.remover.disabled = not self.found
+        if self._points:
+            self._rate_note.object = ""
+            self._chart.visible = True
+            if not self._chart_box.objects:
+                self._chart_box.objects = [self._chart]
+        else:
+            self._rate_note.object = (
+                '<p class="lf-empty" id="throughput-empty">'
+                + (
+                    "Finished: no work while this page is open."
+                    if p.done
+                    else "Waiting for the loop's next reports."
+                )
+                + "</p>"
+            )
+            self._chart.visible = False
+            self._chart_box.objects = []
 
     def __panel__(self) -> pn.viewable.Viewable:
         rows = [pn.Row(self._labels[name], self.bars[name]) for name in BARS]
@@ -181,9 +385,14 @@ class IterationPage(Page):
             f"Iteration {self.iteration_id}",
             self._summary,
             *rows,
+            pn.pane.HTML("<h3>Ranks</h3>"),
+            self._ranks,
             pn.pane.HTML("<h3>In flight</h3>"),
             pn.Row(self._pushback),
             self._inflight,
             pn.pane.HTML("<h3>Throughput (samples/s)</h3>"),
-            self._chart,
+            self._rate_note,
+            self._chart_box,
+            pn.pane.HTML("<h3>Delete</h3>"),
+            self.remover,
         )

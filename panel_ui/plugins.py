@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,13 +15,34 @@ from ..protocol.errors import ActionNotFound
 from ..protocol.wire import PluginParameter
 from .common import TABLE_CSS, Page, describe_error, html_table
 
-__all__ = ["PluginsPage", "describe_parameters"]
+__all__ = ["PluginsPage", "describe_parameters", "doc_html"]
 
 NO_PLUGINS = "No plugins installed."
 NO_ACTION = (
     "This server cannot list its plugins (it has no 'list_plugins' action): "
     "update the server to see its filters, collaters and preprocessors."
 )
+
+
+_ROLE = re.compile(r":[a-z:]+:`~?([^`]+)`")
+_LITERAL = re.compile(r"``(.+?)``")
+_INTERPRETED = re.compile(r"`([^`]+)`")
+_STRONG = re.compile(r"\*\*(.+?)\*\*")
+_EMPHASIS = re.compile(r"\*(\S(?:.*?\S)?)\*")
+
+
+def doc_html(text: str) -> str:
+    """A docstring line's reStructuredText markup as HTML (everything else escaped).
+
+    ````x````, ```x``` and ``:role:`x``` (``~a.b.c`` as ``c``) become code, ``**x**`` bold and
+    ``*x*`` emphasis, so the plugins page shows no raw markup.
+    """
+    escaped = html.escape(text, quote=False)
+    escaped = _ROLE.sub(lambda m: f"<code>{m.group(1).rsplit('.', 1)[-1]}</code>", escaped)
+    escaped = _LITERAL.sub(r"<code>\1</code>", escaped)
+    escaped = _INTERPRETED.sub(r"<code>\1</code>", escaped)
+    escaped = _STRONG.sub(r"<b>\1</b>", escaped)
+    return _EMPHASIS.sub(r"<em>\1</em>", escaped)
 
 
 def _parameter(p: PluginParameter) -> str:
@@ -98,7 +120,16 @@ class PluginsPage(Page):
 
     @param.depends("plugins", "problems", watch=True)
     def _render(self) -> None:
-        table = "" if self.plugins is None else html_table(self.plugins, "plugins-table", empty="")
+        table = (
+            ""
+            if self.plugins is None
+            else html_table(
+                self.plugins,
+                "plugins-table",
+                links={"description": lambda row: doc_html(str(row["description"] or ""))},
+                empty="",
+            )
+        )
         broken = "".join(f"<li>{html.escape(p)}</li>" for p in self.problems)
         if broken:
             table += f'<h3>Failed to load</h3><ul id="plugin-problems">{broken}</ul>'

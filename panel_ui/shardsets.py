@@ -11,12 +11,24 @@ import panel as pn
 import param
 from pydantic import ValidationError
 
-from ..protocol import ColumnOptions, Shard, Shardset, SyncResult, wire
+from ..protocol import ColumnOptions, Dataset, Shard, Shardset, SyncResult, wire
 from ..protocol.errors import ActionNotFound, InvalidArgument
 from ..protocol.shards import aligned_partners
 from .common import TABLE_CSS, Page, describe_error, format_bytes, format_time, html_table, link
+from .deletion import ConfirmDelete, Doomed
 
-__all__ = ["AddShardsetForm", "ShardsetPage", "columns_to_text", "parse_columns"]
+__all__ = ["AddShardsetForm", "ShardsetPage", "columns_to_text", "for_the_form", "parse_columns"]
+
+PYTHON_HINT = "pass columns=[...] or write a shard there first"
+FORM_HINT = (
+    "put shard files there first, or type the columns below ('name: type' lines) and "
+    "Save: the shardset then waits for its files (Sync registers them)"
+)
+
+
+def for_the_form(message: str) -> str:
+    """A server's message reworded for the web form (it speaks to Python users)."""
+    return message.replace(PYTHON_HINT, FORM_HINT)
 
 
 def columns_to_text(columns: Sequence[ColumnOptions]) -> str:
@@ -105,7 +117,7 @@ class AddShardsetForm(Page):
             )
             return None
         except Exception as exc:
-            self.error = describe_error(exc)
+            self.error = for_the_form(describe_error(exc))
             return None
         self.error = ""
         self.columns_text = columns_to_text(found)
@@ -162,11 +174,12 @@ class AddShardsetForm(Page):
 
 
 class ShardsetPage(Page):
-    """One shardset: its columns and shards, and a Sync button for new shard files."""
+    """One shardset: its columns and shards, a Sync button for new shard files, a delete."""
 
     dataset_id = param.String(default="", doc="The shardset's dataset.")
     shardset_id = param.String(default="", doc="The shardset shown.")
     shardset = param.ClassSelector(class_=Shardset, default=None, doc="The shardset, as read.")
+    dataset = param.ClassSelector(class_=Dataset, default=None, doc="Its dataset, by name.")
     shards = param.DataFrame(default=None, doc="One row per shard file.")
     aligned = param.Integer(
         default=None, allow_None=True, doc="Shards aligned with a main shard (None: main)."
@@ -180,17 +193,27 @@ class ShardsetPage(Page):
         self._shards = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
         self._sync = pn.widgets.Button(label="Sync", color="primary")
         self._sync.on_click(self._on_sync)
+        self.remover = ConfirmDelete(
+            client=self.client,
+            label="Delete shardset",
+            describe=self.describe_delete,
+            delete=self.delete,
+            disabled=True,
+        )
+        self.remover.param.watch(self._on_deleted, "deleted")
         self.refresh()
         self._render()
 
     def refresh(self) -> None:
-        """Read the shardset and its shards."""
+        """Read the shardset, its shards and its dataset (for its name)."""
+        read = False
         with self.calling():
             shardset = self.connection.get_shardset(self.dataset_id, self.shardset_id)
             shards = self.connection.list_shards(self.dataset_id, self.shardset_id)
+            dataset = self.connection.get_dataset(dataset_id=self.dataset_id)
             partners: dict[int, int] | None = None
             if not shardset.is_main:
-                main = self.connection.get_dataset(dataset_id=self.dataset_id).main_shardset
+                main = dataset.main_shardset
                 if main is not None:
                     main_shards = self.connection.list_shards(self.dataset_id, main.id)
                     partners = aligned_partners(shards, main_shards)
@@ -214,7 +237,12 @@ class ShardsetPage(Page):
                 columns=["index", "file", "format", "rows", "size", "uid range", "joins"],
             )
             self.aligned = None if partners is None else len(partners)
+            self.dataset = dataset
             self.shardset = shardset
+            read = True
+        if not read and self.shardset is None:
+            self.found = False
+        self.remover.disabled = not self.found
 
     def _on_sync(self, _event: object) -> None:
         self.sync()
@@ -238,7 +266,49 @@ class ShardsetPage(Page):
         self.refresh()
         return result
 
-    @param.depends("shardset", "shards", watch=True)
+    # -- deleting ------------------------------------------------------------------------
+
+    def describe_delete(self) -> Doomed:
+        """What deleting the shardset takes away (and the live iterations reading it)."""
+        s = self.shardset
+        assert s is not None
+        name = self.dataset.name if self.dataset is not None else s.dataset_id
+        uid = self.dataset.uid_column_name if self.dataset is not None else ""
+        columns = ", ".join(c.name for c in s.columns if c.name != uid) or "none"
+        main = (
+            " It is the main shardset: the next one becomes main and decides which samples exist."
+            if s.is_main
+            else ""
+        )
+        running = self.connection.list_iterations(s.dataset_id, state="running", ranks=True)
+        live = [
+            f"{it.id} ({n} open stream{'s' if n > 1 else ''})"
+            for it in running
+            if (n := sum(r.streams for r in it.ranks))
+            and (s.is_main or it.spec.shardsets is None or s.id in it.spec.shardsets)
+        ]
+        return Doomed(
+            what=f"shardset {s.id} of dataset {name!r}",
+            consequences=(
+                f"Its columns ({columns}) leave the dataset.{main} Its {s.shard_count} shard "
+                f"files stay in storage at {s.location}."
+            ),
+            live=", ".join(live),
+        )
+
+    def delete(self, force: bool) -> str:
+        """Delete the shardset (ending the live iterations reading it first when ``force``)."""
+        self.connection.delete_shardset(self.dataset_id, self.shardset_id, force=force)
+        return f"Deleted shardset {self.shardset_id}; its shard files stay."
+
+    def _on_deleted(self, event: Any) -> None:
+        if event.new:
+            self.message, self.remover.message = self.remover.message, ""
+            self.found = False
+
+    # -- showing -------------------------------------------------------------------------
+
+    @param.depends("shardset", "shards", "dataset", watch=True)
     def _render(self) -> None:
         s = self.shardset
         if s is None:
@@ -250,8 +320,13 @@ class ShardsetPage(Page):
             f"<td>{html.escape(c.description)}</td></tr>"
             for c in s.columns
         )
+        dataset = (
+            link("dataset", self.dataset.name, id=s.dataset_id)
+            if self.dataset is not None
+            else f"<code>{html.escape(s.dataset_id)}</code>"
+        )
         self._summary.object = (
-            f'<p id="shardset-summary">dataset {link("dataset", s.dataset_id, id=s.dataset_id)} · '
+            f'<p id="shardset-summary">dataset {dataset} · '
             f"location <code>{html.escape(s.location)}</code> · "
             f"{'main · ' if s.is_main else ''}{s.shard_count} shards · {s.total_samples} "
             f"samples · {format_bytes(s.total_bytes)} · created {format_time(s.created_at)}</p>"
@@ -276,4 +351,6 @@ class ShardsetPage(Page):
             pn.Row(self._sync),
             pn.pane.HTML("<h3>Shards</h3>"),
             self._shards,
+            pn.pane.HTML("<h3>Delete</h3>"),
+            self.remover,
         )

@@ -107,6 +107,8 @@ class LiveIteration:
             )
         self.parked = False
         self.deleted = False
+        self.sent = 0
+        """Samples this server's streams sent (for the nodes' samples/s)."""
         self.last_used = time.monotonic()
         self._flows: dict[tuple[int, int, int], RankFlow] = {}
         """By epoch, rank and deal (a deal's local seqs are not another's)."""
@@ -115,8 +117,6 @@ class LiveIteration:
         self._lock = threading.Lock()
         self._row_cost: float | None = None
         self._output_schema: pa.Schema | None = None
-        self.samples_sent = 0
-        """Samples the batches of its streams spanned, since it was loaded (a rate's count)."""
 
     # -- what it is ----------------------------------------------------------------------
 
@@ -342,8 +342,7 @@ class LiveIteration:
                 if ticket.positions:
                     fields.update(encode_positions(plan.positions(message.seq)))
                 self.last_used = time.monotonic()
-                with self._lock:
-                    self.samples_sent += message.samples
+                self.sent += message.batch.num_rows
                 yield message.batch, pa.py_buffer(json.dumps(fields).encode())
             work.drain()
             finished = True

@@ -109,6 +109,8 @@ class IterationManager:
         self.budget = budget or ReadAhead()
         self.store = ProgressStore(catalog, self.node, lease_seconds or 300.0)
         self.started_at = time.time()
+        self._sent_seen: dict[str, int] = {}
+        self._beat_at: float | None = None
         self._live: dict[str, LiveIteration] = {}
         self._views: dict[str, EpochViews] = {}  # of iterations listed, not live here
         self._lock = threading.Lock()
@@ -116,8 +118,6 @@ class IterationManager:
         self._shard_reads = ThreadPoolExecutor(read_threads, thread_name_prefix="lavender-read")
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
-        self._evicted_sent = 0  # samples sent by live iterations dropped since
-        self._rate = (time.monotonic(), 0, 0.0)  # (when, samples sent then, samples/s)
         self._locations: tuple[float, list[str]] = (0.0, [])
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -129,24 +129,20 @@ class IterationManager:
         self._janitor.start()
 
     def _heartbeat(self) -> None:
+        """Say this server is alive, with its open streams and samples/s since the last beat."""
         live = self._all()
+        now = time.monotonic()
+        sent = {i.id: i.sent for i in live}
+        # samples each live iteration sent since the last beat (one evicted meanwhile: its
+        # last samples go uncounted; one new: all it sent)
+        delta = sum(max(0, n - self._sent_seen.get(key, 0)) for key, n in sent.items())
+        elapsed = now - self._beat_at if self._beat_at is not None else 0.0
+        rate = delta / elapsed if elapsed > 0 else 0.0
+        self._sent_seen, self._beat_at = sent, now
         info = json.dumps(
-            {
-                "streams": sum(len(i.open_streams) for i in live),
-                "samples_per_s": round(self._samples_per_s(live), 1),
-            }
+            {"streams": sum(len(i.open_streams) for i in live), "samples_per_s": round(rate, 1)}
         )
         self.catalog.heartbeat_node(self.node, self.location, self.started_at, info)
-
-    def _samples_per_s(self, live: list[LiveIteration]) -> float:
-        """Samples sent per second since the last heartbeat (a counter per live iteration)."""
-        sent = self._evicted_sent + sum(i.samples_sent for i in live)
-        when, before, rate = self._rate
-        now = time.monotonic()
-        if now - when >= 0.5:  # heartbeats close together keep the last figure
-            rate = max(0, sent - before) / (now - when)
-            self._rate = (now, sent, rate)
-        return rate
 
     # -- the servers on the catalog ------------------------------------------------------
 
@@ -216,7 +212,6 @@ class IterationManager:
             for iteration_id, live in list(self._live.items()):
                 if not live.open_streams and now - live.last_used > self.idle_seconds:
                     del self._live[iteration_id]
-                    self._evicted_sent += live.samples_sent
                     live.blocks.clear()
 
     def close(self) -> None:
@@ -439,13 +434,8 @@ class IterationManager:
         return found
 
     def _done(self, record: IterationRecord) -> bool:
-        """Whether an iteration is done, as ``LiveIteration.progress`` says, from its states."""
-        latest = self.store.latest(record.id)
-        if len(latest) < record.spec.world_size:  # a rank never streamed: its size decides
-            return self._progress_of(record, ranks=False).done
-        last = max(epoch for epoch, _ in latest.values())
-        epochs = record.spec.epochs
-        return all(s.done for _, s in latest.values()) and (epochs is None or last + 1 >= epochs)
+        """Whether an iteration is done, as its progress says (no reader is built for it)."""
+        return self._progress_of(record, ranks=False).done
 
     def busy(self, iteration_id: str) -> int:
         """Open streams of an iteration, on any server."""
@@ -479,8 +469,6 @@ class IterationManager:
         """Stop serving an iteration here; its streams end with ``IterationNotFound``."""
         with self._lock:
             live = self._live.pop(iteration_id, None)
-            if live is not None:
-                self._evicted_sent += live.samples_sent
         if live is not None:
             live.deleted = True
             live.park()

@@ -28,7 +28,11 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--no-first-run",
 ]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "panel_ui"
+ARTIFACTS = Path(
+    os.environ.get("LAVENDER_FLIGHT_SHOTS")
+    or Path(__file__).resolve().parents[2] / "test-artifacts" / "panel_ui"
+)
+"""Where screenshots go (``LAVENDER_FLIGHT_SHOTS`` to look at them elsewhere)."""
 WAIT_MS = 15_000
 """Every browser wait gives up after this long (milliseconds)."""
 
@@ -150,7 +154,7 @@ def page(browser: Any) -> Iterator[tuple[Any, Recorder]]:
 
 
 def screenshot(tab: Any, name: str) -> Path:
-    """Save the whole page as ``test-artifacts/panel_ui/<name>.png``."""
+    """Save the whole page as ``<ARTIFACTS>/<name>.png``."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     tab.screenshot(path=str(path), full_page=True, timeout=WAIT_MS)

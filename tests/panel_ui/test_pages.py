@@ -163,7 +163,7 @@ def test_dataset_lists_its_iterations(client: LavenderClient, data_dir: Path) ->
     assert [(r["id"], r["total"], r["completed"], r["done"]) for r in rows] == [
         ("epoch-1", 20, 20, "yes")
     ]
-    assert 'href="iteration?id=epoch-1"' in page._iterations.object
+    assert 'href="iteration?id=epoch-1"' in page.iterations_table._table.object
 
 
 def test_unknown_dataset_is_a_message(client: LavenderClient) -> None:
@@ -358,41 +358,56 @@ def wait_until(check: Any, timeout: float = 10.0) -> None:
 def test_iteration_progress_throughput_and_pushback(client: LavenderClient, data_dir: Path) -> None:
     dataset_id = write_dataset("ds", data_dir / "main", shards=4, rows=50)
     clock = FakeClock()
-    page = IterationPage(client=client, iteration_id="live", clock=clock)
+    page = IterationPage(client=client, iteration_id="live", clock=clock, window=120.0)
     assert page.error.startswith("IterationNotFound: ")
 
     iteration = Iteration.from_dataset(dataset_id, batch_size=10, iteration_id="live")
     assert iteration.id == "live"  # reading the id creates it on the server
     stream = iter(iteration)
-    page.refresh()
-    assert page.error == ""
-    assert page.progress is not None and page.progress.total == 200
-    assert page.throughput is None  # one read: no rate yet
+    try:
+        page.refresh()
+        assert page.error == ""
+        assert page.progress is not None and page.progress.total == 200
+        assert page.throughput is None  # one read: no rate yet
+        started = page.progress.updated_at
 
-    held = [next(stream)["uid"] for _ in range(4)]  # 3 batches completed, the 4th in use
-    wait_until(lambda: lavender.get_iteration("live").completed == 30)
-    clock.now += 2.0
-    page.refresh()
-    assert page.progress.completed == 30
-    assert page.throughput.to_dict("records") == [{"seconds": 2.0, "samples_per_s": 15.0}]
-    assert page._source.data["samples_per_s"] == [15.0]
-    bars = {name: (bar.value, bar.max) for name, bar in page.bars.items()}
-    assert bars["completed"] == (30, 200) and bars["filtered"] == (0, 200)
-    assert bars["current"][0] >= 40 and bars["failed"] == (0, 200)
-    assert 'id="lf-completed">30</b> / 200 (15%)' in page._labels["completed"].object
+        held = [next(stream)["uid"] for _ in range(4)]  # 3 batches completed, the 4th in use
+        wait_until(lambda: lavender.get_iteration("live").completed == 30)
+        clock.now += 2.0
+        page.refresh()
+        assert page.progress.completed == 30
+        # the rate follows the server's clock (when the completions were recorded), not
+        # the page's polls: 30 samples between the two changes the server recorded
+        changed = page.progress.updated_at
+        rate = round(30 / (changed - started), 3)
+        assert page.throughput.to_dict("records") == [{"time": changed, "samples_per_s": rate}]
+        assert page._source.data["samples_per_s"] == [rate]
+        bars = {name: (bar.value, bar.max) for name, bar in page.bars.items()}
+        assert bars["completed"] == (30, 200) and bars["filtered"] == (0, 200)
+        assert bars["current"][0] >= 40 and bars["failed"] == (0, 200)
+        assert 'id="lf-completed">30</b> / 200 (15%)' in page._labels["completed"].object
+        assert 'id="lf-epoch">0</b>' in page._summary.object
+        ranks = page.ranks.to_dict("records")
+        assert [(r["rank"], r["epoch"], r["completed"]) for r in ranks] == [(0, 0, 30)]
 
-    inflight = page.inflight.to_dict("records")
-    assert [r["rank"] for r in inflight] == [0]
-    assert inflight[0]["samples"] == page.progress.current - 30
-    assert inflight[0]["positions"].startswith(", ".join(str(u) for u in held[3]))
+        inflight = page.inflight.to_dict("records")
+        assert [r["rank"] for r in inflight] == [0]
+        assert inflight[0]["samples"] == page.progress.current - 30
+        assert inflight[0]["positions"].startswith(", ".join(str(u) for u in held[3]))
 
-    ahead = page.progress.read_ahead  # sent ahead of the loop: pushed back too
-    pushed = page.pushback()
-    assert pushed == inflight[0]["samples"] + ahead
-    assert page.message == f"Pushed back {pushed} in-flight samples: they return to the queue."
-    assert page.inflight.empty and "Nothing in flight." in page._inflight.object
-    assert 'id="lf-inflight">0</b>' in page._summary.object
-    stream.close()
+        # sent ahead of the loop: pushed back too. The stream may read further ahead
+        # between the page's read and the pushback, never past its read-ahead limit.
+        ahead = page.progress.read_ahead
+        limit = page.progress.ranks[0].read_ahead_limit
+        assert limit is not None and ahead <= limit
+        pushed = page.pushback()
+        assert pushed is not None
+        assert inflight[0]["samples"] + ahead <= pushed <= inflight[0]["samples"] + limit
+        assert page.message == f"Pushed back {pushed} in-flight samples: they return to the queue."
+        assert page.inflight.empty and "Nothing in flight." in page._inflight.object
+        assert 'id="lf-inflight">0</b>' in page._summary.object
+    finally:
+        stream.close()
 
 
 def test_iteration_poll_errors_clear_when_the_server_answers(client: LavenderClient) -> None:
