@@ -3,7 +3,8 @@
 The four bars and the ranks table follow the training loop (current: where the loop is;
 completed; filtered; failed; in flight: taken by the loop, not completed); the server's
 read-ahead is shown apart, with its limit. Each rank says its epoch and the servers
-(nodes) streaming it. The throughput chart follows the work (:mod:`.throughput`).
+(nodes) streaming it. A mixture adds its sources and its weights over time
+(:mod:`.mixture`). The throughput chart follows the work (:mod:`.throughput`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..protocol.errors import ActionNotFound, IterationNotFound
 from ..protocol.iterations import IterationProgress, RankProgress
 from .common import TABLE_CSS, Page, describe_error, format_time, html_table, link
 from .deletion import ConfirmDelete, Doomed
+from .mixture import schedule_frame, sources_frame
 from .throughput import Throughput, chart_ms
 
 __all__ = ["BARS", "IterationPage", "inflight_frame", "ranks_frame"]
@@ -114,6 +116,8 @@ class IterationPage(Page):
     dataset = param.ClassSelector(class_=Dataset, default=None, doc="Its dataset, by name.")
     inflight = param.DataFrame(default=None, doc="One row per rank holding samples.")
     ranks = param.DataFrame(default=None, doc="One row per rank: the loop's view.")
+    sources = param.DataFrame(default=None, doc="A mixture's sources (None: not a mixture).")
+    schedule = param.DataFrame(default=None, doc="A mixture's weight changes, oldest first.")
     throughput = param.DataFrame(default=None, doc="Columns time, samples_per_s.")
     locations = param.Dict(default={}, doc="The servers' locations by node id.")
     period_ms = param.Integer(default=500, bounds=(50, None), doc="How often to poll.")
@@ -144,6 +148,8 @@ class IterationPage(Page):
         }
         self._ranks = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
         self._inflight = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
+        self._mixture = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
+        self._names: dict[str, str] = {}
         self._rate_note = pn.pane.HTML("", stylesheets=css, sizing_mode="stretch_width")
         self._source = ColumnDataSource(data={"time": [], "samples_per_s": []})
         self._y = Range1d(start=0, end=1)
@@ -224,6 +230,10 @@ class IterationPage(Page):
             )
         self.inflight = inflight_frame(progress)
         self.ranks = ranks_frame(progress, self.locations)
+        if progress.mixture is not None:
+            self._learn_names([s.dataset_id for s in progress.mixture.sources])
+            self.sources = sources_frame(progress.mixture, self._names)
+            self.schedule = schedule_frame(progress.mixture, self._names)
         self.progress = progress
 
     def _learn_nodes(self, progress: IterationProgress) -> None:
@@ -241,6 +251,16 @@ class IterationPage(Page):
             self._nodes_read = float("inf")  # an older server: node ids it is
         except Exception:  # shown by id until the next try
             pass
+
+    def _learn_names(self, dataset_ids: list[str]) -> None:
+        """The names of a mixture's source datasets, read once (a deleted one keeps its id)."""
+        for dataset_id in dataset_ids:
+            if dataset_id in self._names:
+                continue
+            try:
+                self._names[dataset_id] = self.connection.get_dataset(dataset_id=dataset_id).name
+            except Exception:  # gone, or the server is away: shown by id
+                self._names[dataset_id] = dataset_id
 
     # -- actions -------------------------------------------------------------------------
 
@@ -309,6 +329,8 @@ class IterationPage(Page):
         self.remover.disabled = not self.found
 
     def _dataset_html(self, p: IterationProgress) -> str:
+        if p.mixture is not None:  # its sources are listed below
+            return f"a mixture of {len(p.mixture.sources)} datasets"
         if self.dataset is None:
             return f"<code>{html.escape(p.dataset_id)}</code>"
         return link("dataset", self.dataset.name, id=self.dataset.id)
@@ -341,7 +363,7 @@ class IterationPage(Page):
             shuffle = f"yes (seed {p.seed})"
         epochs = f"{spec.epochs} in all" if spec.epochs is not None else "no limit"
         self._summary.object = (
-            f'<p id="iteration-summary">dataset {self._dataset_html(p)}'
+            f'<p id="iteration-summary">{"" if p.mixture else "dataset "}{self._dataset_html(p)}'
             f' · epoch <b id="lf-epoch">{p.epoch}</b> ({epochs}, from 0)'
             f" · batch size {spec.batch_size} · shuffle "
             f'<span id="lf-shuffle">{html.escape(shuffle)}</span> · world size '
@@ -359,6 +381,16 @@ class IterationPage(Page):
         self._inflight.object = html_table(
             self.inflight, "inflight-table", empty="Nothing in flight."
         )
+        if p.mixture is not None:
+            self._mixture.object = (
+                f"<h3>Mixture</h3><p>when a source runs out: <b>{p.mixture.on_exhausted}</b>"
+                " · drawn: its samples the loops reached this epoch; finished: of those, "
+                "completed</p>"
+                + html_table(self.sources, "sources-table", numeric=["weight"])
+                + "<h4>Weights over time</h4><p>each row holds from that sample of its epoch"
+                " on (a resume replays the same order)</p>"
+                + html_table(self.schedule, "schedule-table", numeric=["from sample"])
+            )
         self._pushback.disabled = p.done or not self.found
         self.remover.disabled = not self.found
         if self._points:
@@ -387,6 +419,7 @@ class IterationPage(Page):
             *rows,
             pn.pane.HTML("<h3>Ranks</h3>"),
             self._ranks,
+            self._mixture,
             pn.pane.HTML("<h3>In flight</h3>"),
             pn.Row(self._pushback),
             self._inflight,
