@@ -6,7 +6,8 @@ arrow/python; then joined with an aligned and an unaligned feature shardset vs t
 shardset), ``preprocessing`` (a CPU-bound preprocessor, 0/1/2 workers), ``s3`` (moto
 S3 vs local files), ``first`` (time to the first batch of a new iteration), ``loader`` (a
 torch DataLoader whose collate does real CPU work, 0 vs 2 workers), ``memory`` (100
-iterations on one server, its RSS after each). After them, the targets table
+iterations on one server, its RSS after each), ``nodes`` (one iteration over 1, 2, 3 nodes on
+PostgreSQL vs 1 on SQLite; what a claim and an ack cost on each). After them, the targets table
 (``targets.py``): each target's figure, its baseline in the same run, the bound and
 met / missed; ``--check`` exits 1 when one is missed. The side-by-side and targets tables
 are also written as Markdown (``benchmarks/results/latest.md``, ``quick.md`` for
@@ -32,6 +33,7 @@ from . import (
     iteration,
     loader,
     memory,
+    nodes,
     s3,
     side_by_side,
     targets,
@@ -39,7 +41,7 @@ from . import (
 )
 
 RESULTS = Path(__file__).parent / "results"
-SUITES = ("side", "iteration", "preprocessing", "s3", "first", "loader", "memory")
+SUITES = ("side", "iteration", "preprocessing", "s3", "first", "loader", "memory", "nodes")
 
 
 def machine() -> dict[str, Any]:
@@ -140,6 +142,8 @@ def main() -> int:
         results["loader"] = loader.run(rows=rows // 2, repeat=repeat)
     if "memory" in suites:
         results["memory"] = memory.run(rows=rows)
+    if "nodes" in suites:
+        results["nodes"] = nodes.run(rows=rows // 5, repeat=repeat)
     results["targets"] = targets.evaluate(results)
     print("\n" + targets.render(results["targets"]))
     results["seconds"] = round(time.time() - started, 1)

@@ -22,20 +22,36 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lavender_flight.catalog import Catalog, Lock, Transaction, open_catalog
-from lavender_flight.protocol.iterations import IterationRecord, RankProgressRecord
+from lavender_flight.protocol.iterations import (
+    IterationPlan,
+    IterationRecord,
+    IterationSpec,
+)
 
-READ_ROW = "SELECT acked, updated_at FROM iteration_ranks WHERE iteration_id = ? AND rank = ?"
-UPDATE_ROW = "UPDATE iteration_ranks SET updated_at = ? WHERE iteration_id = ? AND rank = ?"
+WHERE_ROW = "WHERE iteration_id = ? AND epoch = 0 AND rank = ?"
+READ_ROW = f"SELECT state, updated_at FROM iteration_rank_states {WHERE_ROW}"
+UPDATE_ROW = f"UPDATE iteration_rank_states SET updated_at = ? {WHERE_ROW}"
+INSERT_ROW = (
+    "INSERT INTO iteration_rank_states (iteration_id, epoch, rank, state, expires_at, nodes,"
+    " updated_at) VALUES (?, 0, 0, ?, NULL, '[]', 0.0)"
+)
 
 
 def prepare(catalog: Catalog) -> None:
     dataset = catalog.create_dataset("bench", "uid")
     catalog.create_iteration(
         IterationRecord(
-            id="it-bench", dataset_id=dataset.id, spec={}, plan={}, total=1000, created_at=0.0
+            id="it-bench",
+            dataset_id=dataset.id,
+            spec=IterationSpec(dataset_id=dataset.id, batch_size=10),
+            plan=IterationPlan(shards=[(0, 1000)], seed=0),
+            total=1000,
+            created_at=0.0,
         )
     )
-    catalog.save_progress([RankProgressRecord(iteration_id="it-bench", rank=0, acked=[(0, 10)])])
+    # a rank's state row as the engine keeps it (a JSON document of a few hundred bytes)
+    state = '{"size": 1000, "batch_size": 10, "completed": [[0, 10]], "taken": [[10, 20]]}'
+    catalog._db.transaction(lambda tx: tx.run(INSERT_ROW, ("it-bench", state)))
 
 
 def write(catalog: Catalog, lock: Lock) -> Callable[[], None]:
@@ -85,7 +101,7 @@ def measure(name: str, target: str, count: int) -> list[tuple[str, str, dict[str
             ("write: SELECT FOR UPDATE + update + commit (lock=rows)", write(catalog, "rows")),
             ("write: read 1 row + update it + commit (lock=catalog)", write(catalog, "catalog")),
             ("read: one row by primary key", lambda: catalog._query(READ_ROW, ("it-bench", 0))),
-            ("read: load_progress (API)", lambda: catalog.load_progress("it-bench")),
+            ("read: load_rank_states (API)", lambda: catalog.load_rank_states("it-bench", 0)),
         ]
         return [(name, case, timings(call, count)) for case, call in cases]
     finally:

@@ -225,13 +225,14 @@ class ProgressRows:
 
     def heartbeat_node(self, node_id: str, location: str, started_at: float, info: str) -> None:
         """Register a server, or say it is still alive."""
-        now = time.time()
 
         def beat(tx: Transaction) -> None:
             sql = tx.dialect.upsert(
                 "nodes", ("id", "location", "started_at", "heartbeat_at", "info"), key=("id",)
             )
-            tx.run(sql, (node_id, location, started_at, now, info))
+            # the time of the write, not of the call: a call that waited out an outage of
+            # the database must not record a beat that makes this server look dead
+            tx.run(sql, (node_id, location, started_at, time.time(), info))
 
         self._db.transaction(beat, lock="rows")
 

@@ -10,6 +10,11 @@ When reports cannot be sent (the server is gone), the loop is let run on for a b
 number of batches, then waits for the server (retrying) for up to ``reconnect_seconds``,
 and raises ``ServerUnavailable`` saying how much was not recorded if it does not come back.
 An iteration deleted meanwhile is no such case: the loop gets ``IterationNotFound`` at once.
+
+Reports go to the server that streams the rank (it keeps the loop's read-ahead window;
+``follow`` moves them when the stream moves); when that one cannot be reached, to the other
+servers of the rank's endpoint in turn (any server records them: the state is in the
+catalog).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..protocol.errors import IterationNotFound, LavenderError, ServerUnavailable
@@ -43,10 +48,12 @@ class Acknowledger:
     """Sends a rank's taken and completed batches from a background thread (see module doc).
 
     Args:
-        client: the connection.
+        client: the connection reports go to (the server streaming the rank).
         iteration_id, rank, epoch: whose batches.
         interval: seconds between sends of completions.
         reconnect_seconds: how long the loop waits for an unreachable server.
+        fallbacks: connections to the other servers of the rank, tried in turn when
+            ``client``'s server cannot be reached.
     """
 
     def __init__(
@@ -57,10 +64,12 @@ class Acknowledger:
         epoch: int,
         interval: float = 0.25,
         reconnect_seconds: float = 30.0,
+        fallbacks: Sequence[LavenderClient] = (),
     ) -> None:
         self.deal: int | None = None
         """The deal the batches are of (the batch metadata says, after an elastic resume)."""
         self.client = client
+        self.fallbacks = [c for c in fallbacks if c is not client]
         self.iteration_id = iteration_id
         self.rank = rank
         self.epoch = epoch
@@ -83,6 +92,33 @@ class Acknowledger:
         self._sent = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="lavender-acks", daemon=True)
         self._thread.start()
+
+    # -- where reports go ----------------------------------------------------------------
+
+    def follow(self, client: LavenderClient) -> None:
+        """Send reports to ``client`` from now on (the stream moved to its server)."""
+        with self._lock:
+            if client is self.client:
+                return
+            self.fallbacks = [c for c in [self.client, *self.fallbacks] if c is not client]
+            self.client = client
+
+    def _send(self, body: AckBody) -> None:
+        """Send one report: to ``client``; when unreachable, to the fallbacks in turn."""
+        with self._lock:
+            targets = [self.client, *self.fallbacks]
+        last: ServerUnavailable | None = None
+        for target in targets:
+            try:
+                target.action("ack", body)
+            except ServerUnavailable as exc:
+                last = exc
+                continue
+            if target is not targets[0]:
+                self.follow(target)
+            return
+        assert last is not None
+        raise last
 
     # -- what the loop says --------------------------------------------------------------
 
@@ -172,7 +208,7 @@ class Acknowledger:
             completed=completed,
         )
         try:
-            self.client.action("ack", body)
+            self._send(body)
         except IterationNotFound as exc:  # deleted: final, there is nothing to retry
             with self._lock:
                 self._gone = exc

@@ -1,14 +1,21 @@
-"""``LavenderClient``: one connection to a server, with the whole client API as methods.
+"""``LavenderClient``: a connection to a service, with the whole client API as methods.
 
 The low-level layer (``flight``, :meth:`LavenderClient.options`, :meth:`~LavenderClient.errors`,
 :meth:`~LavenderClient.action`) sends typed bodies and rebuilds server errors as our classes;
 the methods above it parse every answer with the models of ``protocol``.
+
+A service may run on several servers sharing one catalog (``ClientSettings`` with several
+URLs): a call that cannot reach the server in use goes to the next one, and the one that
+answered is used from then on. :meth:`LavenderClient.at` opens a connection to one server of
+the service (the location of an endpoint) with the same settings.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -22,6 +29,7 @@ from ..protocol.errors import (
     LavenderError,
     SchemaMismatch,
     ServerError,
+    ServerUnavailable,
     from_flight_error,
 )
 from ..protocol.iterations import (
@@ -35,7 +43,9 @@ from ..protocol.iterations import (
 )
 from .settings import ClientSettings
 
-__all__ = ["LavenderClient", "column_options", "domain_error"]
+__all__ = ["LavenderClient", "column_options", "domain_error", "endpoint_locations"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -44,6 +54,15 @@ _SHARDS: TypeAdapter[list[Shard]] = TypeAdapter(list[Shard])
 _COLUMNS: TypeAdapter[list[ColumnOptions]] = TypeAdapter(list[ColumnOptions])
 _PROGRESSES: TypeAdapter[list[IterationProgress]] = TypeAdapter(list[IterationProgress])
 _NODES: TypeAdapter[list[NodeInfo]] = TypeAdapter(list[NodeInfo])
+
+
+def endpoint_locations(endpoint: flight.FlightEndpoint) -> list[str]:
+    """The URLs of an endpoint's locations, in order (empty: the server that answered)."""
+    found = []
+    for location in endpoint.locations:
+        uri = location.uri
+        found.append(uri.decode() if isinstance(uri, bytes) else str(uri))
+    return found
 
 
 def domain_error(exc: BaseException, url: str = "") -> LavenderError:
@@ -80,11 +99,13 @@ def _parse(kind: type[T] | TypeAdapter[T], answer: bytes, action: str) -> T:
 
 
 class LavenderClient:
-    """A connection to one Lavender Flight server, made from :class:`ClientSettings`.
+    """A connection to a Lavender Flight service, made from :class:`ClientSettings`.
 
     Every call has the settings' timeout, so a dead server fails fast instead of hanging a
     training job; streams have none, they last as long as the data. Connecting is lazy: a
-    server that is not there fails the first call with ``ServerUnavailable``.
+    server that is not there fails the first call with ``ServerUnavailable``. With several
+    URLs, a call that cannot reach the server in use (``ServerUnavailable``: refused, cut,
+    or no answer in time) is sent to the next one; the one that answers is kept.
     """
 
     def __init__(self, settings: ClientSettings) -> None:
@@ -102,20 +123,59 @@ class LavenderClient:
             tls["tls_root_certs"] = settings.tls_root_certs
         if settings.disable_server_verification:
             tls["disable_server_verification"] = True
-        with self.errors():
-            self.flight = flight.connect(settings.api_url, **tls)
+        self._tls = tls
+        self._index = 0
+        self._connections: dict[int, flight.FlightClient] = {}
+        self._nodes: dict[str, LavenderClient] = {}
+        self._lock = threading.Lock()
+        self._connection(0)  # a malformed URL fails here
+
+    def _connection(self, index: int) -> flight.FlightClient:
+        with self._lock:
+            found = self._connections.get(index)
+            if found is None:
+                url = self.settings.api_urls[index]
+                try:
+                    found = flight.connect(url, **self._tls)
+                except (flight.FlightError, pa.ArrowException) as exc:
+                    raise domain_error(exc, url) from None
+                self._connections[index] = found
+            return found
+
+    @property
+    def flight(self) -> flight.FlightClient:
+        """The Flight connection in use (to ``api_url``)."""
+        return self._connection(self._index)
+
+    @flight.setter
+    def flight(self, connection: flight.FlightClient) -> None:
+        self._connections[self._index] = connection
 
     @property
     def api_url(self) -> str:
-        """The URL this connection uses."""
-        return self.settings.api_url
+        """The URL in use: the first of the settings', or the one a failover moved to."""
+        return self.settings.api_urls[self._index]
 
     def __repr__(self) -> str:
         return f"LavenderClient({self.settings!r})"
 
+    def at(self, url: str) -> LavenderClient:
+        """A connection to the server at ``url`` (e.g. an endpoint's location), same settings.
+
+        This one when it is a connection to ``url`` alone; else one kept for the next asks
+        of the same URL, and closed with this one.
+        """
+        if self.settings.api_urls == (url,):
+            return self
+        with self._lock:
+            found = self._nodes.get(url)
+            if found is None:
+                found = self._nodes[url] = LavenderClient(self.settings.replace(api_url=url))
+            return found
+
     # -- the low-level layer -------------------------------------------------------------
 
-    def options(self, timeout: float | None = -1.0) -> flight.FlightCallOptions:
+    def options(self, timeout: float | None = -1.0) -> pa.flight.FlightCallOptions:
         """Call options: the API key header and a timeout (default: the settings'; None: none)."""
         return flight.FlightCallOptions(
             timeout=self.settings.timeout if timeout == -1.0 else timeout, headers=self._headers
@@ -131,14 +191,52 @@ class LavenderClient:
         except (flight.FlightError, pa.ArrowException) as exc:
             raise domain_error(exc, self.api_url) from None
 
+    def failover(self, call: Callable[[pa.flight.FlightClient], T]) -> T:
+        """Run ``call`` on the connection in use; when its server is unreachable, on the next.
+
+        Each URL of the settings is tried once, starting with the one in use; the first that
+        answers is used from then on. Errors are rebuilt as ours (see :meth:`errors`).
+
+        Raises:
+            ServerUnavailable: no server answered (the message names them, and the last
+                error).
+        """
+        urls = self.settings.api_urls
+        first = self._index
+        last: ServerUnavailable | None = None
+        for step in range(len(urls)):
+            index = (first + step) % len(urls)
+            try:
+                connection = self._connection(index)
+                try:
+                    result = call(connection)
+                except LavenderError:
+                    raise
+                except (flight.FlightError, pa.ArrowException) as exc:
+                    raise domain_error(exc, urls[index]) from None
+            except ServerUnavailable as exc:
+                last = exc
+                continue
+            if index != self._index:
+                log.warning("the server at %s answers now (%s did not)", urls[index],
+                            urls[self._index])  # fmt: skip
+                self._index = index
+            return result
+        assert last is not None
+        if len(urls) == 1:
+            raise last
+        raise ServerUnavailable(
+            f"none of the {len(urls)} servers ({', '.join(urls)}) answered; the last: {last}"
+        ) from None
+
     def action(self, name: str, body: BaseModel | dict[str, Any] | None = None) -> bytes:
         """Run ``do_action`` and return its answer's bytes."""
         if isinstance(body, BaseModel):
             payload = body.model_dump_json(by_alias=True).encode()
         else:
             payload = json.dumps(body or {}).encode()
-        with self.errors():
-            results = list(self.flight.do_action(flight.Action(name, payload), self.options()))
+        action = flight.Action(name, payload)
+        results = self.failover(lambda f: list(f.do_action(action, self.options())))
         return results[0].body.to_pybytes() if results else b""
 
     def action_json(self, name: str, body: BaseModel | dict[str, Any] | None = None) -> Any:
@@ -150,8 +248,14 @@ class LavenderClient:
         return _parse(kind, self.action(name, body), name)
 
     def close(self) -> None:
-        """Close the connection."""
-        self.flight.close()
+        """Close the connections (and those :meth:`at` opened)."""
+        with self._lock:
+            connections, self._connections = list(self._connections.values()), {}
+            nodes, self._nodes = list(self._nodes.values()), {}
+        for connection in connections:
+            connection.close()
+        for node in nodes:
+            node.close()
 
     def __enter__(self) -> LavenderClient:
         return self
@@ -289,14 +393,17 @@ class LavenderClient:
             overwrite=overwrite,
         )
         descriptor = flight.FlightDescriptor.for_command(wire.encode(command))
-        with self.errors():
-            writer, answers = self.flight.do_put(descriptor, table.schema, self.options(None))
+
+        def put(connection: flight.FlightClient) -> pa.Buffer | None:
+            writer, answers = connection.do_put(descriptor, table.schema, self.options(None))
             try:
                 writer.write_table(table)
                 writer.done_writing()
-                answer = answers.read()
+                return answers.read()
             finally:
                 writer.close()
+
+        answer = self.failover(put)
         if answer is None:
             raise SchemaMismatch("the server did not confirm the shard")
         return _parse(Shard, answer.to_pybytes(), "do_put")
@@ -331,11 +438,30 @@ class LavenderClient:
 
     def read_dataset(self, name: str, shardset_ids: Sequence[str] | None = None) -> pa.Table:
         """All rows of a dataset (by name or id) read over plain Flight, one endpoint at a time."""
-        descriptor = flight.FlightDescriptor.for_path(name, *(shardset_ids or ()))
-        with self.errors():
-            info = self.flight.get_flight_info(descriptor, self.options())
-        tables = [self._read_ticket(endpoint.ticket) for endpoint in info.endpoints]
+        info = self.get_flight_info(flight.FlightDescriptor.for_path(name, *(shardset_ids or ())))
+        tables = [self._read_endpoint(endpoint) for endpoint in info.endpoints]
         return pa.concat_tables(tables) if tables else info.schema.empty_table()
+
+    def get_flight_info(self, descriptor: pa.flight.FlightDescriptor) -> pa.flight.FlightInfo:
+        """``get_flight_info`` of a descriptor (with failover between the settings' URLs)."""
+        return self.failover(lambda f: f.get_flight_info(descriptor, self.options()))
+
+    def _read_endpoint(self, endpoint: pa.flight.FlightEndpoint) -> pa.Table:
+        """An endpoint's rows, from its first location that answers (then from ours)."""
+        urls = endpoint_locations(endpoint)
+        if not urls:
+            return self._read_ticket(endpoint.ticket)
+        last: ServerUnavailable | None = None
+        for url in urls:
+            try:
+                return self.at(url)._read_ticket(endpoint.ticket)
+            except ServerUnavailable as exc:
+                last = exc
+        try:
+            return self._read_ticket(endpoint.ticket)  # the servers we were told of
+        except ServerUnavailable:
+            assert last is not None
+            raise last from None
 
     def read_shard(
         self,
@@ -361,16 +487,16 @@ class LavenderClient:
         )
         return self._read_ticket(flight.Ticket(wire.encode(ticket)))
 
-    def _read_ticket(self, ticket: flight.Ticket) -> pa.Table:
-        with self.errors():
-            return self.flight.do_get(ticket, self.options(None)).read_all()
+    def _read_ticket(self, ticket: pa.flight.Ticket) -> pa.Table:
+        return self.failover(lambda f: f.do_get(ticket, self.options(None)).read_all())
 
     # -- the server ----------------------------------------------------------------------
 
     def list_actions(self) -> list[tuple[str, str]]:
         """The server's actions and what each does."""
-        with self.errors():
-            return [(a.type, a.description) for a in self.flight.list_actions(self.options())]
+        return self.failover(
+            lambda f: [(a.type, a.description) for a in f.list_actions(self.options())]
+        )
 
     def list_plugins(self) -> wire.PluginList:
         """The server's plugins (kind, name, doc, parameters...) and the files that failed to load.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,13 +44,20 @@ from ..protocol.iterations import (
 )
 from . import api
 from .acks import Acknowledger, acknowledging, acknowledging_samples
-from .connection import LavenderClient
+from .connection import LavenderClient, endpoint_locations
 from .formats import check_format, samples, split
 
 if TYPE_CHECKING:
     from .torch_loader import LavenderDataLoader
 
-__all__ = ["Iteration", "MixtureSource", "PluginArg", "stream_batches", "stream_messages"]
+__all__ = [
+    "Iteration",
+    "MixtureSource",
+    "PluginArg",
+    "stream_batches",
+    "stream_messages",
+    "stream_nodes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -172,30 +180,62 @@ def stream_messages(
         reader.cancel()
 
 
+def stream_nodes(client: LavenderClient, locations: Sequence[str] = ()) -> list[str]:
+    """The servers a stream may be read from, in order: the endpoint's locations, then ours.
+
+    The client's own URLs come last: a server that advertises an address this client cannot
+    reach (behind NAT, through a tunnel) is still read through the address it was given.
+    """
+    found: list[str] = []
+    own = client.settings.api_urls
+    start = own.index(client.api_url) if client.api_url in own else 0
+    for url in [*locations, *own[start:], *own[:start]]:
+        if url not in found:
+            found.append(url)
+    return found
+
+
 def stream_batches(
     client: LavenderClient,
     ticket: IterationTicket,
     format: str = "arrow",
     on_metadata: Callable[[BatchMetadata], None] | None = None,
     before_reconnect: Callable[[], None] | None = None,
+    locations: Sequence[str] = (),
+    on_node: Callable[[LavenderClient], None] | None = None,
 ) -> Iterator[tuple[Any, list[tuple[int, int]]]]:
     """Batches of one stream in ``format``, each with its ``seq`` ranges.
 
-    A Flight message may carry several batches; they are cut apart here (as views). When
-    the server goes away mid-stream, the stream is opened again (after
-    ``before_reconnect``, which sends what the loop reported) for up to the client's
-    reconnect window; batches sent again are the caller's to skip.
+    A Flight message may carry several batches; they are cut apart here (as views). The
+    stream is read from the first of ``locations`` (its endpoint's; see ``stream_nodes``),
+    through connections ``client.at`` opens; ``on_node`` is told of each server it opens
+    on. When that server goes away mid-stream, the stream is opened again on the next one
+    at once (after ``before_reconnect``, which sends what the loop reported), round after
+    round with a growing pause, for up to the client's reconnect window; the new stream
+    takes over the old one's place in the rank (its session's). Batches sent again are the
+    caller's to skip.
     """
     window = client.settings.reconnect_seconds
+    nodes = stream_nodes(client, locations)
+    index = 0
     down_since: float | None = None
     delay = 0.2
+    tried = 0  # servers tried since the stream was lost
     while True:
+        node = client.at(nodes[index])
+        if on_node is not None:
+            on_node(node)
+        if down_since is not None and before_reconnect is not None:
+            try:
+                before_reconnect()
+            except ServerUnavailable:
+                pass  # this server is down too: opening the stream will tell
         try:
-            for message, metadata in stream_messages(client, ticket):
+            for message, metadata in stream_messages(node, ticket):
                 if down_since is not None:
-                    log.warning("reconnected to %s: %s goes on", client.api_url,
+                    log.warning("reconnected to %s: %s goes on", node.api_url,
                                 ticket.iteration_id)  # fmt: skip
-                    down_since, delay = None, 0.2
+                    down_since, delay, tried = None, 0.2, 0
                 if on_metadata is not None:
                     on_metadata(metadata)
                 sizes = [rows for rows, _ in metadata.batches]
@@ -208,23 +248,25 @@ def stream_batches(
             now = time.monotonic()
             if down_since is None:
                 down_since = now
+                others = f" and {len(nodes) - 1} other server(s)" if len(nodes) > 1 else ""
                 log.warning(
-                    "lost the server at %s (%s): reconnecting for up to %g s",
-                    client.api_url, exc, window,
+                    "lost the server at %s (%s): reconnecting to it%s for up to %g s",
+                    node.api_url, exc, others, window,
                 )  # fmt: skip
-            if now - down_since + delay > window:
+            tried += 1
+            pause = delay if tried >= len(nodes) else 0.0  # a round of them all, then wait
+            if now - down_since + pause > window:
+                where = node.api_url if len(nodes) == 1 else ", ".join(nodes)
                 raise ServerUnavailable(
-                    f"the server at {client.api_url} did not come back within {window:g} s "
+                    f"the server at {where} did not come back within {window:g} s "
                     f"({exc}); resume iteration {ticket.iteration_id} later: nothing "
                     "completed is lost"
                 ) from None
-            time.sleep(delay)
-            delay = min(2.0, delay * 2)
-            if before_reconnect is not None:
-                try:
-                    before_reconnect()
-                except ServerUnavailable:
-                    pass  # still down: the next open will tell
+            if pause:
+                time.sleep(pause)
+                delay = min(2.0, delay * 2)
+                tried = 0
+            index = (index + 1) % len(nodes)
 
 
 class Iteration:
@@ -251,8 +293,13 @@ class Iteration:
         self._info: IterationInfo | None = None
         self._schema: pa.Schema | None = None
         self._ticket: IterationTicket | None = None
+        self._locations: list[str] = []
         self._epoch: int | None = None
         self._requested: int | None = None
+        self.session = secrets.token_hex(8)
+        """This object's streams' session: its reconnects take over its own streams only."""
+        self.takeover = False
+        """Whether its streams end the rank's streams of other sessions (``resume`` sets it)."""
 
     # -- on the server -------------------------------------------------------------------
 
@@ -268,8 +315,7 @@ class Iteration:
         if self._info is None:
             client = self.client
             descriptor = flight.FlightDescriptor.for_command(wire.encode(self._command))
-            with client.errors():
-                info = client.flight.get_flight_info(descriptor, client.options())
+            info = client.get_flight_info(descriptor)
             found = IterationInfo.model_validate_json(info.app_metadata)
             world = found.world_size or found.spec.world_size
             if not 0 <= self.rank < world:
@@ -278,6 +324,7 @@ class Iteration:
                 )
             endpoint = info.endpoints[self.rank]  # the server's ticket for this rank
             self._ticket = IterationTicket.model_validate_json(endpoint.ticket.ticket)
+            self._locations = stream_nodes(client, endpoint_locations(endpoint))
             self._schema = info.schema
             self._info = found
         return self._info
@@ -286,6 +333,16 @@ class Iteration:
     def id(self) -> str:
         """The iteration's id (creating it on the server if it is not there yet)."""
         return self._ensure().iteration_id
+
+    @property
+    def locations(self) -> list[str]:
+        """The servers that may stream this rank, in the order they are tried.
+
+        The rank's endpoint's locations (the live servers on the catalog, this rank's first),
+        then the client's own URLs.
+        """
+        self._ensure()
+        return list(self._locations)
 
     @property
     def spec(self) -> IterationSpec:
@@ -338,7 +395,14 @@ class Iteration:
         self._ensure()
         assert self._ticket is not None
         return self._ticket.model_copy(
-            update={"epoch": epoch, "worker": worker, "num_workers": num_workers, "window": True}
+            update={
+                "epoch": epoch,
+                "worker": worker,
+                "num_workers": num_workers,
+                "window": True,
+                "session": self.session,
+                "takeover": self.takeover,
+            }
         )
 
     # -- creating ------------------------------------------------------------------------
@@ -534,12 +598,17 @@ class Iteration:
         the new world passes the same): what is not completed, what the old ranks held in
         flight included, is dealt anew to ``world_size`` ranks, their shares within one
         batch of each other (equal with ``drop_last``), nothing completed delivered again.
+        It takes the rank over: streams of the rank that another ``Iteration`` object still
+        has open (a loop that hangs, an older process) end, and what they held is delivered
+        here. (Two objects made with ``from_dataset`` on one rank share its samples instead,
+        each getting a part.)
         """
         rank, _ = default_world(rank, None)
         command = wire.build(
             IterationCommand, "iteration", iteration_id=iteration_id, world_size=world_size
         )
         iteration = cls(command, rank, format, progress, client)
+        iteration.takeover = True
         iteration._ensure()  # a wrong id fails here
         return iteration
 
@@ -562,21 +631,25 @@ class Iteration:
     # -- iterating -----------------------------------------------------------------------
 
     def acknowledger(self, epoch: int) -> Acknowledger:
-        """The reporter of one loop over ``epoch``."""
+        """The reporter of one loop over ``epoch``: to the rank's first server, then the others."""
+        nodes = [self.client.at(url) for url in self.locations]
         return Acknowledger(
-            self.client,
+            nodes[0],
             self.id,
             self.rank,
             epoch,
             reconnect_seconds=self.client.settings.reconnect_seconds,
+            fallbacks=nodes[1:],
         )
 
-    def __iter__(self) -> Iterator[Any]:
-        epoch = self.next_epoch()
-        ticket = self.ticket(epoch)
-        acks = self.acknowledger(epoch)
+    def batches(
+        self, ticket: IterationTicket, acks: Acknowledger, format: str | None = None
+    ) -> Iterator[tuple[Any, list[tuple[int, int]]]]:
+        """The batches of one stream and their seq ranges, as they come (repeats included).
 
-        single = self.spec.batch_size == 0
+        The stream moves to the next server of the rank when its own goes away; the reports
+        follow it. ``format``: the batches' (default: the iteration's).
+        """
 
         def learn(metadata: BatchMetadata) -> None:
             if metadata.report_every:
@@ -589,10 +662,19 @@ class Iteration:
             except Exception:  # still down; the reopen that follows tells
                 pass
 
+        return stream_batches(
+            self.client, ticket, format or self.format, learn, flush, self.locations, acks.follow
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.next_epoch()
+        ticket = self.ticket(epoch)
+        acks = self.acknowledger(epoch)
+        single = self.spec.batch_size == 0
         # single samples: a group is taken when its first sample is yielded, completed
         # when the sample after its last is asked for
         fmt = "arrow" if single and self.format == "python" else self.format
-        items = stream_batches(self.client, ticket, fmt, learn, flush)
+        items = self.batches(ticket, acks, fmt)
         if not self.progress:
             if single:
                 yield from acknowledging_samples(items, acks, samples)

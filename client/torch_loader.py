@@ -11,7 +11,7 @@ main process through shared memory, not pickled (``shipping``).
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +54,10 @@ class IterationDataset(torch.utils.data.IterableDataset):
     """One rank's stream; in a worker process, that worker's share of it.
 
     It carries the whole :class:`ClientSettings` (URLs, key, timeout, TLS), pickled into
-    each worker, so a worker connects exactly as the loop's process does. ``epoch`` is
-    shared with the workers (set by the main process before each epoch). ``ship``: the
-    batches go to a loader's :class:`~.shipping.Shipper` (Arrow, with a ``Token``).
+    each worker, so a worker connects exactly as the loop's process does, and the servers
+    of the rank (``locations``, the order its streams try them in). ``epoch`` is shared
+    with the workers (set by the main process before each epoch). ``ship``: the batches go
+    to a loader's :class:`~.shipping.Shipper` (Arrow, with a ``Token``).
     """
 
     def __init__(
@@ -65,11 +66,13 @@ class IterationDataset(torch.utils.data.IterableDataset):
         ticket: IterationTicket | None,
         format: str,
         epoch: Any,
+        locations: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.ticket = ticket
         self.format = format
         self.epoch = epoch
+        self.locations = list(locations)
         self.ship = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -99,7 +102,11 @@ class IterationDataset(torch.utils.data.IterableDataset):
         # a connection of this process: gRPC channels do not survive fork
         with LavenderClient(self.settings) as client:
             batches = stream_batches(
-                client, ticket, "arrow" if ship else self.format, on_metadata=learn
+                client,
+                ticket,
+                "arrow" if ship else self.format,
+                on_metadata=learn,
+                locations=self.locations,
             )
             for batch, seq in batches:
                 made = Token if ship else Consumed
@@ -164,6 +171,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         assert isinstance(dataset, IterationDataset)
         if dataset.ticket is None:  # before the workers start: they get it with the dataset
             dataset.ticket = self.iteration.ticket(epoch)
+            dataset.locations = self.iteration.locations
         acks = self.iteration.acknowledger(epoch)
         shipper = self.collate_fn if isinstance(self.collate_fn, Shipper) else None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -292,6 +293,8 @@ class LavenderFlightServer(flight.FlightServerBase):
         self.plugins = plugins or Plugins.load(entry_points=False)
         scheme, _, rest = location.partition("://")
         host = rest.rsplit(":", 1)[0] if ":" in rest else rest
+        if host in ("0.0.0.0", "::", "[::]", ""):  # every address: clients need a name
+            host = socket.getfqdn()
         self.iterations = IterationManager(
             service.catalog,
             service,
@@ -311,14 +314,27 @@ class LavenderFlightServer(flight.FlightServerBase):
 
     # -- discovery -----------------------------------------------------------------------
 
+    def _spread(self, index: int, nodes: list[str]) -> list[flight.Location]:
+        """Endpoint ``index``'s locations: every live server, starting at ``index`` % n.
+
+        So rank r (or shard r) is served first by server r % n, and any of them can serve
+        it when that one is gone. Every server answers the same order (the catalog's).
+        """
+        if not nodes:
+            return []
+        start = index % len(nodes)
+        return [flight.Location(url) for url in nodes[start:] + nodes[:start]]
+
     def _flight_info(
         self,
         dataset: Dataset,
         descriptor: flight.FlightDescriptor,
         shardset_ids: list[str] | None = None,
+        nodes: list[str] | None = None,
     ) -> flight.FlightInfo:
         self.service.check_readable(dataset)
         reader = self.service.reader(dataset, shardset_ids)
+        nodes = self.iterations.live_locations() if nodes is None else nodes
         endpoints = [
             flight.FlightEndpoint(
                 wire.encode(
@@ -326,9 +342,9 @@ class LavenderFlightServer(flight.FlightServerBase):
                         dataset_id=dataset.id, shard_index=shard.index, shardset_ids=shardset_ids
                     )
                 ),
-                [],
+                self._spread(number, nodes),
             )
-            for shard in reader.main_shards
+            for number, shard in enumerate(reader.main_shards)
         ]
         total_bytes = sum(view.shardset.total_bytes for view in reader.views)
         return flight.FlightInfo(
@@ -338,8 +354,12 @@ class LavenderFlightServer(flight.FlightServerBase):
     def _iteration_info(
         self, live: LiveIteration, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
+        nodes = self.iterations.live_locations()
         endpoints = [
-            flight.FlightEndpoint(wire.encode(IterationTicket(iteration_id=live.id, rank=rank)), [])
+            flight.FlightEndpoint(
+                wire.encode(IterationTicket(iteration_id=live.id, rank=rank)),
+                self._spread(rank, nodes),
+            )
             for rank in range(live.world_size)
         ]
         return flight.FlightInfo(
@@ -361,6 +381,7 @@ class LavenderFlightServer(flight.FlightServerBase):
         one that cannot be opened now (say, its location was refused) is left out, and the
         others are still listed.
         """
+        nodes = self.iterations.live_locations()
         infos = []
         for dataset in self.service.list_datasets():
             descriptor = flight.FlightDescriptor.for_path(dataset.name)
@@ -368,7 +389,7 @@ class LavenderFlightServer(flight.FlightServerBase):
                 infos.append(flight.FlightInfo(pa.schema([]), descriptor, [], 0, 0))
                 continue
             try:
-                infos.append(self._flight_info(dataset, descriptor))
+                infos.append(self._flight_info(dataset, descriptor, None, nodes))
             except LavenderError as exc:
                 log.info("list_flights leaves out dataset %s: %s", dataset.name, exc)
         return iter(infos)
@@ -380,7 +401,9 @@ class LavenderFlightServer(flight.FlightServerBase):
         """Path ``[dataset]`` or ``[dataset, shardset_id...]``: endpoints, one per main shard.
 
         Command ``IterationCommand``: creates, joins or reopens an iteration; one endpoint
-        per rank.
+        per rank. Every endpoint lists the live servers on the catalog (their advertised
+        URLs), endpoint i first at server i % n: ranks and shards spread over the servers,
+        and a client whose server went away goes on at the next location.
         """
         if descriptor.descriptor_type == flight.DescriptorType.CMD:
             command = wire.decode(IterationCommand, descriptor.command, "command")

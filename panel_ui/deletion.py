@@ -85,7 +85,10 @@ class ConfirmDelete(Page):
         self.ask()
 
     def _on_confirm(self, _event: object) -> None:
-        self.confirm()
+        # one change for the browser: the page that takes over the message (and hides this
+        # box) must not show it twice for a moment
+        with pn.io.hold():
+            self.confirm()
 
     def ask(self) -> Doomed | None:
         """Open the confirmation, naming what would go (nothing is deleted yet)."""

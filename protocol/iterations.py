@@ -175,7 +175,11 @@ class IterationTicket(WireModel):
     sets ``window`` reports the batches its loop takes (``ack`` with ``taken``), and the
     server keeps what it sends ahead of the loop within a small budget; without it, the
     server sends as fast as the client reads. ``positions`` asks for the dataset positions
-    of every row in the metadata.
+    of every row in the metadata. ``session``: who streams (a token our client picks per
+    ``Iteration``); a stream takes over the earlier one of the same session and worker (a
+    reconnect, maybe through another server), while streams of other sessions share the
+    rank's work. Tickets without one are all of one session. ``takeover`` (a resumed job)
+    ends the rank's streams of every other session first: what they held is streamed here.
     """
 
     kind: Literal["iteration"] = "iteration"
@@ -186,6 +190,8 @@ class IterationTicket(WireModel):
     epoch: int | None = Field(default=None, ge=0, le=1_000_000)
     window: bool = False
     positions: bool = False
+    session: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
+    takeover: bool = False
 
 
 class AckBody(WireModel):

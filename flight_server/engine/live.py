@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ...catalog import VersionChanged
-from ...protocol.errors import InvalidArgument
+from ...protocol.errors import InvalidArgument, ServerUnavailable, StorageError
 from ...protocol.iterations import (
     AckBody,
     BatchMetadata,
@@ -44,8 +44,9 @@ from .mixture import MixtureBlocks, source_filter
 from .plan import EpochPlan
 from .progress import iteration_progress
 from .setup import IterationSetup
+from .state import stream_key
 from .store import ProgressStore, StreamHandle
-from .work import Stopped, StreamWork
+from .work import CatalogLost, Stopped, StreamWork, Superseded
 
 __all__ = ["LiveIteration"]
 
@@ -230,6 +231,7 @@ class LiveIteration:
         epoch = ticket.epoch if ticket.epoch is not None else self.epoch_of(ticket.rank)
         schema = self.schema  # fail before streaming when the data is gone
         self.last_used = time.monotonic()
+        self._end_cancelled(ticket.rank)
         while True:
             world = views.world(epoch, ticket.rank, ticket.worker, ticket.num_workers)
             plan = views.plan(epoch)
@@ -238,15 +240,18 @@ class LiveIteration:
                     self.id,
                     epoch,
                     ticket.rank,
-                    (ticket.worker, ticket.num_workers),
+                    stream_key(ticket.worker, ticket.num_workers, ticket.session),
                     lambda rank: views.rank_size(epoch, rank),
                     self.spec.batch_size,
                     version=views.version,
                     deal=views.deal_number(epoch),
+                    takeover=ticket.takeover,
                 )
                 break
             except VersionChanged:  # changed through another server: look again
                 self.refresh()
+            except StorageError as exc:  # another server may have the catalog: try there
+                raise ServerUnavailable(f"this server cannot open the stream now: {exc}") from exc
         flow = self._flow(epoch, ticket.rank, handle.deal)
         with flow.cond:
             flow.held[handle] = RangeSet()
@@ -298,6 +303,19 @@ class LiveIteration:
             return self.output_schema, iter(())
         return first[0].schema, itertools.chain([first], messages)
 
+    def _end_cancelled(self, rank: int) -> None:
+        """End the rank's streams here whose client is gone, before a new stream opens.
+
+        Their own loops notice within ``WAIT_SECONDS``; a client resuming the rank at once
+        (a new session: it does not take over other sessions' streams) must find what they
+        held back in the queue already.
+        """
+        with self._lock:
+            checks = list(self._cancel_checks.items())
+        gone = [handle for handle, cancelled in checks if handle.rank == rank and cancelled()]
+        if gone:
+            self.store.end_streams(gone, orphan=True)
+
     def _messages(
         self,
         batcher: Iterator[Message],
@@ -335,8 +353,18 @@ class LiveIteration:
                 yield message.batch, pa.py_buffer(json.dumps(fields).encode())
             work.drain()
             finished = True
-        except Stopped:
+        except Stopped as exc:
+            if self.parked and not self.deleted:  # the client goes on through another server
+                raise ServerUnavailable(
+                    "this server is stopping: reconnect (to another server of the catalog)"
+                ) from None
+            if isinstance(exc, Superseded):  # not the end of the work: the loop reopens
+                raise ServerUnavailable(
+                    f"another stream took this one's place in rank {handle.rank}: reconnect"
+                ) from None
             return
+        except CatalogLost as exc:
+            raise ServerUnavailable(f"this server lost the catalog mid-stream: {exc}") from None
         except GeneratorExit:  # gRPC dropped the stream: the client is gone
             log.debug("stream of rank %d: dropped by gRPC", handle.rank)
             orphan = True

@@ -2,8 +2,10 @@
 
 Live iterations are kept in memory while they are used and dropped when idle (their state
 is in the catalog). A janitor thread keeps this server's part of the shared state right:
-it says the server is alive (``nodes``), renews the leases of the streams it serves, and
-frees the samples of streams whose server died or whose lease ran out.
+it says the server is alive (``nodes``, with what it serves: streams, samples/s), renews
+the leases of the streams it serves, and frees the samples of streams whose server died or
+whose lease ran out. ``live_locations`` lists the servers sharing the catalog
+(``get_flight_info`` spreads ranks across them).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class IterationManager:
         self.memory = service.memory
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
+        self._locations: tuple[float, list[str]] = (0.0, [])
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -142,6 +145,30 @@ class IterationManager:
         )
         self.catalog.heartbeat_node(self.node, self.location, self.started_at, info)
 
+    # -- the servers on the catalog ------------------------------------------------------
+
+    def live_locations(self) -> list[str]:
+        """The URLs of the live servers on the catalog, oldest first, this one included.
+
+        Every server answers the same list (the catalog's order), so the ranks and shards
+        that ``get_flight_info`` spreads over it land alike whichever server was asked.
+        Cached for a heartbeat's time: it is read by every ``get_flight_info``.
+        """
+        when, found = self._locations
+        now = time.monotonic()
+        if now - when < min(1.0, self.node_timeout / 4) and found:
+            return found
+        limit = time.time() - self.node_timeout
+        found = []
+        for node in self.catalog.list_nodes():
+            alive = node.heartbeat_at >= limit or node.id == self.node
+            if alive and node.location and node.location not in found:
+                found.append(node.location)
+        if self.location and self.location not in found:  # not registered yet (or evicted)
+            found.append(self.location)
+        self._locations = (now, found)
+        return found
+
     def _all(self) -> list[LiveIteration]:
         with self._lock:
             return list(self._live.values())
@@ -151,24 +178,34 @@ class IterationManager:
         renew = max(0.2, self.store.lease_seconds / 4)
         expire = max(0.2, min(self.store.lease_seconds, self.node_timeout) / 4)
         last_renew = last_expire = 0.0
+        last_beat = time.monotonic()  # start() beat
+        beating_since = float("-inf")  # since when this server's beats get through
         while not self._stop.wait(min(beat, expire)):
             try:
                 self._heartbeat()
                 now = time.monotonic()
+                if now - last_beat > self.node_timeout:  # its own beats lapsed (an outage,
+                    beating_since = now  # a call that waited it out): the others' too, maybe
+                last_beat = now
                 if now - last_renew >= renew:
                     self.store.renew([h for i in self._all() for h in i.open_streams])
                     last_renew = now
                 if now - last_expire >= expire:
-                    self.store.expire(self.dead_nodes())
+                    # after an outage of the catalog every server's heartbeat looks old: the
+                    # others get a whole timeout to beat again before any is taken for dead
+                    trusted = now - beating_since >= self.node_timeout
+                    self.store.expire(self.dead_nodes() if trusted else ())
                     last_expire = now
                 self._evict_idle()
             except Exception as exc:  # the catalog is down: try again next round
                 log.warning("keeping iteration state: %s", exc)
 
     def dead_nodes(self) -> list[str]:
-        """Servers whose heartbeat lapsed."""
+        """Servers whose heartbeat lapsed (never this one: it runs)."""
         limit = time.time() - self.node_timeout
-        return [n.id for n in self.catalog.list_nodes() if n.heartbeat_at < limit]
+        return [
+            n.id for n in self.catalog.list_nodes() if n.heartbeat_at < limit and n.id != self.node
+        ]
 
     def _evict_idle(self) -> None:
         now = time.monotonic()

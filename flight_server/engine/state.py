@@ -28,10 +28,21 @@ from ...protocol.errors import InvalidArgument
 from ...protocol.ranges import RangeSet
 from .world import World
 
-__all__ = ["Claim", "RankState", "StreamKey", "StreamState", "Unit"]
+__all__ = ["Claim", "RankState", "StreamKey", "StreamState", "Unit", "stream_key"]
 
-StreamKey = tuple[int, int]
-"""A stream of a rank: ``(worker, num_workers)``."""
+StreamKey = tuple[int, int] | tuple[int, int, str]
+"""A stream of a rank: ``(worker, num_workers)``, plus the client's session when it named
+one (``IterationTicket.session``): streams of other sessions share the rank's work."""
+
+
+def stream_key(worker: int, num_workers: int, session: str = "") -> StreamKey:
+    """The key of a stream (the session only when there is one)."""
+    return (worker, num_workers, session) if session else (worker, num_workers)
+
+
+def _session(key: StreamKey) -> str:
+    return key[2] if len(key) > 2 else ""
+
 
 Unit = list[tuple[int, int]]
 """The samples of one chunk (one batch), as ranges of local sequence numbers."""
@@ -91,6 +102,13 @@ class StreamState:
         )
 
 
+def _stream_json(key: StreamKey, stream: StreamState) -> dict[str, Any]:
+    data = stream.to_json()
+    if _session(key):
+        data["session"] = _session(key)
+    return data
+
+
 @dataclass
 class Claim:
     """Work handed to a stream: one unit per chunk, in order."""
@@ -138,7 +156,9 @@ class RankState:
                 "taken": self.taken.ranges(),
                 "filtered": self.filtered,
                 "failed": self.failed,
-                "streams": [[w, n, s.to_json()] for (w, n), s in sorted(self.streams.items())],
+                "streams": [
+                    [k[0], k[1], _stream_json(k, s)] for k, s in sorted(self.streams.items())
+                ],
                 "next_generation": self.next_generation,
                 **({"deal": self.deal} if self.deal else {}),
             },
@@ -159,7 +179,10 @@ class RankState:
             taken=RangeSet(data["taken"]),
             filtered=int(data["filtered"]),
             failed=int(data["failed"]),
-            streams={(int(w), int(n)): StreamState.from_json(s) for w, n, s in data["streams"]},
+            streams={
+                stream_key(int(w), int(n), str(s.get("session", ""))): StreamState.from_json(s)
+                for w, n, s in data["streams"]
+            },
             next_generation=int(data["next_generation"]),
             deal=int(data.get("deal", 0)),
         )
@@ -190,15 +213,22 @@ class RankState:
 
     # -- streams -------------------------------------------------------------------------
 
-    def open_stream(self, key: StreamKey, node: str, lease_until: float) -> int:
+    def open_stream(
+        self, key: StreamKey, node: str, lease_until: float, takeover: bool = False
+    ) -> int:
         """Start a stream and return its generation.
 
-        An earlier stream of the same worker (or of another worker count) is over, so what
-        it held goes back to the queue.
+        An earlier stream of the same worker (or of another worker count) of the same
+        session is over, so what it held goes back to the queue; other sessions' streams
+        go on (two clients sharing a rank each get their own part of it), unless
+        ``takeover`` (a resumed job): then they are over too, what they held for any worker.
         """
         for other in list(self.streams):
-            if other == key or other[1] != key[1]:
-                self.end_stream(other)
+            if _session(other) == _session(key):
+                if other == key or other[1] != key[1]:
+                    self.end_stream(other)
+            elif takeover:
+                self.end_stream(other, orphan=True)
         generation = self.next_generation
         self.next_generation += 1
         self.streams[key] = StreamState(generation, node, lease_until)

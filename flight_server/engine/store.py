@@ -138,13 +138,16 @@ class ProgressStore:
         start: Callable[[int], RankState | None] | None = None,
         version: int | None = None,
         deal: int = 0,
+        takeover: bool = False,
     ) -> StreamHandle:
         """Start a stream of a rank's epoch (creating the epoch's state when it is new).
 
-        An earlier stream of the same worker is over: what it held goes back to the queue.
-        ``start`` may give the state a rank begins an epoch with (progress carried over
-        from an older catalog). ``version`` and ``deal``: the changes the caller's plans
-        are of (``VersionChanged`` when the iteration changed since).
+        An earlier stream of the same worker is over: what it held goes back to the queue;
+        with ``takeover``, every other session's stream of the rank too (see
+        ``RankState.open_stream``). ``start`` may give the state a rank begins an epoch
+        with (progress carried over from an older catalog). ``version`` and ``deal``: the
+        changes the caller's plans are of (``VersionChanged`` when the iteration changed
+        since).
         """
         now = self.clock()
 
@@ -161,7 +164,7 @@ class ProgressStore:
                     f"{epoch + 1} (or set_epoch({epoch + 1}))"
                 )
             state.expire(now)
-            return state.open_stream(key, self.node, now + self.lease_seconds)
+            return state.open_stream(key, self.node, now + self.lease_seconds, takeover)
 
         generation = self._change(iteration_id, epoch, [rank], apply, version=version)
         assert isinstance(generation, int)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ...catalog import VersionChanged
-from ...protocol.errors import IterationConflict, IterationNotFound
+from ...protocol.errors import IterationConflict, IterationNotFound, StorageError
 from .flow import RankFlow
 from .state import Unit
 from .store import StreamHandle
@@ -22,7 +22,7 @@ from .world import World
 if TYPE_CHECKING:
     from .live import LiveIteration
 
-__all__ = ["WAIT_SECONDS", "Stopped", "StreamWork"]
+__all__ = ["WAIT_SECONDS", "CatalogLost", "Stopped", "StreamWork", "Superseded"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,22 @@ server, a pushback) and at whether it should stop."""
 
 class Stopped(Exception):
     """The stream must end (superseded, server parking, iteration deleted, client gone)."""
+
+
+class Superseded(Stopped):
+    """The catalog has another stream in this one's place.
+
+    A newer stream of its loop, a resumed job taking the rank over, or this server taken
+    for dead after an outage put it there. Its loop, if still there, reconnects: a newer
+    stream of its own session takes over.
+    """
+
+
+class CatalogLost(Exception):
+    """The catalog failed under the stream (down too long, or a commit of unknown outcome).
+
+    The client reconnects, and its new stream takes over what this one held.
+    """
 
 
 class StreamWork:
@@ -105,7 +121,12 @@ class StreamWork:
 
     def _refresh(self) -> None:
         """Re-read the rank from the catalog (called with the flow's lock held)."""
-        state = self.live.store.state(self.handle.iteration_id, self.handle.epoch, self.handle.rank)
+        try:
+            state = self.live.store.state(
+                self.handle.iteration_id, self.handle.epoch, self.handle.rank
+            )
+        except StorageError as exc:
+            raise CatalogLost(str(exc)) from exc
         if state is None:  # its row is gone: the iteration was deleted (through any server)
             log.debug("stream of rank %d: no state", self.handle.rank)
             self.live.deleted = True
@@ -131,6 +152,8 @@ class StreamWork:
             except IterationNotFound:
                 self.live.deleted = True
                 raise
+            except StorageError as exc:
+                raise CatalogLost(str(exc)) from exc
             except VersionChanged:  # weights or a deal changed: look before mapping
                 self.live.refresh()
                 if self.live.views.deal_number(self.handle.epoch) != self.handle.deal:
@@ -140,7 +163,7 @@ class StreamWork:
                     ) from None
         if found is None:
             log.debug("stream of rank %d superseded", self.handle.rank)
-            raise Stopped  # a newer stream of this worker took over
+            raise Superseded
         with self.flow.cond:
             for unit in found.units:
                 self.flow.claimed(self.handle, unit)
@@ -170,6 +193,9 @@ class StreamWork:
 
     def release(self, ranges: list[tuple[int, int]], filtered: int, failed: int) -> None:
         """Samples the stream dropped where no batch will span them: finished, and counted."""
-        self.live.store.release(self.handle, ranges, filtered, failed)
+        try:
+            self.live.store.release(self.handle, ranges, filtered, failed)
+        except StorageError as exc:
+            raise CatalogLost(str(exc)) from exc
         with self.flow.cond:
             self.flow.released(self.handle, ranges)

@@ -190,9 +190,9 @@ def test_delete_a_shardset_and_iterations(
     see(tab.locator(".lf-confirm")).to_contain_text("Delete iteration old-1?")
     see(tab.locator(".lf-confirm")).to_contain_text("Dataset 'ds' and its shard files stay.")
     tab.get_by_role("button", name="Delete", exact=True).click()
-    see(shown(tab, ".lf-message")).to_have_text("Deleted iteration old-1.")
-    see(tab.locator("#lf-back")).to_be_visible()
     see(tab.locator("#iteration-summary")).to_be_hidden()
+    see(tab.locator("#lf-back")).to_be_visible()
+    see(shown(tab, ".lf-message")).to_have_text("Deleted iteration old-1.")
 
     # two more from the dataset's table, selected
     open_page(tab, f"{dashboard.url}dataset?id={dataset_id}", "Dataset ds")
