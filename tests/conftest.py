@@ -13,9 +13,12 @@ from lavender_flight.catalog import Catalog
 from lavender_flight.client import api as lavender
 from lavender_flight.client.connection import LavenderClient
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
+from lavender_flight.flight_server.shutdown import stop_server
 from tests.postgres import PostgresNotInstalled, PostgresServer
 
 CALL_TIMEOUT = 30.0
+SHUTDOWN_GRACE = 10.0
+"""Seconds a test server's open calls get at teardown before their connections are cut."""
 
 
 @pytest.fixture
@@ -59,7 +62,9 @@ def server(service: LavenderService) -> Iterator[LavenderFlightServer]:
     """A real Flight server on grpc://127.0.0.1:<free port>."""
     srv = LavenderFlightServer(service, "grpc://127.0.0.1:0")
     yield srv
-    srv.shutdown()
+    # as the CLI stops: bounded, so a failed test that left a stream open cannot hang the
+    # whole run (pyarrow's shutdown alone waits for every call to end)
+    assert stop_server(srv, SHUTDOWN_GRACE, say=lambda _: None), "the test server did not stop"
 
 
 @pytest.fixture
