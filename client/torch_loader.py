@@ -19,9 +19,9 @@ from ..protocol.iterations import BatchMetadata, IterationTicket
 from .acks import acknowledging, acknowledging_samples
 from .connection import LavenderClient
 from .formats import samples, torch_missing
-from .iteration import stream_batches
 from .settings import ClientSettings
 from .shipping import Shipper, Token, sweep_at_exit
+from .streams import stream_batches
 
 try:
     import torch.utils.data
