@@ -395,14 +395,17 @@ def test_iteration_progress_throughput_and_pushback(client: LavenderClient, data
         assert inflight[0]["samples"] == page.progress.current - 30
         assert inflight[0]["positions"].startswith(", ".join(str(u) for u in held[3]))
 
-        # sent ahead of the loop: pushed back too. The stream may read further ahead
-        # between the page's read and the pushback, never past its read-ahead limit.
+        # sent ahead of the loop: pushed back too. The window follows the loop's pace both
+        # ways, so what was sent under a larger one may stand above the limit now; with the
+        # loop idle (no report, the window stays) the stream only claims up to the limit
+        # between the page's read and the pushback.
         ahead = page.progress.read_ahead
         limit = page.progress.ranks[0].read_ahead_limit
-        assert limit is not None and ahead <= limit
+        assert limit is not None and limit >= 2 * 10  # at least 2 batches
         pushed = page.pushback()
         assert pushed is not None
-        assert inflight[0]["samples"] + ahead <= pushed <= inflight[0]["samples"] + limit
+        held_now = inflight[0]["samples"]
+        assert held_now + ahead <= pushed <= held_now + max(ahead, limit)
         assert page.message == f"Pushed back {pushed} in-flight samples: they return to the queue."
         assert page.inflight.empty and "Nothing in flight." in page._inflight.object
         assert 'id="lf-inflight">0</b>' in page._summary.object
