@@ -58,7 +58,12 @@ def test_two_slow_ranks_keep_progress_on_the_loop_and_a_small_read_ahead(
             # where the loop is: at most the batch in hand and one not reported yet
             assert rank.current - rank.completed - rank.filtered - rank.failed <= 2 * BATCH
             assert rank.inflight <= 2 * BATCH
-            assert rank.read_ahead_limit is not None and rank.read_ahead_limit <= bound
+            if rank.read_ahead_limit is None:
+                # the stream has sent its whole share and ended on the server (the rank's
+                # row keeps it until the loop completes what it holds): no window left
+                assert rank.current + rank.read_ahead == rank.total, rank
+                continue
+            assert rank.read_ahead_limit <= bound
             assert rank.read_ahead <= rank.read_ahead_limit + BATCH, rank
         if pushed is None and time.monotonic() - started > 1.0:
             pushed = lavender.pushback("slow")
