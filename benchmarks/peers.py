@@ -25,6 +25,8 @@ from .common import Server, _start
 
 CACHE = Path(os.environ.get("LAVENDER_FLIGHT_BENCH_CACHE", "~/.cache/lavender-flight-bench"))
 SCRIPTS = Path(__file__).parent / "peer_scripts"
+SHARED = "peer_timing.py"
+"""What the streaming peers' scripts share (a loader's timed pass, the result line)."""
 PEERS = {
     # 0.1.10 imports tqdm without declaring it
     "lavender-data": (["lavender-data==0.1.10", "tqdm"], "lavender_data"),
@@ -86,11 +88,13 @@ def venv_python(peer: str) -> Path:
 
 
 def _script(name: str) -> Path:
-    """Copy a client script into the cache folder (run from there, outside the repo)."""
-    target = CACHE.expanduser() / "scripts" / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(SCRIPTS / name, target)
-    return target
+    """Copy a client script, and the module the scripts share, into the cache folder (run
+    from there, outside the repo)."""
+    folder = CACHE.expanduser() / "scripts"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SCRIPTS / SHARED, folder / SHARED)
+    shutil.copy(SCRIPTS / name, folder / name)
+    return folder / name
 
 
 def _run_script(python: Path, script: str, spec: dict[str, Any], timeout: float) -> Any:

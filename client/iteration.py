@@ -24,7 +24,7 @@ import secrets
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -167,6 +167,9 @@ class Iteration:
     one is asked for (or the loop ends); what the loop takes and completes reaches the
     server in bulk from a background thread.
     """
+
+    acknowledger_class: ClassVar[type[Acknowledger]] = Acknowledger
+    """What reports a loop's batches (a subclass may record them, as a test does)."""
 
     def __init__(
         self,
@@ -524,7 +527,7 @@ class Iteration:
     def acknowledger(self, epoch: int) -> Acknowledger:
         """The reporter of one loop over ``epoch``: to the rank's first server, then the others."""
         nodes = [self.client.at(url) for url in self.locations]
-        return Acknowledger(
+        return self.acknowledger_class(
             nodes[0],
             self.id,
             self.rank,

@@ -9,7 +9,6 @@ row; the others are Python values), ``batch_size``, ``workers`` (list), ``repeat
 """
 
 import json
-import resource
 import shutil
 import sys
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from litdata import StreamingDataLoader, StreamingDataset, optimize
+from peer_timing import report, timed_pass  # beside this script
 
 
 def samples(part: list) -> object:
@@ -75,32 +75,10 @@ def main() -> None:
                 num_workers=workers,
                 collate_fn=identity,
             )
-            rows, first = 0, 0.0
-            for batch in loader:
-                if not rows:
-                    first = time.perf_counter() - start
-                rows += len(batch)
-            runs.append(
-                {
-                    "rows": rows,
-                    "bytes": rows * spec["row_bytes"],
-                    "seconds": time.perf_counter() - start,
-                    "first": first,
-                }
-            )
+            runs.append(timed_pass(loader, start, spec["row_bytes"]))
             del loader, dataset
         out.append({"workers": workers, "runs": runs})
-    print(
-        json.dumps(
-            {
-                "write_seconds": write_seconds,
-                "cases": out,
-                "client_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-            }
-        ),
-        flush=True,
-    )
+    report(write_seconds, out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ Argument: a JSON object with ``folder`` (Parquet), ``out`` (the MDS folder), ``r
 
 import importlib.machinery
 import json
-import resource
 import shutil
 import sys
 import time
@@ -42,6 +41,7 @@ _stand_in_for_torchvision()
 
 import numpy as np  # noqa: E402
 import pyarrow.dataset as ds  # noqa: E402
+from peer_timing import report, timed_pass  # noqa: E402  (beside this script)
 from streaming import MDSWriter, StreamingDataset  # noqa: E402
 from streaming.base.util import clean_stale_shared_memory  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -85,32 +85,10 @@ def main() -> None:
                 num_workers=workers,
                 collate_fn=lambda samples: samples,
             )
-            rows, first = 0, 0.0
-            for batch in loader:
-                if not rows:
-                    first = time.perf_counter() - start
-                rows += len(batch)
-            runs.append(
-                {
-                    "rows": rows,
-                    "bytes": rows * spec["row_bytes"],
-                    "seconds": time.perf_counter() - start,
-                    "first": first,
-                }
-            )
+            runs.append(timed_pass(loader, start, spec["row_bytes"]))
             del loader, dataset
         out.append({"workers": workers, "runs": runs})
-    print(
-        json.dumps(
-            {
-                "write_seconds": write_seconds,
-                "cases": out,
-                "client_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-            }
-        ),
-        flush=True,
-    )
+    report(write_seconds, out)
 
 
 if __name__ == "__main__":

@@ -47,19 +47,9 @@ class RecordingAcknowledger(Acknowledger):
 class CountingIteration(Iteration):
     """Counts what its streams send again, and what of that was recorded as completed."""
 
+    acknowledger_class = RecordingAcknowledger
     resent = 0
     resent_recorded = 0
-
-    def acknowledger(self, epoch: int) -> Acknowledger:
-        nodes = [self.client.at(url) for url in self.locations]
-        return RecordingAcknowledger(
-            nodes[0],
-            self.id,
-            self.rank,
-            epoch,
-            reconnect_seconds=self.client.settings.reconnect_seconds,
-            fallbacks=nodes[1:],
-        )
 
     def batches(
         self, ticket: IterationTicket, acks: Acknowledger, format: str | None = None
