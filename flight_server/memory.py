@@ -37,6 +37,7 @@ __all__ = [
     "MemoryBudget",
     "Reservation",
     "default_budget_bytes",
+    "few_malloc_arenas",
     "machine_memory",
     "no_huge_pages",
     "table_bytes",
@@ -51,6 +52,9 @@ DEFAULT_FRACTION = 4
 FALLBACK_BYTES = 2 << 30
 """The default budget where the machine's memory cannot be read."""
 PR_SET_THP_DISABLE = 41
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+"""glibc malloc arenas the server keeps (``few_malloc_arenas``)."""
 
 
 def machine_memory() -> int | None:
@@ -90,6 +94,27 @@ def no_huge_pages() -> bool:
 
         libc = ctypes.CDLL(None, use_errno=True)
         return int(libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def few_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
+    """Keep glibc's malloc to ``count`` arenas in this process (Linux); whether it could.
+
+    Call it before the server's threads start. By default glibc gives threads up to 8 arenas
+    a core, and each keeps what was freed in it: the read threads' numpy arrays (an epoch's
+    block orders, filter masks) left the RSS of a server growing iteration after iteration
+    (measured here over 100 iterations: 29-43 MiB of growth with the default arenas, 20-24
+    MiB with 2). Arrow's buffers come from its own allocator and are not concerned. A
+    ``MALLOC_ARENA_MAX`` in the environment wins.
+    """
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.mallopt(M_ARENA_MAX, count)) == 1
     except (OSError, AttributeError):
         return False
 

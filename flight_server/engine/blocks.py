@@ -3,13 +3,15 @@
 A block is the shards an epoch reads (and shuffles) together (``plan.Block``). It is read
 on the server's read pool (``read_pool``): its shards side by side, each on its store's
 lane (and decoded once for the whole server: ``reading.ShardCache``), then, on the ``cpu``
-lane, put in the epoch's order: the block's permutation is drawn there and its rows
-gathered by ``take``, piece by piece (pieces end at global sequence numbers that are
-multiples of ``PIECE_ROWS``), so that a first batch waits for its piece, not the whole
-block; the shards are laid end to end once first (Arrow's ``take`` would do it on every
-call). An iteration with filters filters each piece
-there too, once for every rank, vectorized: its kept rows laid end to end. Streams then
-cut messages as zero-copy slices (``boundary`` says where a slice would cross pieces).
+lane, put in the epoch's order: the block's permutation is drawn there while the shards are
+read, and its rows gathered by ``take``, piece by piece (a small first piece of about
+``FIRST_PIECE_ROWS``, then pieces ending at global sequence numbers that are multiples of
+``PIECE_ROWS``), so that a first batch waits for a few thousand rows, not the whole block.
+The first piece is gathered from the shards as read (``take_rows``); the shards are then
+laid end to end once for the other pieces (Arrow's ``take`` would do it on every call).
+An iteration with filters filters each piece there too, once for every rank, vectorized:
+its kept rows laid end to end. Streams then cut messages as zero-copy slices
+(``boundary`` says where a slice would cross pieces).
 
 A few blocks are kept per iteration (the current one of each stream and the next); each
 is reserved in the server's memory budget while kept. ``rows(plan, seq)`` answers the rows
@@ -35,13 +37,17 @@ from ..read_pool import CPU, ReadPool, wait_for
 from ..reading import DatasetReader
 from .plan import EpochPlan
 
-__all__ = ["PIECE_ROWS", "BlockReader", "Kept", "Rows"]
+__all__ = ["FIRST_PIECE_ROWS", "PIECE_ROWS", "BlockReader", "Kept", "Rows", "take_rows"]
 
 log = logging.getLogger(__name__)
 
 PIECE_ROWS = 1 << 16
-"""A gathered block's first piece ends at the first global sequence number that is a
-multiple of this (rounded up to the batch size): what a first batch waits for."""
+"""A gathered block's pieces (after the first) end at global sequence numbers that are
+multiples of this (rounded up to the batch size)."""
+FIRST_PIECE_ROWS = 1 << 12
+"""A gathered block's first piece: about this many rows (to a batch boundary), what a
+stream starting on the block waits for. Small: a random gather of 64k rows of 100 bytes
+takes milliseconds, of 4k a tenth of one."""
 
 Filter = Callable[[pa.RecordBatch], tuple[np.ndarray, np.ndarray]]
 """``(keep, failed)`` masks of a batch's rows."""
@@ -132,6 +138,31 @@ def joined_masks(masks: list[np.ndarray | None], sizes: list[int]) -> np.ndarray
     return np.concatenate(
         [np.zeros(n, dtype=bool) if m is None else m for m, n in zip(masks, sizes, strict=True)]
     )
+
+
+def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table.take(rows)``, without laying a chunked table end to end first.
+
+    Arrow's ``take`` of a chunked column concatenates its chunks on every call (a copy of
+    the whole column, for however few rows). Here each chunk gives its own rows, and one
+    more ``take`` of those few puts them in the asked order.
+    """
+    if not len(rows) or all(c.num_chunks <= 1 for c in table.columns):
+        return table.take(pa.array(rows))
+    batches = table.to_batches()  # one per run of rows where no column's chunk ends
+    starts = np.cumsum([0, *(b.num_rows for b in batches)])
+    which = np.searchsorted(starts, rows, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    cuts = np.searchsorted(which[order], np.arange(len(batches) + 1))
+    parts = [
+        batch.take(pa.array(rows[order[a:b]] - starts[number]))
+        for number, (batch, a, b) in enumerate(zip(batches, cuts[:-1], cuts[1:], strict=True))
+        if b > a
+    ]
+    grouped = pa.Table.from_batches(parts, schema=table.schema).combine_chunks()
+    back = np.empty(len(rows), dtype=np.int64)
+    back[order] = np.arange(len(rows), dtype=np.int64)
+    return grouped.take(pa.array(back))
 
 
 def _cut(table: pa.Table, rows: np.ndarray) -> pa.Table:
@@ -299,9 +330,16 @@ class BlockReader:
         block = plan.blocks[number]
         if not plan.shuffle or block.size == 0:
             return [0, block.size]
-        step = -(-PIECE_ROWS // plan.batch_size) * plan.batch_size
-        first = (block.start // step + 1) * step - block.start
-        return [0, *range(first, block.size, step), block.size]
+        batch = plan.batch_size
+        step = -(-PIECE_ROWS // batch) * batch
+        # the first piece ends at a batch boundary of the epoch (a message stopping there
+        # holds whole batches), the others at multiples of the step
+        first = -(-(block.start + FIRST_PIECE_ROWS) // batch) * batch - block.start
+        after = ((block.start + first) // step + 1) * step - block.start
+        if after - first < FIRST_PIECE_ROWS:  # no sliver of a piece after the first
+            after += step
+        inner = [first] if first < block.size else []
+        return [0, *inner, *range(after, block.size, step), block.size]
 
     def boundary(self, plan: EpochPlan, seq: int) -> int:
         """The first global sequence number after ``seq`` where a new block or piece starts.
@@ -327,21 +365,34 @@ class BlockReader:
             return state
         lane = self.reader.main.lane
         reads = [self.pool.submit(lane, self._read_shard, slot) for slot in block.shard_slots]
-        left = [len(reads)]
+        # the order is drawn while the shards are read (it needs none of their rows)
+        order: Future[np.ndarray] = self.pool.submit(CPU, plan.draw_permutation, number)
+        left = [len(reads) + 1]
         count = threading.Lock()
+        # the callbacks reach the futures through this list, emptied once the gather has
+        # them: a future keeps its callbacks, and a cycle would keep a read block (and its
+        # order) until the garbage collector happens to run
+        waiting: list[tuple[list[Future[ShardRead]], Future[np.ndarray]]] = [(reads, order)]
 
-        def one_done(_: Future[ShardRead]) -> None:
+        def one_done(_: Future[ShardRead] | Future[np.ndarray]) -> None:
             with count:
                 left[0] -= 1
-                last = left[0] == 0
-            if last:
-                self.pool.submit(CPU, self._gather, plan, state, reads)
+                found = waiting.pop() if left[0] == 0 else None
+            if found is not None:
+                self.pool.submit(CPU, self._gather, plan, state, *found)
 
         for read in reads:
             read.add_done_callback(one_done)
+        order.add_done_callback(one_done)
         return state
 
-    def _gather(self, plan: EpochPlan, state: _Block, reads: list[Future[ShardRead]]) -> None:
+    def _gather(
+        self,
+        plan: EpochPlan,
+        state: _Block,
+        reads: list[Future[ShardRead]],
+        order: Future[np.ndarray],
+    ) -> None:
         """Lay a block's shards end to end in the epoch's order (runs on the ``cpu`` lane)."""
         try:
             table, unreadable, absent = self._joined(plan, state, reads)
@@ -350,14 +401,15 @@ class BlockReader:
                 state.hold(self.memory.reserve(piece.nbytes))
                 state.pieces[0].set_result(piece)
                 return
-            perm = plan.draw_permutation(state.number)
+            perm = order.result()
             state.hold(self.memory.reserve(table_bytes(table) * (2 if self.filter else 1)))
-            if len(state.pieces) > 1 and any(c.num_chunks > 1 for c in table.columns):
-                # Arrow's take lays a chunked column end to end on every call: once here
-                table = table.combine_chunks()
-            # the first piece first (a first batch waits for it), then the others: one after
-            # the other (two random gathers at once only fight over the memory bus)
+            # the first piece first (a first batch waits for it), from the shards as read;
+            # then the others one after the other (two random gathers at once only fight
+            # over the memory bus), from the shards laid end to end once: Arrow's take
+            # would lay a chunked column end to end on every call
             for index, future in enumerate(state.pieces):
+                if index == 1 and any(c.num_chunks > 1 for c in table.columns):
+                    table = table.combine_chunks()
                 a, b = state.bounds[index], state.bounds[index + 1]
                 future.set_result(self._piece(table, unreadable, absent, perm, a, b))
         except BaseException as exc:
@@ -404,7 +456,7 @@ class BlockReader:
         piece = _Piece(
             start,
             stop,
-            table.take(pa.array(rows)),
+            take_rows(table, rows),
             None if unreadable is None else unreadable[rows],
             None if absent is None else absent[rows],
         )

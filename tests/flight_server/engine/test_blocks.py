@@ -1,0 +1,75 @@
+"""Block pieces and ``take_rows``: a shuffled block's gather, checked against Arrow's take."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lavender_flight.flight_server.engine import EpochPlan
+from lavender_flight.flight_server.engine.blocks import (
+    FIRST_PIECE_ROWS,
+    PIECE_ROWS,
+    BlockReader,
+    take_rows,
+)
+
+
+def chunked(sizes: list[int], misaligned: bool = False) -> pa.Table:
+    """A table of ``sum(sizes)`` rows in chunks of ``sizes`` (columns' chunks apart)."""
+    start, tables = 0, []
+    for size in sizes:
+        uid = np.arange(start, start + size, dtype=np.int64)
+        texts = pa.array([f"row {u}" for u in uid], type=pa.string())
+        tables.append(pa.table({"uid": uid, "text": texts}))
+        start += size
+    table = pa.concat_tables(tables)
+    if misaligned:  # the text column in other chunks than uid
+        text = table.column("text").combine_chunks()
+        half = len(text) // 3
+        table = table.set_column(1, "text", pa.chunked_array([text[:half], text[half:]]))
+    return table
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("count", [0, 1, 7, 4096, 20_000])
+def test_take_rows_is_arrows_take(count: int, misaligned: bool) -> None:
+    table = chunked([5000, 1, 0, 9000, 6000], misaligned)
+    rows = np.random.default_rng(count).permutation(table.num_rows)[:count]
+    assert take_rows(table, rows).equals(table.take(pa.array(rows, type=pa.int64())))
+    assert take_rows(table, rows).column("uid").to_pylist() == rows.tolist()
+
+
+def test_take_rows_of_one_chunk_and_repeated_rows() -> None:
+    table = chunked([300])
+    rows = np.array([5, 5, 299, 0, 5], dtype=np.int64)
+    assert take_rows(table, rows).column("uid").to_pylist() == [5, 5, 299, 0, 5]
+    table = chunked([100, 200])
+    assert take_rows(table, rows).column("uid").to_pylist() == [5, 5, 299, 0, 5]
+
+
+def bounds(plan: EpochPlan, number: int) -> list[int]:
+    return BlockReader._bounds(None, plan, number)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1000, 1024, 50_000])
+def test_a_block_starts_with_a_small_piece_at_a_batch_boundary(batch: int) -> None:
+    plan = EpochPlan([100_000] * 6, batch, shuffle=True, seed=3, block_size=4)
+    for number in range(len(plan.blocks)):
+        block = plan.blocks[number]
+        found = bounds(plan, number)
+        assert found[0] == 0 and found[-1] == block.size
+        assert all(a < b for a, b in itertools.pairwise(found))
+        inner = [block.start + b for b in found[1:-1]]
+        assert all(seq % batch == 0 for seq in inner), "a piece ends inside a batch"
+        first = found[1] if len(found) > 2 else block.size
+        assert first <= max(FIRST_PIECE_ROWS, batch) + batch  # a first batch waits for little
+        step = -(-PIECE_ROWS // batch) * batch
+        assert all(b - a <= step for a, b in itertools.pairwise(found[1:]))
+
+
+def test_in_order_blocks_are_one_piece() -> None:
+    plan = EpochPlan([100_000] * 3, 1024)
+    assert bounds(plan, 0) == [0, 100_000]

@@ -1,0 +1,67 @@
+"""``RankFlow``'s read-ahead window: how it grows with a loop's reports, and its bounds."""
+
+from __future__ import annotations
+
+from lavender_flight.flight_server.engine.flow import GROWTH, RankFlow, ReadAhead
+from lavender_flight.flight_server.engine.state import RankState
+from lavender_flight.protocol.ranges import RangeSet
+
+BATCH = 1024
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def report(flow: RankFlow, taken: int) -> None:
+    """The loop reports it took the first ``taken`` samples (as the catalog has it)."""
+    state = RankState(size=10_000_000, batch_size=BATCH, taken=RangeSet([(0, taken)]))
+    with flow.cond:
+        flow.learn(state)
+
+
+def test_a_fast_loop_grows_the_window_growth_fold_a_report_up_to_the_byte_bound() -> None:
+    clock = Clock()
+    budget = ReadAhead(seconds=0.5, max_bytes=64 << 20, min_batches=2)
+    flow = RankFlow(BATCH, budget, clock)
+    flow.row_bytes = 100.0
+    assert flow.window() == 2 * BATCH
+    windows, taken = [], 0
+    for _ in range(12):  # a loop taking 1M samples a second, reporting each window's third
+        taken += max(BATCH, flow.window() // 3)
+        clock.now += taken / 1e6 - (clock.now - 100.0)
+        report(flow, taken)
+        windows.append(flow.window())
+    # before the pace is known (reports within 5 ms) as after: GROWTH-fold each report
+    assert windows[:3] == [2 * BATCH * GROWTH, 2 * BATCH * GROWTH**2, 2 * BATCH * GROWTH**3]
+    # then about 0.5 s of its pace (1M/s), never over 64 MiB of 100-byte rows
+    assert max(windows) <= (64 << 20) // 100
+    assert windows[-1] >= 0.4 * 1e6 * budget.seconds
+
+
+def test_a_slow_loop_keeps_about_half_a_second_of_its_pace() -> None:
+    clock = Clock()
+    flow = RankFlow(BATCH, ReadAhead(seconds=0.5), clock)
+    taken = 0
+    for _ in range(20):  # 10 batches a second
+        clock.now += 0.1
+        taken += BATCH
+        report(flow, taken)
+    pace = 10 * BATCH
+    assert flow.window() <= max(2 * BATCH, int(pace * 0.5) + BATCH)
+    assert flow.window() >= 2 * BATCH
+
+
+def test_the_window_never_goes_below_its_minimum() -> None:
+    clock = Clock()
+    flow = RankFlow(BATCH, ReadAhead(seconds=0.5, min_batches=3), clock)
+    for step in range(1, 6):  # a loop that takes one batch every 10 s
+        clock.now += 10.0
+        report(flow, step * BATCH)
+    assert flow.window() == 3 * BATCH
