@@ -78,6 +78,7 @@ class Acknowledger:
         self.report_every = 1
         """Samples of taken batches after which a report goes at once (the server says)."""
         self._taken = RangeSet()
+        self._taken_count = 0  # samples taken since the last report (the trigger's count)
         self._completed = RangeSet()
         self._unsent_batches = 0
         self._failing_since: float | None = None
@@ -127,7 +128,8 @@ class Acknowledger:
         with self._lock:
             for start, stop in ranges:
                 self._taken.add(start, stop)
-            due = _size(self._taken) >= self.report_every
+                self._taken_count += stop - start
+            due = self._taken_count >= self.report_every
         if due:
             self._wake.set()
 
@@ -195,6 +197,7 @@ class Acknowledger:
         with self._lock:
             taken, completed = self._taken.ranges(), self._completed.ranges()
             self._taken, self._completed = RangeSet(), RangeSet()
+            self._taken_count = 0
             batches, self._unsent_batches = self._unsent_batches, 0
             gone = self._gone is not None
         if gone or (not taken and not completed):
@@ -217,6 +220,7 @@ class Acknowledger:
         except BaseException as exc:
             with self._lock:
                 self._taken.update(taken)
+                self._taken_count += sum(b - a for a, b in taken)
                 self._completed.update(completed)
                 self._unsent_batches += batches
                 if self._failing_since is None:
@@ -279,16 +283,18 @@ def acknowledging(items: Iterable[tuple[T, Any]], acks: Acknowledger) -> Iterato
     early only warns.
     """
     seen = RangeSet()
+    top = 0  # every seq the loop was handed is below this
     consumed = None
     ended = False
     try:
         for batch, seq in items:
-            if seq and all(not seen.gaps(a, b) for a, b in seq):
+            if seq and seq[0][0] < top and all(not seen.gaps(a, b) for a, b in seq):
                 continue  # a repeat after a reconnect: the loop had it already
             if consumed is not None:
                 acks.complete(consumed)
             for a, b in seq:
                 seen.add(a, b)
+                top = max(top, b)
             acks.take(seq)
             consumed = seq
             yield batch

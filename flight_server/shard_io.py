@@ -7,6 +7,8 @@ holds reads with a small subclass, and a later cache or budget has one place to 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -18,12 +20,21 @@ from .storage import Location, ShardFile
 
 __all__ = ["ShardIO"]
 
+FOOTERS_KEPT = 4096
+"""Decoded sizes of local Parquet files remembered (by path, columns and modification)."""
+
 
 class ShardIO:
     """Reads, fetches and writes shard files through a ``Location`` (formats: ``shards``).
 
-    Stateless and thread-safe: one instance serves every request of a server.
+    Thread-safe: one instance serves every request of a server. Its only state is a
+    bounded memo of local Parquet footers' decoded sizes (``decoded_size``: every check and
+    creation of an iteration asks it for the shards of its largest block).
     """
+
+    def __init__(self) -> None:
+        self._sizes: OrderedDict[tuple[object, ...], int] = OrderedDict()
+        self._sizes_lock = threading.Lock()
 
     def list(self, where: Location) -> list[ShardFile]:
         """The shard files directly in a location (files of no shard format left out), by name."""
@@ -82,6 +93,12 @@ class ShardIO:
         """
         if fmt == "parquet" and where.is_local:
             try:
+                info = where.arrow_fs.get_file_info(path)
+                key = (path, None if columns is None else tuple(columns), info.size, info.mtime_ns)
+                with self._sizes_lock:
+                    known = self._sizes.get(key)
+                if known is not None:
+                    return max(known, int(size or 0))
                 metadata = pq.read_metadata(where.arrow_fs.open_input_file(path))
             except (OSError, pa.ArrowException):
                 return int(size or 0)
@@ -93,6 +110,10 @@ class ShardIO:
                     chunk = row_group.column(index)
                     if wanted is None or chunk.path_in_schema.split(".")[0] in wanted:
                         total += chunk.total_uncompressed_size
+            with self._sizes_lock:
+                self._sizes[key] = total
+                while len(self._sizes) > FOOTERS_KEPT:
+                    self._sizes.popitem(last=False)
             return max(total, int(size or 0))
         return int(size or 0)
 

@@ -89,6 +89,14 @@ class RangeSet:
         """Add ``[start, stop)``, merging with neighbours it touches."""
         if stop <= start:
             return
+        stops = self._stops
+        if not stops or start > stops[-1]:  # past the end (a loop's next batch): append
+            self._starts.append(start)
+            stops.append(stop)
+            return
+        if start == stops[-1]:  # touching the last range: it grows
+            stops[-1] = stop
+            return
         lo = bisect.bisect_left(self._stops, start)  # first range ending at/after start
         hi = bisect.bisect_right(self._starts, stop)  # ranges starting at/before stop
         if lo < hi:

@@ -21,12 +21,12 @@ from ...catalog import VersionChanged
 from ...protocol.errors import InvalidArgument, ServerUnavailable, StorageError
 from ...protocol.iterations import (
     AckBody,
-    BatchMetadata,
     IterationInfo,
     IterationProgress,
     IterationRecord,
     IterationTicket,
     WeightsSet,
+    batch_metadata_json,
     encode_positions,
 )
 from ...protocol.ranges import RangeSet
@@ -211,6 +211,21 @@ class LiveIteration:
                 self._flows[(epoch, rank, deal)] = flow
             return flow
 
+    def warm(self) -> None:
+        """Start reading the first block of the first epoch (a new iteration's first batch).
+
+        Its loop asks for its stream a round trip later; the read, and for a shuffled
+        iteration the block's order and first piece, are under way by then. Mixtures read
+        their sources' blocks as their draws come.
+        """
+        if self.setup.mixture is not None:
+            return
+        try:
+            plan = self._fresh_views().plan(0)
+            self.blocks.prefetch(plan, 0)
+        except Exception as exc:  # its stream will meet (and report) the same trouble
+            log.debug("iteration %s: no early read: %s", self.id, exc)
+
     def epoch_of(self, rank: int) -> int:
         """The epoch a rank is in: the latest it started (0 before the first)."""
         found = self.store.latest(self.id).get(rank)
@@ -337,20 +352,20 @@ class LiveIteration:
                     report = max(1, flow.window() // 3) if ticket.window else None
                     if report is not None and message.final:
                         report = 1  # the stream ends when its loop took it all: say so at once
-                metadata = BatchMetadata(
-                    iteration_id=self.id,
-                    rank=handle.rank,
-                    epoch=handle.epoch,
+                metadata = batch_metadata_json(
+                    self.id,
+                    handle.rank,
+                    handle.epoch,
+                    message.batches,
                     deal=handle.deal or None,
-                    batches=message.batches,
                     report_every=report,
+                    extra=encode_positions(plan.positions(message.seq))
+                    if ticket.positions
+                    else None,
                 )
-                fields = metadata.model_dump(exclude_none=True)
-                if ticket.positions:
-                    fields.update(encode_positions(plan.positions(message.seq)))
                 self.last_used = time.monotonic()
                 self.sent += message.batch.num_rows
-                yield message.batch, pa.py_buffer(json.dumps(fields).encode())
+                yield message.batch, pa.py_buffer(metadata)
             work.drain()
             finished = True
         except Stopped as exc:

@@ -48,6 +48,9 @@ __all__ = ["IterationManager"]
 log = logging.getLogger(__name__)
 
 PLANS_CACHED = 256
+WARM_SECONDS = 10.0
+"""A new iteration's first block is read as it is created (``LiveIteration.warm``); kept
+this long for a stream that does not come, then let go."""
 """Plans (and mixture orders) kept for iterations whose progress is asked for without a
 stream here."""
 
@@ -211,8 +214,12 @@ class IterationManager:
         now = time.monotonic()
         with self._lock:
             for iteration_id, live in list(self._live.items()):
-                if not live.open_streams and now - live.last_used > self.idle_seconds:
+                if live.open_streams:
+                    continue
+                if now - live.last_used > self.idle_seconds:
                     del self._live[iteration_id]
+                    live.blocks.clear()
+                elif now - live.last_used > WARM_SECONDS:  # warmed, and nobody came
                     live.blocks.clear()
 
     def close(self) -> None:
@@ -339,6 +346,7 @@ class IterationManager:
         log.debug("iteration %s: %s", iteration_id, spec.model_dump_json())
         with self._lock:
             live = self._live[iteration_id] = self._make(record, setup)
+        live.warm()
         return live
 
     def check(self, command: IterationCommand) -> CheckAnswer:

@@ -50,6 +50,8 @@ Unit = list[tuple[int, int]]
 
 def _by_chunk(ranges: list[tuple[int, int]], batch_size: int) -> list[Unit]:
     """Cut ranges at chunk boundaries and group the pieces by chunk, in order."""
+    if all(ranges[i][1] <= ranges[i + 1][0] for i in range(len(ranges) - 1)):
+        return _by_chunk_sorted(ranges, batch_size)
     units: dict[int, Unit] = {}
     for start, stop in ranges:
         while start < stop:
@@ -58,6 +60,43 @@ def _by_chunk(ranges: list[tuple[int, int]], batch_size: int) -> list[Unit]:
             units.setdefault(chunk, []).append((start, end))
             start = end
     return [units[c] for c in sorted(units)]
+
+
+def _by_chunk_sorted(ranges: list[tuple[int, int]], batch_size: int) -> list[Unit]:
+    """``_by_chunk`` of ascending disjoint ranges: whole chunks of a long range in one go."""
+    units: list[Unit] = []
+    last = -1  # the chunk of units[-1]
+    for start, stop in ranges:
+        if start >= stop:
+            continue
+        chunk = start // batch_size
+        end = min(stop, (chunk + 1) * batch_size)
+        if chunk == last:
+            units[-1].append((start, end))
+        else:
+            units.append([(start, end)])
+        last = chunk
+        if end < stop:  # the chunks after the first, the last maybe partial
+            first_full = chunk + 1
+            last_chunk = (stop - 1) // batch_size
+            units.extend(
+                [(c * batch_size, min(stop, (c + 1) * batch_size))]
+                for c in range(first_full, last_chunk + 1)
+            )
+            last = last_chunk
+    return units
+
+
+def merged(units: list[Unit]) -> list[tuple[int, int]]:
+    """The ranges of some units (in order), touching ones joined: one ``add`` per run."""
+    found: list[tuple[int, int]] = []
+    for unit in units:
+        for start, stop in unit:
+            if found and found[-1][1] == start:
+                found[-1] = (found[-1][0], stop)
+            else:
+                found.append((start, stop))
+    return found
 
 
 def _count(ranges: list[tuple[int, int]]) -> int:
@@ -330,8 +369,7 @@ class RankState:
             units = self._from(self.pending, max_chunks, world, any_worker=False)
         if not units:
             units = self._fresh(world, max_chunks)
-        for unit in units:
-            stream.held.update(unit)
+        stream.held.update(merged(units))
         return Claim(units)
 
     def _from(

@@ -86,6 +86,7 @@ class CountingShardIO(ShardIO):
     """Counts the shard files the server reads (``folder/name``), keeping the last table of each."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.files: collections.Counter[str] = collections.Counter()
         self.tables: dict[str, pa.Table] = {}
         self._lock = threading.Lock()

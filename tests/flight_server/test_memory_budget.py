@@ -42,6 +42,7 @@ class CountingShardIO(ShardIO):
     """Shard I/O that counts the shard files it reads (decodes), by file name."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.reads: Counter[str] = Counter()
         self._lock = threading.Lock()
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from lavender_flight.flight_server.engine import RankState, World
+from lavender_flight.flight_server.engine.state import _by_chunk, merged
 from lavender_flight.protocol.errors import InvalidArgument
 
 FAR = 1e18
@@ -117,3 +120,25 @@ def test_the_state_survives_its_json_form() -> None:
     state.complete([(0, 4)], filtered=1)
     again = RankState.from_json(state.to_json())
     assert again == state
+
+
+def test_chunk_grouping_matches_cutting_sample_by_sample() -> None:
+    rng = random.Random(5)
+    for _ in range(500):
+        batch = rng.randint(1, 9)
+        ranges, cursor = [], rng.randint(0, 20)
+        for _ in range(rng.randint(0, 6)):
+            start = cursor + rng.randint(0, 12)
+            cursor = start + rng.randint(0, 30)
+            ranges.append((start, cursor))
+        if rng.random() < 0.3:
+            rng.shuffle(ranges)  # out of order: grouped by chunk all the same
+        by_chunk: dict[int, list[int]] = {}
+        for value in sorted(v for a, b in ranges for v in range(a, b)):
+            by_chunk.setdefault(value // batch, []).append(value)
+        units = _by_chunk(ranges, batch)
+        assert [sorted(v for a, b in unit for v in range(a, b)) for unit in units] == [
+            by_chunk[c] for c in sorted(by_chunk)
+        ]
+        flat = sorted(r for unit in units for r in unit)
+        assert sum(b - a for a, b in merged(units)) == sum(b - a for a, b in flat)

@@ -12,6 +12,7 @@ import pytest
 from lavender_flight.catalog import Catalog
 from lavender_flight.flight_server import LavenderService
 from lavender_flight.flight_server.engine import IterationManager, ProgressStore, World
+from lavender_flight.flight_server.engine.manager import WARM_SECONDS
 from lavender_flight.protocol import ColumnOptions
 from lavender_flight.protocol.errors import InvalidArgument
 from lavender_flight.protocol.iterations import (
@@ -129,5 +130,37 @@ def test_a_live_iteration_streams_and_acks_without_flight(catalog: Catalog, tmp_
         assert sorted(uids) == list(range(90)) and uids != sorted(uids)
         progress = manager.progress("direct")
         assert (progress.completed, progress.done, progress.read_ahead) == (90, True, 0)
+    finally:
+        manager.close()
+
+
+def test_a_new_iteration_reads_its_first_block_before_any_stream(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    service = LavenderService(catalog)
+    dataset_id = write_dataset(service, tmp_path / "data")
+    manager = IterationManager(catalog, service)
+    try:
+        spec = IterationSpec(dataset_id=dataset_id, batch_size=8, shuffle=True, shuffle_seed=3)
+        live = manager.open(IterationCommand(iteration_id="warm", spec=spec))
+        block = live.blocks._cache[(0, 0)]  # read as it was created: no stream yet
+        first = block.pieces[0].result(timeout=30)
+        assert first.table.num_rows > 0 and not live.open_streams
+        assert service.memory.reserved_bytes > 0  # the block is held for the stream to come
+        # nobody came for WARM_SECONDS: the janitor lets the block go
+        live.last_used -= WARM_SECONDS + 1
+        manager._evict_idle()
+        assert not live.blocks._cache and service.memory.reserved_bytes == 0
+        assert manager.get("warm") is live  # the iteration itself stays
+        # and its stream reads the same rows as an iteration that was not warmed
+        _, messages = live.stream(IterationTicket(iteration_id="warm", window=False))
+        uids = [u for batch, _ in messages for u in batch.column("uid").to_pylist()]
+        other = manager.open(IterationCommand(iteration_id="cold", spec=spec))
+        for future in other.blocks._cache[(0, 0)].pieces:
+            future.result(timeout=30)
+        other.blocks.clear()  # read when its stream asks, as before warming
+        _, again = other.stream(IterationTicket(iteration_id="cold", window=False))
+        assert uids == [u for batch, _ in again for u in batch.column("uid").to_pylist()]
+        assert sorted(uids) == list(range(90)) and uids != sorted(uids)
     finally:
         manager.close()
