@@ -320,6 +320,8 @@ class ExpressionFilter(Filter, name="expression"):
 class ArrowCollater(Collater, name="arrow"):
     """The default: the batch's rows as they are, as one Arrow record batch (zero copy)."""
 
+    rowwise = True
+
     def collate_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:  # type: ignore[override]
         """The batch unchanged."""
         return batch
@@ -332,6 +334,8 @@ class ByteTokenizer(Preprocessor, name="byte_tokenize"):
     and ``{output}_mask`` (1 for tokens, 0 for padding); ``drop`` removes the text column.
     Arrow kernels and whole-batch numpy arithmetic (no Python per row).
     """
+
+    rowwise = True
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> None:

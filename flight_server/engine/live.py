@@ -289,6 +289,7 @@ class LiveIteration:
                     schema,
                     first_chunks=max(1, self.pool.workers if self.pool is not None else 1),
                     max_chunks=max(1, min(512, (1 << 16) // self.spec.batch_size)),
+                    rowwise=self.setup.pipeline.rowwise,
                 )
             )
         messages = self._messages(batcher, work, handle, flow, ticket, plan)
