@@ -339,12 +339,13 @@ class ByteTokenizer(Preprocessor, name="byte_tokenize"):
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> None:
-        """A positive length; two output names."""
+        """A positive length; int32 offset and pad id."""
         if not 1 <= params["max_length"] <= MAX_TOKENS:
             raise InvalidArgument(
                 f"byte_tokenize max_length must be within 1..{MAX_TOKENS}, "
                 f"got {params['max_length']}"
             )
+        _check_ids(params["offset"], params["pad_id"])
 
     @classmethod
     def check_schema(cls, params: dict[str, Any], schema: pa.Schema) -> pa.Schema:
@@ -387,8 +388,8 @@ class ByteTokenizer(Preprocessor, name="byte_tokenize"):
         names = [n for n in batch.schema.names if not (drop and n == column)]
         arrays = [batch.column(n) for n in names]
         arrays += [
-            pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), max_length),
-            pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), max_length),
+            pa.FixedSizeListArray.from_arrays(_wrap(ids, pa.int32()), max_length),
+            pa.FixedSizeListArray.from_arrays(_wrap(mask, pa.int8()), max_length),
         ]
         return pa.RecordBatch.from_arrays(arrays, names=[*names, output, f"{output}_mask"])
 
@@ -415,6 +416,22 @@ def _offsets(array: pa.Array) -> np.ndarray:
     )
 
 
+def _check_ids(offset: int, pad_id: int) -> None:
+    """Offset and pad id are int32 (plain Python: ``pa.scalar`` would import pandas)."""
+    for name, value in (("offset", offset), ("pad_id", pad_id)):
+        if not -(2**31) <= value < 2**31:
+            raise InvalidArgument(f"byte_tokenize {name} must be an int32, got {value}")
+
+
+def _wrap(values: np.ndarray, kind: pa.DataType) -> pa.Array:
+    """A C-contiguous numpy array as an Arrow array of the same memory (no copy).
+
+    Not ``pa.array``: its first call in a process imports pandas (a quarter of a second),
+    which the first batch a worker process times would count as the plugin's cost.
+    """
+    return pa.Array.from_buffers(kind, values.size, [None, pa.py_buffer(values)])
+
+
 def _wrapped(value: int) -> int:
     """An integer as int32 arithmetic sees it (modulo 2**32)."""
     return (value + (1 << 31)) % (1 << 32) - (1 << 31)
@@ -430,8 +447,7 @@ def _byte_tokens(
     bytes are one ``rows x length`` matrix; the rest is whole-matrix numpy arithmetic. A
     null text tokenizes as the empty string.
     """
-    for value in (offset, pad_id):
-        pa.scalar(value, pa.int32())  # an error when it is no int32, as Arrow's add gives
+    _check_ids(offset, pad_id)
     rows = len(text)
     if not rows:
         return np.zeros((0, length), dtype=np.int32), np.zeros((0, length), dtype=np.int8)

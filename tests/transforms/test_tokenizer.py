@@ -7,6 +7,7 @@ import random
 import pyarrow as pa
 import pytest
 
+from lavender_flight.protocol.errors import InvalidArgument
 from lavender_flight.transforms import Pipeline, Plugins
 from lavender_flight.transforms.builtins import ByteTokenizer
 
@@ -78,8 +79,11 @@ def test_random_text_matches_the_reference(large: bool) -> None:
 
 def test_ids_that_do_not_fit_int32_are_an_error() -> None:
     batch = pa.record_batch({"text": ["a"]})
-    with pytest.raises((pa.ArrowInvalid, OverflowError)):
+    with pytest.raises(InvalidArgument, match=r"^byte_tokenize offset must be an int32, got 2147"):
         tokenize(batch, offset=2**31)
+    refused = r"byte_tokenize pad_id must be an int32, got -2147483649$"
+    with pytest.raises(InvalidArgument, match=refused):  # when the iteration is created
+        Pipeline.build(Plugins.load(), preprocessors=[("byte_tokenize", {"pad_id": -(2**31) - 1})])
 
 
 def test_the_tokenizer_and_the_arrow_collater_are_rowwise() -> None:
