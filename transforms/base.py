@@ -75,6 +75,13 @@ class Plugin:
     depends_on: ClassVar[tuple[str, ...]] = ()
     changes_rows: ClassVar[bool] = False
     """A preprocessor or collater that returns more or fewer rows than it is given says so."""
+    rowwise: ClassVar[bool] = False
+    """A preprocessor or collater whose output row ``i`` depends on input row ``i`` alone
+    (and whose output does not depend on where a batch starts or ends) says so: the server
+    may then give it the rows of several batches in one call and cut the batches out of
+    the result (a time limit then takes all of those rows at once). A server with worker
+    processes does so for built-in pipelines only: a user plugin's batches go to several
+    workers at once, where one call would keep one busy."""
     _vectorized: ClassVar[str] = ""
     _per_sample: ClassVar[str] = ""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import itertools
 from dataclasses import dataclass
@@ -319,6 +320,8 @@ class ExpressionFilter(Filter, name="expression"):
 class ArrowCollater(Collater, name="arrow"):
     """The default: the batch's rows as they are, as one Arrow record batch (zero copy)."""
 
+    rowwise = True
+
     def collate_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:  # type: ignore[override]
         """The batch unchanged."""
         return batch
@@ -329,17 +332,20 @@ class ByteTokenizer(Preprocessor, name="byte_tokenize"):
 
     Adds ``{output}`` (``max_length`` int32 ids: byte + ``offset``, ``pad_id`` after the end)
     and ``{output}_mask`` (1 for tokens, 0 for padding); ``drop`` removes the text column.
-    Arrow compute all the way (no Python per row).
+    Arrow kernels and whole-batch numpy arithmetic (no Python per row).
     """
+
+    rowwise = True
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> None:
-        """A positive length; two output names."""
+        """A positive length; int32 offset and pad id."""
         if not 1 <= params["max_length"] <= MAX_TOKENS:
             raise InvalidArgument(
                 f"byte_tokenize max_length must be within 1..{MAX_TOKENS}, "
                 f"got {params['max_length']}"
             )
+        _check_ids(params["offset"], params["pad_id"])
 
     @classmethod
     def check_schema(cls, params: dict[str, Any], schema: pa.Schema) -> pa.Schema:
@@ -378,31 +384,100 @@ class ByteTokenizer(Preprocessor, name="byte_tokenize"):
         text = batch.column(column)
         if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
             raise InvalidArgument(f"byte_tokenize needs a string column, {column!r} is {text.type}")
-        large = pa.types.is_large_string(text.type)
-        raw = pc.fill_null(text, "").cast(pa.large_binary() if large else pa.binary())
-        cut = pc.binary_slice(raw, 0, max_length)
-        # the bytes seen as lists of uint8: the same buffers, no copy
-        _, offsets, data = cut.buffers()
-        data = data if data is not None else pa.py_buffer(b"")
-        values = pa.Array.from_buffers(pa.uint8(), data.size, [None, data])
-        lists = pa.Array.from_buffers(
-            pa.large_list(pa.uint8()) if large else pa.list_(pa.uint8()),
-            len(cut),
-            [None, offsets],
-            offset=cut.offset,
-            children=[values],
-        )
-        # padded to max_length with nulls, which become pad_id and mask 0
-        tokens = pc.list_flatten(pc.list_slice(lists, 0, max_length, return_fixed_size_list=True))
-        ids = pc.fill_null(pc.add(tokens.cast(pa.int32()), pa.scalar(offset, pa.int32())), pad_id)
-        mask = pc.is_valid(tokens).cast(pa.int8())
+        ids, mask = _byte_tokens(text, max_length, offset, pad_id)
         names = [n for n in batch.schema.names if not (drop and n == column)]
         arrays = [batch.column(n) for n in names]
         arrays += [
-            pa.FixedSizeListArray.from_arrays(ids, max_length),
-            pa.FixedSizeListArray.from_arrays(mask, max_length),
+            pa.FixedSizeListArray.from_arrays(_wrap(ids, pa.int32()), max_length),
+            pa.FixedSizeListArray.from_arrays(_wrap(mask, pa.int8()), max_length),
         ]
         return pa.RecordBatch.from_arrays(arrays, names=[*names, output, f"{output}_mask"])
+
+
+MASK_TABLE_TOKENS = 1024
+"""Up to this ``max_length`` the padding masks are rows of one cached table (a gather of
+rows); longer ones are computed by comparison."""
+
+
+@functools.lru_cache(maxsize=8)
+def _mask_table(length: int) -> np.ndarray:
+    """Row ``k``: ``length`` int8 flags, the first ``k`` set (read-only)."""
+    table = np.tri(length + 1, length, -1, dtype=np.int8)
+    table.flags.writeable = False
+    return table
+
+
+def _offsets(array: pa.Array) -> np.ndarray:
+    """The ``len + 1`` value offsets of a (large) binary or string array, as numpy (no copy)."""
+    large = pa.types.is_large_binary(array.type) or pa.types.is_large_string(array.type)
+    kind = np.dtype(np.int64 if large else np.int32)
+    return np.frombuffer(
+        array.buffers()[1], dtype=kind, count=len(array) + 1, offset=array.offset * kind.itemsize
+    )
+
+
+def _check_ids(offset: int, pad_id: int) -> None:
+    """Offset and pad id are int32 (plain Python: ``pa.scalar`` would import pandas)."""
+    for name, value in (("offset", offset), ("pad_id", pad_id)):
+        if not -(2**31) <= value < 2**31:
+            raise InvalidArgument(f"byte_tokenize {name} must be an int32, got {value}")
+
+
+def _wrap(values: np.ndarray, kind: pa.DataType) -> pa.Array:
+    """A C-contiguous numpy array as an Arrow array of the same memory (no copy).
+
+    Not ``pa.array``: its first call in a process imports pandas (a quarter of a second),
+    which the first batch a worker process times would count as the plugin's cost.
+    """
+    return pa.Array.from_buffers(kind, values.size, [None, pa.py_buffer(values)])
+
+
+def _wrapped(value: int) -> int:
+    """An integer as int32 arithmetic sees it (modulo 2**32)."""
+    return (value + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+def _byte_tokens(
+    text: pa.Array, length: int, offset: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (int32) and mask (int8), each of shape ``(rows, length)``, of a string array.
+
+    Arrow cuts the bytes to ``length`` and right-pads them to exactly ``length`` (byte
+    kernels: a cut through a multi-byte character leaves plain bytes), so that the padded
+    bytes are one ``rows x length`` matrix; the rest is whole-matrix numpy arithmetic. A
+    null text tokenizes as the empty string.
+    """
+    _check_ids(offset, pad_id)
+    rows = len(text)
+    if not rows:
+        return np.zeros((0, length), dtype=np.int32), np.zeros((0, length), dtype=np.int8)
+    if text.null_count:
+        text = pc.fill_null(text, "")
+    large = pa.types.is_large_string(text.type)
+    cut = pc.binary_slice(text.cast(pa.large_binary() if large else pa.binary()), 0, length)
+    sizes = np.diff(_offsets(cut))
+    # the cut bytes seen as text again (the same buffers, not validated) for the padding
+    padded = pc.ascii_rpad(
+        pa.Array.from_buffers(text.type, rows, cut.buffers(), offset=cut.offset),
+        width=length,
+        padding=" ",
+    )
+    matrix = np.frombuffer(
+        padded.buffers()[2], dtype=np.uint8, count=rows * length, offset=int(_offsets(padded)[0])
+    ).reshape(rows, length)
+    if length <= MASK_TABLE_TOKENS:
+        mask = _mask_table(length)[sizes]
+    else:
+        mask = (np.arange(length) < sizes[:, None]).view(np.int8)
+    # byte + offset for a token, pad_id after the end: (byte + offset - pad_id) * mask + pad_id
+    # (int32 arithmetic, wrapping as Arrow's add does)
+    ids = matrix.astype(np.int32)
+    if step := _wrapped(offset - pad_id):
+        ids += np.int32(step)
+    ids *= mask
+    if pad_id:
+        ids += np.int32(pad_id)
+    return ids, mask
 
 
 MAX_BOUNDARIES = 10_000

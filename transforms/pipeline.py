@@ -247,6 +247,17 @@ class Pipeline:
         """Whether batches are collated or preprocessed (the work a worker pool can share)."""
         return self.collater is not None or bool(self.preprocessors)
 
+    @property
+    def rowwise(self) -> bool:
+        """Whether the collater and preprocessors all make each row from its own row alone.
+
+        Then several batches' rows may be processed in one call (``Plugin.rowwise``).
+        """
+        steps = [*([self.collater] if self.collater else []), *self.preprocessors]
+        return bool(steps) and all(
+            step.plugin.rowwise and not step.plugin.changes_rows for step in steps
+        )
+
     # -- the steps -----------------------------------------------------------------------
 
     def _run(self, step: Step, batch: pa.RecordBatch) -> Any:

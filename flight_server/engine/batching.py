@@ -314,6 +314,9 @@ class TransformedBatcher:
     Args:
         process: collates and preprocesses batches; None when the iteration only filters
             (its batches are then slices of the kept rows, several per message).
+        rowwise: the processing makes each row from its own row alone
+            (``Pipeline.rowwise``): the rows of one message's batches are then processed
+            in one call, whose result is the message (no copy of the processed rows).
     """
 
     def __init__(
@@ -326,6 +329,7 @@ class TransformedBatcher:
         schema: pa.Schema,
         first_chunks: int = 1,
         max_chunks: int = MAX_CHUNKS,
+        rowwise: bool = False,
     ) -> None:
         self.plan = plan
         self.blocks = blocks
@@ -335,6 +339,9 @@ class TransformedBatcher:
         self.schema = schema
         self.first_chunks = first_chunks
         self.max_chunks = max_chunks
+        self.rowwise = rowwise
+        self._row_bytes = 0
+        """Bytes of a processed row, as the last processed message had them (0: unknown)."""
         self.partition = world.partition
         self._consumed = np.zeros(0, dtype=np.int64)
         self._offset = 0
@@ -421,35 +428,111 @@ class TransformedBatcher:
         cut = self._batches(full)
         if self.process is None:
             return self._sliced(cut)
+        if self.rowwise:
+            return self._together(cut)
         inputs = [_one_batch(batch.table(), self.schema) for batch in cut]
+        messages: list[Message] = []
         pieces: list[pa.RecordBatch] = []
         batches: list[tuple[int, Ranges]] = []
         delivered: list[np.ndarray] = []
         filtered, failed = SampleSet(), SampleSet()
+        size = 0
+
+        def flush() -> None:
+            nonlocal filtered, failed, size
+            if not pieces:
+                return
+            seq = self.plan.to_global(self.partition, np.sort(np.concatenate(delivered)))
+            if len(pieces) == 1:
+                message = pieces[0]
+            else:
+                message = _one_batch(pa.Table.from_batches(pieces), pieces[0].schema)
+            messages.append(Message(message, list(batches), seq, filtered, failed))
+            pieces.clear()
+            batches.clear()
+            delivered.clear()
+            filtered, failed, size = SampleSet(), SampleSet(), 0
+
         for batch, outcome in zip(cut, self.process(inputs), strict=True):
             lost = np.zeros(len(batch.local), dtype=bool)
             lost[outcome.failed] = True
             self._failed.add(np.sort(batch.local[lost]))
             if outcome.result is None or (lost.all() and not outcome.result.num_rows):
                 continue  # the next batch's span takes these in
+            result = outcome.result
+            if pieces and (size + result.nbytes > MESSAGE_BYTES or len(pieces) >= MAX_CHUNKS):
+                flush()  # a message of about MESSAGE_BYTES: one copy of a few MB, not of all
             span = self._span(int(batch.ordinals[-1]))
             inside = self._dropped_in(span)
             filtered.add(inside[0])
             failed.add(inside[1])
-            result = outcome.result
             if pieces and not result.schema.equals(pieces[0].schema):
                 result = result.cast(pieces[0].schema)
             pieces.append(result)
+            size += result.nbytes
             batches.append((result.num_rows, span))
             delivered.append(batch.local[~lost])
-        if not pieces:
-            return []
+        flush()
+        return messages
+
+    def _together(self, cut: list[_Batch]) -> list[Message]:
+        """Batches processed a message at a time: one call on their rows, its result sent.
+
+        A message takes as many batches as about ``MESSAGE_BYTES`` of processed rows hold
+        (as the last message's rows weighed; one batch while that is unknown).
+        """
+        messages: list[Message] = []
+        size = self.plan.batch_size
+        while cut:
+            rows = MESSAGE_BYTES // self._row_bytes if self._row_bytes else 1
+            count = max(1, min(len(cut), MAX_CHUNKS, rows // size))
+            group, cut = cut[:count], cut[count:]
+            message = self._processed(group)
+            if message is not None:
+                messages.append(message)
+        return messages
+
+    def _processed(self, group: list[_Batch]) -> Message | None:
+        """One message of batches processed together (None when every row failed)."""
+        assert self.process is not None
+        segments: list[Segment] = []
+        for batch in group:
+            for table, offset, rows in batch.segments:
+                last = segments[-1] if segments else None
+                if last is not None and last[0] is table and last[1] + last[2] == offset:
+                    segments[-1] = (table, last[1], last[2] + rows)  # one slice again
+                else:
+                    segments.append((table, offset, rows))
+        tables = [t.slice(o, n) for t, o, n in segments]
+        rows_in = _one_batch(
+            tables[0] if len(tables) == 1 else pa.concat_tables(tables), self.schema
+        )
+        (outcome,) = self.process([rows_in])
+        lost = np.zeros(rows_in.num_rows, dtype=bool)
+        lost[outcome.failed] = True
+        batches: list[tuple[int, Ranges]] = []
+        delivered: list[np.ndarray] = []
+        filtered, failed = SampleSet(), SampleSet()
+        start = 0
+        for batch in group:
+            mine = lost[start : start + len(batch.local)]
+            start += len(batch.local)
+            self._failed.add(np.sort(batch.local[mine]))
+            if mine.all():
+                continue  # the next batch's span takes these in
+            span = self._span(int(batch.ordinals[-1]))
+            inside = self._dropped_in(span)
+            filtered.add(inside[0])
+            failed.add(inside[1])
+            batches.append((int(len(mine) - mine.sum()), span))
+            delivered.append(batch.local[~mine])
+        result = outcome.result
+        if not batches or result is None:
+            return None
+        assert result.num_rows == sum(rows for rows, _ in batches)
+        self._row_bytes = max(1, result.nbytes // max(1, result.num_rows))
         seq = self.plan.to_global(self.partition, np.sort(np.concatenate(delivered)))
-        if len(pieces) == 1:
-            message = pieces[0]
-        else:
-            message = _one_batch(pa.Table.from_batches(pieces), pieces[0].schema)
-        return [Message(message, batches, seq, filtered, failed)]
+        return Message(result, batches, seq, filtered, failed)
 
     def _sliced(self, cut: list[_Batch]) -> list[Message]:
         """Batches of kept rows as they are, several to a message.

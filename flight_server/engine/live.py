@@ -304,6 +304,9 @@ class LiveIteration:
                     schema,
                     first_chunks=max(1, self.pool.workers if self.pool is not None else 1),
                     max_chunks=max(1, min(512, (1 << 16) // self.spec.batch_size)),
+                    # with worker processes a message would go to one worker: ours only
+                    rowwise=self.setup.pipeline.rowwise
+                    and (self.pool is None or self.setup.pipeline.only_builtins),
                 )
             )
         messages = self._messages(batcher, work, handle, flow, ticket, plan)

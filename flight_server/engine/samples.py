@@ -119,17 +119,51 @@ class SampleSet:
             inside |= (at >= 0) & (self._values < reach[np.maximum(at, 0)])
         return inside
 
+    def _slices(self, ranges: Ranges) -> tuple[int, int] | None:
+        """Where the numbers inside the ranges lie, when they are one run of positions.
+
+        ``(start, stop)`` positions in the sorted array, found by binary search of the
+        ranges' bounds (no pass over the numbers): the usual case, a batch's span taking
+        the dropped samples at the front. None when they lie in several runs (or the
+        ranges overlap): then the mask of ``_inside`` says.
+        """
+        if not len(self._values) or not len(ranges):
+            return 0, 0
+        starts, stops = _bounds(ranges)
+        if len(starts) > 1 and not np.all(stops[:-1] <= starts[1:]):
+            return None
+        low = np.searchsorted(self._values, starts, side="left")
+        high = np.searchsorted(self._values, stops, side="left")
+        taken = high > low
+        if not taken.any():
+            return 0, 0
+        low, high = low[taken], high[taken]
+        if len(low) > 1 and not np.array_equal(high[:-1], low[1:]):
+            return None
+        return int(low[0]), int(high[-1])
+
     def within(self, ranges: Ranges) -> SampleSet:
         """The numbers inside ``[start, stop)`` ranges."""
+        found = self._slices(ranges)
+        if found is not None:
+            return SampleSet._sorted(self._values[found[0] : found[1]])
         return SampleSet._sorted(self._values[self._inside(ranges)])
 
     def pop_within(self, ranges: Ranges) -> SampleSet:
         """Remove and return the numbers inside ``[start, stop)`` ranges."""
+        found = self._slices(ranges)
+        if found is not None:
+            start, stop = found
+            taken = SampleSet._sorted(self._values[start:stop])
+            if stop > start:  # at the front (the usual case) a view of the rest: no copy
+                rest = self._values[stop:]
+                self._values = rest if not start else np.concatenate((self._values[:start], rest))
+            return taken
         inside = self._inside(ranges)
-        found = SampleSet._sorted(self._values[inside])
-        if len(found):
+        taken = SampleSet._sorted(self._values[inside])
+        if len(taken):
             self._values = self._values[~inside]
-        return found
+        return taken
 
     def discard(self, other: SampleSet) -> None:
         """Remove every number of ``other``."""

@@ -25,3 +25,39 @@ def test_popping_within_ranges_takes_them_out() -> None:
     assert found.ranges() == [(0, 3), (12, 15)]
     found.discard(SampleSet([0, 14]))
     assert found.ranges() == [(1, 3), (12, 14)]
+
+
+def _inside(numbers: set[int], ranges: list[tuple[int, int]]) -> set[int]:
+    return {n for n in numbers if any(a <= n < b for a, b in ranges)}
+
+
+def test_within_and_pop_within_match_a_python_set_across_many_holes() -> None:
+    rng = np.random.default_rng(16)
+    for _ in range(200):
+        numbers = set(rng.choice(400, size=int(rng.integers(0, 300)), replace=False).tolist())
+        found = SampleSet(np.array(sorted(numbers), dtype=np.int64))
+        for _ in range(6):
+            count = int(rng.integers(0, 5))
+            bounds = np.sort(rng.integers(-5, 410, size=2 * count)).reshape(-1, 2)
+            ranges = [(int(a), int(b)) for a, b in bounds]
+            if rng.random() < 0.3 and ranges:  # out of order, overlapping
+                ranges.append((ranges[0][0] - 3, ranges[-1][1] + 3))
+                ranges.reverse()
+            expected = _inside(numbers, ranges)
+            assert found.within(ranges).values.tolist() == sorted(expected)
+            assert found.pop_within(ranges).values.tolist() == sorted(expected)
+            numbers -= expected
+            assert found.values.tolist() == sorted(numbers) and len(found) == len(numbers)
+
+
+def test_spans_in_order_take_the_front_of_every_other_sample() -> None:
+    # a filter keeping every other sample: each batch's span takes its dropped half
+    found = SampleSet(np.arange(1, 20_000, 2))
+    taken = 0
+    for start in range(0, 20_000, 2048):
+        inside = found.pop_within([(start, start + 2048)])
+        assert len(inside) == len(range(start + 1, min(start + 2048, 20_000), 2))
+        assert inside.values[0] == start + 1
+        taken += len(inside)
+        found.add(np.array([30_000 + start]))  # what later blocks drop, added behind
+    assert taken == 10_000 and found.values.tolist() == [30_000 + s for s in range(0, 20_000, 2048)]
