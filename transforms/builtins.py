@@ -269,9 +269,16 @@ def _evaluate(node: ast.AST, batch: pa.RecordBatch, parsed: _Expression) -> Any:
 
 
 def _mod(left: Any, right: Any) -> Any:
-    return pc.subtract(
-        left, pc.multiply(pc.floor(pc.divide(pc.cast(left, pa.float64()), right)), right)
-    )
+    """``left % right`` as Python has it (the sign of ``right``), exact for integers.
+
+    A zero modulus gives null there (the row is not kept) rather than fail the batch.
+    """
+    try:
+        return pc.modulo(left, right)
+    except (pa.ArrowInvalid, ZeroDivisionError):
+        zero = pc.equal(right, 0)
+        found = pc.modulo(left, pc.if_else(zero, 1, right))
+        return pc.if_else(zero, pa.scalar(None, found.type), found)
 
 
 class ExpressionFilter(Filter, name="expression"):

@@ -271,3 +271,22 @@ def test_entry_points_are_a_source(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (problem,) = plugins.problems
     assert "lf_extra_plugins:Nowhere" in problem and "AttributeError" in problem
     assert "positive" not in Plugins.load(entry_points=False).filters.names()
+
+
+def test_the_expression_modulo_is_exact_for_large_integers_and_pythons_for_signs() -> None:
+    plugins = Plugins.load()
+    uids = [2**60 + i for i in range(10)] + [-7, 7, 0]
+    batch = pa.record_batch(
+        {"uid": pa.array(uids, pa.int64()), "d": pa.array([3] * 10 + [3, -3, 0])}
+    )
+
+    def keep(expr: str) -> list[int]:
+        mask, _ = Pipeline.build(plugins, filters=[("expression", {"expr": expr})]).filter(batch)
+        return [u for u, k in zip(uids, mask.tolist(), strict=True) if k]
+
+    # through float64, 2**60 + i all round to the same value: every one of them or none
+    assert keep("uid % 10 == 4") == [u for u in uids if u % 10 == 4] == [2**60 + 8]
+    assert keep("uid % 3 == 2") == [u for u in uids if u % 3 == 2]  # -7 % 3 == 2 in Python
+    by_column = [u for u, d in zip(uids, [3] * 10 + [3, -3, 0], strict=True) if d and u % d == 1]
+    assert keep("uid % d == 1") == by_column == [2**60, 2**60 + 3, 2**60 + 6, 2**60 + 9]
+    # 7 % -3 is -2 (Python's sign), and a zero modulus keeps nothing
