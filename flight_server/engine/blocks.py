@@ -56,6 +56,10 @@ ShardRead = tuple[pa.Table, np.ndarray | None] | None
 """A main shard's joined rows and the rows an inner join leaves out (None: skipped)."""
 
 
+class Abandoned(Exception):
+    """A block's gather stopped: every stream of its iteration ended (see ``clear``)."""
+
+
 @dataclass(frozen=True)
 class Rows:
     """Rows of an iteration, and which of them to leave out (each mask None when none).
@@ -228,6 +232,8 @@ class _Block:
     pieces: list[Future[_Piece]]
     reservation: Reservation | None = None
     dropped: bool = False
+    abandoned: bool = False
+    """No stream will read it (they all ended): its gather stops at the next piece."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def piece_of(self, position: int) -> int:
@@ -366,7 +372,7 @@ class BlockReader:
         lane = self.reader.main.lane
         reads = [self.pool.submit(lane, self._read_shard, slot) for slot in block.shard_slots]
         # the order is drawn while the shards are read (it needs none of their rows)
-        order: Future[np.ndarray] = self.pool.submit(CPU, plan.draw_permutation, number)
+        order: Future[np.ndarray] = self.pool.submit(CPU, self._order, plan, state)
         left = [len(reads) + 1]
         count = threading.Lock()
         # the callbacks reach the futures through this list, emptied once the gather has
@@ -386,6 +392,12 @@ class BlockReader:
         order.add_done_callback(one_done)
         return state
 
+    def _order(self, plan: EpochPlan, state: _Block) -> np.ndarray:
+        """A block's order (runs on the ``cpu`` lane); none for a block nobody reads."""
+        if state.abandoned:
+            return np.zeros(0, dtype=np.int64)
+        return plan.draw_permutation(state.number)
+
     def _gather(
         self,
         plan: EpochPlan,
@@ -395,6 +407,8 @@ class BlockReader:
     ) -> None:
         """Lay a block's shards end to end in the epoch's order (runs on the ``cpu`` lane)."""
         try:
+            if state.abandoned:
+                raise Abandoned(f"block {state.number} of iteration {self._iteration_id}")
             table, unreadable, absent = self._joined(plan, state, reads)
             if not plan.shuffle:
                 piece = self._filtered(_Piece(0, table.num_rows, table, unreadable, absent))
@@ -408,6 +422,8 @@ class BlockReader:
             # over the memory bus), from the shards laid end to end once: Arrow's take
             # would lay a chunked column end to end on every call
             for index, future in enumerate(state.pieces):
+                if state.abandoned:  # the work of an iteration nobody reads any more
+                    raise Abandoned(f"block {state.number} of iteration {self._iteration_id}")
                 if index == 1 and any(c.num_chunks > 1 for c in table.columns):
                     table = table.combine_chunks()
                 a, b = state.bounds[index], state.bounds[index + 1]
@@ -538,7 +554,11 @@ class BlockReader:
             for index in range(first, last + 1):
                 a, b = edges[index - first], edges[index - first + 1]
                 if b > a:
-                    piece = self._wait(plan, state, index)
+                    try:
+                        piece = self._wait(plan, state, index)
+                    except Abandoned:  # cleared as this stream began (the last one ended)
+                        state = self._block(plan, number)
+                        piece = self._wait(plan, state, index)
                     found.append((piece, positions[a:b] - piece.start))
         return found
 
@@ -580,8 +600,9 @@ class BlockReader:
             blocks = list(self._cache.values())
             self._cache.clear()
         for state in blocks:
+            state.abandoned = True  # no stream reads (or will read) these: stop gathering
             state.release()
         if blocks:
             del state, blocks
-            # mimalloc keeps freed pages for reuse; the streams are gone, so give them back
+            # the allocator keeps freed pages for reuse; the streams are gone: give them back
             pa.default_memory_pool().release_unused()

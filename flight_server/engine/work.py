@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 UNBOUNDED = 1 << 62
 WAIT_SECONDS = 0.25
 """How often a stream waiting on its budget looks at the catalog (acks through another
-server, a pushback) and at whether it should stop."""
+server, a pushback)."""
+CHECK_SECONDS = 0.05
+"""How often it looks at whether it should stop (its client gone: the blocks it was
+having gathered are abandoned as soon as it ends)."""
 
 
 class Stopped(Exception):
@@ -116,8 +119,22 @@ class StreamWork:
                     self.handle
                 ):
                     return
-                if not flow.cond.wait(WAIT_SECONDS):
-                    self._refresh()
+                self._wait(flow)
+
+    def _wait(self, flow: RankFlow) -> None:
+        """Wait for the flow to change (called with its lock held), at most ``WAIT_SECONDS``.
+
+        Looks at whether to stop every ``CHECK_SECONDS``; re-reads the rank from the catalog
+        when nothing came meanwhile.
+        """
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            if flow.cond.wait(min(CHECK_SECONDS, max(0.0, deadline - time.monotonic()))):
+                return
+            self._check()
+            if time.monotonic() >= deadline:
+                self._refresh()
+                return
 
     def _refresh(self) -> None:
         """Re-read the rank from the catalog (called with the flow's lock held)."""
@@ -187,8 +204,7 @@ class StreamWork:
                     continue
                 if not flow.ahead(self.handle):
                     return
-                if not flow.cond.wait(WAIT_SECONDS):
-                    self._refresh()
+                self._wait(flow)
 
     def release(self, ranges: list[tuple[int, int]], filtered: int, failed: int) -> None:
         """Samples the stream dropped where no batch will span them: finished, and counted."""

@@ -4,15 +4,19 @@ and a ``LiveIteration`` driven directly through the manager."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from lavender_flight.catalog import Catalog
 from lavender_flight.flight_server import LavenderService
 from lavender_flight.flight_server.engine import IterationManager, ProgressStore, World
+from lavender_flight.flight_server.engine.blocks import Abandoned, _Block
 from lavender_flight.flight_server.engine.manager import WARM_SECONDS
+from lavender_flight.flight_server.read_pool import CPU
 from lavender_flight.protocol import ColumnOptions
 from lavender_flight.protocol.errors import InvalidArgument
 from lavender_flight.protocol.iterations import (
@@ -162,5 +166,40 @@ def test_a_new_iteration_reads_its_first_block_before_any_stream(
         _, again = other.stream(IterationTicket(iteration_id="cold", window=False))
         assert uids == [u for batch, _ in again for u in batch.column("uid").to_pylist()]
         assert sorted(uids) == list(range(90)) and uids != sorted(uids)
+    finally:
+        manager.close()
+
+
+def test_a_block_cleared_under_a_stream_is_read_again_and_its_gather_stops(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    service = LavenderService(catalog)
+    dataset_id = write_dataset(service, tmp_path / "data")
+    manager = IterationManager(catalog, service)
+    try:
+        spec = IterationSpec(dataset_id=dataset_id, batch_size=8, shuffle=True, shuffle_seed=3)
+        live = manager.open(IterationCommand(iteration_id="cleared", spec=spec))
+        plan = live.views.plan(0)
+        state = live.blocks._cache[(0, 0)]
+        seq = np.arange(plan.blocks[0].start, plan.blocks[0].start + 16)
+        expected = live.blocks.rows(plan, seq).table.column("uid").to_pylist()
+        # the last stream ended as this one began: clear() abandoned the block it waits on
+        stale = _Block(state.number, state.start, state.bounds, [Future() for _ in state.pieces])
+        for future in stale.pieces:
+            future.set_exception(Abandoned("cleared"))
+        live.blocks._cache[(0, 0)] = stale
+        assert live.blocks.rows(plan, seq).table.column("uid").to_pylist() == expected
+        assert live.blocks._cache[(0, 0)] is not stale  # read afresh
+        # an abandoned block's gather computes no piece
+        fresh = _Block(state.number, state.start, state.bounds, [Future() for _ in state.pieces])
+        fresh.abandoned = True
+        reads = [live.blocks.pool.submit(CPU, live.blocks._read_shard, slot)
+                 for slot in plan.blocks[0].shard_slots]  # fmt: skip
+        order: Future[np.ndarray] = Future()
+        order.set_result(plan.draw_permutation(0))
+        live.blocks._gather(plan, fresh, reads, order)
+        for future in fresh.pieces:
+            with pytest.raises(Abandoned):
+                future.result(timeout=10)
     finally:
         manager.close()
