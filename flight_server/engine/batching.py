@@ -205,7 +205,8 @@ class PlainBatcher:
             while True:
                 if not queue:
                     ask = 1 if chunks == 1 else chunks * CLAIM_MESSAGES
-                    units = self.work.claim(max(1, min(ask, self.work.room() // batch_size)))
+                    # claim() caps it by the room there is once it waited for room
+                    units = self.work.claim(max(1, ask))
                     if not units:
                         return
                     claimed_last = claimed_last or _holds(units, last)
@@ -604,7 +605,7 @@ class TransformedBatcher:
         last = last_owned(self.plan, self.world)
         span = self.first_chunks  # small first claims: the first batch comes soon
         while True:
-            units = self.work.claim(max(1, min(span, self.work.room() // batch_size)))
+            units = self.work.claim(max(1, span))  # capped by the room once there is room
             span = min(span * 2, self.max_chunks)
             if units:
                 self._final = self._final or _holds(units, last)

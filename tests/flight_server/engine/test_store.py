@@ -4,6 +4,8 @@ and a ``LiveIteration`` driven directly through the manager."""
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -32,8 +34,10 @@ SIZE, BATCH = 40, 4
 
 
 @pytest.fixture
-def catalog(tmp_path: Path) -> Catalog:
-    return Catalog(tmp_path / "catalog.db")
+def catalog(tmp_path: Path) -> Iterator[Catalog]:
+    found = Catalog(tmp_path / "catalog.db")
+    yield found
+    found.close()
 
 
 @pytest.fixture
@@ -201,5 +205,9 @@ def test_a_block_cleared_under_a_stream_is_read_again_and_its_gather_stops(
         for future in fresh.pieces:
             with pytest.raises(Abandoned):
                 future.result(timeout=10)
+        live.blocks.clear()
+        deadline = time.monotonic() + 30  # the next block's read, begun by rows(): let it end
+        while service.read_pool.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         manager.close()
