@@ -1,16 +1,22 @@
 """Batches from DataLoader workers to the loop's process without pickling their rows.
 
 torch pickles what a worker's collate function returns to send it to the loop's process:
-every Python string of a text column, every Arrow buffer, one by one. Here a worker writes
-each batch once into a POSIX shared-memory segment and sends only its name and layout; the
-loop's process maps the segment (no copy) and rebuilds the batch over the shared pages:
+every Python string of a text column, every Arrow buffer, one by one, and it pays its own
+per-item costs (index and result queues, their feeder threads, a profiler scope) for each
+item. Here a worker sends *groups*: each Flight message whole (its batches as the server
+cut them), or a few batches its user's collate made (about ``GROUP_BYTES``), written once
+into a POSIX shared-memory segment; only its name, layout and the batches' tokens (a
+:class:`Group`) are pickled. The loop's process maps the segment (no copy) and rebuilds
+the values over the shared pages:
 
-- a batch as the server sent it (the loader's own collate): its Arrow record batch, as
-  Arrow IPC (every column type); the loop's process converts it to the loader's format
-  (numeric columns become tensors over the shared pages, strings Python strings);
+- a message as the server sent it: its Arrow record batch, as Arrow IPC (every column
+  type); the loop's process cuts it into batches in the loader's format as an iteration
+  does (``formats.split``: numeric columns are tensors over the shared pages, strings
+  Python strings), so it does no more per batch than a loop without workers;
 - what a collate function of the user's returns: tensors and numpy arrays as their bytes,
-  lists of strings as Arrow strings (offsets and bytes), record batches as Arrow IPC,
-  dicts, lists and tuples of those; anything else is pickled (small values).
+  lists of strings as Arrow strings (offsets and bytes, rebuilt with no parsing), record
+  batches as Arrow IPC, dicts, lists and tuples of those; anything else is pickled (small
+  values).
 
 A segment is unlinked as soon as the loop's process maps it (the mapping lives while a
 batch uses it). A worker unlinks, when it exits, what it wrote and nobody mapped (a loop
@@ -29,7 +35,7 @@ import secrets
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import util
 from pathlib import Path
@@ -38,11 +44,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .formats import convert
+from .formats import split
 
-__all__ = ["Shipment", "Shipper", "Token", "sweep_at_exit"]
+__all__ = ["GROUP_BYTES", "Bundle", "Group", "Shipment", "Token", "sweep_at_exit", "unpack"]
 
 ALIGN = 64
+GROUP_BYTES = 4 << 20
+"""A worker ships what its user's collate made once it holds this much (or the message ends)."""
 
 _posixshmem: Any
 try:  # CPython's own binding (what multiprocessing.shared_memory uses)
@@ -58,6 +66,21 @@ class Token:
     seq: list[tuple[int, int]]
     report_every: int | None = None
     deal: int | None = None
+
+
+@dataclass
+class Group:
+    """One item a worker sends: consecutive batches of its stream, their tokens, its id.
+
+    ``sizes``: the rows of each batch when the shipment is a message as the server sent it
+    (None: the shipment is a list of what the user's collate made, one value per batch).
+    ``end``: the worker's stream ended (no batches): the loop stops waiting for its turn.
+    """
+
+    worker: int
+    tokens: list[Token] = field(default_factory=list)
+    sizes: list[int] | None = None
+    end: bool = False
 
 
 # -- segments --------------------------------------------------------------------------
@@ -179,6 +202,13 @@ class _Layout:
         self.parts.append((offset, write))
         return offset
 
+    def buffer(self, buf: pa.Buffer | None) -> tuple[int, int] | None:
+        """Place an Arrow buffer's bytes: where they are and how many (None: no buffer)."""
+        if buf is None:
+            return None
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        return self.place(buf.size, partial(_write_raw, raw, buf.size)), buf.size
+
     def spec(self, value: Any) -> Any:
         import torch
 
@@ -203,10 +233,8 @@ class _Layout:
             and all(isinstance(v, str) or v is None for v in value)
         ):
             strings = pa.array(value, pa.large_string())
-            batch = pa.record_batch([strings], names=["s"])
-            size = _ipc_size(batch)
-            at = self.place(size, partial(_write_batch, batch, size))
-            return ("strings", size, at)
+            return ("strings", len(strings), strings.null_count,
+                    *(self.buffer(buf) for buf in strings.buffers()))  # fmt: skip
         if isinstance(value, dict):
             return ("dict", [(k, self.spec(v)) for k, v in value.items()])
         if isinstance(value, (list, tuple)):
@@ -232,7 +260,10 @@ def _rebuild(spec: Any, view: memoryview) -> Any:
     if kind == "arrow":
         return _read_ipc(view[spec[2] : spec[2] + spec[1]])
     if kind == "strings":
-        return _read_ipc(view[spec[2] : spec[2] + spec[1]]).column(0).to_pylist()
+        _, count, nulls, *places = spec
+        buffers = [None if p is None else pa.py_buffer(view[p[0] : p[0] + p[1]]) for p in places]
+        strings = pa.Array.from_buffers(pa.large_string(), count, buffers, null_count=nulls)
+        return strings.to_pylist()
     if kind == "dict":
         return {k: _rebuild(v, view) for k, v in spec[1]}
     if kind == "list":
@@ -242,11 +273,27 @@ def _rebuild(spec: Any, view: memoryview) -> Any:
     return spec[1]
 
 
-class Shipment:
-    """A batch in a shared-memory segment: pickles as its name and layout, not its rows.
+def _write(layout: _Layout, spec: Any) -> Shipment:
+    """A new segment holding what ``layout`` placed (none when it placed nothing)."""
+    if not layout.parts:
+        return Shipment("", 0, spec)
+    name, mapping = _create(layout.size)
+    try:
+        view = memoryview(mapping)
+        for offset, write in layout.parts:
+            write(view[offset:])
+        del view
+    finally:
+        mapping.close()
+    return Shipment(name, layout.size, spec)
 
-    Made in a worker (``pack``); unpickling it in the loop's process maps (and unlinks)
-    the segment at once, so that a shipment torch drops unread frees its memory too.
+
+class Shipment:
+    """A value in a shared-memory segment: pickles as its name and layout, not its rows.
+
+    Made in a worker (``pack``, or a :class:`Bundle`); unpickling it in the loop's process
+    maps (and unlinks) the segment at once, so that a shipment torch drops unread frees its
+    memory too.
     """
 
     def __init__(self, name: str, size: int, spec: Any) -> None:
@@ -259,18 +306,7 @@ class Shipment:
     def pack(cls, value: Any) -> Shipment:
         """Write ``value`` (see the module docstring) into a new segment."""
         layout = _Layout()
-        spec = layout.spec(value)
-        if not layout.parts:
-            return cls("", 0, spec)
-        name, mapping = _create(layout.size)
-        try:
-            view = memoryview(mapping)
-            for offset, write in layout.parts:
-                write(view[offset:])
-            del view
-        finally:
-            mapping.close()
-        return cls(name, layout.size, spec)
+        return _write(layout, layout.spec(value))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_received, (self.name, self.size, self.spec))
@@ -291,37 +327,40 @@ def _received(name: str, size: int, spec: Any) -> Shipment:
     return shipment
 
 
-def _passthrough(item: Any) -> Any:
-    return item
+class Bundle:
+    """Values (what a collate made, batch after batch) gathered for one segment, in a worker."""
+
+    def __init__(self) -> None:
+        self._layout = _Layout()
+        self._specs: list[Any] = []
+
+    def add(self, value: Any) -> None:
+        """Place one more value."""
+        self._specs.append(self._layout.spec(value))
+
+    @property
+    def size(self) -> int:
+        """Bytes placed so far (the segment's size)."""
+        return self._layout.size
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def ship(self) -> Shipment:
+        """The segment of the values placed so far (a list of them, rebuilt)."""
+        return _write(self._layout, ("list", self._specs))
 
 
-class Shipper:
-    """The collate function of a loader with workers: collate there, then ship the result.
+def unpack(shipment: Shipment, group: Group, fmt: str) -> list[tuple[Any, Token]]:
+    """In the loop's process: the batches of a group a worker shipped, with their tokens.
 
-    ``collate`` is the user's collate function (None: the loader's own, which changes
-    nothing); it gets ``(batch, token)`` items in the loader's format ``fmt``, as it would
-    with no workers. The loader's own batches travel as the Arrow the server sent, and
-    become the loader's format in the loop's process.
+    A message as the server sent it becomes batches in ``fmt`` as an iteration cuts them
+    (``formats.split``); what a collate made is its batch (a collate keeps the ``(batch,
+    token)`` shape of its items).
     """
-
-    def __init__(self, collate: Callable[[Any], Any] | None, fmt: str, token: type) -> None:
-        self.collate = collate
-        self.fmt = fmt
-        self.token = token
-
-    def __call__(self, item: tuple[pa.RecordBatch, Token]) -> tuple[Shipment, Token]:
-        """In a worker: collate one batch, and ship the result."""
-        batch, token = item
-        if self.collate is None or self.collate is _passthrough:
-            return Shipment.pack(batch), token
-        done = self.collate((convert(batch, self.fmt), self.token(token.seq)))
-        return Shipment.pack(done), token
-
-    def unpack(self, item: tuple[Shipment, Token]) -> tuple[Any, Token]:
-        """In the loop's process: the batch (and its token) a worker shipped."""
-        shipment, token = item
-        value = shipment.open()
-        if self.collate is None or self.collate is _passthrough:
-            return convert(value, self.fmt), token
-        batch, _ = value  # a collate keeps the (batch, token) shape
-        return batch, token
+    if group.end:
+        return []
+    value = shipment.open()
+    if group.sizes is not None:
+        return list(zip(split(value, group.sizes, fmt), group.tokens, strict=True))
+    return [(made[0], token) for made, token in zip(value, group.tokens, strict=True)]
