@@ -23,7 +23,16 @@ from .acks import Acknowledger, acknowledging, acknowledging_samples
 from .connection import LavenderClient
 from .formats import samples, split, torch_missing
 from .settings import ClientSettings
-from .shipping import GROUP_BYTES, Bundle, Group, Shipment, Token, sweep_at_exit, unpack
+from .shipping import (
+    GROUP_BYTES,
+    Bundle,
+    Group,
+    Shipment,
+    Token,
+    sweep_at_exit,
+    sweep_worker,
+    unpack,
+)
 from .streams import stream_batches
 
 try:
@@ -253,10 +262,17 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
                     batch = torch.utils.data._utils.pin_memory.pin_memory(batch)
                 yield batch, token.seq
 
-        if self.iteration.spec.batch_size == 0:  # single samples, cut from whole groups
-            yield from acknowledging_samples(items(), acks, samples)
-            return
-        yield from acknowledging(items(), acks)
+        try:
+            if self.iteration.spec.batch_size == 0:  # single samples, cut from whole groups
+                yield from acknowledging_samples(items(), acks, samples)
+                return
+            yield from acknowledging(items(), acks)
+        except BaseException:
+            if dataset.ship:  # a worker that died (killed) leaves its segments: now, not at exit
+                for process in getattr(loaded, "_workers", ()):
+                    if not process.is_alive():
+                        sweep_worker(process.pid)
+            raise
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass iterate epoch ``epoch`` (as torch's ``DistributedSampler``)."""
