@@ -35,7 +35,7 @@ import secrets
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import util
@@ -53,6 +53,7 @@ __all__ = [
     "Group",
     "Shipment",
     "Token",
+    "forget",
     "sweep_at_exit",
     "sweep_worker",
     "unpack",
@@ -62,6 +63,7 @@ ALIGN = 64
 RING_SLOTS = 8
 """Segments a worker keeps for reuse (torch's prefetch, the loop's turns and its batch)."""
 RING_GRAIN = 1 << 20
+MAPPED_SLOTS = 64
 GROUP_BYTES = 4 << 20
 """A worker ships what its user's collate made once it holds this much (or the message ends)."""
 
@@ -196,6 +198,8 @@ class _Ring:
 
     def __init__(self) -> None:
         self.slots: list[_Slot] = []
+        self.retired: list[str] = []
+        """Slots dropped since the last shipment (the loop's process forgets their mappings)."""
         self.lock = threading.Lock()
 
     def take(self, size: int) -> _Slot | None:
@@ -209,11 +213,18 @@ class _Ring:
                 if free:  # too small: one larger in its place
                     self.slots.remove(free[0])
                     free[0].drop()
+                    self.retired.append(free[0].name)
                 slot = _Slot(-(-size // RING_GRAIN) * RING_GRAIN)
                 self.slots.append(slot)
             if slot is not None:
                 slot.mapping[0] = 1
             return slot
+
+    def gone(self) -> list[str]:
+        """The slots dropped since the last call."""
+        with self.lock:
+            names, self.retired = self.retired, []
+        return names
 
     def drop_all(self) -> None:
         with self.lock:
@@ -237,21 +248,41 @@ def _attach(name: str, size: int) -> mmap.mmap:
     return mapping
 
 
-def _attach_slot(name: str, size: int) -> np.ndarray:
+_mapped: dict[str, mmap.mmap] = {}
+"""In the loop's process: the workers' slots, mapped once (a new mapping of 4 MiB costs
+its page faults again, ~1-3 ms), by name; forgotten when their worker goes."""
+
+
+def _attach_slot(name: str, size: int, capacity: int, gone: list[str]) -> np.ndarray:
     """The bytes of a worker's slot, shared; the slot is free again once they are gone.
 
     Everything rebuilt over them (tensors, Arrow buffers) keeps this array alive; its
     finalizer marks the slot free for the worker (the loop's writes into a tensor reach
-    the slot, which the worker writes anew before it ships it again).
+    the slot, which the worker writes anew before it ships it again). ``gone``: slots the
+    worker dropped (their mappings go once no batch uses them).
     """
-    fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0o600)
-    try:
-        mapping = mmap.mmap(fd, ALIGN + size)
-    finally:
-        os.close(fd)
+    for old in gone:
+        _mapped.pop(old, None)
+    mapping = _mapped.get(name)
+    if mapping is None or len(mapping) < ALIGN + size:
+        fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0o600)
+        try:
+            mapping = mmap.mmap(fd, max(capacity, ALIGN + size))
+        finally:
+            os.close(fd)
+        _mapped[name] = mapping
+        while len(_mapped) > MAPPED_SLOTS:  # never more than a few loaders' worth
+            _mapped.pop(next(iter(_mapped)))
     data = np.frombuffer(mapping, dtype=np.uint8, count=size, offset=ALIGN)
     weakref.finalize(data, _release, mapping)
     return data
+
+
+def forget(workers: Iterable[int]) -> None:
+    """In the loop's process: drop the mappings of these workers' slots (they are gone)."""
+    pids = {str(pid) for pid in workers}
+    for name in [n for n in _mapped if n.split("_")[2] in pids]:  # /lf_<loop>_<worker>_...
+        _mapped.pop(name, None)
 
 
 def _release(mapping: mmap.mmap) -> None:
@@ -393,7 +424,9 @@ def _write(layout: _Layout, spec: Any) -> Shipment:
     finally:
         if slot is None:
             mapping.close()
-    return Shipment(name, layout.size, spec, slot is not None)
+    if slot is None:
+        return Shipment(name, layout.size, spec)
+    return Shipment(name, layout.size, spec, slot.size, _ring.gone())
 
 
 class Shipment:
@@ -404,12 +437,16 @@ class Shipment:
     memory too.
     """
 
-    def __init__(self, name: str, size: int, spec: Any, slot: bool = False) -> None:
+    def __init__(
+        self, name: str, size: int, spec: Any, slot: int = 0, gone: list[str] | None = None
+    ) -> None:
         self.name = name
         self.size = size
         self.spec = spec
         self.slot = slot
-        """A slot of the worker's ring (kept, marked free again), not a one-off segment."""
+        """The size of the worker's ring slot it is in (0: a one-off segment)."""
+        self.gone = gone or []
+        """Slots the worker dropped before this shipment."""
         self._data: mmap.mmap | np.ndarray | None = None
 
     @classmethod
@@ -419,13 +456,15 @@ class Shipment:
         return _write(layout, layout.spec(value))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_received, (self.name, self.size, self.spec, self.slot))
+        return (_received, (self.name, self.size, self.spec, self.slot, self.gone))
 
     def attach(self) -> None:
         """Map the segment (in the loop's process): a one-off one is unlinked at once."""
         if self._data is None and self.name:
-            attach = _attach_slot if self.slot else _attach
-            self._data = attach(self.name, self.size)
+            if self.slot:
+                self._data = _attach_slot(self.name, self.size, self.slot, self.gone)
+            else:
+                self._data = _attach(self.name, self.size)
 
     def open(self) -> Any:
         """The value, rebuilt over the shared pages (in the loop's process)."""
@@ -437,8 +476,10 @@ class Shipment:
         return _rebuild(self.spec, memoryview(data))
 
 
-def _received(name: str, size: int, spec: Any, slot: bool = False) -> Shipment:
-    shipment = Shipment(name, size, spec, slot)
+def _received(
+    name: str, size: int, spec: Any, slot: int = 0, gone: list[str] | None = None
+) -> Shipment:
+    shipment = Shipment(name, size, spec, slot, gone)
     shipment.attach()  # unlinked (or held) now, whatever becomes of it
     return shipment
 

@@ -13,6 +13,7 @@ batch by batch, as torch does with one batch per item: the order of a loop with 
 from __future__ import annotations
 
 import multiprocessing
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .shipping import (
     Group,
     Shipment,
     Token,
+    forget,
     sweep_at_exit,
     sweep_worker,
     unpack,
@@ -215,6 +217,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         if dataset.ship:
             sweep_at_exit()
         self._format = fmt
+        self._workers: list[int] = []
         super().__init__(
             dataset,
             batch_size=None,
@@ -250,6 +253,11 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
             dataset.locations = self.iteration.locations
         acks = self.iteration.acknowledger(epoch)
         loaded = super().__iter__()
+        workers = [process.pid for process in getattr(loaded, "_workers", ())]
+        if dataset.ship and workers and self._workers != workers:
+            # the mappings of their slots go with the loader (or with workers torch replaced)
+            self._workers = workers
+            weakref.finalize(self, forget, workers)
 
         def items() -> Iterator[tuple[Any, list[tuple[int, int]]]]:
             shipped = dataset.ship
@@ -271,6 +279,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
             if dataset.ship:  # a worker that died (killed) leaves its segments: now, not at exit
                 for process in getattr(loaded, "_workers", ()):
                     if not process.is_alive():
+                        forget([process.pid])
                         sweep_worker(process.pid)
             raise
 

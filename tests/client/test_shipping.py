@@ -26,6 +26,7 @@ def ring(monkeypatch: pytest.MonkeyPatch) -> Iterator[shipping._Ring]:
     """A ring of this test's own (dropped, its segments unlinked, at the end)."""
     fresh = shipping._Ring()
     monkeypatch.setattr(shipping, "_ring", fresh)
+    monkeypatch.setattr(shipping, "_mapped", {})
     yield fresh
     fresh.drop_all()
 
@@ -91,12 +92,17 @@ def test_a_slot_is_written_again_once_the_loop_dropped_its_batches(
     second = sent(Shipment.pack(message())).open()  # the first is held: another slot
     assert len(segments() - before) == 2
     names = {slot.name for slot in ring.slots}
+    mappings = dict(shipping._mapped)  # the loop's process maps each slot once
+    assert set(mappings) == names
     del first
     gc.collect()
     third = sent(Shipment.pack(message())).open()
     assert {slot.name for slot in ring.slots} == names, "a new segment, not the free slot"
     assert len(segments() - before) == 2
+    assert all(shipping._mapped[name] is mapping for name, mapping in mappings.items())
     assert third.column(1).to_pylist() == second.column(1).to_pylist()
+    shipping.forget([os.getpid()])  # its worker went: its slots' mappings go
+    assert not shipping._mapped
 
 
 def test_a_worker_whose_slots_are_all_held_ships_one_off_segments(ring: shipping._Ring) -> None:
