@@ -177,9 +177,15 @@ def in_turn(
             if group.end:
                 ended[group.worker] = True
                 continue
-            batches = unpack(shipment, group, fmt)
-            acks.take([span for _, token in batches for span in token.seq])
-            queues[group.worker].extend(batches)
+            # reported as the server asks of its batches (final ones: at once, or the
+            # worker's stream, which drains, waits for the report timer)
+            every = [token.report_every for token in group.tokens if token.report_every]
+            if every:
+                acks.report_every = every[-1]
+            acks.take([span for token in group.tokens for span in token.seq])
+            # (no name holds the group's batches: the loop's drop frees their slot)
+            queues[group.worker].extend(unpack(shipment, group, fmt))
+            del shipment, found
         if queue:
             yield queue.popleft()
             at = (at + 1) % len(turn)
