@@ -253,7 +253,7 @@ _mapped: dict[str, mmap.mmap] = {}
 its page faults again, ~1-3 ms), by name; forgotten when their worker goes."""
 
 
-def _attach_slot(name: str, size: int, capacity: int, gone: list[str]) -> np.ndarray:
+def _attach_slot(name: str, size: int, capacity: int, gone: list[str]) -> memoryview:
     """The bytes of a worker's slot, shared; the slot is free again once they are gone.
 
     Everything rebuilt over them (tensors, Arrow buffers) keeps this array alive; its
@@ -275,7 +275,7 @@ def _attach_slot(name: str, size: int, capacity: int, gone: list[str]) -> np.nda
             _mapped.pop(next(iter(_mapped)))
     data = np.frombuffer(mapping, dtype=np.uint8, count=size, offset=ALIGN)
     weakref.finalize(data, _release, mapping)
-    return data
+    return data.data  # a view that keeps the array (and its finalizer) alive
 
 
 def forget(workers: Iterable[int]) -> None:
@@ -447,7 +447,7 @@ class Shipment:
         """The size of the worker's ring slot it is in (0: a one-off segment)."""
         self.gone = gone or []
         """Slots the worker dropped before this shipment."""
-        self._data: mmap.mmap | np.ndarray | None = None
+        self._data: memoryview | None = None
 
     @classmethod
     def pack(cls, value: Any) -> Shipment:
@@ -464,7 +464,7 @@ class Shipment:
             if self.slot:
                 self._data = _attach_slot(self.name, self.size, self.slot, self.gone)
             else:
-                self._data = _attach(self.name, self.size)
+                self._data = memoryview(_attach(self.name, self.size))
 
     def open(self) -> Any:
         """The value, rebuilt over the shared pages (in the loop's process)."""
@@ -473,7 +473,7 @@ class Shipment:
         self.attach()
         assert self._data is not None
         data, self._data = self._data, None  # the value keeps the pages, not the shipment
-        return _rebuild(self.spec, memoryview(data))
+        return _rebuild(self.spec, data)
 
 
 def _received(
