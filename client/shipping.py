@@ -1,16 +1,22 @@
 """Batches from DataLoader workers to the loop's process without pickling their rows.
 
 torch pickles what a worker's collate function returns to send it to the loop's process:
-every Python string of a text column, every Arrow buffer, one by one. Here a worker writes
-each batch once into a POSIX shared-memory segment and sends only its name and layout; the
-loop's process maps the segment (no copy) and rebuilds the batch over the shared pages:
+every Python string of a text column, every Arrow buffer, one by one, and it pays its own
+per-item costs (index and result queues, their feeder threads, a profiler scope) for each
+item. Here a worker sends *groups*: each Flight message whole (its batches as the server
+cut them), or a few batches its user's collate made (about ``GROUP_BYTES``), written once
+into a POSIX shared-memory segment; only its name, layout and the batches' tokens (a
+:class:`Group`) are pickled. The loop's process maps the segment (no copy) and rebuilds
+the values over the shared pages:
 
-- a batch as the server sent it (the loader's own collate): its Arrow record batch, as
-  Arrow IPC (every column type); the loop's process converts it to the loader's format
-  (numeric columns become tensors over the shared pages, strings Python strings);
+- a message as the server sent it: its Arrow record batch, as Arrow IPC (every column
+  type); the loop's process cuts it into batches in the loader's format as an iteration
+  does (``formats.split``: numeric columns are tensors over the shared pages, strings
+  Python strings), so it does no more per batch than a loop without workers;
 - what a collate function of the user's returns: tensors and numpy arrays as their bytes,
-  lists of strings as Arrow strings (offsets and bytes), record batches as Arrow IPC,
-  dicts, lists and tuples of those; anything else is pickled (small values).
+  lists of strings as Arrow strings (offsets and bytes, rebuilt with no parsing), record
+  batches as Arrow IPC, dicts, lists and tuples of those; anything else is pickled (small
+  values).
 
 A segment is unlinked as soon as the loop's process maps it (the mapping lives while a
 batch uses it). A worker unlinks, when it exits, what it wrote and nobody mapped (a loop
@@ -27,9 +33,10 @@ import mmap
 import os
 import secrets
 import threading
+import weakref
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import util
 from pathlib import Path
@@ -38,11 +45,27 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .formats import convert
+from .formats import split
 
-__all__ = ["Shipment", "Shipper", "Token", "sweep_at_exit"]
+__all__ = [
+    "GROUP_BYTES",
+    "Bundle",
+    "Group",
+    "Shipment",
+    "Token",
+    "forget",
+    "sweep_at_exit",
+    "sweep_worker",
+    "unpack",
+]
 
 ALIGN = 64
+RING_SLOTS = 8
+"""Segments a worker keeps for reuse (torch's prefetch, the loop's turns and its batch)."""
+RING_GRAIN = 1 << 20
+MAPPED_SLOTS = 64
+GROUP_BYTES = 4 << 20
+"""A worker ships what its user's collate made once it holds this much (or the message ends)."""
 
 _posixshmem: Any
 try:  # CPython's own binding (what multiprocessing.shared_memory uses)
@@ -58,6 +81,21 @@ class Token:
     seq: list[tuple[int, int]]
     report_every: int | None = None
     deal: int | None = None
+
+
+@dataclass
+class Group:
+    """One item a worker sends: consecutive batches of its stream, their tokens, its id.
+
+    ``sizes``: the rows of each batch when the shipment is a message as the server sent it
+    (None: the shipment is a list of what the user's collate made, one value per batch).
+    ``end``: the worker's stream ended (no batches): the loop stops waiting for its turn.
+    """
+
+    worker: int
+    tokens: list[Token] = field(default_factory=list)
+    sizes: list[int] | None = None
+    end: bool = False
 
 
 # -- segments --------------------------------------------------------------------------
@@ -102,16 +140,22 @@ def sweep_at_exit() -> None:
     atexit.register(_sweep, os.getpid())
 
 
-def _sweep(pid: int) -> None:
-    for path in Path("/dev/shm").glob(f"lf_{pid}_*"):
+def sweep_worker(pid: int) -> None:
+    """In the loop's process: unlink what a worker that died (``pid``) left behind."""
+    _sweep(os.getpid(), pid)
+
+
+def _sweep(pid: int, worker: int | None = None) -> None:
+    pattern = f"lf_{pid}_*" if worker is None else f"lf_{pid}_{worker}_*"
+    for path in Path("/dev/shm").glob(pattern):
         try:
             _posixshmem.shm_unlink("/" + path.name)
         except OSError:
             continue
 
 
-def _create(size: int) -> tuple[str, mmap.mmap]:
-    """A new segment of ``size`` bytes, mapped for writing."""
+def _create(size: int, written: bool = True) -> tuple[str, mmap.mmap]:
+    """A new segment of ``size`` bytes, mapped for writing (``written``: unlinked at exit)."""
     name = f"/lf_{os.getppid()}_{os.getpid()}_{secrets.token_hex(8)}"
     fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
     try:
@@ -119,8 +163,77 @@ def _create(size: int) -> tuple[str, mmap.mmap]:
         mapping = mmap.mmap(fd, max(1, size))
     finally:
         os.close(fd)
-    _written.add(name)
+    if written:
+        _written.add(name)
     return name, mapping
+
+
+class _Slot:
+    """A segment a worker writes again and again (its first byte: 1 while the loop holds it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.name, self.mapping = _create(size, written=False)
+
+    @property
+    def free(self) -> bool:
+        return self.mapping[0] == 0
+
+    def drop(self) -> None:
+        self.mapping.close()
+        try:
+            _posixshmem.shm_unlink(self.name)
+        except FileNotFoundError:
+            pass  # the loop's process swept it (its worker was taken for dead)
+
+
+class _Ring:
+    """A worker's reused segments: writing into pages already there costs no page faults.
+
+    A fresh segment costs its pages' faults and zeroing on each side (about 4 ms for a
+    4 MiB message, 30 times what copying it does). The loop's process marks a slot free
+    when the last batch over it is gone; a worker whose slots are all held (a loop keeping
+    its batches) ships in one-off segments, as before.
+    """
+
+    def __init__(self) -> None:
+        self.slots: list[_Slot] = []
+        self.retired: list[str] = []
+        """Slots dropped since the last shipment (the loop's process forgets their mappings)."""
+        self.lock = threading.Lock()
+
+    def take(self, size: int) -> _Slot | None:
+        """A free slot of at least ``size`` bytes (a new or larger one if need be), marked held."""
+        with self.lock:
+            if not self.slots:
+                util.Finalize(None, self.drop_all, exitpriority=10)
+            free = [slot for slot in self.slots if slot.free]
+            slot = next((s for s in free if s.size >= size), None)
+            if slot is None and (free or len(self.slots) < RING_SLOTS):
+                if free:  # too small: one larger in its place
+                    self.slots.remove(free[0])
+                    free[0].drop()
+                    self.retired.append(free[0].name)
+                slot = _Slot(-(-size // RING_GRAIN) * RING_GRAIN)
+                self.slots.append(slot)
+            if slot is not None:
+                slot.mapping[0] = 1
+            return slot
+
+    def gone(self) -> list[str]:
+        """The slots dropped since the last call."""
+        with self.lock:
+            names, self.retired = self.retired, []
+        return names
+
+    def drop_all(self) -> None:
+        with self.lock:
+            slots, self.slots = self.slots, []
+        for slot in slots:
+            slot.drop()
+
+
+_ring = _Ring()
 
 
 def _attach(name: str, size: int) -> mmap.mmap:
@@ -133,6 +246,50 @@ def _attach(name: str, size: int) -> mmap.mmap:
         os.close(fd)
     _posixshmem.shm_unlink(name)
     return mapping
+
+
+_mapped: dict[str, mmap.mmap] = {}
+"""In the loop's process: the workers' slots, mapped once (a new mapping of 4 MiB costs
+its page faults again, ~1-3 ms), by name; forgotten when their worker goes."""
+
+
+def _attach_slot(name: str, size: int, capacity: int, gone: list[str]) -> memoryview:
+    """The bytes of a worker's slot, shared; the slot is free again once they are gone.
+
+    Everything rebuilt over them (tensors, Arrow buffers) keeps this array alive; its
+    finalizer marks the slot free for the worker (the loop's writes into a tensor reach
+    the slot, which the worker writes anew before it ships it again). ``gone``: slots the
+    worker dropped (their mappings go once no batch uses them).
+    """
+    for old in gone:
+        _mapped.pop(old, None)
+    mapping = _mapped.get(name)
+    if mapping is None or len(mapping) < ALIGN + size:
+        fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0o600)
+        try:
+            mapping = mmap.mmap(fd, max(capacity, ALIGN + size))
+        finally:
+            os.close(fd)
+        _mapped[name] = mapping
+        while len(_mapped) > MAPPED_SLOTS:  # never more than a few loaders' worth
+            _mapped.pop(next(iter(_mapped)))
+    data = np.frombuffer(mapping, dtype=np.uint8, count=size, offset=ALIGN)
+    weakref.finalize(data, _release, mapping)
+    return data.data  # a view that keeps the array (and its finalizer) alive
+
+
+def forget(workers: Iterable[int]) -> None:
+    """In the loop's process: drop the mappings of these workers' slots (they are gone)."""
+    pids = {str(pid) for pid in workers}
+    for name in [n for n in _mapped if n.split("_")[2] in pids]:  # /lf_<loop>_<worker>_...
+        _mapped.pop(name, None)
+
+
+def _release(mapping: mmap.mmap) -> None:
+    try:
+        mapping[0] = 0
+    except ValueError:  # pragma: no cover - closed at the process's exit
+        pass
 
 
 def _aligned(size: int) -> int:
@@ -179,6 +336,13 @@ class _Layout:
         self.parts.append((offset, write))
         return offset
 
+    def buffer(self, buf: pa.Buffer | None) -> tuple[int, int] | None:
+        """Place an Arrow buffer's bytes: where they are and how many (None: no buffer)."""
+        if buf is None:
+            return None
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        return self.place(buf.size, partial(_write_raw, raw, buf.size)), buf.size
+
     def spec(self, value: Any) -> Any:
         import torch
 
@@ -203,10 +367,8 @@ class _Layout:
             and all(isinstance(v, str) or v is None for v in value)
         ):
             strings = pa.array(value, pa.large_string())
-            batch = pa.record_batch([strings], names=["s"])
-            size = _ipc_size(batch)
-            at = self.place(size, partial(_write_batch, batch, size))
-            return ("strings", size, at)
+            return ("strings", len(strings), strings.null_count,
+                    *(self.buffer(buf) for buf in strings.buffers()))  # fmt: skip
         if isinstance(value, dict):
             return ("dict", [(k, self.spec(v)) for k, v in value.items()])
         if isinstance(value, (list, tuple)):
@@ -232,7 +394,10 @@ def _rebuild(spec: Any, view: memoryview) -> Any:
     if kind == "arrow":
         return _read_ipc(view[spec[2] : spec[2] + spec[1]])
     if kind == "strings":
-        return _read_ipc(view[spec[2] : spec[2] + spec[1]]).column(0).to_pylist()
+        _, count, nulls, *places = spec
+        buffers = [None if p is None else pa.py_buffer(view[p[0] : p[0] + p[1]]) for p in places]
+        strings = pa.Array.from_buffers(pa.large_string(), count, buffers, null_count=nulls)
+        return strings.to_pylist()
     if kind == "dict":
         return {k: _rebuild(v, view) for k, v in spec[1]}
     if kind == "list":
@@ -242,86 +407,117 @@ def _rebuild(spec: Any, view: memoryview) -> Any:
     return spec[1]
 
 
-class Shipment:
-    """A batch in a shared-memory segment: pickles as its name and layout, not its rows.
+def _write(layout: _Layout, spec: Any) -> Shipment:
+    """A segment holding what ``layout`` placed: a free slot of the ring, else a new one."""
+    if not layout.parts:
+        return Shipment("", 0, spec)
+    slot = _ring.take(ALIGN + layout.size)
+    if slot is not None:
+        name, mapping, start = slot.name, slot.mapping, ALIGN
+    else:
+        (name, mapping), start = _create(layout.size), 0
+    try:
+        view = memoryview(mapping)
+        for offset, write in layout.parts:
+            write(view[start + offset :])
+        del view
+    finally:
+        if slot is None:
+            mapping.close()
+    if slot is None:
+        return Shipment(name, layout.size, spec)
+    return Shipment(name, layout.size, spec, slot.size, _ring.gone())
 
-    Made in a worker (``pack``); unpickling it in the loop's process maps (and unlinks)
-    the segment at once, so that a shipment torch drops unread frees its memory too.
+
+class Shipment:
+    """A value in a shared-memory segment: pickles as its name and layout, not its rows.
+
+    Made in a worker (``pack``, or a :class:`Bundle`); unpickling it in the loop's process
+    maps (and unlinks) the segment at once, so that a shipment torch drops unread frees its
+    memory too.
     """
 
-    def __init__(self, name: str, size: int, spec: Any) -> None:
+    def __init__(
+        self, name: str, size: int, spec: Any, slot: int = 0, gone: list[str] | None = None
+    ) -> None:
         self.name = name
         self.size = size
         self.spec = spec
-        self._mapping: mmap.mmap | None = None
+        self.slot = slot
+        """The size of the worker's ring slot it is in (0: a one-off segment)."""
+        self.gone = gone or []
+        """Slots the worker dropped before this shipment."""
+        self._data: memoryview | None = None
 
     @classmethod
     def pack(cls, value: Any) -> Shipment:
-        """Write ``value`` (see the module docstring) into a new segment."""
+        """Write ``value`` (see the module docstring) into a segment."""
         layout = _Layout()
-        spec = layout.spec(value)
-        if not layout.parts:
-            return cls("", 0, spec)
-        name, mapping = _create(layout.size)
-        try:
-            view = memoryview(mapping)
-            for offset, write in layout.parts:
-                write(view[offset:])
-            del view
-        finally:
-            mapping.close()
-        return cls(name, layout.size, spec)
+        return _write(layout, layout.spec(value))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_received, (self.name, self.size, self.spec))
+        return (_received, (self.name, self.size, self.spec, self.slot, self.gone))
+
+    def attach(self) -> None:
+        """Map the segment (in the loop's process): a one-off one is unlinked at once."""
+        if self._data is None and self.name:
+            if self.slot:
+                self._data = _attach_slot(self.name, self.size, self.slot, self.gone)
+            else:
+                self._data = memoryview(_attach(self.name, self.size))
 
     def open(self) -> Any:
         """The value, rebuilt over the shared pages (in the loop's process)."""
         if not self.name:
             return _rebuild(self.spec, memoryview(b""))
-        if self._mapping is None:
-            self._mapping = _attach(self.name, self.size)
-        return _rebuild(self.spec, memoryview(self._mapping))
+        self.attach()
+        assert self._data is not None
+        data, self._data = self._data, None  # the value keeps the pages, not the shipment
+        return _rebuild(self.spec, data)
 
 
-def _received(name: str, size: int, spec: Any) -> Shipment:
-    shipment = Shipment(name, size, spec)
-    if name:
-        shipment._mapping = _attach(name, size)  # unlinked now, whatever becomes of it
+def _received(
+    name: str, size: int, spec: Any, slot: int = 0, gone: list[str] | None = None
+) -> Shipment:
+    shipment = Shipment(name, size, spec, slot, gone)
+    shipment.attach()  # unlinked (or held) now, whatever becomes of it
     return shipment
 
 
-def _passthrough(item: Any) -> Any:
-    return item
+class Bundle:
+    """Values (what a collate made, batch after batch) gathered for one segment, in a worker."""
+
+    def __init__(self) -> None:
+        self._layout = _Layout()
+        self._specs: list[Any] = []
+
+    def add(self, value: Any) -> None:
+        """Place one more value."""
+        self._specs.append(self._layout.spec(value))
+
+    @property
+    def size(self) -> int:
+        """Bytes placed so far (the segment's size)."""
+        return self._layout.size
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def ship(self) -> Shipment:
+        """The segment of the values placed so far (a list of them, rebuilt)."""
+        return _write(self._layout, ("list", self._specs))
 
 
-class Shipper:
-    """The collate function of a loader with workers: collate there, then ship the result.
+def unpack(shipment: Shipment, group: Group, fmt: str) -> list[tuple[Any, Token]]:
+    """In the loop's process: the batches of a group a worker shipped, with their tokens.
 
-    ``collate`` is the user's collate function (None: the loader's own, which changes
-    nothing); it gets ``(batch, token)`` items in the loader's format ``fmt``, as it would
-    with no workers. The loader's own batches travel as the Arrow the server sent, and
-    become the loader's format in the loop's process.
+    A message as the server sent it becomes batches in ``fmt`` as an iteration cuts them
+    (``formats.split``); what a collate made is its batch (a collate keeps the ``(batch,
+    token)`` shape of its items).
     """
-
-    def __init__(self, collate: Callable[[Any], Any] | None, fmt: str, token: type) -> None:
-        self.collate = collate
-        self.fmt = fmt
-        self.token = token
-
-    def __call__(self, item: tuple[pa.RecordBatch, Token]) -> tuple[Shipment, Token]:
-        """In a worker: collate one batch, and ship the result."""
-        batch, token = item
-        if self.collate is None or self.collate is _passthrough:
-            return Shipment.pack(batch), token
-        done = self.collate((convert(batch, self.fmt), self.token(token.seq)))
-        return Shipment.pack(done), token
-
-    def unpack(self, item: tuple[Shipment, Token]) -> tuple[Any, Token]:
-        """In the loop's process: the batch (and its token) a worker shipped."""
-        shipment, token = item
-        value = shipment.open()
-        if self.collate is None or self.collate is _passthrough:
-            return convert(value, self.fmt), token
-        batch, _ = value  # a collate keeps the (batch, token) shape
-        return batch, token
+    if group.end:
+        return []
+    value = shipment.open()
+    if group.sizes is not None:
+        return list(zip(split(value, group.sizes, fmt), group.tokens, strict=True))
+    return [(made[0], token) for made, token in zip(value, group.tokens, strict=True)]

@@ -69,7 +69,7 @@ def stream_batches(
     before_reconnect: Callable[[], None] | None = None,
     locations: Sequence[str] = (),
     on_node: Callable[[LavenderClient], None] | None = None,
-) -> Iterator[tuple[Any, list[tuple[int, int]]]]:
+) -> Iterator[tuple[Any, Any]]:
     """Batches of one stream in ``format``, each with its ``seq`` ranges.
 
     A Flight message may carry several batches; they are cut apart here (as views). The
@@ -79,7 +79,8 @@ def stream_batches(
     at once (after ``before_reconnect``, which sends what the loop reported), round after
     round with a growing pause, for up to the client's reconnect window; the new stream
     takes over the old one's place in the rank (its session's). Batches sent again are the
-    caller's to skip.
+    caller's to skip. ``format="message"``: each message whole (an Arrow record batch), with
+    its batches' ``(rows, seq)`` instead of a batch's ``seq``.
     """
     window = client.settings.reconnect_seconds
     nodes = stream_nodes(client, locations)
@@ -104,6 +105,9 @@ def stream_batches(
                     down_since, delay, tried = None, 0.2, 0
                 if on_metadata is not None:
                     on_metadata(metadata)
+                if format == "message":  # whole messages, for a DataLoader's workers
+                    yield message, metadata.batches
+                    continue
                 sizes = [rows for rows, _ in metadata.batches]
                 for batch, (_, seq) in zip(
                     split(message, sizes, format), metadata.batches, strict=True

@@ -5,22 +5,36 @@ loop in the main process reports what it takes and completes. Iterating the load
 is the next epoch: the main process decides which (``Iteration.next_epoch``) and tells its
 workers through a shared value, so a rank and its workers always agree. Workers stay for
 the next epochs by default (the ``spawn`` start-up is paid once per job). Batches reach the
-main process through shared memory, not pickled (``shipping``).
+main process through shared memory, not pickled, a Flight message (or a few collated
+batches) per item (``shipping``); the main process takes them from its workers in turn,
+batch by batch, as torch does with one batch per item: the order of a loop with no workers.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator, Sequence
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.iterations import BatchMetadata, IterationTicket
-from .acks import acknowledging, acknowledging_samples
+from .acks import Acknowledger, acknowledging, acknowledging_samples
 from .connection import LavenderClient
-from .formats import samples, torch_missing
+from .formats import samples, split, torch_missing
 from .settings import ClientSettings
-from .shipping import Shipper, Token, sweep_at_exit
+from .shipping import (
+    GROUP_BYTES,
+    Bundle,
+    Group,
+    Shipment,
+    Token,
+    forget,
+    sweep_at_exit,
+    sweep_worker,
+    unpack,
+)
 from .streams import stream_batches
 
 try:
@@ -56,8 +70,9 @@ class IterationDataset(torch.utils.data.IterableDataset):
     It carries the whole :class:`ClientSettings` (URLs, key, timeout, TLS), pickled into
     each worker, so a worker connects exactly as the loop's process does, and the servers
     of the rank (``locations``, the order its streams try them in). ``epoch`` is shared
-    with the workers (set by the main process before each epoch). ``ship``: the batches go
-    to a loader's :class:`~.shipping.Shipper` (Arrow, with a ``Token``).
+    with the workers (set by the main process before each epoch). ``ship`` (a loader with
+    workers): in a worker, it yields ``(Shipment, Group)`` items, each message whole, or
+    what ``collate`` (the user's collate function) made of its batches, a few at a time.
     """
 
     def __init__(
@@ -74,6 +89,7 @@ class IterationDataset(torch.utils.data.IterableDataset):
         self.epoch = epoch
         self.locations = list(locations)
         self.ship = False
+        self.collate: Callable[[Any], Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # the shared epoch travels to spawned workers (as multiprocessing allows it: while
@@ -98,19 +114,86 @@ class IterationDataset(torch.utils.data.IterableDataset):
             report[0] = metadata.report_every  # the loop's process reports as the server asks
             deal[0] = metadata.deal  # and of the deal the batches are of (elastic resume)
 
-        ship = self.ship and info is not None
         # a connection of this process: gRPC channels do not survive fork
         with LavenderClient(self.settings) as client:
+            if self.ship and info is not None:
+                messages = stream_batches(
+                    client, ticket, "message", on_metadata=learn, locations=self.locations
+                )
+                for message, cut in messages:
+                    tokens = [Token(seq, report[0], deal[0]) for _, seq in cut]
+                    yield from self._groups(worker, message, cut, tokens)
+                yield Shipment("", 0, None), Group(worker, end=True)
+                return
             batches = stream_batches(
-                client,
-                ticket,
-                "arrow" if ship else self.format,
-                on_metadata=learn,
-                locations=self.locations,
+                client, ticket, self.format, on_metadata=learn, locations=self.locations
             )
             for batch, seq in batches:
-                made = Token if ship else Consumed
-                yield batch, made(seq, report[0], deal[0])
+                yield batch, Consumed(seq, report[0], deal[0])
+
+    def _groups(
+        self, worker: int, message: Any, batches: list[Any], tokens: list[Token]
+    ) -> Iterator[tuple[Shipment, Group]]:
+        """One message's items: the message whole, or what the collate made of it by parts."""
+        sizes = [rows for rows, _ in batches]
+        if self.collate is None:
+            yield Shipment.pack(message), Group(worker, tokens, sizes)
+            return
+        bundle = Bundle()
+        start = 0
+        for batch, token in zip(split(message, sizes, self.format), tokens, strict=True):
+            bundle.add(self.collate((batch, Consumed(token.seq, token.report_every, token.deal))))
+            if bundle.size >= GROUP_BYTES:
+                yield bundle.ship(), Group(worker, tokens[start : start + len(bundle)])
+                start += len(bundle)
+                bundle = Bundle()
+        if len(bundle):
+            yield bundle.ship(), Group(worker, tokens[start:])
+
+
+def in_turn(
+    items: Iterator[tuple[Shipment, Group]], workers: int, fmt: str, acks: Acknowledger
+) -> Iterator[tuple[Any, Token]]:
+    """The batches of the workers' groups, one worker's after the other's, as they stream.
+
+    torch takes one item from each worker in turn; a group holds several batches, so the
+    turns are taken here, batch by batch (a worker whose stream ended leaves the round).
+    A group's batches are reported taken as it arrives: a worker whose next group torch
+    waits for must never wait on the server's read-ahead for batches held here.
+    """
+    queues: list[deque[tuple[Any, Token]]] = [deque() for _ in range(workers)]
+    ended = [False] * workers
+    turn = list(range(workers))
+    at = 0
+    while turn:
+        worker = turn[at]
+        queue = queues[worker]
+        while not queue and not ended[worker]:
+            found = next(items, None)
+            if found is None:  # the loader ended (every worker's end came before)
+                ended = [True] * workers
+                break
+            shipment, group = found
+            if group.end:
+                ended[group.worker] = True
+                continue
+            # reported as the server asks of its batches (final ones: at once, or the
+            # worker's stream, which drains, waits for the report timer)
+            every = [token.report_every for token in group.tokens if token.report_every]
+            if every:
+                acks.report_every = every[-1]
+            acks.take([span for token in group.tokens for span in token.seq])
+            # (no name holds the group's batches: the loop's drop frees their slot)
+            queues[group.worker].extend(unpack(shipment, group, fmt))
+            del shipment, found
+        if queue:
+            yield queue.popleft()
+            at = (at + 1) % len(turn)
+        else:
+            turn.remove(worker)
+            at = at % len(turn) if turn else 0
+    for shipment, group in items:  # nothing after every end: let torch finish its epoch
+        yield from unpack(shipment, group, fmt)
 
 
 class LavenderDataLoader(torch.utils.data.DataLoader):
@@ -140,6 +223,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         if dataset.ship:
             sweep_at_exit()
         self._format = fmt
+        self._workers: list[int] = []
         super().__init__(
             dataset,
             batch_size=None,
@@ -156,12 +240,13 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         )
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # with workers, the collate runs there and its result comes back by shared memory
+        # with workers, the user's collate runs there, in the dataset (so that it can ship
+        # a few batches at a time); torch's collate passes the shipments on
         if name == "collate_fn" and getattr(self, "num_workers", 0) > 0:
-            user = None if value is passthrough or isinstance(value, Shipper) else value
-            if isinstance(value, Shipper):
-                user = value.collate
-            value = Shipper(user, self._format, Consumed)
+            dataset = self.dataset
+            assert isinstance(dataset, IterationDataset)
+            dataset.collate = None if value is passthrough else value
+            value = passthrough
         super().__setattr__(name, value)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
@@ -173,22 +258,36 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
             dataset.ticket = self.iteration.ticket(epoch)
             dataset.locations = self.iteration.locations
         acks = self.iteration.acknowledger(epoch)
-        shipper = self.collate_fn if isinstance(self.collate_fn, Shipper) else None
+        loaded = super().__iter__()
+        workers = [process.pid for process in getattr(loaded, "_workers", ())]
+        if dataset.ship and workers and self._workers != workers:
+            # the mappings of their slots go with the loader (or with workers torch replaced)
+            self._workers = workers
+            weakref.finalize(self, forget, workers)
 
         def items() -> Iterator[tuple[Any, list[tuple[int, int]]]]:
-            for item in super(LavenderDataLoader, self).__iter__():
-                batch, token = shipper.unpack(item) if shipper is not None else item
+            shipped = dataset.ship
+            found = in_turn(loaded, self.num_workers, self._format, acks) if shipped else loaded
+            for batch, token in found:
                 if token.report_every:
                     acks.report_every = token.report_every
                 acks.deal = token.deal
-                if self.pin_memory and shipper is not None:
+                if self.pin_memory and shipped:
                     batch = torch.utils.data._utils.pin_memory.pin_memory(batch)
                 yield batch, token.seq
 
-        if self.iteration.spec.batch_size == 0:  # single samples, cut from whole groups
-            yield from acknowledging_samples(items(), acks, samples)
-            return
-        yield from acknowledging(items(), acks)
+        try:
+            if self.iteration.spec.batch_size == 0:  # single samples, cut from whole groups
+                yield from acknowledging_samples(items(), acks, samples)
+                return
+            yield from acknowledging(items(), acks)
+        except BaseException:
+            if dataset.ship:  # a worker that died (killed) leaves its segments: now, not at exit
+                for process in getattr(loaded, "_workers", ()):
+                    if not process.is_alive():
+                        forget([process.pid])
+                        sweep_worker(process.pid)
+            raise
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass iterate epoch ``epoch`` (as torch's ``DistributedSampler``)."""

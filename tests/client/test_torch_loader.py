@@ -3,9 +3,13 @@ process (``num_workers=0``) or in spawned workers that each open their own conne
 
 from __future__ import annotations
 
+import gc
+import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,8 +107,12 @@ def values(batch: dict[str, Any]) -> dict[str, list[Any]]:
 
 
 def shared_segments() -> set[str]:
-    """The shared-memory segments of batches shipped from workers still in /dev/shm."""
-    return {path.name for path in Path("/dev/shm").glob("lf_*")}
+    """The shared-memory segments this process's loaders' workers have in /dev/shm.
+
+    Named after the loop's process (``lf_<its pid>_...``): other jobs on the machine have
+    theirs.
+    """
+    return {path.name for path in Path("/dev/shm").glob(f"lf_{os.getpid()}_*")}
 
 
 def uids(batches: list[dict[str, Any]]) -> list[int]:
@@ -348,3 +356,57 @@ def test_what_a_killed_worker_wrote_goes_when_the_loop_exits() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert not Path(f"/dev/shm/lf_{done.stdout.strip()}_1_left").exists()
+
+
+def wait_for(check: Any, seconds: float = 30.0) -> bool:
+    """Whether ``check()`` came true within ``seconds`` (polled)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.slow
+@MANY_WORKERS
+def test_a_loader_left_mid_epoch_and_deleted_leaves_no_shared_memory(dataset_id: str) -> None:
+    before = shared_segments()
+    iteration = Iteration.from_dataset(dataset_id, batch_size=BATCH, iteration_id="left")
+    loader = iteration.to_torch_dataloader(num_workers=2)
+    batches = iter(loader)
+    kept = [next(batches) for _ in range(3)]  # the loop keeps batches over shared pages
+    workers = list(loader._iterator._workers)
+    assert shared_segments() - before, "the workers shipped through no shared segment"
+    del batches, loader
+    gc.collect()
+    assert wait_for(lambda: not any(w.is_alive() for w in workers)), "workers outlived it"
+    assert wait_for(lambda: shared_segments() <= before), "shared memory outlived the loader"
+    assert [len(b["uid"]) for b in kept] == [BATCH] * 3  # still readable: mapped, unlinked
+    assert kept[2]["text"] == [f"sample {u}" for u in kept[2]["uid"].tolist()]
+
+
+@pytest.mark.slow
+@MANY_WORKERS
+def test_a_killed_workers_shared_memory_goes_when_the_loop_fails(dataset_id: str) -> None:
+    before = shared_segments()
+    iteration = Iteration.from_dataset(dataset_id, batch_size=BATCH, iteration_id="killed")
+    loader = iteration.to_torch_dataloader(num_workers=2)
+    batches = iter(loader)
+    next(batches)
+    victim = loader._iterator._workers[1]
+    # torch raises where the loop is when it learns of the death (SIGCHLD): in the loader,
+    # or in the loop's own code, where the loader's generator is closed as the loop unwinds
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        os.kill(victim.pid, signal.SIGKILL)
+        for _ in batches:
+            pass
+    batches.close()
+    victim.join(timeout=30)
+    # the killed worker never unlinks what it wrote; the loop's process did, at the error
+    assert not {n for n in shared_segments() if n.startswith(f"lf_{os.getpid()}_{victim.pid}_")}
+    survivor = loader._iterator._workers[0]
+    del batches, loader
+    gc.collect()
+    assert wait_for(lambda: not survivor.is_alive()), "the other worker outlived the loader"
+    assert wait_for(lambda: shared_segments() <= before), "shared memory outlived the loader"
