@@ -27,7 +27,7 @@ from .auth import ApiKeyMiddlewareFactory
 from .demo import DEMO_DATASET, create_demo
 from .engine import ReadAhead
 from .logs import configure_logging
-from .memory import MemoryBudget, few_malloc_arenas, no_huge_pages, system_allocator
+from .memory import MemoryBudget, no_huge_pages, system_allocator, tune_malloc
 from .read_pool import ReadPool
 from .server import LavenderFlightServer
 from .service import LavenderService
@@ -326,7 +326,7 @@ def _usage_error(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lavender-flight`` command."""
     no_huge_pages()
-    few_malloc_arenas()
+    tune_malloc()
     system_allocator()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "ui":

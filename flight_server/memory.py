@@ -37,11 +37,11 @@ __all__ = [
     "MemoryBudget",
     "Reservation",
     "default_budget_bytes",
-    "few_malloc_arenas",
-    "system_allocator",
     "machine_memory",
     "no_huge_pages",
+    "system_allocator",
     "table_bytes",
+    "tune_malloc",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,14 @@ FALLBACK_BYTES = 2 << 30
 """The default budget where the machine's memory cannot be read."""
 PR_SET_THP_DISABLE = 41
 M_ARENA_MAX = -8
+M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
 MALLOC_ARENAS = 2
-"""glibc malloc arenas the server keeps (``few_malloc_arenas``)."""
+"""glibc malloc arenas the server keeps (``tune_malloc``)."""
+MMAP_THRESHOLD = 32 << 20
+"""Allocations above this get their own mapping (glibc's most)."""
+TRIM_THRESHOLD = 128 << 20
+"""Free memory at the top of a heap kept for reuse, up to this."""
 
 
 def machine_memory() -> int | None:
@@ -99,23 +105,41 @@ def no_huge_pages() -> bool:
         return False
 
 
-def few_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
-    """Keep glibc's malloc to ``count`` arenas in this process (Linux); whether it could.
+def tune_malloc(arenas: int = MALLOC_ARENAS) -> bool:
+    """Set glibc's malloc up for a server of large, short-lived buffers (Linux); whether it could.
 
-    Call it before the server's threads start. By default glibc gives threads up to 8 arenas
-    a core, and each keeps what was freed in it: the read threads' numpy arrays (an epoch's
-    block orders, filter masks) left the RSS of a server growing iteration after iteration
-    (measured here over 100 iterations: 29-43 MiB of growth with the default arenas, 20-24
-    MiB with 2). Arrow's buffers come from its own allocator and are not concerned. A
-    ``MALLOC_ARENA_MAX`` in the environment wins.
+    Call it before the server's threads start. Three settings, each left alone when its
+    ``MALLOC_*`` variable is in the environment:
+
+    - ``arenas`` arenas (glibc's default: up to 8 a core, each keeping what was freed in
+      it): the read threads' numpy arrays left the RSS growing iteration after iteration.
+    - Buffers up to 32 MiB from the heap, not ``mmap`` (glibc's adaptive threshold off):
+      a block's gathered pieces and messages are allocated and freed all the time, and a
+      fresh mapping costs a page fault (and zeroing) per 4 KiB each time.
+    - A trim threshold of 128 MiB: what is freed stays for the next block, and goes back to
+      the system when the streams are idle (``BlockReader.clear`` asks for it).
+
+    With Arrow on this allocator (``system_allocator``), ``python -m benchmarks run --suites
+    memory`` (100 iterations of six kinds over 1M rows) grew 3-19 MB from the 10th iteration
+    to the 100th; with mimalloc 79 MB, with jemalloc 80 MB. Shuffled epochs ran within the
+    machine's noise of the others (medians of 3 x 6 epochs: 3.9, 4.1 and 4.3 M rows/s for
+    glibc, mimalloc and jemalloc).
     """
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+    if not sys.platform.startswith("linux"):
         return False
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.mallopt(M_ARENA_MAX, count)) == 1
+        done = True
+        for variable, option, value in (
+            ("MALLOC_ARENA_MAX", M_ARENA_MAX, arenas),
+            ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        ):
+            if variable not in os.environ:
+                done = int(libc.mallopt(option, value)) == 1 and done
+        return done
     except (OSError, AttributeError):
         return False
 
@@ -123,11 +147,10 @@ def few_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
 def system_allocator() -> bool:
     """Make the C library's malloc Arrow's allocator in this process; whether it did.
 
-    pyarrow's default (mimalloc) kept what a server freed, iteration after iteration:
-    measured here (``python -m benchmarks run --suites memory``: 100 iterations of six kinds
-    over 1M rows), RSS grew 79 MB from the 10th iteration to the 100th with mimalloc and
-    23 MB with glibc malloc (kept to ``MALLOC_ARENAS`` arenas), at about the same speed.
-    An ``ARROW_DEFAULT_MEMORY_POOL`` in the environment wins.
+    pyarrow's default (mimalloc) kept what a server freed, iteration after iteration (see
+    ``tune_malloc`` for the figures); glibc's malloc, set up by ``tune_malloc``, gives it
+    back when the streams are idle, at the speed of jemalloc on shuffled epochs. An
+    ``ARROW_DEFAULT_MEMORY_POOL`` in the environment wins.
     """
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ or not sys.platform.startswith("linux"):
         return False
