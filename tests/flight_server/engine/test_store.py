@@ -142,72 +142,78 @@ def test_a_live_iteration_streams_and_acks_without_flight(catalog: Catalog, tmp_
         manager.close()
 
 
-def test_a_new_iteration_reads_its_first_block_before_any_stream(
-    catalog: Catalog, tmp_path: Path
-) -> None:
+@pytest.fixture
+def engine(catalog: Catalog, tmp_path: Path) -> Iterator[tuple[LavenderService, IterationManager]]:
+    """A service over the engine's dataset and a manager of it (closed after)."""
     service = LavenderService(catalog)
-    dataset_id = write_dataset(service, tmp_path / "data")
+    write_dataset(service, tmp_path / "data")
     manager = IterationManager(catalog, service)
-    try:
-        spec = IterationSpec(dataset_id=dataset_id, batch_size=8, shuffle=True, shuffle_seed=3)
-        live = manager.open(IterationCommand(iteration_id="warm", spec=spec))
-        block = live.blocks._cache[(0, 0)]  # read as it was created: no stream yet
-        first = block.pieces[0].result(timeout=30)
-        assert first.table.num_rows > 0 and not live.open_streams
-        assert service.memory.reserved_bytes > 0  # the block is held for the stream to come
-        # nobody came for WARM_SECONDS: the janitor lets the block go
-        live.last_used -= WARM_SECONDS + 1
-        manager._evict_idle()
-        assert not live.blocks._cache and service.memory.reserved_bytes == 0
-        assert manager.get("warm") is live  # the iteration itself stays
-        # and its stream reads the same rows as an iteration that was not warmed
-        _, messages = live.stream(IterationTicket(iteration_id="warm", window=False))
-        uids = [u for batch, _ in messages for u in batch.column("uid").to_pylist()]
-        other = manager.open(IterationCommand(iteration_id="cold", spec=spec))
-        for future in other.blocks._cache[(0, 0)].pieces:
-            future.result(timeout=30)
-        other.blocks.clear()  # read when its stream asks, as before warming
-        _, again = other.stream(IterationTicket(iteration_id="cold", window=False))
-        assert uids == [u for batch, _ in again for u in batch.column("uid").to_pylist()]
-        assert sorted(uids) == list(range(90)) and uids != sorted(uids)
-    finally:
-        manager.close()
+    yield service, manager
+    manager.close()
+
+
+def shuffled(service: LavenderService) -> IterationSpec:
+    """A shuffled spec of the engine's dataset, batches of 8."""
+    (dataset,) = service.catalog.list_datasets()
+    return IterationSpec(dataset_id=dataset.id, batch_size=8, shuffle=True, shuffle_seed=3)
+
+
+def test_a_new_iteration_reads_its_first_block_before_any_stream(
+    engine: tuple[LavenderService, IterationManager],
+) -> None:
+    service, manager = engine
+    spec = shuffled(service)
+    live = manager.open(IterationCommand(iteration_id="warm", spec=spec))
+    block = live.blocks._cache[(0, 0)]  # read as it was created: no stream yet
+    first = block.pieces[0].result(timeout=30)
+    assert first.table.num_rows > 0 and not live.open_streams
+    assert service.memory.reserved_bytes > 0  # the block is held for the stream to come
+    # nobody came for WARM_SECONDS: the janitor lets the block go
+    live.last_used -= WARM_SECONDS + 1
+    manager._evict_idle()
+    assert not live.blocks._cache and service.memory.reserved_bytes == 0
+    assert manager.get("warm") is live  # the iteration itself stays
+    # and its stream reads the same rows as an iteration that was not warmed
+    _, messages = live.stream(IterationTicket(iteration_id="warm", window=False))
+    uids = [u for batch, _ in messages for u in batch.column("uid").to_pylist()]
+    other = manager.open(IterationCommand(iteration_id="cold", spec=spec))
+    for future in other.blocks._cache[(0, 0)].pieces:
+        future.result(timeout=30)
+    other.blocks.clear()  # read when its stream asks, as before warming
+    _, again = other.stream(IterationTicket(iteration_id="cold", window=False))
+    assert uids == [u for batch, _ in again for u in batch.column("uid").to_pylist()]
+    assert sorted(uids) == list(range(90)) and uids != sorted(uids)
 
 
 def test_a_block_cleared_under_a_stream_is_read_again_and_its_gather_stops(
-    catalog: Catalog, tmp_path: Path
+    engine: tuple[LavenderService, IterationManager],
 ) -> None:
-    service = LavenderService(catalog)
-    dataset_id = write_dataset(service, tmp_path / "data")
-    manager = IterationManager(catalog, service)
-    try:
-        spec = IterationSpec(dataset_id=dataset_id, batch_size=8, shuffle=True, shuffle_seed=3)
-        live = manager.open(IterationCommand(iteration_id="cleared", spec=spec))
-        plan = live.views.plan(0)
-        state = live.blocks._cache[(0, 0)]
-        seq = np.arange(plan.blocks[0].start, plan.blocks[0].start + 16)
-        expected = live.blocks.rows(plan, seq).table.column("uid").to_pylist()
-        # the last stream ended as this one began: clear() abandoned the block it waits on
-        stale = _Block(state.number, state.start, state.bounds, [Future() for _ in state.pieces])
-        for future in stale.pieces:
-            future.set_exception(Abandoned("cleared"))
-        live.blocks._cache[(0, 0)] = stale
-        assert live.blocks.rows(plan, seq).table.column("uid").to_pylist() == expected
-        assert live.blocks._cache[(0, 0)] is not stale  # read afresh
-        # an abandoned block's gather computes no piece
-        fresh = _Block(state.number, state.start, state.bounds, [Future() for _ in state.pieces])
-        fresh.abandoned = True
-        reads = [live.blocks.pool.submit(CPU, live.blocks._read_shard, slot)
-                 for slot in plan.blocks[0].shard_slots]  # fmt: skip
-        order: Future[np.ndarray] = Future()
-        order.set_result(plan.draw_permutation(0))
-        live.blocks._gather(plan, fresh, reads, order)
-        for future in fresh.pieces:
-            with pytest.raises(Abandoned):
-                future.result(timeout=10)
-        live.blocks.clear()
-        deadline = time.monotonic() + 30  # the next block's read, begun by rows(): let it end
-        while service.read_pool.busy and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        manager.close()
+    service, manager = engine
+    spec = shuffled(service)
+    live = manager.open(IterationCommand(iteration_id="cleared", spec=spec))
+    plan = live.views.plan(0)
+    state = live.blocks._cache[(0, 0)]
+    seq = np.arange(plan.blocks[0].start, plan.blocks[0].start + 16)
+    expected = live.blocks.rows(plan, seq).table.column("uid").to_pylist()
+    # the last stream ended as this one began: clear() abandoned the block it waits on
+    stale = _Block(state.number, state.start, state.bounds, [Future() for _ in state.pieces])
+    for future in stale.pieces:
+        future.set_exception(Abandoned("cleared"))
+    live.blocks._cache[(0, 0)] = stale
+    assert live.blocks.rows(plan, seq).table.column("uid").to_pylist() == expected
+    assert live.blocks._cache[(0, 0)] is not stale  # read afresh
+    # an abandoned block's gather computes no piece
+    fresh = _Block(state.number, state.start, state.bounds, [Future() for _ in state.pieces])
+    fresh.abandoned = True
+    reads = [live.blocks.pool.submit(CPU, live.blocks._read_shard, slot)
+             for slot in plan.blocks[0].shard_slots]  # fmt: skip
+    order: Future[np.ndarray] = Future()
+    order.set_result(plan.draw_permutation(0))
+    live.blocks._gather(plan, fresh, reads, order)
+    for future in fresh.pieces:
+        with pytest.raises(Abandoned):
+            future.result(timeout=10)
+    live.blocks.clear()
+    deadline = time.monotonic() + 30  # the next block's read, begun by rows(): let it end
+    while service.read_pool.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
