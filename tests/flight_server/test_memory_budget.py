@@ -4,6 +4,9 @@ resident memory that stays under the budget whatever the number of iterations.""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -196,3 +199,25 @@ def test_a_block_never_waits_for_the_read_ahead_of_its_own_stream() -> None:
     assert 0.2 < waited < 5.0, waited
     ahead.release()
     assert budget.reserved_bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "backend"), [({}, "system"), ({"ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}, "mimalloc")]
+)
+def test_the_server_runs_arrow_on_glibc_malloc_unless_told_otherwise(
+    env: dict[str, str], backend: str
+) -> None:
+    script = (
+        "import pyarrow as pa\n"
+        "from lavender_flight.flight_server.memory import system_allocator, tune_malloc\n"
+        "tuned, switched = tune_malloc(), system_allocator()\n"
+        "print(tuned, switched, pa.default_memory_pool().backend_name)\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ARROW_"))}
+    found = subprocess.run(
+        [sys.executable, "-c", script], env={**clean, **env}, capture_output=True, text=True,
+        timeout=60, check=True,
+    )  # fmt: skip
+    tuned, switched, name = found.stdout.split()
+    assert tuned == "True" and name == backend
+    assert switched == str(not env)
