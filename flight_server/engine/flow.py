@@ -23,11 +23,12 @@ from .store import StreamHandle
 
 __all__ = ["RankFlow", "ReadAhead"]
 
-GROWTH = 8
-"""How much a window may grow at one report of the loop. A fast loop reports once or twice
-a window; from the minimum of 2 batches to 1,024 takes 3 reports at 8x (9 at 2x), each a
-round trip the loop waits for while it outruns the stream. Once the loop's pace is known
-the window is about ``seconds`` of it whatever the growth allows."""
+GROWTH = 2
+"""How much a window may grow at one report of the loop (also before its pace is known).
+8 reached full size in 3 reports instead of 9, but a window that covers a whole short
+epoch left a stream draining forever after its node stopped mid-epoch (the loop skips the
+batches sent again, so they are never taken: tests/flight_server/test_nodes.py): kept at 2
+until that is fixed."""
 
 
 @dataclass(frozen=True)

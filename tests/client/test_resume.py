@@ -438,7 +438,7 @@ def test_acks_are_sent_in_bulk_not_per_batch(
     assert 1 <= len(sent) <= total // 10, f"{len(sent)} ack calls for {total} batches"
     # completions every 0.25 s, and reports of what the loop took a few times a second (the
     # server keeps its read-ahead within about half a second of the loop's pace with them;
-    # its window starts at 2 batches and grows eightfold at each of the first reports)
+    # its window starts at 2 batches and doubles at each of the first reports)
     assert len(sent) <= elapsed * 12 + 10, f"{len(sent)} ack calls in {elapsed:.2f}s"
     assert sum(n for _, n in sent) == total, "a batch was acknowledged twice or never"
     assert any(name == "lavender-acks" for name, _ in sent), "no ack came from the thread"
