@@ -149,8 +149,8 @@ def system_allocator() -> bool:
 
     pyarrow's default (mimalloc) kept what a server freed, iteration after iteration (see
     ``tune_malloc`` for the figures); glibc's malloc, set up by ``tune_malloc``, gives it
-    back when the streams are idle, at the speed of jemalloc on shuffled epochs. An
-    ``ARROW_DEFAULT_MEMORY_POOL`` in the environment wins.
+    back when the streams are idle, at a speed within this machine's noise of the others.
+    An ``ARROW_DEFAULT_MEMORY_POOL`` in the environment wins.
     """
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ or not sys.platform.startswith("linux"):
         return False

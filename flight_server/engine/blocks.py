@@ -371,8 +371,13 @@ class BlockReader:
             return state
         lane = self.reader.main.lane
         reads = [self.pool.submit(lane, self._read_shard, slot) for slot in block.shard_slots]
-        # the order is drawn while the shards are read (it needs none of their rows)
-        order: Future[np.ndarray] = self.pool.submit(CPU, self._order, plan, state)
+        # a shuffled block's order is drawn while its shards are read (it needs no row);
+        # a block in order has none to draw
+        order: Future[np.ndarray] = Future()
+        if plan.shuffle:
+            order = self.pool.submit(CPU, self._order, plan, state)
+        else:
+            order.set_result(np.zeros(0, dtype=np.int64))
         left = [len(reads) + 1]
         count = threading.Lock()
         # the callbacks reach the futures through this list, emptied once the gather has
@@ -398,6 +403,11 @@ class BlockReader:
             return np.zeros(0, dtype=np.int64)
         return plan.draw_permutation(state.number)
 
+    def _go_on(self, state: _Block) -> None:
+        """Raise ``Abandoned`` for a block nobody reads any more (its gather stops)."""
+        if state.abandoned:
+            raise Abandoned(f"block {state.number} of iteration {self._iteration_id}")
+
     def _gather(
         self,
         plan: EpochPlan,
@@ -407,8 +417,7 @@ class BlockReader:
     ) -> None:
         """Lay a block's shards end to end in the epoch's order (runs on the ``cpu`` lane)."""
         try:
-            if state.abandoned:
-                raise Abandoned(f"block {state.number} of iteration {self._iteration_id}")
+            self._go_on(state)
             table, unreadable, absent = self._joined(plan, state, reads)
             if not plan.shuffle:
                 piece = self._filtered(_Piece(0, table.num_rows, table, unreadable, absent))
@@ -422,8 +431,7 @@ class BlockReader:
             # over the memory bus), from the shards laid end to end once: Arrow's take
             # would lay a chunked column end to end on every call
             for index, future in enumerate(state.pieces):
-                if state.abandoned:  # the work of an iteration nobody reads any more
-                    raise Abandoned(f"block {state.number} of iteration {self._iteration_id}")
+                self._go_on(state)
                 if index == 1 and any(c.num_chunks > 1 for c in table.columns):
                     table = table.combine_chunks()
                 a, b = state.bounds[index], state.bounds[index + 1]

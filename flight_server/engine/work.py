@@ -76,10 +76,10 @@ class StreamWork:
         self._checked = (0.0, False)
 
     def cancelled(self) -> bool:
-        """Whether the client went away (asked of gRPC at most every 50 ms: it costs ~0.1 ms)."""
+        """Whether the client went away (asked of gRPC at most every ``CHECK_SECONDS``)."""
         at, answer = self._checked
         now = time.monotonic()
-        if not answer and now - at >= 0.05:
+        if not answer and now - at >= CHECK_SECONDS:
             answer = self._cancelled()
             self._checked = (now, answer)
         return answer

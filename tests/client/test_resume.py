@@ -18,7 +18,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,13 @@ COLUMNS = [
 SEED = 20240611
 
 
-def write_dataset(name: str, location: Path, shards: int, rows: int) -> str:
+def write_dataset(
+    name: str,
+    location: Path,
+    shards: int,
+    rows: int,
+    text: Callable[[int], str] = lambda uid: f"sample {uid}",
+) -> str:
     """A dataset of ``shards`` parquet shards of ``rows`` rows, uids 0.. in shard order."""
     dataset = lavender.create_dataset(name=name, uid_column_name="uid")
     shardset = lavender.create_shardset(dataset.id, location.as_uri(), COLUMNS)
@@ -51,7 +57,7 @@ def write_dataset(name: str, location: Path, shards: int, rows: int) -> str:
     for index in range(shards):
         first = index * rows
         writer.write(
-            [{"uid": u, "text": f"sample {u}"} for u in range(first, first + rows)],
+            [{"uid": u, "text": text(u)} for u in range(first, first + rows)],
             shard_index=index,
         )
     assert lavender.get_dataset(dataset.id).total_samples == shards * rows

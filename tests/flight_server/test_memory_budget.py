@@ -18,13 +18,14 @@ import pyarrow as pa
 import pytest
 
 from lavender_flight.catalog import Catalog
-from lavender_flight.client import Iteration, Writer
+from lavender_flight.client import Iteration
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.flight_server.memory import MemoryBudget
 from lavender_flight.flight_server.shard_io import ShardIO
 from lavender_flight.flight_server.storage import Location
 from lavender_flight.protocol.errors import InvalidArgument
+from tests.client.test_resume import write_dataset as write_resume_dataset
 from tests.conftest import CALL_TIMEOUT
 from tests.flight_server.test_cli import (  # noqa: F401  (launch is a fixture)
     Launcher,
@@ -34,10 +35,6 @@ from tests.flight_server.test_cli import (  # noqa: F401  (launch is a fixture)
 from tests.flight_server.test_faults import SERVING
 from tests.flight_server.test_load import rss_kib
 
-COLUMNS = [
-    lavender.DatasetColumnOptions(name="uid", type_="int"),
-    lavender.DatasetColumnOptions(name="text", type_="str"),
-]
 TEXT = "x" * 100  # the benchmarks' rows: a uid and 100 characters of text
 
 
@@ -57,16 +54,7 @@ class CountingShardIO(ShardIO):
 
 def write_dataset(name: str, folder: Path, shards: int, rows: int) -> str:
     """A dataset of ``shards`` Parquet shards of ``rows`` rows of a uid and 100 characters."""
-    dataset = lavender.create_dataset(name=name, uid_column_name="uid")
-    shardset = lavender.create_shardset(dataset.id, folder.as_uri(), COLUMNS)
-    writer = Writer.get(dataset_id=dataset.id, shardset_id=shardset.id)
-    for index in range(shards):
-        first = index * rows
-        writer.write(
-            [{"uid": u, "text": f"{u:08d}{TEXT}"} for u in range(first, first + rows)],
-            shard_index=index,
-        )
-    return dataset.id
+    return write_resume_dataset(name, folder, shards, rows, text=lambda u: f"{u:08d}{TEXT}")
 
 
 @pytest.fixture
