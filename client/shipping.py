@@ -33,12 +33,14 @@ import mmap
 import os
 import secrets
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import util
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,7 @@ __all__ = [
     "Token",
     "forget",
     "sweep_at_exit",
+    "sweep_when_gone",
     "sweep_worker",
     "unpack",
 ]
@@ -143,6 +146,40 @@ def sweep_at_exit() -> None:
 def sweep_worker(pid: int) -> None:
     """In the loop's process: unlink what a worker that died (``pid``) left behind."""
     _sweep(os.getpid(), pid)
+
+
+def sweep_when_gone(processes: Iterable[Any], seconds: float = 120.0) -> None:
+    """In the loop's process: once these workers have ended, unlink what they left behind.
+
+    A worker unlinks its own segments at a clean exit; torch terminates one that takes
+    longer than its shutdown wait (a loaded machine), and a terminated worker runs no exit
+    hook. A daemon thread waits on the workers' sentinels (it reaps nothing: torch joins
+    them) for up to ``seconds``; what is left after that goes at the loop's exit.
+    """
+    waiting = {p.sentinel: p.pid for p in processes if p.pid is not None}
+    if not waiting:
+        return
+
+    def reap() -> None:
+        deadline = time.monotonic() + seconds
+        while waiting and time.monotonic() < deadline:
+            try:
+                ended = wait(list(waiting), timeout=1.0)
+            except (OSError, ValueError):  # a sentinel closed (Process.close): poll by pid
+                ended = [s for s, pid in waiting.items() if not _alive(pid)]
+            for sentinel in ended:
+                pid = waiting.pop(sentinel)
+                forget([pid])
+                sweep_worker(pid)
+
+    try:
+        threading.Thread(target=reap, name="lf-shm-sweep", daemon=True).start()
+    except RuntimeError:  # the interpreter is exiting: its own sweep (sweep_at_exit) follows
+        return
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
 
 
 def _sweep(pid: int, worker: int | None = None) -> None:

@@ -32,6 +32,7 @@ from .shipping import (
     Token,
     forget,
     sweep_at_exit,
+    sweep_when_gone,
     sweep_worker,
     unpack,
 )
@@ -259,11 +260,13 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
             dataset.locations = self.iteration.locations
         acks = self.iteration.acknowledger(epoch)
         loaded = super().__iter__()
-        workers = [process.pid for process in getattr(loaded, "_workers", ())]
+        processes = list(getattr(loaded, "_workers", ()))
+        workers = [process.pid for process in processes]
         if dataset.ship and workers and self._workers != workers:
-            # the mappings of their slots go with the loader (or with workers torch replaced)
+            # the mappings of their slots go with the loader (or with workers torch replaced),
+            # and what they wrote once they have ended (torch may terminate them)
             self._workers = workers
-            weakref.finalize(self, forget, workers)
+            weakref.finalize(self, sweep_when_gone, processes)
 
         def items() -> Iterator[tuple[Any, list[tuple[int, int]]]]:
             shipped = dataset.ship

@@ -225,6 +225,9 @@ def test_a_server_that_never_streamed_it_reports_a_resized_mixture_alike(
         stream = iter(Iteration.resume("seen", rank=rank, world_size=3))
         take(stream, 3)
         stream.close()
+    # a closed loop's stream ends on the server a moment later (it notices the cancel): only
+    # then is its read-ahead given back, which the other server never held
+    wait_until(lambda: all(r.streams == 0 for r in lavender.get_iteration("seen").ranks))
     other_catalog = Catalog(tmp_path / "catalog.db")  # the same file: two servers, one catalog
     other = LavenderFlightServer(LavenderService(other_catalog, allow_memory=True))
     try:

@@ -4,8 +4,11 @@ unpacks them (both in this process here), and the worker's ring of reused segmen
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import pickle
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,3 +119,36 @@ def test_a_worker_whose_slots_are_all_held_ships_one_off_segments(ring: shipping
     ring.drop_all()
     assert segments() <= before
     del held  # still readable after the unlink; freed with the batches
+
+
+def _write_and_wait(ready: Any) -> None:
+    """A worker that writes a segment, says so, and waits to be killed (no exit hook runs)."""
+    import time
+
+    shipping._create(1024)
+    ready.set()
+    time.sleep(60)
+
+
+def test_what_a_killed_worker_wrote_goes_once_it_has_ended() -> None:
+    # torch terminates a worker slower than its shutdown wait; a terminated worker unlinks
+    # nothing, so the loop's process does it when the worker's sentinel says it has ended
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    worker = context.Process(target=_write_and_wait, args=(ready,))
+    worker.start()
+    try:
+        assert ready.wait(60), "the worker never wrote its segment"
+        mine = f"lf_{os.getpid()}_{worker.pid}_*"
+        assert list(Path("/dev/shm").glob(mine)), "the segment is not where sweeps look"
+        shipping.sweep_when_gone([worker])
+        time.sleep(0.3)
+        assert list(Path("/dev/shm").glob(mine)), "swept while its worker was alive"
+        os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while list(Path("/dev/shm").glob(mine)):
+            assert time.monotonic() < deadline, "a killed worker's segment outlived it"
+            time.sleep(0.05)
+    finally:
+        worker.kill()
+        worker.join()
