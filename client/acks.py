@@ -289,7 +289,10 @@ def acknowledging(items: Iterable[tuple[T, Any]], acks: Acknowledger) -> Iterato
     try:
         for batch, seq in items:
             if seq and seq[0][0] < top and all(not seen.gaps(a, b) for a, b in seq):
-                continue  # a repeat after a reconnect: the loop had it already
+                # a repeat after a reconnect: the loop had it already; the stream that sent
+                # it again counts it as read ahead until it hears the loop has it
+                acks.take(seq)
+                continue
             if consumed is not None:
                 acks.complete(consumed)
             for a, b in seq:
@@ -333,7 +336,8 @@ def acknowledging_samples(
     try:
         for group, seq in items:
             if seq and all(not seen.gaps(a, b) for a, b in seq):
-                continue  # a repeat after a reconnect: the loop had it already
+                acks.take(seq)  # a repeat after a reconnect (see acknowledging)
+                continue
             for a, b in seq:
                 seen.add(a, b)
             acks.take(seq)

@@ -24,11 +24,12 @@ from .store import StreamHandle
 __all__ = ["RankFlow", "ReadAhead"]
 
 GROWTH = 2
-"""How much a window may grow at one report of the loop (also before its pace is known).
-8 reached full size in 3 reports instead of 9, but a window that covers a whole short
-epoch left a stream draining forever after its node stopped mid-epoch (the loop skips the
-batches sent again, so they are never taken: tests/flight_server/test_nodes.py): kept at 2
-until that is fixed."""
+"""How much a window may grow at one report of a loop that is still busy with what it holds."""
+STARVED_GROWTH = 8
+"""How much it may grow at one report of a loop that has taken (nearly) all it was sent: the
+loop waits on the stream, and each doubling would cost it a round trip."""
+STARVED = 0.25
+"""A loop holding less than this part of its window ahead of it at a report is starved."""
 
 
 @dataclass(frozen=True)
@@ -111,19 +112,25 @@ class RankFlow:
         return self._window
 
     def _rewindow(self) -> None:
-        """About ``seconds`` of the loop's pace, growing at most ``GROWTH``-fold at each report.
+        """About ``seconds`` of the loop's pace, growing a bounded factor at each report.
 
         The bounded growth keeps a burst of first batches (a loop not yet busy) from sizing the
         window; a loop that keeps up grows it geometrically, one report at a time. Before
         the pace is known (its reports span less than a few milliseconds: a fast loop's
         first batches) the window grows so too: a loop that reports this fast is waiting on
-        the stream, and holding it at the minimum would cost a round trip per batch.
+        the stream, and holding it at the minimum would cost a round trip per batch. A loop
+        that has taken nearly all it was sent (less than ``STARVED`` of its window ahead of
+        it) is waiting on the stream: its window grows ``STARVED_GROWTH``-fold; a loop busy
+        with what it holds, ``GROWTH``-fold (a slow loop's burst of first reports cannot
+        blow its window up past twice its pace).
         """
         low = self.budget.min_batches * self.batch_size
         high = max(low, int(self.budget.max_bytes / (self.row_bytes or 1024)))
+        starved = self.ahead() < STARVED * self._window
+        growth = (STARVED_GROWTH if starved else GROWTH) * self._window
         pace = self.pace()
-        wanted = GROWTH * self._window if pace is None else int(pace * self.budget.seconds)
-        self._window = max(low, min(high, wanted, GROWTH * self._window))
+        wanted = growth if pace is None else int(pace * self.budget.seconds)
+        self._window = max(low, min(high, wanted, growth))
 
     def share(self) -> int:
         """The part of the window each windowed stream may hold (never below the minimum).

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from lavender_flight.flight_server.engine.flow import GROWTH, RankFlow, ReadAhead
-from lavender_flight.flight_server.engine.state import RankState
+from lavender_flight.flight_server.engine.flow import GROWTH, STARVED_GROWTH, RankFlow, ReadAhead
+from lavender_flight.flight_server.engine.state import RankState, StreamKey, StreamState
+from lavender_flight.flight_server.engine.store import StreamHandle
 from lavender_flight.protocol.ranges import RangeSet
 
 BATCH = 1024
@@ -26,22 +27,22 @@ def report(flow: RankFlow, taken: int) -> None:
         flow.learn(state)
 
 
-def test_a_fast_loop_grows_the_window_growth_fold_a_report_up_to_the_byte_bound() -> None:
+def test_a_starved_loop_grows_the_window_fast_up_to_the_byte_bound() -> None:
     clock = Clock()
     budget = ReadAhead(seconds=0.5, max_bytes=64 << 20, min_batches=2)
     flow = RankFlow(BATCH, budget, clock)
     flow.row_bytes = 100.0
     assert flow.window() == 2 * BATCH
     windows, taken = [], 0
-    for _ in range(12):  # a loop taking 1M samples a second, reporting each window's third
+    for _ in range(12):  # a loop taking 1M samples a second, all it was sent (none ahead)
         taken += max(BATCH, flow.window() // 3)
         clock.now += taken / 1e6 - (clock.now - 100.0)
         report(flow, taken)
         windows.append(flow.window())
-    # before the pace is known (reports within 5 ms): GROWTH-fold each report
-    assert windows[:2] == [2 * BATCH * GROWTH, 2 * BATCH * GROWTH**2]
+    # before the pace is known (reports within 5 ms): STARVED_GROWTH-fold each report
+    assert windows[:2] == [2 * BATCH * STARVED_GROWTH, 2 * BATCH * STARVED_GROWTH**2]
     # and never more than that after
-    assert all(w <= 2 * BATCH * GROWTH ** (i + 1) for i, w in enumerate(windows))
+    assert all(w <= 2 * BATCH * STARVED_GROWTH ** (i + 1) for i, w in enumerate(windows))
     # then about 0.5 s of its pace (1M/s), never over 64 MiB of 100-byte rows
     assert max(windows) <= (64 << 20) // 100
     assert windows[-1] >= 0.4 * 1e6 * budget.seconds
@@ -67,3 +68,26 @@ def test_the_window_never_goes_below_its_minimum() -> None:
         clock.now += 10.0
         report(flow, step * BATCH)
     assert flow.window() == 3 * BATCH
+
+
+def test_a_loop_busy_with_what_it_holds_grows_the_window_growth_fold() -> None:
+    # a slow loop's first reports come in a burst (its pace looks fast): with batches ahead
+    # of it, the window only doubles, so the burst cannot size it
+    clock = Clock()
+    flow = RankFlow(BATCH, ReadAhead(seconds=0.5), clock)
+    key: StreamKey = (0, 0)
+    stream = StreamHandle("it", 0, 0, key, generation=1)
+    windows, taken = [], 0
+    for _ in range(4):
+        sent = taken + flow.window()
+        with flow.cond:  # the stream sent its whole window; the loop took half of it
+            flow.claimed(stream, [(taken, sent)])
+            flow.went_out(stream, [(taken, sent)], sent - taken, 100 * (sent - taken))
+        taken += flow.window() // 2
+        clock.now += 0.001
+        state = RankState(size=10_000_000, batch_size=BATCH, taken=RangeSet([(0, taken)]))
+        state.streams[key] = StreamState(1, "node", 0.0, RangeSet([(taken, sent)]))
+        with flow.cond:
+            flow.learn(state)
+        windows.append(flow.window())
+    assert windows == [2 * BATCH * GROWTH ** (i + 1) for i in range(4)]
