@@ -30,7 +30,7 @@ from ..protocol.iterations import AckBody
 from ..protocol.ranges import RangeSet
 from .connection import LavenderClient
 
-__all__ = ["Acknowledger", "acknowledging", "acknowledging_samples"]
+__all__ = ["Acknowledger", "Ranges", "acknowledging", "acknowledging_samples"]
 
 log = logging.getLogger(__name__)
 
