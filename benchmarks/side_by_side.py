@@ -4,7 +4,9 @@ Every case runs in a fresh client process (``benchmarks.case``) against servers 
 processes; the client's peak RSS is its ``ru_maxrss``, the server's is the peak of its
 process tree's RSS (``/proc``) sampled while the case runs; the server's RSS once every
 case has run is kept as ``server_rss_after_mb`` (with its ``memory_budget_mb``, if it
-reports one). Figures are medians over the repetitions (after a warm-up run); ratios are
+reports one). The cases of the limits and of Lavender Flight run in rounds, each once a
+round (``Runner.rounds``), so that a ratio's two sides see the machine alike. Figures are
+medians over the rounds (each run after a warm-up run in its process); ratios are
 against the bare Flight do_get (batch 1024) and the Parquet scan of the same data set, and,
 for the joined cases (``text`` + an aligned or an unaligned feature shardset, each its own
 dataset over the same ``text`` shards), against the single-shardset ``lavender arrow b1024``.
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,18 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Planned:
+    """A case to run: its data set, group, name, spec and the server whose RSS is sampled."""
+
+    data: DataSet
+    group: str
+    name: str
+    spec: dict[str, Any]
+    server_pid: int | None
+    first_only: bool = False
+
+
 class Runner:
     """Runs cases and collects their records."""
 
@@ -78,11 +94,30 @@ class Runner:
         first_only: bool = False,
     ) -> None:
         """Run one case in a fresh client process (``first_only``: it times the first batch)."""
-        spec = {"repeat": self.repeat, "warmup": self.warmup, "row_bytes": data.row_bytes, **spec}
-        record: dict[str, Any] = {"dataset": data.name, "group": group, "case": name}
-        if first_only:
-            record["first_only"] = True
-        with PeakSampler(server_pid) as sampler:
+        planned = Planned(data, group, name, spec, server_pid, first_only)
+        self.add(self._record(planned, [self._once(planned, self.repeat)]))
+
+    def rounds(self, cases: list[Planned]) -> None:
+        """Run every case once a round, ``repeat`` rounds (each run a fresh client process).
+
+        A ratio's two cases are then measured minutes apart at most, in every round alike:
+        on a shared machine, whose speed drifts by tens of percent over a run, running one
+        case's repetitions back to back and the other's ten minutes later measured the drift.
+        """
+        outs: list[list[dict[str, Any]]] = [[] for _ in cases]
+        for number in range(self.repeat):
+            print(f"  round {number + 1} of {self.repeat}", flush=True)
+            for planned, found in zip(cases, outs, strict=True):
+                if not found or "failed" not in found[-1]:
+                    found.append(self._once(planned, 1))
+        for planned, found in zip(cases, outs, strict=True):
+            self.add(self._record(planned, found))
+
+    def _once(self, planned: Planned, repeat: int) -> dict[str, Any]:
+        """One client process running the case ``repeat`` times (after its warm-up)."""
+        spec = {"repeat": repeat, "warmup": self.warmup, "row_bytes": planned.data.row_bytes,
+                **planned.spec}  # fmt: skip
+        with PeakSampler(planned.server_pid) as sampler:
             done = subprocess.run(
                 [sys.executable, "-m", "benchmarks.case", json.dumps(spec)],
                 cwd=ROOT,
@@ -92,14 +127,29 @@ class Runner:
             )
         if done.returncode:
             tail = " | ".join(done.stderr.strip().splitlines()[-2:])
-            record["not_measured"] = f"case failed: {tail}"
-        else:
-            out = json.loads(done.stdout.strip().splitlines()[-1])
-            record.update(summarize(out["runs"]))
-            record["client_rss_mb"] = out["client_rss_mb"]
-            record["workers_rss_mb"] = out["workers_rss_mb"]
-            record["server_rss_mb"] = sampler.peak if server_pid else None
-        self.add(record)
+            return {"failed": f"case failed: {tail}"}
+        out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        out["server_rss_mb"] = sampler.peak if planned.server_pid else None
+        return out
+
+    @staticmethod
+    def _record(planned: Planned, outs: list[dict[str, Any]]) -> dict[str, Any]:
+        """A case's record from its processes' outputs (medians over all their runs)."""
+        record: dict[str, Any] = {"dataset": planned.data.name, "group": planned.group,
+                                  "case": planned.name}  # fmt: skip
+        if planned.first_only:
+            record["first_only"] = True
+        failed = [out["failed"] for out in outs if "failed" in out]
+        if failed:
+            record["not_measured"] = failed[0]
+            return record
+        record.update(summarize([run for out in outs for run in out["runs"]]))
+        record["client_rss_mb"] = max(out["client_rss_mb"] for out in outs)
+        workers = [out["workers_rss_mb"] for out in outs if out.get("workers_rss_mb") is not None]
+        record["workers_rss_mb"] = max(workers) if workers else None
+        peaks = [out["server_rss_mb"] for out in outs if out["server_rss_mb"] is not None]
+        record["server_rss_mb"] = max(peaks) if peaks else None
+        return record
 
     def add(self, record: dict[str, Any]) -> None:
         if record.get("rows") == 0:
@@ -265,22 +315,30 @@ def run(quick: bool, repeat: int, with_peers: bool) -> dict[str, Any]:
                 lavender.create_shardset(dataset.id, sets["text"].folder.as_uri(), is_main=True)
                 lavender.create_shardset(dataset.id, sets[feature].folder.as_uri())
                 ids["text"][feature] = dataset.id
-            for name in ("text", "binary", "tensor"):
-                data = sets[name]
-                with bare_server(data.folder) as bare:
+            # every case once a round (see Runner.rounds): the bare servers stay up beside
+            # ours, idle while the others' cases run
+            planned: list[Planned] = []
+            with ExitStack() as bares:
+                for name in ("text", "binary", "tensor"):
+                    data = sets[name]
+                    bare = bares.enter_context(bare_server(data.folder))
                     for batch in (1024, 32) if name == "text" else (1024,):
-                        runner.case(
+                        planned.append(Planned(
                             data, "limit", f"bare flight do_get b{batch}",
                             {"kind": "bare", "url": bare.url, "batch_size": batch},
                             bare.process.pid,
-                        )  # fmt: skip
-                runner.case(
-                    data, "limit", "parquet scan (pyarrow, 1 thread)",
-                    {"kind": "parquet", "folder": str(data.folder), "batch_size": BATCH}, None,
-                )  # fmt: skip
-                for case_name, spec in _lavender_cases(data, ids[name]):
-                    spec = {**spec, "url": server.url}
-                    runner.case(data, "lavender", case_name, spec, server.process.pid)
+                        ))  # fmt: skip
+                    planned.append(Planned(
+                        data, "limit", "parquet scan (pyarrow, 1 thread)",
+                        {"kind": "parquet", "folder": str(data.folder), "batch_size": BATCH},
+                        None,
+                    ))  # fmt: skip
+                    for case_name, spec in _lavender_cases(data, ids[name]):
+                        spec = {**spec, "url": server.url}
+                        planned.append(
+                            Planned(data, "lavender", case_name, spec, server.process.pid)
+                        )
+                runner.rounds(planned)
             # what the server holds once every case has run (caches, pools, idle iterations)
             after = {
                 "server_rss_after_mb": tree_rss_mb(server.process.pid),
