@@ -76,14 +76,12 @@ def _by_chunk_sorted(ranges: list[tuple[int, int]], batch_size: int) -> list[Uni
         else:
             units.append([(start, end)])
         last = chunk
-        if end < stop:  # the chunks after the first, the last maybe partial
-            first_full = chunk + 1
-            last_chunk = (stop - 1) // batch_size
-            units.extend(
-                [(c * batch_size, min(stop, (c + 1) * batch_size))]
-                for c in range(first_full, last_chunk + 1)
-            )
-            last = last_chunk
+        if end < stop:  # the chunks after the first: whole ones, then maybe a partial one
+            partial = stop - (stop - end) % batch_size
+            units.extend([(a, a + batch_size)] for a in range(end, partial, batch_size))
+            if partial < stop:
+                units.append([(partial, stop)])
+            last = (stop - 1) // batch_size
     return units
 
 
@@ -148,16 +146,37 @@ def _stream_json(key: StreamKey, stream: StreamState) -> dict[str, Any]:
     return data
 
 
-@dataclass
 class Claim:
-    """Work handed to a stream: one unit per chunk, in order."""
+    """Work handed to a stream: its ranges, and one unit per chunk, in order.
 
-    units: list[Unit]
+    A claim of fresh work is a few ranges; its units (thousands of small lists for a
+    small batch size) are cut from them when first asked for, after the catalog
+    transaction that made the claim (not while it holds the catalog's write lock).
+    """
+
+    def __init__(
+        self,
+        units: list[Unit] | None = None,
+        ranges: list[tuple[int, int]] | None = None,
+        batch_size: int = 0,
+    ) -> None:
+        assert units is not None or (ranges is not None and batch_size > 0)
+        self._units = units
+        self.ranges = merged(units) if ranges is None and units is not None else ranges or []
+        """The claimed samples as ascending ranges, touching ones joined."""
+        self.batch_size = batch_size
+
+    @property
+    def units(self) -> list[Unit]:
+        """One unit per chunk, in order (cut from the ranges when first asked for)."""
+        if self._units is None:
+            self._units = _by_chunk_sorted(self.ranges, self.batch_size)
+        return self._units
 
     @property
     def samples(self) -> int:
         """How many samples the claim holds."""
-        return sum(_count(unit) for unit in self.units)
+        return _count(self.ranges)
 
 
 @dataclass
@@ -367,10 +386,12 @@ class RankState:
         units = self._from(self.orphaned, max_chunks, world, any_worker=True)
         if not units:
             units = self._from(self.pending, max_chunks, world, any_worker=False)
-        if not units:
-            units = self._fresh(world, max_chunks)
-        stream.held.update(merged(units))
-        return Claim(units)
+        if units:
+            claim = Claim(units)
+        else:
+            claim = Claim(ranges=self._fresh(world, max_chunks), batch_size=self.batch_size)
+        stream.held.update(claim.ranges)
+        return claim
 
     def _from(
         self, source: RangeSet, max_chunks: int, world: World, any_worker: bool
@@ -392,11 +413,16 @@ class RankState:
             source.remove(start, stop)
         return _by_chunk(taken, self.batch_size)
 
-    def _fresh(self, world: World, max_chunks: int) -> list[Unit]:
-        units: list[Unit] = []
+    def _fresh(self, world: World, max_chunks: int) -> list[tuple[int, int]]:
+        """Up to ``max_chunks`` chunks nobody had, marked covered.
+
+        As ascending ranges, touching ones joined.
+        """
+        found: list[tuple[int, int]] = []
+        chunks, counted = 0, -1  # chunks claimed; the last one counted
         size, batch = self.size, self.batch_size
         cursor = 0
-        while cursor < size and len(units) < max_chunks:
+        while cursor < size and chunks < max_chunks:
             first = self.covered.first_gap_start(cursor, size)
             if first is None:
                 break
@@ -405,13 +431,21 @@ class RankState:
                 cursor = world.next_owned(chunk) * batch
                 continue
             # one worker: a run of chunks at once; several: only the chunk it owns
-            span = max_chunks - len(units) if world.num_workers == 1 else 1
+            span = max_chunks - chunks if world.num_workers == 1 else 1
             end = min(size, (chunk + span) * batch)
             work = self.covered.gaps(first, end)
             self.covered.update(work)
-            units.extend(_by_chunk(work, batch))
+            for start, stop in work:
+                # the chunks these samples are in (two gaps may share one)
+                low, high = start // batch, (stop - 1) // batch
+                chunks += high - low + (low != counted)
+                counted = high
+                if found and found[-1][1] == start:
+                    found[-1] = (found[-1][0], stop)
+                else:
+                    found.append((start, stop))
             cursor = end
-        return units
+        return found
 
     def release(self, stream: StreamState, ranges: list[tuple[int, int]], filtered: int,
                 failed: int) -> None:  # fmt: skip

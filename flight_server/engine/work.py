@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ...catalog import VersionChanged
 from ...protocol.errors import IterationConflict, IterationNotFound, StorageError
 from .flow import RankFlow
-from .state import Unit, merged
+from .state import Unit
 from .store import StreamHandle
 from .world import World
 
@@ -182,7 +182,7 @@ class StreamWork:
             log.debug("stream of rank %d superseded", self.handle.rank)
             raise Superseded
         with self.flow.cond:
-            self.flow.claimed(self.handle, merged(found.units))
+            self.flow.claimed(self.handle, found.ranges)
         log.debug("stream of rank %d claimed %d chunks (asked %d)", self.handle.rank,
                   len(found.units), max_chunks)  # fmt: skip
         return found.units

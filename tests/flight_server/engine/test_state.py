@@ -142,3 +142,21 @@ def test_chunk_grouping_matches_cutting_sample_by_sample() -> None:
         ]
         flat = sorted(r for unit in units for r in unit)
         assert sum(b - a for a, b in merged(units)) == sum(b - a for a, b in flat)
+
+
+def test_a_fresh_claim_is_its_ranges_and_its_units_are_cut_from_them() -> None:
+    # a fresh claim carries a few ranges (held as they are); its units are cut when asked
+    state = RankState(size=100, batch_size=10)
+    key = (0, 1)
+    generation = state.open_stream(key, "nd-a", FAR)
+    state.covered.add(13, 15)
+    state.covered.add(41, 60)
+    stream = state.stream(key, generation)
+    assert stream is not None
+    found = state.claim(stream, World(), 5)
+    assert found.ranges == [(0, 13), (15, 41)]  # chunk 1 (two gaps) counts once
+    assert found.samples == 13 + 26
+    assert found.units == _by_chunk(found.ranges, 10) and len(found.units) == 5
+    after = state.claim(stream, World(), 2)  # past the covered 41-60, touching runs joined
+    assert after.ranges == [(60, 80)] and after.units == [[(60, 70)], [(70, 80)]]
+    assert stream.held.ranges() == [(0, 13), (15, 41), (60, 80)]
