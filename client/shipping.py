@@ -57,6 +57,7 @@ __all__ = [
     "Token",
     "forget",
     "sweep_at_exit",
+    "sweep_ended",
     "sweep_when_gone",
     "sweep_worker",
     "unpack",
@@ -168,14 +169,25 @@ def sweep_when_gone(processes: Iterable[Any], seconds: float = 120.0) -> None:
             except (OSError, ValueError):  # a sentinel closed (Process.close): poll by pid
                 ended = [s for s, pid in waiting.items() if not _alive(pid)]
             for sentinel in ended:
-                pid = waiting.pop(sentinel)
-                forget([pid])
-                sweep_worker(pid)
+                _worker_gone(waiting.pop(sentinel))
 
     try:
         threading.Thread(target=reap, name="lf-shm-sweep", daemon=True).start()
     except RuntimeError:  # the interpreter is exiting: its own sweep (sweep_at_exit) follows
         return
+
+
+def sweep_ended(processes: Iterable[Any]) -> None:
+    """In the loop's process: unlink now what those of these workers that ended left."""
+    for process in processes:
+        if not process.is_alive():
+            _worker_gone(process.pid)
+
+
+def _worker_gone(pid: int) -> None:
+    """A worker ended: drop its slots' mappings and unlink what it left."""
+    forget([pid])
+    sweep_worker(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -30,10 +30,9 @@ from .shipping import (
     Group,
     Shipment,
     Token,
-    forget,
     sweep_at_exit,
+    sweep_ended,
     sweep_when_gone,
-    sweep_worker,
     unpack,
 )
 from .streams import stream_batches
@@ -286,10 +285,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
             yield from acknowledging(items(), acks)
         except BaseException:
             if dataset.ship:  # a worker that died (killed) leaves its segments: now, not at exit
-                for process in getattr(loaded, "_workers", ()):
-                    if not process.is_alive():
-                        forget([process.pid])
-                        sweep_worker(process.pid)
+                sweep_ended(getattr(loaded, "_workers", ()))
             raise
 
     def set_epoch(self, epoch: int) -> None:

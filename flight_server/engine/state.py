@@ -155,16 +155,12 @@ class Claim:
     """
 
     def __init__(
-        self,
-        units: list[Unit] | None = None,
-        ranges: list[tuple[int, int]] | None = None,
-        batch_size: int = 0,
+        self, ranges: list[tuple[int, int]], batch_size: int, units: list[Unit] | None = None
     ) -> None:
-        assert units is not None or (ranges is not None and batch_size > 0)
-        self._units = units
-        self.ranges = merged(units) if ranges is None and units is not None else ranges or []
+        self.ranges = ranges
         """The claimed samples as ascending ranges, touching ones joined."""
         self.batch_size = batch_size
+        self._units = units
 
     @property
     def units(self) -> list[Unit]:
@@ -387,9 +383,9 @@ class RankState:
         if not units:
             units = self._from(self.pending, max_chunks, world, any_worker=False)
         if units:
-            claim = Claim(units)
+            claim = Claim(merged(units), self.batch_size, units)
         else:
-            claim = Claim(ranges=self._fresh(world, max_chunks), batch_size=self.batch_size)
+            claim = Claim(self._fresh(world, max_chunks), self.batch_size)
         stream.held.update(claim.ranges)
         return claim
 

@@ -368,13 +368,18 @@ def wait_for(check: Any, seconds: float = 30.0) -> bool:
     return True
 
 
+def two_worker_loader(dataset_id: str, iteration_id: str) -> tuple[set[str], Any, Iterator[Any]]:
+    """The segments there were, a 2-worker loader of a new iteration, and its epoch's batches."""
+    before = shared_segments()
+    iteration = Iteration.from_dataset(dataset_id, batch_size=BATCH, iteration_id=iteration_id)
+    loader = iteration.to_torch_dataloader(num_workers=2)
+    return before, loader, iter(loader)
+
+
 @pytest.mark.slow
 @MANY_WORKERS
 def test_a_loader_left_mid_epoch_and_deleted_leaves_no_shared_memory(dataset_id: str) -> None:
-    before = shared_segments()
-    iteration = Iteration.from_dataset(dataset_id, batch_size=BATCH, iteration_id="left")
-    loader = iteration.to_torch_dataloader(num_workers=2)
-    batches = iter(loader)
+    before, loader, batches = two_worker_loader(dataset_id, "left")
     kept = [next(batches) for _ in range(3)]  # the loop keeps batches over shared pages
     workers = list(loader._iterator._workers)
     assert shared_segments() - before, "the workers shipped through no shared segment"
@@ -389,10 +394,7 @@ def test_a_loader_left_mid_epoch_and_deleted_leaves_no_shared_memory(dataset_id:
 @pytest.mark.slow
 @MANY_WORKERS
 def test_a_killed_workers_shared_memory_goes_when_the_loop_fails(dataset_id: str) -> None:
-    before = shared_segments()
-    iteration = Iteration.from_dataset(dataset_id, batch_size=BATCH, iteration_id="killed")
-    loader = iteration.to_torch_dataloader(num_workers=2)
-    batches = iter(loader)
+    before, loader, batches = two_worker_loader(dataset_id, "killed")
     next(batches)
     victim = loader._iterator._workers[1]
     # torch raises where the loop is when it learns of the death (SIGCHLD): in the loader,

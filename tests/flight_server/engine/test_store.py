@@ -15,7 +15,12 @@ import pytest
 
 from lavender_flight.catalog import Catalog
 from lavender_flight.flight_server import LavenderService
-from lavender_flight.flight_server.engine import IterationManager, ProgressStore, World
+from lavender_flight.flight_server.engine import (
+    IterationManager,
+    LiveIteration,
+    ProgressStore,
+    World,
+)
 from lavender_flight.flight_server.engine.blocks import Abandoned, _Block
 from lavender_flight.flight_server.engine.manager import WARM_SECONDS
 from lavender_flight.flight_server.read_pool import CPU
@@ -158,12 +163,17 @@ def shuffled(service: LavenderService) -> IterationSpec:
     return IterationSpec(dataset_id=dataset.id, batch_size=8, shuffle=True, shuffle_seed=3)
 
 
+def opened(engine: tuple[LavenderService, IterationManager], iteration_id: str) -> LiveIteration:
+    """A new shuffled iteration (``shuffled``) of the engine's dataset, opened by its manager."""
+    service, manager = engine
+    return manager.open(IterationCommand(iteration_id=iteration_id, spec=shuffled(service)))
+
+
 def test_a_new_iteration_reads_its_first_block_before_any_stream(
     engine: tuple[LavenderService, IterationManager],
 ) -> None:
     service, manager = engine
-    spec = shuffled(service)
-    live = manager.open(IterationCommand(iteration_id="warm", spec=spec))
+    live = opened(engine, "warm")
     block = live.blocks._cache[(0, 0)]  # read as it was created: no stream yet
     first = block.pieces[0].result(timeout=30)
     assert first.table.num_rows > 0 and not live.open_streams
@@ -176,7 +186,7 @@ def test_a_new_iteration_reads_its_first_block_before_any_stream(
     # and its stream reads the same rows as an iteration that was not warmed
     _, messages = live.stream(IterationTicket(iteration_id="warm", window=False))
     uids = [u for batch, _ in messages for u in batch.column("uid").to_pylist()]
-    other = manager.open(IterationCommand(iteration_id="cold", spec=spec))
+    other = opened(engine, "cold")
     for future in other.blocks._cache[(0, 0)].pieces:
         future.result(timeout=30)
     other.blocks.clear()  # read when its stream asks, as before warming
@@ -188,9 +198,8 @@ def test_a_new_iteration_reads_its_first_block_before_any_stream(
 def test_a_block_cleared_under_a_stream_is_read_again_and_its_gather_stops(
     engine: tuple[LavenderService, IterationManager],
 ) -> None:
-    service, manager = engine
-    spec = shuffled(service)
-    live = manager.open(IterationCommand(iteration_id="cleared", spec=spec))
+    service, _ = engine
+    live = opened(engine, "cleared")
     plan = live.views.plan(0)
     state = live.blocks._cache[(0, 0)]
     seq = np.arange(plan.blocks[0].start, plan.blocks[0].start + 16)
