@@ -18,6 +18,7 @@ import pyarrow.flight as flight
 from ..protocol import wire
 from ..protocol.errors import ServerError, ServerUnavailable
 from ..protocol.iterations import BatchMetadata, IterationTicket
+from .allocator import keep_message_memory
 from .connection import LavenderClient
 from .formats import split
 
@@ -30,6 +31,7 @@ def stream_messages(
     client: LavenderClient, ticket: IterationTicket
 ) -> Iterator[tuple[pa.RecordBatch, BatchMetadata]]:
     """The messages of one stream, each with its parsed ``BatchMetadata``."""
+    keep_message_memory()
     with client.errors():
         reader = client.flight.do_get(flight.Ticket(wire.encode(ticket)), client.options(None))
     try:
