@@ -130,6 +130,8 @@ class EpochPlan:
         if self.deal is not None:
             return self.deal.to_global(partition, local)
         local = np.asarray(local, dtype=np.int64)
+        if self.partitions == 1:  # one partition: its chunks are the epoch's, in order
+            return local
         chunk, offset = np.divmod(local, self.batch_size)
         return (chunk * self.partitions + partition) * self.batch_size + offset
 
