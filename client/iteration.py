@@ -277,10 +277,13 @@ class Iteration:
         elif self._epoch is not None:
             epoch = self._epoch + 1
         else:
-            self._ensure()
-            rank = self.get_progress().ranks[self.rank]
-            # a rank that finished its epoch goes on with the next (an empty one stays)
-            epoch = rank.epoch + 1 if rank.done and rank.current else rank.epoch
+            asked = self._info is None
+            if asked and self._ensure().created:  # this call made it: every rank at epoch 0
+                epoch = 0
+            else:
+                rank = self.get_progress().ranks[self.rank]
+                # a rank that finished its epoch goes on with the next (an empty one stays)
+                epoch = rank.epoch + 1 if rank.done and rank.current else rank.epoch
         self._epoch = epoch
         return epoch
 

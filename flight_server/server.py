@@ -355,12 +355,13 @@ class LavenderFlightServer(flight.FlightServerBase):
         self, live: LiveIteration, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         nodes = self.iterations.live_locations()
+        world_size = live.world_size  # one look at the catalog for a resize
         endpoints = [
             flight.FlightEndpoint(
                 wire.encode(IterationTicket(iteration_id=live.id, rank=rank)),
                 self._spread(rank, nodes),
             )
-            for rank in range(live.world_size)
+            for rank in range(world_size)
         ]
         return flight.FlightInfo(
             live.output_schema,
@@ -368,7 +369,7 @@ class LavenderFlightServer(flight.FlightServerBase):
             endpoints,
             live.setup.total,
             -1,
-            app_metadata=wire.encode(live.info()),
+            app_metadata=wire.encode(live.info(world_size)),
         )
 
     @translate_errors

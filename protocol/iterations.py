@@ -168,6 +168,9 @@ class IterationInfo(WireModel):
     """Samples per epoch, every rank together."""
     world_size: int | None = None
     """The ranks it has now (None: the spec's; another after an elastic resume)."""
+    created: bool = False
+    """This call created it: every rank is at the start of epoch 0 (a client need not ask
+    where its rank stands before its first loop)."""
 
 
 class IterationTicket(WireModel):

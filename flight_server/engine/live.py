@@ -85,6 +85,8 @@ class LiveIteration:
         self.budget = budget or ReadAhead()
         self.views = EpochViews(setup)
         self._refreshed = False
+        self.created = False
+        """Made by this server's ``open`` just now and not asked about since (``created``)."""
         filters = self._filter if setup.pipeline.filters else None
         if setup.mixture is not None:
             self.blocks: BlockReader = MixtureBlocks(
@@ -144,10 +146,20 @@ class LiveIteration:
             self.refresh()
         return self.views
 
+    def just_created(self) -> None:
+        """The iteration was created by this server a moment ago: nothing has changed it.
+
+        Its views are the catalog's (a new iteration has no changes) until its first
+        ``world_size`` (the FlightInfo of the call that created it) has been answered.
+        """
+        self._refreshed = True
+        self.created = True
+
     @property
     def world_size(self) -> int:
         """The ranks the iteration has now (another than the spec's after a resize)."""
-        self.refresh()  # a resize may have been made through another server
+        if not self.created:
+            self.refresh()  # a resize may have been made through another server
         return self.views.world_now
 
     @property
@@ -187,14 +199,19 @@ class LiveIteration:
             log.info("iteration %s: no output schema from the first rows", self.id)
         return self.schema
 
-    def info(self) -> IterationInfo:
-        """What a FlightInfo says of the iteration."""
+    def info(self, world_size: int) -> IterationInfo:
+        """What a FlightInfo says of the iteration (with its ``world_size`` now).
+
+        ``created`` is said once: to the call that created it.
+        """
+        created, self.created = self.created, False
         return IterationInfo(
             iteration_id=self.id,
             spec=self.record.spec,
             seed=self.setup.plan.seed,
             total=self.setup.total,
-            world_size=self.world_size,
+            world_size=world_size,
+            created=created,
         )
 
     @property

@@ -251,11 +251,14 @@ class IterationManager:
 
     # -- iterations ----------------------------------------------------------------------
 
-    def _make(self, record: IterationRecord, setup: IterationSetup) -> LiveIteration:
+    def _make(
+        self, record: IterationRecord, setup: IterationSetup, carry_over: bool = True
+    ) -> LiveIteration:
         live = LiveIteration(
             record, setup, self.store, self.reads, self.pool, self.budget, self.memory
         )
-        self._carry_over(record, setup)
+        if carry_over:
+            self._carry_over(record, setup)
         return live
 
     def _carry_over(self, record: IterationRecord, setup: IterationSetup) -> None:
@@ -344,8 +347,9 @@ class IterationManager:
         log.info("iteration %s: %d samples per epoch over dataset %s", iteration_id,
                  setup.total, spec.dataset_id)  # fmt: skip
         log.debug("iteration %s: %s", iteration_id, spec.model_dump_json())
-        with self._lock:
-            live = self._live[iteration_id] = self._make(record, setup)
+        with self._lock:  # a new iteration: no progress of before epochs to carry over
+            live = self._live[iteration_id] = self._make(record, setup, carry_over=False)
+        live.just_created()
         live.warm()
         return live
 

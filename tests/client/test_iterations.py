@@ -327,3 +327,39 @@ def test_any_flight_client_can_consume_an_iteration(
     assert (
         metadata["epoch"] == 1 and "positions" not in metadata and "positions_i64" not in metadata
     )
+
+
+def test_the_call_that_creates_an_iteration_says_so_and_its_first_loop_asks_nothing_more(
+    dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the FlightInfo of the call that made the iteration says it was made (every rank at
+    # the start of epoch 0); its first loop need not ask where its rank stands, a round
+    # trip less before its first batch. Any other call (joining, reopening) says not.
+    asked: list[str] = []
+    action = LavenderClient.action
+
+    def counted(self: LavenderClient, name: str, *args: object, **kwargs: object) -> object:
+        asked.append(name)
+        return action(self, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LavenderClient, "action", counted)
+    first = Iteration.from_dataset(dataset.id, batch_size=50, iteration_id="made-here")
+    assert sorted(u for batch in first for u in batch["uid"]) == list(range(TOTAL))
+    assert first.epoch == 0
+    assert first._info is not None and first._info.created
+    assert "get_iteration" not in asked
+
+    # a second Iteration on the id joins: it asks, and learns that rank 0 finished epoch
+    # 0 (its loop is epoch 1, not a second pass over epoch 0)
+    asked.clear()
+    joined = Iteration.from_dataset(dataset.id, batch_size=50, iteration_id="made-here")
+    assert sorted(u for batch in joined for u in batch["uid"]) == list(range(TOTAL))
+    assert joined.epoch == 1
+    assert "get_iteration" in asked
+
+    # through Flight itself: created once, then never again
+    command = json.dumps({"kind": "iteration", "iteration_id": "made-here"}).encode()
+    info = lavender.get_client().flight.get_flight_info(
+        flight.FlightDescriptor.for_command(command), call_options()
+    )
+    assert json.loads(info.app_metadata)["created"] is False
