@@ -122,6 +122,13 @@ def _one_batch(table: pa.Table, schema: pa.Schema) -> pa.RecordBatch:
     return batches[0] if batches else schema.empty_table().to_batches()[0]
 
 
+def _ascending(values: np.ndarray) -> np.ndarray:
+    """``values`` sorted: as they are when they already ascend (checked in O(n))."""
+    if len(values) > 1 and not bool((values[1:] >= values[:-1]).all()):
+        return np.sort(values)
+    return values
+
+
 def _message_chunks(message: pa.RecordBatch, batch_size: int) -> int:
     """How many chunks the next message should hold, from the size of this one's rows."""
     if not message.num_rows:
@@ -360,8 +367,9 @@ class TransformedBatcher:
         self._next += len(local)
         self._consumed = np.concatenate([self._consumed, local])
         kept = self.blocks.kept(self.plan, self.plan.to_global(self.partition, local))
-        self._failed.add(np.sort(local[kept.failed]))
-        self._filtered.add(np.sort(local[~kept.kept & ~kept.failed]))
+        # (a sample set sorts what it is given only when it is out of order)
+        self._failed.add(local[kept.failed])
+        self._filtered.add(local[~kept.kept & ~kept.failed])
         local, ordinals = local[kept.kept], ordinals[kept.kept]
         start = 0
         for table, offset, rows in kept.parts:
@@ -385,7 +393,7 @@ class TransformedBatcher:
         cut = last_ordinal + 1 - self._offset
         span, self._consumed = self._consumed[:cut], self._consumed[cut:]
         self._offset = last_ordinal + 1
-        found = runs(np.sort(span))
+        found = runs(_ascending(span))
         assert found is not None
         return found
 
