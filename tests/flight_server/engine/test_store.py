@@ -226,3 +226,45 @@ def test_a_block_cleared_under_a_stream_is_read_again_and_its_gather_stops(
     deadline = time.monotonic() + 30  # the next block's read, begun by rows(): let it end
     while service.read_pool.busy and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def test_a_shuffled_block_is_laid_end_to_end_in_the_block_pool(
+    catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a block's columns are one buffer each once its shards are laid end to end (tens of
+    # MB on real data): they come from the block pool (jemalloc's, which keeps a freed
+    # extent for the next block), not from glibc, which maps and faults in each anew.
+    # A counting pool stands in for it here.
+    from lavender_flight.flight_server.engine import blocks
+
+    counting = pa.proxy_memory_pool(pa.system_memory_pool())
+    monkeypatch.setattr(blocks, "block_pool", lambda: counting)
+    service = LavenderService(catalog)
+    dataset = service.create_dataset("pool", "uid")
+    shardset = service.create_shardset(
+        dataset.id,
+        (tmp_path / "data").as_uri(),
+        [ColumnOptions(name="uid", type_="int"), ColumnOptions(name="text", type_="str")],
+    )
+    rows = 3000  # two shards: more than the first piece, so the block is laid end to end
+    for index in range(2):
+        uids = list(range(index * rows, (index + 1) * rows))
+        table = pa.table({"uid": uids, "text": [f"text of {u}" for u in uids]})
+        service.write_shard(dataset.id, shardset.id, index, table)
+    manager = IterationManager(catalog, service)
+    try:
+        spec = IterationSpec(dataset_id=dataset.id, batch_size=100, shuffle=True, shuffle_seed=5)
+        live = manager.open(IterationCommand(iteration_id="pooled", spec=spec))
+        pieces = live.blocks._cache[(0, 0)].pieces
+        assert len(pieces) > 1
+        held = [future.result(timeout=30) for future in pieces]
+        # the block's two columns were laid end to end there (6000 int64 uids and their
+        # texts; freed once every piece was gathered from them)
+        assert counting.max_memory() >= 2 * rows * 8 + 2 * rows * len("text of 0")
+        _, messages = live.stream(IterationTicket(iteration_id="pooled", window=False))
+        uids = [u for batch, _ in messages for u in batch.column("uid").to_pylist()]
+        assert sorted(uids) == list(range(2 * rows)) and uids != sorted(uids)
+        del held, pieces
+        live.blocks.clear()
+    finally:
+        manager.close()
