@@ -42,6 +42,7 @@ class SampleSet:
     __slots__ = ("_appended", "_array")
 
     def __init__(self, values: np.ndarray | Iterable[int] | None = None) -> None:
+        self._array: np.ndarray = _EMPTY
         self._appended: list[np.ndarray] = []
         if values is None:
             self._values = _EMPTY
