@@ -18,7 +18,6 @@ is not glibc nothing is changed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import threading
@@ -53,9 +52,8 @@ def keep_message_memory() -> bool:
 def _raise_thresholds() -> bool:
     if os.environ.get(ENV_KEEP, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols already loaded: no ``find_library`` subprocess
         mallopt = libc.mallopt
         # gnu_get_libc_version exists only in glibc: musl and others are left alone
         libc.gnu_get_libc_version  # noqa: B018
