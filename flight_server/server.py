@@ -352,10 +352,11 @@ class LavenderFlightServer(flight.FlightServerBase):
         )
 
     def _iteration_info(
-        self, live: LiveIteration, descriptor: flight.FlightDescriptor
+        self, live: LiveIteration, descriptor: flight.FlightDescriptor, created: bool
     ) -> flight.FlightInfo:
         nodes = self.iterations.live_locations()
-        world_size = live.world_size  # one look at the catalog for a resize
+        # one look at the catalog for a resize; none for an iteration this call created
+        world_size = live.views.world_now if created else live.world_size
         endpoints = [
             flight.FlightEndpoint(
                 wire.encode(IterationTicket(iteration_id=live.id, rank=rank)),
@@ -369,7 +370,7 @@ class LavenderFlightServer(flight.FlightServerBase):
             endpoints,
             live.setup.total,
             -1,
-            app_metadata=wire.encode(live.info(world_size)),
+            app_metadata=wire.encode(live.info(world_size, created)),
         )
 
     @translate_errors
@@ -408,7 +409,8 @@ class LavenderFlightServer(flight.FlightServerBase):
         """
         if descriptor.descriptor_type == flight.DescriptorType.CMD:
             command = wire.decode(IterationCommand, descriptor.command, "command")
-            return self._iteration_info(self.iterations.open(command), descriptor)
+            live, created = self.iterations.opened(command)
+            return self._iteration_info(live, descriptor, created)
         if descriptor.descriptor_type != flight.DescriptorType.PATH or not descriptor.path:
             raise InvalidRequest(
                 "get_flight_info takes a path descriptor [dataset name or id, shardset ids...]"

@@ -85,8 +85,6 @@ class LiveIteration:
         self.budget = budget or ReadAhead()
         self.views = EpochViews(setup)
         self._refreshed = False
-        self.created = False
-        """Made by this server's ``open`` just now and not asked about since (``created``)."""
         filters = self._filter if setup.pipeline.filters else None
         if setup.mixture is not None:
             self.blocks: BlockReader = MixtureBlocks(
@@ -147,19 +145,16 @@ class LiveIteration:
         return self.views
 
     def just_created(self) -> None:
-        """The iteration was created by this server a moment ago: nothing has changed it.
+        """The iteration was created a moment ago: its views are the catalog's already.
 
-        Its views are the catalog's (a new iteration has no changes) until its first
-        ``world_size`` (the FlightInfo of the call that created it) has been answered.
+        A new iteration has no changes (weights, deals) to load.
         """
         self._refreshed = True
-        self.created = True
 
     @property
     def world_size(self) -> int:
         """The ranks the iteration has now (another than the spec's after a resize)."""
-        if not self.created:
-            self.refresh()  # a resize may have been made through another server
+        self.refresh()  # a resize may have been made through another server
         return self.views.world_now
 
     @property
@@ -199,12 +194,8 @@ class LiveIteration:
             log.info("iteration %s: no output schema from the first rows", self.id)
         return self.schema
 
-    def info(self, world_size: int) -> IterationInfo:
-        """What a FlightInfo says of the iteration (with its ``world_size`` now).
-
-        ``created`` is said once: to the call that created it.
-        """
-        created, self.created = self.created, False
+    def info(self, world_size: int, created: bool = False) -> IterationInfo:
+        """What a FlightInfo says of the iteration (``created``: to the call that made it)."""
         return IterationInfo(
             iteration_id=self.id,
             spec=self.record.spec,

@@ -307,6 +307,10 @@ class IterationManager:
 
         With ``world_size`` (and an id), reopen it dealt to that many ranks (elastic resume).
         """
+        return self.opened(command)[0]
+
+    def opened(self, command: IterationCommand) -> tuple[LiveIteration, bool]:
+        """``open``, and whether this call created the iteration (nothing changed it since)."""
         if command.world_size is not None:
             if command.iteration_id is None or command.spec is not None:
                 raise InvalidArgument(
@@ -315,11 +319,11 @@ class IterationManager:
                 )
             live = self.get(command.iteration_id)
             live.resize(command.world_size, self.dead_nodes())
-            return live
+            return live, False
         if command.spec is None:
             if command.iteration_id is None:
                 raise InvalidArgument("give an iteration spec, an iteration_id, or both")
-            return self.get(command.iteration_id)
+            return self.get(command.iteration_id), False
         spec = command.spec
         iteration_id = command.iteration_id or new_id("it")
         if command.iteration_id is not None:
@@ -329,7 +333,7 @@ class IterationManager:
                 pass
             else:
                 self._check_same(stored, spec)
-                return self.get(iteration_id)
+                return self.get(iteration_id), False
         seed = spec.shuffle_seed if spec.shuffle_seed is not None else secrets.randbits(63)
         setup = IterationSetup.build(spec, self.service, self.plugins, seed=seed)  # typos fail here
         record = IterationRecord(
@@ -343,7 +347,7 @@ class IterationManager:
         stored, created = self.catalog.create_iteration(record)
         if not created:  # another rank created it meanwhile
             self._check_same(stored, spec)
-            return self.get(iteration_id)
+            return self.get(iteration_id), False
         log.info("iteration %s: %d samples per epoch over dataset %s", iteration_id,
                  setup.total, spec.dataset_id)  # fmt: skip
         log.debug("iteration %s: %s", iteration_id, spec.model_dump_json())
@@ -351,7 +355,7 @@ class IterationManager:
             live = self._live[iteration_id] = self._make(record, setup, carry_over=False)
         live.just_created()
         live.warm()
-        return live
+        return live, True
 
     def check(self, command: IterationCommand) -> CheckAnswer:
         """Check a command as ``open`` would, creating nothing."""

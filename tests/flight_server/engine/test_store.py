@@ -20,6 +20,7 @@ from lavender_flight.flight_server.engine import (
     LiveIteration,
     ProgressStore,
     World,
+    blocks,
 )
 from lavender_flight.flight_server.engine.blocks import Abandoned, _Block
 from lavender_flight.flight_server.engine.manager import WARM_SECONDS
@@ -235,8 +236,6 @@ def test_a_shuffled_block_is_laid_end_to_end_in_the_block_pool(
     # MB on real data): they come from the block pool (jemalloc's, which keeps a freed
     # extent for the next block), not from glibc, which maps and faults in each anew.
     # A counting pool stands in for it here.
-    from lavender_flight.flight_server.engine import blocks
-
     counting = pa.proxy_memory_pool(pa.system_memory_pool())
     monkeypatch.setattr(blocks, "block_pool", lambda: counting)
     service = LavenderService(catalog)
