@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ...protocol.errors import LavenderError, SchemaMismatch
-from ..memory import MemoryBudget, Reservation, table_bytes
+from ..memory import MMAP_THRESHOLD, MemoryBudget, Reservation, table_bytes
 from ..read_pool import CPU, ReadPool, wait_for
 from ..reading import DatasetReader
 from .plan import EpochPlan
@@ -138,21 +139,48 @@ class Kept:
 
 @functools.cache
 def block_pool() -> pa.MemoryPool:
-    """The pool a shuffled block's shards are laid end to end in (jemalloc's if there).
+    """The pool a shuffled block's large buffers come from (mimalloc's if there).
 
-    Else mimalloc's, else the default. Each column of a block is one buffer of tens of MB
-    (a 440k-row block of 100-byte strings: 44 MB). glibc maps every buffer over 32 MiB
-    apart and unmaps it when freed, so the kernel faulted each new block in page by page:
-    30-48 ms a block here. jemalloc keeps the freed extent for the next block (10-12 ms);
-    what it keeps goes back when the streams are idle (``BlockReader.clear``). Shuffled
-    text epochs: 5.19 -> 5.55 M rows/s (medians of 5 x 3).
+    Else jemalloc's, else the default; see ``pool_for`` for which buffers. mimalloc keeps
+    the pages of a freed buffer for the next one until the streams are idle
+    (``BlockReader.clear`` asks every thread that allocated to release them); glibc maps
+    every buffer over its mmap threshold (32 MiB here) apart and unmaps it when freed, and
+    jemalloc, as Arrow sets it up, gives a freed extent back at once too, so the kernel
+    faulted each new block in page by page. Laying 4 shards of 4 KiB values end to end
+    (a 164 MB column), 6 times, on an AMD EPYC VM whose page faults cost several us:
+    glibc 143-164 ms, jemalloc 137-181, mimalloc 29-37 after the first; gathering them
+    into one piece: 171-212, 163-176 and 42-46 ms.
     """
-    for make in (pa.jemalloc_memory_pool, pa.mimalloc_memory_pool):
+    for make in (pa.mimalloc_memory_pool, pa.jemalloc_memory_pool):
         try:
             return make()
         except (NotImplementedError, pa.ArrowException):
             continue
     return pa.default_memory_pool()
+
+
+LARGE_BUFFER_BYTES = MMAP_THRESHOLD
+"""A buffer over this size comes from ``block_pool()``, a smaller one from the default."""
+
+
+def pool_for(column_bytes: int) -> pa.MemoryPool:
+    """The pool for buffers of up to ``column_bytes`` (a column's size, say).
+
+    Smaller buffers stay on the default pool (glibc's heap, set up by ``tune_malloc``),
+    which reuses them without a fault and gives them back when idle: with every buffer of
+    a block on mimalloc, the server's RSS grew 24-45 MiB over 100 small iterations (test
+    ``test_a_hundred_iterations_leave_the_server_under_its_memory_budget``), against -3 to
+    +8 MiB this way.
+    """
+    return block_pool() if column_bytes > LARGE_BUFFER_BYTES else pa.default_memory_pool()
+
+
+def largest_column_bytes(table: pa.Table, rows: int | None = None) -> int:
+    """The bytes of a table's largest column (scaled to ``rows`` of its rows, if given)."""
+    largest = max((table_bytes(column) for column in table.columns), default=0)
+    if rows is None or not table.num_rows:
+        return largest
+    return largest * rows // table.num_rows
 
 
 def joined_masks(masks: list[np.ndarray | None], sizes: list[int]) -> np.ndarray | None:
@@ -169,24 +197,26 @@ def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
 
     Arrow's ``take`` of a chunked column concatenates its chunks on every call (a copy of
     the whole column, for however few rows). Here each chunk gives its own rows, and one
-    more ``take`` of those few puts them in the asked order.
+    more ``take`` of those few puts them in the asked order. Large columns land in
+    ``block_pool()`` (``pool_for``).
     """
+    pool = pool_for(largest_column_bytes(table, len(rows)))
     if not len(rows) or all(c.num_chunks <= 1 for c in table.columns):
-        return table.take(pa.array(rows))
+        return pc.take(table, pa.array(rows), memory_pool=pool)
     batches = table.to_batches()  # one per run of rows where no column's chunk ends
     starts = np.cumsum([0, *(b.num_rows for b in batches)])
     which = np.searchsorted(starts, rows, side="right") - 1
     order = np.argsort(which, kind="stable")
     cuts = np.searchsorted(which[order], np.arange(len(batches) + 1))
     parts = [
-        batch.take(pa.array(rows[order[a:b]] - starts[number]))
+        pc.take(batch, pa.array(rows[order[a:b]] - starts[number]), memory_pool=pool)
         for number, (batch, a, b) in enumerate(zip(batches, cuts[:-1], cuts[1:], strict=True))
         if b > a
     ]
-    grouped = pa.Table.from_batches(parts, schema=table.schema).combine_chunks()
+    grouped = pa.Table.from_batches(parts, schema=table.schema).combine_chunks(memory_pool=pool)
     back = np.empty(len(rows), dtype=np.int64)
     back[order] = np.arange(len(rows), dtype=np.int64)
-    return grouped.take(pa.array(back))
+    return pc.take(grouped, pa.array(back), memory_pool=pool)
 
 
 def _cut(table: pa.Table, rows: np.ndarray) -> pa.Table:
@@ -287,7 +317,7 @@ class BlockReader:
         skip: whether a shard that stays unreadable is skipped (its rows fail) or raises.
         pool: the server's read pool (shards on their store's lane, gathers on ``cpu``).
         memory: the server's memory budget (kept blocks and read-ahead are reserved in it).
-        capacity: blocks kept (the current one of each stream and the next).
+        capacity: blocks kept (the current one of each stream and up to two after it).
         iteration_id: for messages.
         filter: the iteration's filters (``kept`` answers what they leave), if any.
         read_ahead_bytes: what one stream may hold ahead of its loop (``hold_read_ahead``).
@@ -301,7 +331,7 @@ class BlockReader:
         skip: bool,
         pool: ReadPool,
         memory: MemoryBudget | None = None,
-        capacity: int = 3,
+        capacity: int = 4,
         iteration_id: str = "",
         filter: Filter | None = None,
         read_ahead_bytes: int = 0,
@@ -453,7 +483,7 @@ class BlockReader:
             for index, future in enumerate(state.pieces):
                 self._go_on(state)
                 if index == 1 and any(c.num_chunks > 1 for c in table.columns):
-                    table = table.combine_chunks(memory_pool=block_pool())
+                    table = table.combine_chunks(memory_pool=pool_for(largest_column_bytes(table)))
                 a, b = state.bounds[index], state.bounds[index + 1]
                 future.set_result(self._piece(table, unreadable, absent, perm, a, b))
         except BaseException as exc:
@@ -569,12 +599,33 @@ class BlockReader:
         if number < len(plan.blocks):
             self._block(plan, number)
 
+    def _read_ahead(self, plan: EpochPlan, state: _Block) -> None:
+        """Start the blocks after a stream's current one (two when the budget has room).
+
+        The one after the next is started while what is reserved leaves half the budget
+        free. A shuffled block's gather takes longer than streaming it (random reads of the
+        whole block), so with only the next block started the stream caught up with it and
+        waited for piece after piece (a quarter of a 1M-row text epoch, traced). Two ahead
+        keep both ``cpu`` lane slots gathering. Shuffled text epochs, one server each way
+        (large buffers on mimalloc in both): 2.43-3.00 M rows/s with one ahead, 3.00-3.42
+        with two (4 rounds); in a second run, medians of 3 rounds 2.72 and 2.97.
+        """
+        number = state.number
+        self.prefetch(plan, number + 1)
+        held = state.reservation
+        if (
+            number + 2 < len(plan.blocks)
+            and held is not None
+            and self.memory.reserved_bytes + held.nbytes <= self.memory.max_bytes // 2
+        ):
+            self.prefetch(plan, number + 2)
+
     def _pieces(self, plan: EpochPlan, seq: np.ndarray) -> list[tuple[_Piece, np.ndarray]]:
         """The pieces ascending global ``seq`` fall in, and their rows in each."""
         found: list[tuple[_Piece, np.ndarray]] = []
         for number, start, stop in plan.segments(seq):
-            self.prefetch(plan, number + 1)  # read side by side with this one
             state = self._block(plan, number)
+            self._read_ahead(plan, state)
             positions = seq[start:stop] - state.start
             first, last = state.piece_of(int(positions[0])), state.piece_of(int(positions[-1]))
             cuts = np.searchsorted(positions, state.bounds[first + 1 : last + 1])
@@ -636,3 +687,6 @@ class BlockReader:
             pa.default_memory_pool().release_unused()
             if block_pool() is not pa.default_memory_pool():
                 block_pool().release_unused()
+                # mimalloc gives back only the calling thread's pages: the read threads
+                # that gathered the blocks give back theirs when next idle
+                self.pool.release_memory(block_pool().release_unused)

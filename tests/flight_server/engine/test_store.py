@@ -24,6 +24,7 @@ from lavender_flight.flight_server.engine import (
 )
 from lavender_flight.flight_server.engine.blocks import Abandoned, _Block
 from lavender_flight.flight_server.engine.manager import WARM_SECONDS
+from lavender_flight.flight_server.memory import MemoryBudget
 from lavender_flight.flight_server.read_pool import CPU
 from lavender_flight.protocol import ColumnOptions
 from lavender_flight.protocol.errors import InvalidArgument
@@ -233,11 +234,13 @@ def test_a_shuffled_block_is_laid_end_to_end_in_the_block_pool(
     catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a block's columns are one buffer each once its shards are laid end to end (tens of
-    # MB on real data): they come from the block pool (jemalloc's, which keeps a freed
-    # extent for the next block), not from glibc, which maps and faults in each anew.
-    # A counting pool stands in for it here.
+    # MB on real data), and so are its gathered pieces of large values: those over glibc's
+    # mmap threshold come from the block pool (mimalloc's, which keeps freed pages for the
+    # next block), not from glibc, which maps and faults in each anew. A counting pool
+    # stands in for it here.
     counting = pa.proxy_memory_pool(pa.system_memory_pool())
     monkeypatch.setattr(blocks, "block_pool", lambda: counting)
+    monkeypatch.setattr(blocks, "LARGE_BUFFER_BYTES", 0)  # these columns count as large
     service = LavenderService(catalog)
     dataset = service.create_dataset("pool", "uid")
     shardset = service.create_shardset(
@@ -267,3 +270,79 @@ def test_a_shuffled_block_is_laid_end_to_end_in_the_block_pool(
         live.blocks.clear()
     finally:
         manager.close()
+
+
+def _shuffled_blocks(
+    catalog: Catalog, tmp_path: Path, budget: MemoryBudget | None, name: str
+) -> tuple[IterationManager, LiveIteration]:
+    """An iteration over 5 one-shard blocks of 400 rows, on a service with ``budget``."""
+    service = LavenderService(catalog, memory=budget) if budget else LavenderService(catalog)
+    dataset = service.create_dataset(name, "uid")
+    shardset = service.create_shardset(
+        dataset.id,
+        (tmp_path / name).as_uri(),
+        [ColumnOptions(name="uid", type_="int"), ColumnOptions(name="text", type_="str")],
+    )
+    for index in range(5):
+        uids = list(range(index * 400, (index + 1) * 400))
+        table = pa.table({"uid": uids, "text": [f"text of {u}" for u in uids]})
+        service.write_shard(dataset.id, shardset.id, index, table)
+    manager = IterationManager(catalog, service)
+    spec = IterationSpec(
+        dataset_id=dataset.id, batch_size=100, shuffle=True, shuffle_seed=3, shuffle_block_size=1
+    )
+    return manager, manager.open(IterationCommand(iteration_id=name, spec=spec))
+
+
+def test_a_stream_reads_two_blocks_ahead_when_the_budget_has_room(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    # a shuffled block takes longer to gather than to stream: a stream in block 0 has
+    # blocks 1 and 2 gathered beside it, and never more than the reader keeps
+    manager, live = _shuffled_blocks(catalog, tmp_path, None, "ahead")
+    try:
+        plan = live.views.plan(0)
+        for future in live.blocks._cache[(0, 0)].pieces:
+            future.result(timeout=30)  # held: the block has its reservation
+        live.blocks.rows(plan, np.arange(0, 100, dtype=np.int64))
+        assert sorted(live.blocks._cache) == [(0, 0), (0, 1), (0, 2)]
+        for future in live.blocks._cache[(0, 2)].pieces:
+            future.result(timeout=30)
+        live.blocks.rows(plan, np.arange(800, 900, dtype=np.int64))  # into block 2
+        kept = set(live.blocks._cache)
+        assert {(0, 2), (0, 3), (0, 4)} <= kept and len(kept) <= 4
+        _, messages = live.stream(IterationTicket(iteration_id="ahead", window=False))
+        uids = [u for batch, _ in messages for u in batch.column("uid").to_pylist()]
+        assert sorted(uids) == list(range(2000)) and uids != sorted(uids)
+        live.blocks.clear()
+    finally:
+        manager.close()
+
+
+def test_a_tight_budget_reads_only_the_next_block_ahead(catalog: Catalog, tmp_path: Path) -> None:
+    # the block after the next is started only while what is reserved leaves half the
+    # budget free: here one block's reservation already takes more than that
+    manager, live = _shuffled_blocks(catalog, tmp_path, MemoryBudget(18_000), "tight")
+    try:
+        plan = live.views.plan(0)
+        for future in live.blocks._cache[(0, 0)].pieces:
+            future.result(timeout=30)
+        reservation = live.blocks._cache[(0, 0)].reservation
+        assert reservation is not None and reservation.nbytes > 9_000
+        live.blocks.rows(plan, np.arange(0, 100, dtype=np.int64))
+        assert sorted(live.blocks._cache) == [(0, 0), (0, 1)]
+        live.blocks.clear()
+    finally:
+        manager.close()
+
+
+def test_only_buffers_over_the_mmap_threshold_come_from_the_block_pool() -> None:
+    # smaller ones stay on glibc's heap, which reuses them and gives them back when idle
+    small = blocks.pool_for(blocks.LARGE_BUFFER_BYTES)
+    assert small is not blocks.block_pool()
+    assert small.backend_name == pa.default_memory_pool().backend_name
+    assert blocks.pool_for(blocks.LARGE_BUFFER_BYTES + 1) is blocks.block_pool()
+    table = pa.table({"uid": np.arange(1000), "text": ["x" * 100] * 1000})
+    assert blocks.largest_column_bytes(table) == table.column("text").nbytes
+    assert blocks.largest_column_bytes(table, 250) == table.column("text").nbytes // 4
+    assert blocks.largest_column_bytes(table.slice(0, 0), 10) == 0
