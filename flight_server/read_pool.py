@@ -108,8 +108,6 @@ class ReadPool:
         self._closed = False
         self._names = itertools.count()
         self._local = threading.local()
-        self._release: Callable[[], None] | None = None
-        self._releases = 0  # release_memory calls: each thread runs the release once per call
 
     # -- lanes ---------------------------------------------------------------------------
 
@@ -129,31 +127,6 @@ class ReadPool:
             return {
                 k: v.running + len(v.queue) for k, v in self._lanes.items() if v.running or v.queue
             }
-
-    def release_memory(self, release: Callable[[], None]) -> None:
-        """Have every thread of the pool run ``release`` once, when it is next idle.
-
-        For an allocator that keeps freed memory per thread: mimalloc's ``release_unused``
-        gives back only the calling thread's pages, and a block's buffers are allocated on
-        the threads that gathered it. Sleeping threads are woken for it.
-        """
-        with self._cond:
-            self._release = release
-            self._releases += 1
-            for wake in self._sleepers:
-                wake.set()
-            self._sleepers.clear()
-
-    def _released(self) -> None:
-        """Run the asked release on this thread if it has not run since it was asked."""
-        asked = self._releases
-        if getattr(self._local, "released", 0) == asked or self._release is None:
-            return
-        self._local.released = asked
-        try:
-            self._release()
-        except Exception:  # a release is a courtesy to the system: never a task's failure
-            log.exception("releasing a read thread's memory failed")
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -218,7 +191,6 @@ class ReadPool:
                     wake = threading.Event()
                     self._sleepers.append(wake)
             if task is None:
-                self._released()
                 woken = wake.wait(self.idle_seconds)
                 with self._cond:
                     if not woken and wake in self._sleepers:  # idle for long: end

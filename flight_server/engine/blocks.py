@@ -143,7 +143,8 @@ def block_pool() -> pa.MemoryPool:
 
     Else jemalloc's, else the default; see ``pool_for`` for which buffers. mimalloc keeps
     the pages of a freed buffer for the next one until the streams are idle
-    (``BlockReader.clear`` asks every thread that allocated to release them); glibc maps
+    (``BlockReader.clear`` releases them: from any thread, measured, whichever thread
+    allocated them); glibc maps
     every buffer over its mmap threshold (32 MiB here) apart and unmaps it when freed, and
     jemalloc, as Arrow sets it up, gives a freed extent back at once too, so the kernel
     faulted each new block in page by page. Laying 4 shards of 4 KiB values end to end
@@ -687,6 +688,3 @@ class BlockReader:
             pa.default_memory_pool().release_unused()
             if block_pool() is not pa.default_memory_pool():
                 block_pool().release_unused()
-                # mimalloc gives back only the calling thread's pages: the read threads
-                # that gathered the blocks give back theirs when next idle
-                self.pool.release_memory(block_pool().release_unused)

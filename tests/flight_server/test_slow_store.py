@@ -19,7 +19,7 @@ from lavender_flight.catalog import Catalog
 from lavender_flight.client import Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
-from lavender_flight.flight_server.read_pool import CPU, ReadPool
+from lavender_flight.flight_server.read_pool import ReadPool
 from lavender_flight.flight_server.settings import ServerSettings
 from lavender_flight.protocol.errors import StorageError
 from tests.conftest import CALL_TIMEOUT
@@ -147,37 +147,3 @@ def test_a_frozen_store_stalls_only_its_own_reads(
             message,
         ), message
         assert READ_TIMEOUT - 0.5 <= ended[index] <= READ_TIMEOUT + STOP_TIMEOUT, ended
-
-
-def test_release_memory_runs_once_on_every_thread_when_it_is_idle() -> None:
-    # mimalloc gives back only the calling thread's pages: each read thread releases its
-    # own, once per call, when it has nothing to do (sleeping ones are woken for it)
-    pool = ReadPool(threads=2)
-    started = threading.Barrier(3)
-    tasks = [pool.submit(CPU, started.wait) for _ in range(2)]  # two threads, side by side
-    started.wait(timeout=10)
-    for task in tasks:
-        task.result(timeout=10)
-    seen: list[int] = []
-    lock = threading.Lock()
-
-    def release() -> None:
-        with lock:
-            seen.append(threading.get_ident())
-
-    pool.release_memory(release)
-    deadline = time.monotonic() + 10
-    while len(seen) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)  # and no more than once each
-    assert len(seen) == 2 and len(set(seen)) == 2
-    assert threading.get_ident() not in seen
-    pool.submit(CPU, lambda: None).result(timeout=10)
-    time.sleep(0.1)
-    assert len(seen) == 2  # a task done is no new release
-    pool.release_memory(release)
-    deadline = time.monotonic() + 10
-    while len(seen) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(seen) == 4
-    pool.shutdown()
