@@ -49,6 +49,8 @@ MESSAGE_ROWS = 1 << 16
 MAX_CHUNKS = 512
 CLAIM_MESSAGES = 8
 """A claim asks for up to this many messages' chunks (within the read-ahead budget)."""
+MAX_CLAIM_SCALE = 8.0
+"""A filtered stream claims at most this many times the chunks of an unfiltered one."""
 
 Ranges = list[tuple[int, int]]
 
@@ -122,13 +124,6 @@ def _one_batch(table: pa.Table, schema: pa.Schema) -> pa.RecordBatch:
     return batches[0] if batches else schema.empty_table().to_batches()[0]
 
 
-def _ascending(values: np.ndarray) -> np.ndarray:
-    """``values`` sorted: as they are when they already ascend (checked in O(n))."""
-    if len(values) > 1 and not bool((values[1:] >= values[:-1]).all()):
-        return np.sort(values)
-    return values
-
-
 def _message_chunks(message: pa.RecordBatch, batch_size: int) -> int:
     """How many chunks the next message should hold, from the size of this one's rows."""
     if not message.num_rows:
@@ -151,6 +146,17 @@ def last_owned(plan: EpochPlan, world: World) -> int | None:
     if chunk < 0:
         return None
     return min(size, (chunk + 1) * plan.batch_size) - 1
+
+
+def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ranges with those that touch joined (a claim's chunks in order: one range)."""
+    found: list[tuple[int, int]] = []
+    for start, stop in ranges:
+        if found and found[-1][1] == start:
+            found[-1] = (found[-1][0], stop)
+        else:
+            found.append((start, stop))
+    return found
 
 
 def _holds(units: list[Unit], sample: int | None) -> bool:
@@ -256,9 +262,14 @@ def _with_final_batch(message: Message) -> Iterator[Message]:
     rows = message.batches[-1][0]
     head = message.batch.num_rows - rows
     first_seq = message.seq[:head] if len(message.seq) == message.batch.num_rows else message.seq
+    # what was dropped inside the last batch's span is counted when that batch is completed
+    last = message.batches[-1][1]
+    filtered, failed = message.filtered.pop_within(last), message.failed.pop_within(last)
     yield Message(message.batch.slice(0, head), message.batches[:-1], first_seq,
                   message.filtered, message.failed)  # fmt: skip
-    yield Message(message.batch.slice(head), message.batches[-1:], message.seq[head:], final=True)
+    yield Message(
+        message.batch.slice(head), message.batches[-1:], message.seq[head:], filtered, failed, True
+    )
 
 
 def _without(batches: list[tuple[int, Ranges]], kept: np.ndarray) -> list[tuple[int, Ranges]]:
@@ -354,6 +365,8 @@ class TransformedBatcher:
         self._consumed = np.zeros(0, dtype=np.int64)
         self._offset = 0
         self._next = 0
+        self._kept = 0
+        """Samples kept of the ``_next`` consumed (what the claims are scaled by)."""
         self._carried: list[_Carried] = []
         self._filtered = SampleSet()
         self._failed = SampleSet()
@@ -362,15 +375,22 @@ class TransformedBatcher:
     # -- taking work in ------------------------------------------------------------------
 
     def _take_in(self, units: list[Unit]) -> None:
-        local = as_array([r for unit in units for r in unit])
-        ordinals = np.arange(self._next, self._next + len(local), dtype=np.int64)
+        local = as_array(_joined([r for unit in units for r in unit]))
+        first = self._next
         self._next += len(local)
         self._consumed = np.concatenate([self._consumed, local])
         kept = self.blocks.kept(self.plan, self.plan.to_global(self.partition, local))
-        # (a sample set sorts what it is given only when it is out of order)
-        self._failed.add(local[kept.failed])
-        self._filtered.add(local[~kept.kept & ~kept.failed])
-        local, ordinals = local[kept.kept], ordinals[kept.kept]
+        # (positions, not boolean masks, pick the values: numpy's masked copy takes 4 times
+        # as long on a mask that keeps every other sample; a sample set sorts what it is
+        # given only when it is out of order)
+        if kept.failed.any():
+            self._failed.add(local[np.flatnonzero(kept.failed)])
+            self._filtered.add(local[np.flatnonzero(~kept.kept & ~kept.failed)])
+        else:
+            self._filtered.add(local[np.flatnonzero(~kept.kept)])
+        chosen = np.flatnonzero(kept.kept)
+        self._kept += len(chosen)
+        local, ordinals = local[chosen], chosen + first
         start = 0
         for table, offset, rows in kept.parts:
             part_local, part_ord = local[start : start + rows], ordinals[start : start + rows]
@@ -388,14 +408,39 @@ class TransformedBatcher:
 
     # -- batches out ---------------------------------------------------------------------
 
-    def _span(self, last_ordinal: int) -> Ranges:
-        """Every consumed sample up to ``last_ordinal`` that no batch spans yet."""
-        cut = last_ordinal + 1 - self._offset
-        span, self._consumed = self._consumed[:cut], self._consumed[cut:]
-        self._offset = last_ordinal + 1
-        found = runs(_ascending(span))
-        assert found is not None
-        return found
+    def _spans(self, lasts: list[int]) -> list[Ranges]:
+        """The spans of consecutive batches that end at ordinals ``lasts`` (ascending).
+
+        Each batch spans every consumed sample up to its last ordinal that no batch spans
+        yet, as ``[start, stop)`` runs. One pass over a message's batches: a batch at a
+        time, finding its runs was a tenth of a filtered stream's thread.
+        """
+        if not lasts:
+            return []
+        ends = np.asarray(lasts, dtype=np.int64) + 1 - self._offset
+        total = int(ends[-1])
+        span, self._consumed = self._consumed[:total], self._consumed[total:]
+        self._offset = int(lasts[-1]) + 1
+        starts = np.concatenate(([0], ends[:-1]))
+        if len(span) > 1 and not bool((span[1:] > span[:-1]).all()):
+            # out of order somewhere (work claimed back): each batch's samples sorted apart
+            found: list[Ranges] = []
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                ranges = runs(np.sort(span[a:b]))
+                assert ranges is not None
+                found.append(ranges)
+            return found
+        # ascending: a run ends where the next number is not one more, or a batch ends
+        cuts = np.union1d(np.flatnonzero(np.diff(span) != 1) + 1, starts[1:])
+        first = np.concatenate(([0], cuts))
+        last = np.concatenate((cuts, [total])) - 1
+        owners = np.searchsorted(ends, first, side="right")
+        spans: list[Ranges] = [[] for _ in lasts]
+        for owner, a, b in zip(
+            owners.tolist(), span[first].tolist(), (span[last] + 1).tolist(), strict=True
+        ):
+            spans[owner].append((a, b))
+        return spans
 
     def _dropped_in(self, span: Ranges) -> tuple[SampleSet, SampleSet]:
         """The dropped samples inside a span, taken out of the waiting lists."""
@@ -423,7 +468,12 @@ class TransformedBatcher:
             want -= n
             left -= n
             if want == 0 or left == 0:
-                found.append(_Batch(segments, np.concatenate(locals_), np.concatenate(ordinals)))
+                if len(locals_) == 1:
+                    found.append(_Batch(segments, locals_[0], ordinals[0]))
+                else:
+                    found.append(
+                        _Batch(segments, np.concatenate(locals_), np.concatenate(ordinals))
+                    )
                 segments, locals_, ordinals, want = [], [], [], size
         return found
 
@@ -442,25 +492,29 @@ class TransformedBatcher:
         inputs = [_one_batch(batch.table(), self.schema) for batch in cut]
         messages: list[Message] = []
         pieces: list[pa.RecordBatch] = []
-        batches: list[tuple[int, Ranges]] = []
+        rows: list[int] = []
+        lasts: list[int] = []
         delivered: list[np.ndarray] = []
-        filtered, failed = SampleSet(), SampleSet()
         size = 0
 
         def flush() -> None:
-            nonlocal filtered, failed, size
+            nonlocal size
             if not pieces:
                 return
-            seq = self.plan.to_global(self.partition, np.sort(np.concatenate(delivered)))
+            spans = self._spans(lasts)
+            filtered, failed = self._dropped_in([r for span in spans for r in span])
+            seq = self.plan.to_global(self.partition, np.concatenate(delivered))
             if len(pieces) == 1:
                 message = pieces[0]
             else:
                 message = _one_batch(pa.Table.from_batches(pieces), pieces[0].schema)
-            messages.append(Message(message, list(batches), seq, filtered, failed))
+            batches = list(zip(rows, spans, strict=True))
+            messages.append(Message(message, batches, seq, filtered, failed))
             pieces.clear()
-            batches.clear()
+            rows.clear()
+            lasts.clear()
             delivered.clear()
-            filtered, failed, size = SampleSet(), SampleSet(), 0
+            size = 0
 
         for batch, outcome in zip(cut, self.process(inputs), strict=True):
             lost = np.zeros(len(batch.local), dtype=bool)
@@ -471,15 +525,12 @@ class TransformedBatcher:
             result = outcome.result
             if pieces and (size + result.nbytes > MESSAGE_BYTES or len(pieces) >= MAX_CHUNKS):
                 flush()  # a message of about MESSAGE_BYTES: one copy of a few MB, not of all
-            span = self._span(int(batch.ordinals[-1]))
-            inside = self._dropped_in(span)
-            filtered.add(inside[0])
-            failed.add(inside[1])
             if pieces and not result.schema.equals(pieces[0].schema):
                 result = result.cast(pieces[0].schema)
             pieces.append(result)
             size += result.nbytes
-            batches.append((result.num_rows, span))
+            rows.append(result.num_rows)
+            lasts.append(int(batch.ordinals[-1]))
             delivered.append(batch.local[~lost])
         flush()
         return messages
@@ -519,9 +570,9 @@ class TransformedBatcher:
         (outcome,) = self.process([rows_in])
         lost = np.zeros(rows_in.num_rows, dtype=bool)
         lost[outcome.failed] = True
-        batches: list[tuple[int, Ranges]] = []
+        rows: list[int] = []
+        lasts: list[int] = []
         delivered: list[np.ndarray] = []
-        filtered, failed = SampleSet(), SampleSet()
         start = 0
         for batch in group:
             mine = lost[start : start + len(batch.local)]
@@ -529,18 +580,18 @@ class TransformedBatcher:
             self._failed.add(np.sort(batch.local[mine]))
             if mine.all():
                 continue  # the next batch's span takes these in
-            span = self._span(int(batch.ordinals[-1]))
-            inside = self._dropped_in(span)
-            filtered.add(inside[0])
-            failed.add(inside[1])
-            batches.append((int(len(mine) - mine.sum()), span))
+            rows.append(int(len(mine) - mine.sum()))
+            lasts.append(int(batch.ordinals[-1]))
             delivered.append(batch.local[~mine])
+        spans = self._spans(lasts)
+        filtered, failed = self._dropped_in([r for span in spans for r in span])
+        batches = list(zip(rows, spans, strict=True))
         result = outcome.result
         if not batches or result is None:
             return None
         assert result.num_rows == sum(rows for rows, _ in batches)
         self._row_bytes = max(1, result.nbytes // max(1, result.num_rows))
-        seq = self.plan.to_global(self.partition, np.sort(np.concatenate(delivered)))
+        seq = self.plan.to_global(self.partition, np.concatenate(delivered))
         return Message(result, batches, seq, filtered, failed)
 
     def _sliced(self, cut: list[_Batch]) -> list[Message]:
@@ -560,17 +611,10 @@ class TransformedBatcher:
                 rows = table.slice(offset, sum(len(b.local) for b in group))
             else:
                 rows = group[0].table()
-            batches: list[tuple[int, Ranges]] = []
-            filtered, failed = SampleSet(), SampleSet()
-            for batch in group:
-                span = self._span(int(batch.ordinals[-1]))
-                inside = self._dropped_in(span)
-                filtered.add(inside[0])
-                failed.add(inside[1])
-                batches.append((len(batch.local), span))
-            seq = self.plan.to_global(
-                self.partition, np.sort(np.concatenate([b.local for b in group]))
-            )
+            spans = self._spans([int(b.ordinals[-1]) for b in group])
+            filtered, failed = self._dropped_in([r for span in spans for r in span])
+            batches = [(len(b.local), span) for b, span in zip(group, spans, strict=True)]
+            seq = self.plan.to_global(self.partition, np.concatenate([b.local for b in group]))
             batch = _one_batch(rows, self.schema)
             messages.append(Message(batch, batches, seq, filtered, failed))
             group.clear()
@@ -601,6 +645,17 @@ class TransformedBatcher:
         self._consumed = np.zeros(0, dtype=np.int64)
         self._offset = self._next
 
+    def _claim_cap(self) -> int:
+        """The chunks a claim may ask for: ``max_chunks`` of kept rows, at most 8 times as many.
+
+        A claim's samples should fill about as many batches whatever the filters drop: a
+        filter that keeps half claims twice the chunks (half the catalog transactions and
+        per-claim work of fixed size). The read-ahead window caps a claim still.
+        """
+        if not self._kept:
+            return self.max_chunks
+        return max(1, int(self.max_chunks * min(MAX_CLAIM_SCALE, self._next / self._kept)))
+
     def __iter__(self) -> Iterator[Message]:
         hold = self.blocks.hold_read_ahead()
         try:
@@ -614,7 +669,7 @@ class TransformedBatcher:
         span = self.first_chunks  # small first claims: the first batch comes soon
         while True:
             units = self.work.claim(max(1, span))  # capped by the room once there is room
-            span = min(span * 2, self.max_chunks)
+            span = min(span * 2, self._claim_cap())
             if units:
                 self._final = self._final or _holds(units, last)
                 self._take_in(units)

@@ -255,8 +255,17 @@ class _Piece:
     def kept(self, local: np.ndarray) -> Kept:
         assert self.keep is not None and self.failed is not None and self.rank is not None
         assert self.kept_table is not None
+        if len(local) and int(local[-1]) - int(local[0]) == len(local) - 1:
+            # a run of rows (ascending): slices, and its kept rows are one slice too
+            a, b = int(local[0]), int(local[-1]) + 1
+            first = int(self.rank[a - 1]) + 1 if a else 0
+            count = int(self.rank[b - 1]) + 1 - first
+            parts = ((self.kept_table, first, count),) if count else ()
+            return Kept(
+                self.kept_table.slice(first, count), self.keep[a:b], self.failed[a:b], parts
+            )
         keep = self.keep[local]
-        rows = self.rank[local[keep]]
+        rows = self.rank[local[np.flatnonzero(keep)]]
         table = _cut(self.kept_table, rows)
         if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
             return Kept(
@@ -559,8 +568,11 @@ class BlockReader:
                 k, f = self.filter(part[0])
                 kept[offset : offset + len(k)] = k
                 lost[offset : offset + len(f)] = f
-            keep[chosen] = kept
-            failed[chosen] |= lost
+            if len(chosen) == size:  # every row was a candidate: no scatter
+                keep, failed = kept, failed | lost
+            else:
+                keep[chosen] = kept
+                failed[chosen] |= lost
         piece.keep, piece.failed = keep, failed
         piece.rank = np.cumsum(keep, dtype=np.int64) - 1
         piece.kept_table = piece.table.filter(pa.array(keep))

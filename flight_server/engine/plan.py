@@ -177,8 +177,14 @@ class EpochPlan:
         return self.permutation(number)[np.asarray(seq, dtype=np.int64) - self.blocks[number].start]
 
     def positions(self, seq: np.ndarray) -> np.ndarray:
-        """Dataset positions of ascending global sequence numbers."""
+        """Dataset positions of global sequence numbers (in their order, ascending or not)."""
         seq = np.asarray(seq, dtype=np.int64)
+        if len(seq) > 1 and not bool((seq[1:] > seq[:-1]).all()):
+            # rows of work claimed back out of order: found in order, given back in theirs
+            order = np.argsort(seq, kind="stable")
+            found = np.empty(len(seq), dtype=np.int64)
+            found[order] = self.positions(seq[order])
+            return found
         out = np.empty(len(seq), dtype=np.int64)
         for number, start, stop in self.segments(seq):
             mask = slice(start, stop)

@@ -1,12 +1,15 @@
 """Processed batches through a real server: row-wise processing a message at a time, and
-messages of about ``MESSAGE_BYTES``."""
+messages of about ``MESSAGE_BYTES``; a filtered stream's batcher on its own: what its claims
+ask for, and that its batches span every sample once whatever order the work comes in."""
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -15,7 +18,14 @@ from lavender_flight.catalog import Catalog
 from lavender_flight.client import Iteration, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
-from lavender_flight.flight_server.engine.batching import MESSAGE_BYTES
+from lavender_flight.flight_server.engine import EpochPlan, World
+from lavender_flight.flight_server.engine.batching import (
+    MAX_CLAIM_SCALE,
+    MESSAGE_BYTES,
+    Message,
+    TransformedBatcher,
+)
+from lavender_flight.flight_server.engine.blocks import Kept
 from lavender_flight.protocol import Dataset
 from lavender_flight.transforms import Plugins
 from tests.conftest import call_options
@@ -133,3 +143,112 @@ def test_processed_messages_stay_near_the_message_size(url: str, dataset: Datase
     assert uids == list(range(TOTAL))
     assert all(count == 1 or size <= MESSAGE_BYTES for count, size in sizes), sizes
     assert max(count for count, _ in sizes) > 1, sizes  # batches do share messages
+
+
+class _Hold:
+    def release(self) -> None:
+        pass
+
+
+class _Filtered:
+    """A batcher's source: rows of ``uid`` = sequence number, kept where ``keep`` says."""
+
+    def __init__(self, keep: np.ndarray) -> None:
+        self.keep = keep
+        self.table = pa.table({"uid": np.arange(len(keep), dtype=np.int64)})
+
+    def kept(self, plan: EpochPlan, seq: np.ndarray) -> Kept:
+        assert bool((np.diff(seq) > 0).all()), "a batcher asks for ascending samples"
+        keep = self.keep[seq]
+        rows = self.table.take(pa.array(seq[keep]))
+        return Kept(rows, keep, np.zeros(len(seq), dtype=bool))
+
+    def hold_read_ahead(self) -> _Hold:
+        return _Hold()
+
+
+class _Chunks:
+    """A stream's work: the epoch's chunks in a given order, each claim's chunks ascending."""
+
+    def __init__(self, order: list[int], batch_size: int, total: int) -> None:
+        self.order, self.batch_size, self.total = list(order), batch_size, total
+        self.asked: list[int] = []
+        self.released: list[tuple[list[tuple[int, int]], int, int]] = []
+
+    def claim(self, max_chunks: int) -> list[list[tuple[int, int]]]:
+        self.asked.append(max_chunks)
+        taken, self.order = sorted(self.order[:max_chunks]), self.order[max_chunks:]
+        size = self.batch_size
+        return [[(c * size, min((c + 1) * size, self.total))] for c in taken]
+
+    def room(self) -> int:
+        return 1 << 40
+
+    def release(self, ranges: list[tuple[int, int]], filtered: int, failed: int) -> None:
+        self.released.append((ranges, filtered, failed))
+
+
+def _stream(
+    keep: np.ndarray, batch_size: int, order: list[int] | None = None, max_chunks: int = 8
+) -> tuple[list[Message], _Chunks]:
+    plan = EpochPlan([len(keep)], batch_size)
+    chunks = -(-len(keep) // batch_size)
+    work = _Chunks(list(range(chunks)) if order is None else order, batch_size, len(keep))
+    source = _Filtered(keep)
+    batcher = TransformedBatcher(
+        plan, source, World(), work, None, source.table.schema, max_chunks=max_chunks
+    )
+    return list(batcher), work
+
+
+def _check_exactly_once(messages: list[Message], work: _Chunks, keep: np.ndarray) -> None:
+    """Every sample spanned once; the rows are the kept samples; the dropped ones counted."""
+    spanned = [
+        x for m in messages for _, ranges in m.batches for a, b in ranges for x in range(a, b)
+    ]
+    spanned += [x for ranges, _, _ in work.released for a, b in ranges for x in range(a, b)]
+    assert sorted(spanned) == list(range(len(keep)))
+    for message in messages:
+        uids = message.batch.column("uid").to_numpy()
+        assert uids.tolist() == message.seq.tolist()
+        assert sum(rows for rows, _ in message.batches) == len(uids)
+        inside = {x for _, ranges in message.batches for a, b in ranges for x in range(a, b)}
+        assert set(uids.tolist()) <= inside
+        assert set(message.filtered.values.tolist()) == inside - set(uids.tolist())
+    delivered = sorted(u for m in messages for u in m.batch.column("uid").to_pylist())
+    assert delivered == np.flatnonzero(keep).tolist()
+    filtered = sum(len(m.filtered) for m in messages) + sum(f for _, f, _ in work.released)
+    assert filtered == len(keep) - int(keep.sum())
+
+
+def test_a_filtered_stream_claims_more_chunks_the_more_its_filter_drops() -> None:
+    """Claims ask for ``max_chunks`` of kept rows: 4 times as many chunks when a quarter
+    stays, never more than ``MAX_CLAIM_SCALE`` times as many (a filter keeping 1 in 100)."""
+    uids = np.arange(16 * 900)
+    for keep, most in ((uids % 4 == 0, 32), (np.ones(len(uids), bool), 8)):
+        messages, work = _stream(keep, 16)
+        assert work.asked[:4] == [1, 2, 4, 8]
+        assert max(work.asked) == most
+        _check_exactly_once(messages, work, keep)
+    messages, work = _stream(uids % 100 == 0, 16)
+    assert max(work.asked) == 8 * MAX_CLAIM_SCALE
+    _check_exactly_once(messages, work, uids % 100 == 0)
+
+
+def test_filtered_batches_span_every_sample_once_when_the_work_comes_out_of_order() -> None:
+    """Chunks claimed out of order (a stream taking over another's, a resume): the spans of a
+    message's batches are found a batch at a time; what was dropped inside a span is counted
+    with the message of its batch (also when the last batch travels apart, marked final)."""
+    rng = random.Random(5)
+    uids = np.arange(7 * 500 + 3)
+    mixed = 0
+    for keep in (uids % 3 == 1, np.isin(uids % 50, [0, 1, 2, 3, 10, 11]), uids < 100):
+        order = list(range(-(-len(uids) // 7)))
+        rng.shuffle(order)
+        messages, work = _stream(keep, 7, order)
+        _check_exactly_once(messages, work, keep)
+        for message in messages:  # a batch that starts below where the one before ended
+            ends = [ranges[-1][1] for _, ranges in message.batches]
+            starts = [ranges[0][0] for _, ranges in message.batches]
+            mixed += any(a < b for a, b in zip(starts[1:], ends, strict=False))
+    assert mixed, "the work should come out of order within some message"

@@ -108,6 +108,14 @@ def test_shuffle_is_seeded_and_block_local() -> None:
         assert {shard_of[p] for p in plan.positions(seq).tolist()} <= set(block.shard_slots)
 
 
+def test_positions_follow_the_order_of_the_sequence_numbers_given() -> None:
+    """A message's rows out of order (work claimed back) get their own positions each."""
+    plan = EpochPlan(SHARDS, 8, 1, True, seed=1, block_size=2)
+    seq = np.arange(plan.total)
+    mixed = np.random.default_rng(3).permutation(seq)
+    assert plan.positions(mixed).tolist() == plan.positions(seq)[mixed].tolist()
+
+
 def test_plan_refuses_bad_sizes() -> None:
     with pytest.raises(InvalidArgument, match="batch_size"):
         EpochPlan(SHARDS, 0)
