@@ -570,7 +570,7 @@ class TransformedBatcher:
         (outcome,) = self.process([rows_in])
         lost = np.zeros(rows_in.num_rows, dtype=bool)
         lost[outcome.failed] = True
-        rows: list[int] = []
+        counts: list[int] = []
         lasts: list[int] = []
         delivered: list[np.ndarray] = []
         start = 0
@@ -580,12 +580,12 @@ class TransformedBatcher:
             self._failed.add(np.sort(batch.local[mine]))
             if mine.all():
                 continue  # the next batch's span takes these in
-            rows.append(int(len(mine) - mine.sum()))
+            counts.append(int(len(mine) - mine.sum()))
             lasts.append(int(batch.ordinals[-1]))
             delivered.append(batch.local[~mine])
         spans = self._spans(lasts)
         filtered, failed = self._dropped_in([r for span in spans for r in span])
-        batches = list(zip(rows, spans, strict=True))
+        batches = list(zip(counts, spans, strict=True))
         result = outcome.result
         if not batches or result is None:
             return None
