@@ -21,6 +21,8 @@ from ._dialect import Dialect, Lock
 
 MAX_IDLE_CONNECTIONS = 8
 """Connections kept open for reuse; more are opened when more threads need one at once."""
+MAX_STATEMENTS = 64
+"""Prepared statements kept per connection (a cursor per SQL text; past it, all closed)."""
 
 __all__ = ["DEFAULT_RECONNECT_SECONDS", "Database", "Transaction"]
 
@@ -37,6 +39,55 @@ def _reason(exc: BaseException) -> str:
     for prefix in ("IO: ", "[libpq] ", "Failed to connect: ", "Failed to prepare query: "):
         text = text.removeprefix(prefix)
     return " ".join(text.split()).rstrip(".") or type(exc).__name__
+
+
+class _Connection:
+    """A connection of the pool, and its cursors by SQL text (see ``statement``)."""
+
+    __slots__ = ("_cursors", "raw")
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self._cursors: dict[str, Any] = {}
+
+    def statement(self, sql: str) -> Any:
+        """The cursor for ``sql``: prepared once, run again with new parameters.
+
+        A cursor per SQL text: an ADBC cursor keeps the parameters last bound, and one SQL
+        text is always run with as many. Preparing a statement anew for every run was a
+        third of its cost (SQLite: a state row read 201 us, 132 reused; an update 244 us,
+        135). A connection serves one thread at a time, so its cursors do too.
+        """
+        cur = self._cursors.get(sql)
+        if cur is None:
+            if len(self._cursors) >= MAX_STATEMENTS:
+                self.close_statements()
+            cur = self._cursors[sql] = self.raw.cursor()
+        return cur
+
+    def forget(self, sql: str) -> None:
+        """Close the cursor of ``sql`` (a statement that failed: a fresh one next time)."""
+        cur = self._cursors.pop(sql, None)
+        if cur is not None:
+            _close(cur)
+
+    def close_statements(self) -> None:
+        """Close every cursor kept (ADBC refuses to close a connection with open ones)."""
+        cursors, self._cursors = self._cursors, {}
+        for cur in cursors.values():
+            _close(cur)
+
+    def close(self) -> None:
+        """Close the cursors, then the connection."""
+        self.close_statements()
+        self.raw.close()
+
+
+def _close(cur: Any) -> None:
+    try:
+        cur.close()
+    except Exception:  # its connection is gone: nothing to release
+        pass
 
 
 class Transaction:
@@ -82,19 +133,24 @@ class Database:
     # -- connections ---------------------------------------------------------------------
 
     @staticmethod
-    def _execute(conn: Any, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
-        # A fresh cursor per statement: an ADBC cursor keeps the last bound parameters.
+    def _execute(
+        conn: _Connection, sql: str, params: Sequence[Any] | None = None
+    ) -> list[tuple[Any, ...]]:
         # Rows are read as one Arrow table, column by column: the DB-API's row iterator
         # spends Python on every value (a 40-row shard listing: 500 us against 95 us).
-        with conn.cursor() as cur:
+        cur = conn.statement(sql)
+        try:
             cur.execute(sql, params)
             try:
                 table = cur.fetch_arrow_table()
             except adbc_driver_manager.Error:  # a statement without rows
                 return []
-            return list(zip(*(column.to_pylist() for column in table.columns), strict=True))
+        except BaseException:
+            conn.forget(sql)  # whatever state it is left in: a fresh one next time
+            raise
+        return list(zip(*(column.to_pylist() for column in table.columns), strict=True))
 
-    def connection(self) -> Any:
+    def connection(self) -> _Connection:
         """A connection of the pool for one statement or transaction (``release`` it after).
 
         Connections are reused by any thread, one user at a time: a server's gRPC threads
@@ -110,7 +166,7 @@ class Database:
             if self._idle:
                 return self._idle.pop()
         try:
-            conn = self.dialect.connect()
+            conn = _Connection(self.dialect.connect())
         except adbc_driver_manager.Error as exc:
             if self.dialect.is_disconnect(exc):
                 raise
