@@ -8,12 +8,17 @@ shuffled (blocks of 4 shards), joined and shuffled, filtered (keeps half) and
 1024) and left as it is (the server decides when to evict it). After each iteration the
 server's process tree RSS is read from ``/proc`` (and the server process's own, apart from
 its worker processes); a thread samples the tree every 20 ms for the peak. "Flat" is
-judged on the growth from the RSS after the first :data:`WARM` iterations (every kind has
-run twice by then, so caches and pools are warm) to the RSS after the last.
+judged on the growth of the median RSS from a window of :data:`WINDOW` iterations after the
+first :data:`WARM` (every kind has run twice by then, so caches and pools are warm) to the
+window of the last :data:`WINDOW`. Each window holds every kind twice; medians, not single
+readings: the RSS after one iteration moves within a band of tens of MB with the kind just
+run and the allocator's timing (a run read 633-713 MB over 100 iterations, no trend), so
+two single readings judged that band, not a trend.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +40,7 @@ from .common import (
 
 ITERATIONS = 100
 WARM = 10
+WINDOW = 10
 BATCH = 1024
 # (label, joined, options of Iteration.from_dataset)
 KINDS: list[tuple[str, bool, dict[str, Any]]] = [
@@ -94,6 +100,8 @@ def run(rows: int, iterations: int = ITERATIONS) -> dict[str, Any]:
                         )
             seconds = time.perf_counter() - started
     warm = after[min(WARM, len(after)) - 1]
+    early, late = windows(after)
+    main_early, main_late = windows(main_after)
     kinds = [label for label, _, _ in KINDS]
     result: dict[str, Any] = {
         "rows": rows,
@@ -107,10 +115,13 @@ def run(rows: int, iterations: int = ITERATIONS) -> dict[str, Any]:
         "warm_mb": warm,
         "last_mb": after[-1],
         "max_mb": max(sampler.peak, *after),
-        "growth_mb": after[-1] - warm,
+        "warm_median_mb": statistics.median(early),
+        "last_median_mb": statistics.median(late),
+        "growth_mb": statistics.median(late) - statistics.median(early),
+        "growth_single_mb": after[-1] - warm,
         "main_warm_mb": main_after[min(WARM, len(after)) - 1],
         "main_last_mb": main_after[-1],
-        "main_growth_mb": main_after[-1] - main_after[min(WARM, len(after)) - 1],
+        "main_growth_mb": statistics.median(main_late) - statistics.median(main_early),
         "child_processes_max": children,
         "rss_after_each_mb": after,
         "main_rss_after_each_mb": main_after,
@@ -122,14 +133,20 @@ def run(rows: int, iterations: int = ITERATIONS) -> dict[str, Any]:
     )
     main = main_after
     warm_at = min(WARM, iterations)
+    early_at, late_at = window_bounds(iterations)
     lines = [
         ["before the first iteration", f"{start_mb:,.0f}", ""],
         ["after the first", f"{result['first_mb']:,.0f}", f"{main[0]:,.0f}"],
         [f"after {warm_at} (warm)", f"{warm:,.0f}", f"{result['main_warm_mb']:,.0f}"],
         [f"after the last ({iterations})", f"{result['last_mb']:,.0f}", f"{main[-1]:,.0f}"],
         ["max (sampled every 20 ms)", f"{result['max_mb']:,.0f}", ""],
-        [f"growth from {warm_at} to {iterations}", f"{result['growth_mb']:+,.0f}",
+        [f"median after {span(early_at)}", f"{result['warm_median_mb']:,.0f}",
+         f"{statistics.median(main_early):,.0f}"],
+        [f"median after {span(late_at)}", f"{result['last_median_mb']:,.0f}",
+         f"{statistics.median(main_late):,.0f}"],
+        ["growth of the median", f"{result['growth_mb']:+,.0f}",
          f"{result['main_growth_mb']:+,.0f}"],
+        [f"(after {warm_at} to after {iterations})", f"{result['growth_single_mb']:+,.0f}", ""],
     ]  # fmt: skip
     header = ["server RSS", "MB (process tree)", f"MB (server alone; {children} children max)"]
     print(table(lines, header))
@@ -137,3 +154,29 @@ def run(rows: int, iterations: int = ITERATIONS) -> dict[str, Any]:
     trace = ", ".join(f"{i + 1}: {after[i]:,.0f}" for i in range(every - 1, iterations, every))
     print(f"after iteration (MB): {trace}")
     return result
+
+
+def window_bounds(iterations: int) -> tuple[range, range]:
+    """The iterations (0-based) of the warm window and of the last one.
+
+    :data:`WINDOW` iterations after the first :data:`WARM`, and the last :data:`WINDOW`;
+    a run too short for both apart splits what follows the warm-up in two halves.
+    """
+    if iterations < 2:
+        return range(iterations), range(iterations)
+    start = min(WARM, iterations - 2)
+    if iterations - start >= 2 * WINDOW:
+        return range(start, start + WINDOW), range(iterations - WINDOW, iterations)
+    middle = start + max(1, (iterations - start) // 2)
+    return range(start, middle), range(middle, iterations)
+
+
+def windows(after: list[float]) -> tuple[list[float], list[float]]:
+    """The RSS readings of the warm window and of the last one (see ``window_bounds``)."""
+    early, late = window_bounds(len(after))
+    return [after[i] for i in early], [after[i] for i in late]
+
+
+def span(window: range) -> str:
+    """Iterations ``11-20`` of a 0-based window, as a reader counts them."""
+    return f"{window.start + 1}-{window.stop}" if len(window) > 1 else f"{window.stop}"
