@@ -211,13 +211,18 @@ class PlainBatcher:
         batch_size = self.plan.batch_size
         last = last_owned(self.plan, self.world)
         chunks = 1
+        first = True  # the first claim holds one chunk: the first batch comes soon
         queue: list[Unit] = []
         claimed_last = False
         hold = self.blocks.hold_read_ahead()
         try:
             while True:
                 if not queue:
-                    ask = 1 if chunks == 1 else chunks * CLAIM_MESSAGES
+                    # later ones several messages' worth, also when a message is one chunk
+                    # (4 KiB rows: asking for one chunk made a claim, a catalog
+                    # transaction, of every message)
+                    ask = 1 if first else chunks * CLAIM_MESSAGES
+                    first = False
                     # claim() caps it by the room there is once it waited for room
                     units = self.work.claim(max(1, ask))
                     if not units:
