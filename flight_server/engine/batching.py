@@ -32,7 +32,7 @@ from ..memory import Reservation
 from .blocks import Kept, Rows
 from .plan import EpochPlan
 from .samples import SampleSet
-from .state import Unit
+from .state import Unit, merged
 from .world import World
 
 __all__ = [
@@ -146,17 +146,6 @@ def last_owned(plan: EpochPlan, world: World) -> int | None:
     if chunk < 0:
         return None
     return min(size, (chunk + 1) * plan.batch_size) - 1
-
-
-def _joined(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Ranges with those that touch joined (a claim's chunks in order: one range)."""
-    found: list[tuple[int, int]] = []
-    for start, stop in ranges:
-        if found and found[-1][1] == start:
-            found[-1] = (found[-1][0], stop)
-        else:
-            found.append((start, stop))
-    return found
 
 
 def _holds(units: list[Unit], sample: int | None) -> bool:
@@ -380,7 +369,7 @@ class TransformedBatcher:
     # -- taking work in ------------------------------------------------------------------
 
     def _take_in(self, units: list[Unit]) -> None:
-        local = as_array(_joined([r for unit in units for r in unit]))
+        local = as_array(merged(units))
         first = self._next
         self._next += len(local)
         self._consumed = np.concatenate([self._consumed, local])
@@ -447,6 +436,18 @@ class TransformedBatcher:
             spans[owner].append((a, b))
         return spans
 
+    def _spanned(
+        self, rows: list[int], lasts: list[int]
+    ) -> tuple[list[tuple[int, Ranges]], SampleSet, SampleSet]:
+        """A message's batches with their spans, and the samples dropped inside them.
+
+        ``rows``: each batch's rows; ``lasts``: the ordinal each ends at. The dropped samples
+        leave the waiting lists.
+        """
+        spans = self._spans(lasts)
+        filtered, failed = self._dropped_in([r for span in spans for r in span])
+        return list(zip(rows, spans, strict=True)), filtered, failed
+
     def _dropped_in(self, span: Ranges) -> tuple[SampleSet, SampleSet]:
         """The dropped samples inside a span, taken out of the waiting lists."""
         return self._filtered.pop_within(span), self._failed.pop_within(span)
@@ -506,14 +507,12 @@ class TransformedBatcher:
             nonlocal size
             if not pieces:
                 return
-            spans = self._spans(lasts)
-            filtered, failed = self._dropped_in([r for span in spans for r in span])
+            batches, filtered, failed = self._spanned(rows, lasts)
             seq = self.plan.to_global(self.partition, np.concatenate(delivered))
             if len(pieces) == 1:
                 message = pieces[0]
             else:
                 message = _one_batch(pa.Table.from_batches(pieces), pieces[0].schema)
-            batches = list(zip(rows, spans, strict=True))
             messages.append(Message(message, batches, seq, filtered, failed))
             pieces.clear()
             rows.clear()
@@ -588,9 +587,7 @@ class TransformedBatcher:
             counts.append(int(len(mine) - mine.sum()))
             lasts.append(int(batch.ordinals[-1]))
             delivered.append(batch.local[~mine])
-        spans = self._spans(lasts)
-        filtered, failed = self._dropped_in([r for span in spans for r in span])
-        batches = list(zip(counts, spans, strict=True))
+        batches, filtered, failed = self._spanned(counts, lasts)
         result = outcome.result
         if not batches or result is None:
             return None
@@ -616,9 +613,9 @@ class TransformedBatcher:
                 rows = table.slice(offset, sum(len(b.local) for b in group))
             else:
                 rows = group[0].table()
-            spans = self._spans([int(b.ordinals[-1]) for b in group])
-            filtered, failed = self._dropped_in([r for span in spans for r in span])
-            batches = [(len(b.local), span) for b, span in zip(group, spans, strict=True)]
+            batches, filtered, failed = self._spanned(
+                [len(b.local) for b in group], [int(b.ordinals[-1]) for b in group]
+            )
             seq = self.plan.to_global(self.partition, np.concatenate([b.local for b in group]))
             batch = _one_batch(rows, self.schema)
             messages.append(Message(batch, batches, seq, filtered, failed))
