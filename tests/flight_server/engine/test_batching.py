@@ -20,12 +20,14 @@ from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.flight_server.engine import EpochPlan, World
 from lavender_flight.flight_server.engine.batching import (
+    CLAIM_MESSAGES,
     MAX_CLAIM_SCALE,
     MESSAGE_BYTES,
     Message,
+    PlainBatcher,
     TransformedBatcher,
 )
-from lavender_flight.flight_server.engine.blocks import Kept
+from lavender_flight.flight_server.engine.blocks import Kept, Rows
 from lavender_flight.protocol import Dataset
 from lavender_flight.transforms import Plugins
 from tests.conftest import call_options
@@ -252,3 +254,31 @@ def test_filtered_batches_span_every_sample_once_when_the_work_comes_out_of_orde
             starts = [ranges[0][0] for _, ranges in message.batches]
             mixed += any(a < b for a, b in zip(starts[1:], ends, strict=False))
     assert mixed, "the work should come out of order within some message"
+
+
+class _Wide:
+    """A plain batcher's source: one table of 4 KiB rows (a 1024-row batch fills a message)."""
+
+    def __init__(self, total: int) -> None:
+        self.table = pa.table({"blob": pa.array([b"x" * 4096] * total, pa.binary())})
+
+    def rows(self, plan: EpochPlan, seq: np.ndarray) -> Rows:
+        return Rows(self.table.slice(int(seq[0]), len(seq)))
+
+    def boundary(self, plan: EpochPlan, seq: int) -> int:
+        return self.table.num_rows
+
+    def hold_read_ahead(self) -> _Hold:
+        return _Hold()
+
+
+def test_a_plain_stream_of_one_chunk_messages_claims_several_messages_at_once() -> None:
+    """Only the first claim is one chunk: a message of one chunk (wide rows) used to make
+    every claim ask for one, a catalog transaction per message."""
+    batch, total = 1024, 1024 * 20
+    source = _Wide(total)
+    work = _Chunks(list(range(total // batch)), batch, total)
+    plan = EpochPlan([total], batch)
+    messages = list(PlainBatcher(plan, source, World(), work, source.table.schema))
+    assert [m.batch.num_rows for m in messages] == [batch] * (total // batch)
+    assert work.asked[0] == 1 and set(work.asked[1:]) == {CLAIM_MESSAGES}
