@@ -11,6 +11,11 @@ in the lane's queue without holding a thread, and lanes take turns. So a store t
 answering holds only its own lane: every other store's reads, and the blocks waiting on
 them, go on as before.
 
+A task may be *urgent* (work a stream, or a new iteration's first batch, waits for): it
+goes to the front of its lane's queue, and a task already queued for the same ``tag`` can
+be made urgent later (``promote``). Long tasks give way to urgent ones between their steps
+(``urgent_waiting``): a first batch does not queue behind other iterations' read-ahead.
+
 Waits are bounded: ``run`` (a read on behalf of a task of another lane) gives up after
 ``timeout`` seconds with a ``StorageError`` naming the store, and so does a stream waiting
 for a block (``BlockReader``).
@@ -68,10 +73,20 @@ def store_key(location: Location) -> str:
 
 
 @dataclass
+class _Task:
+    future: Future[Any]
+    fn: Callable[[], Any]
+    urgent: bool
+    tag: object | None
+
+
+@dataclass
 class _Lane:
     limit: int
-    queue: deque[tuple[Future[Any], Callable[[], Any]]] = field(default_factory=deque)
+    queue: deque[_Task] = field(default_factory=deque)
     running: int = 0
+    urgent: int = 0
+    """Urgent tasks in the queue."""
 
 
 class ReadPool:
@@ -130,8 +145,19 @@ class ReadPool:
 
     # -- tasks ---------------------------------------------------------------------------
 
-    def submit(self, lane: str, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Run ``fn(*args)`` on a thread of ``lane``; its future."""
+    def submit(
+        self,
+        lane: str,
+        fn: Callable[..., T],
+        *args: Any,
+        urgent: bool = False,
+        tag: object | None = None,
+    ) -> Future[T]:
+        """Run ``fn(*args)`` on a thread of ``lane``; its future.
+
+        ``urgent``: ahead of the lane's queued tasks that are not; ``tag``: what ``promote``
+        knows the task by (held only while it is queued).
+        """
         future: Future[T] = Future()
         with self._cond:
             if self._closed:
@@ -141,7 +167,13 @@ class ReadPool:
                 found = self._lanes[lane] = _Lane(self.limit(lane))
             if not found.queue:
                 self._order.append(lane)
-            found.queue.append((future, (lambda: fn(*args)) if args else fn))
+            task = _Task(future, (lambda: fn(*args)) if args else fn, urgent, tag)
+            if urgent:
+                found.queue.insert(found.urgent, task)  # behind the urgent ones before it
+                found.urgent += 1
+            else:
+                found.queue.append(task)
+            del task
             if found.running + len(found.queue) > found.limit:
                 pass  # it waits for its lane: a thread finishing there takes it
             elif self._sleepers:
@@ -152,6 +184,25 @@ class ReadPool:
                     target=self._work, name=f"lavender-read-{next(self._names)}", daemon=True
                 ).start()
         return future
+
+    def promote(self, tag: object) -> None:
+        """Make the queued tasks submitted with ``tag`` urgent (a stream waits for them now)."""
+        with self._cond:
+            for found in self._lanes.values():
+                waiting = [t for t in found.queue if t.tag is tag and not t.urgent]
+                if not waiting:
+                    continue
+                rest = [t for t in found.queue if not (t.tag is tag and not t.urgent)]
+                for task in waiting:
+                    task.urgent = True
+                found.queue = deque([*rest[: found.urgent], *waiting, *rest[found.urgent :]])
+                found.urgent += len(waiting)
+
+    def urgent_waiting(self, lane: str) -> bool:
+        """Whether urgent tasks wait in ``lane``'s queue (a long task may give way)."""
+        with self._cond:
+            found = self._lanes.get(lane)
+            return found is not None and found.urgent > 0
 
     def run(
         self, lane: str, fn: Callable[[], T], what: str = "", timeout: float | None = None
@@ -173,11 +224,13 @@ class ReadPool:
             self._order.rotate(-1)
             found = self._lanes[lane]
             if found.running < found.limit and found.queue:
-                future, fn = found.queue.popleft()
+                task = found.queue.popleft()
+                if task.urgent:
+                    found.urgent -= 1
                 found.running += 1
                 if not found.queue:
                     self._order.remove(lane)
-                return lane, future, fn
+                return lane, task.future, task.fn
         return None
 
     def _work(self) -> None:
@@ -221,7 +274,8 @@ class ReadPool:
             self._closed = True
             for found in self._lanes.values():
                 while found.queue:
-                    found.queue.popleft()[0].cancel()
+                    found.queue.popleft().future.cancel()
+                found.urgent = 0
             self._order.clear()
             for wake in self._sleepers:
                 wake.set()

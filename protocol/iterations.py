@@ -137,6 +137,9 @@ class IterationPlan(BaseModel):
     seed: int
     sources: list[list[tuple[int, int]]] | None = None
     """A mixture: the main shards of each source, as ``shards``."""
+    order_version: int = Field(default=1, ge=1)
+    """How a shuffled block's order is drawn (the engine's ``plan.ORDER_VERSION``, frozen at
+    creation). 1: iterations created before the version existed (absent from their record)."""
 
 
 class IterationCommand(WireModel):

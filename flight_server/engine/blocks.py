@@ -6,7 +6,8 @@ lane (and decoded once for the whole server: ``reading.ShardCache``), then, on t
 lane, put in the epoch's order: the block's permutation is drawn there while the shards are
 read, and its rows gathered by ``take``, piece by piece (a small first piece of about
 ``FIRST_PIECE_ROWS``, then pieces ending at global sequence numbers that are multiples of
-``PIECE_ROWS``), so that a first batch waits for a few thousand rows, not the whole block.
+``PIECE_ROWS``), so that a first batch waits for a few thousand rows, not the whole block
+(nor its whole permutation: the first piece takes the order's head, ``plan.BlockOrder``).
 The first piece is gathered from the shards as read (``take_rows``); the shards are then
 laid end to end once for the other pieces (Arrow's ``take`` would do it on every call).
 An iteration with filters filters each piece there too, once for every rank, vectorized:
@@ -37,7 +38,7 @@ from ...protocol.errors import LavenderError, SchemaMismatch
 from ..memory import MMAP_THRESHOLD, MemoryBudget, Reservation, table_bytes
 from ..read_pool import CPU, ReadPool, wait_for
 from ..reading import DatasetReader
-from .plan import EpochPlan
+from .plan import BlockOrder, EpochPlan
 
 __all__ = ["FIRST_PIECE_ROWS", "PIECE_ROWS", "BlockReader", "Kept", "Rows", "take_rows"]
 
@@ -294,6 +295,8 @@ class _Block:
     dropped: bool = False
     abandoned: bool = False
     """No stream will read it (they all ended): its gather stops at the next piece."""
+    urgent: bool = False
+    """A stream (or a new iteration's first batch) waits for it: its tasks go first."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def piece_of(self, position: int) -> int:
@@ -389,6 +392,16 @@ class BlockReader:
                     self._iteration_id, index, rows, error)  # fmt: skip
         return None
 
+    def _read_for(self, state: _Block, slot: int) -> ShardRead:
+        """``_read_shard`` for a block's read, not begun once nobody reads the block.
+
+        An iteration whose last stream ended soon after its first batch had the shards of
+        the blocks it read ahead still queued: their decoding slowed the next iteration's
+        first batch.
+        """
+        self._go_on(state)
+        return self._read_shard(slot)
+
     # -- blocks --------------------------------------------------------------------------
 
     def _bounds(self, plan: EpochPlan, number: int) -> list[int]:
@@ -420,48 +433,56 @@ class BlockReader:
                 return block.start + bound
         return block.start + block.size
 
-    def _start(self, plan: EpochPlan, number: int) -> _Block:
-        """Start reading a block: its shards on their lane, then its gather on ``cpu``."""
+    def _start(self, plan: EpochPlan, number: int, urgent: bool) -> _Block:
+        """Start reading a block: its shards on their lane, then its gather on ``cpu``.
+
+        ``urgent``: a stream waits for it (its tasks go ahead of read-ahead in their lanes).
+        """
         block = plan.blocks[number]
         bounds = self._bounds(plan, number)
         state = _Block(number, block.start, bounds, [Future() for _ in bounds[:-1]])
+        state.urgent = urgent
         if not block.shard_slots:
             for future in state.pieces:
                 future.set_result(_Piece(0, 0, self.reader.schema.empty_table()))
             return state
         lane = self.reader.main.lane
-        reads = [self.pool.submit(lane, self._read_shard, slot) for slot in block.shard_slots]
+        reads = [
+            self.pool.submit(lane, self._read_for, state, slot, urgent=urgent, tag=state)
+            for slot in block.shard_slots
+        ]
         # a shuffled block's order is drawn while its shards are read (it needs no row);
         # a block in order has none to draw
-        order: Future[np.ndarray] = Future()
+        order: Future[BlockOrder | None] = Future()
         if plan.shuffle:
-            order = self.pool.submit(CPU, self._order, plan, state)
+            order = self.pool.submit(CPU, self._order, plan, state, urgent=urgent, tag=state)
         else:
-            order.set_result(np.zeros(0, dtype=np.int64))
+            order.set_result(None)
         left = [len(reads) + 1]
         count = threading.Lock()
         # the callbacks reach the futures through this list, emptied once the gather has
         # them: a future keeps its callbacks, and a cycle would keep a read block (and its
         # order) until the garbage collector happens to run
-        waiting: list[tuple[list[Future[ShardRead]], Future[np.ndarray]]] = [(reads, order)]
+        waiting: list[tuple[list[Future[ShardRead]], Future[BlockOrder | None]]] = [(reads, order)]
 
-        def one_done(_: Future[ShardRead] | Future[np.ndarray]) -> None:
+        def one_done(_: Future[ShardRead] | Future[BlockOrder | None]) -> None:
             with count:
                 left[0] -= 1
                 found = waiting.pop() if left[0] == 0 else None
             if found is not None:
-                self.pool.submit(CPU, self._gather, plan, state, *found)
+                self.pool.submit(CPU, self._gather, plan, state, *found,
+                                 urgent=state.urgent, tag=state)  # fmt: skip
 
         for read in reads:
             read.add_done_callback(one_done)
         order.add_done_callback(one_done)
         return state
 
-    def _order(self, plan: EpochPlan, state: _Block) -> np.ndarray:
-        """A block's order (runs on the ``cpu`` lane); none for a block nobody reads."""
+    def _order(self, plan: EpochPlan, state: _Block) -> BlockOrder | None:
+        """A block's order, its head drawn (runs on the ``cpu`` lane); none if nobody reads it."""
         if state.abandoned:
-            return np.zeros(0, dtype=np.int64)
-        return plan.draw_permutation(state.number)
+            return None
+        return plan.draw_order(state.number)
 
     def _go_on(self, state: _Block) -> None:
         """Raise ``Abandoned`` for a block nobody reads any more (its gather stops)."""
@@ -473,7 +494,7 @@ class BlockReader:
         plan: EpochPlan,
         state: _Block,
         reads: list[Future[ShardRead]],
-        order: Future[np.ndarray],
+        order: Future[BlockOrder | None],
     ) -> None:
         """Lay a block's shards end to end in the epoch's order (runs on the ``cpu`` lane)."""
         try:
@@ -484,22 +505,60 @@ class BlockReader:
                 state.hold(self.memory.reserve(piece.nbytes))
                 state.pieces[0].set_result(piece)
                 return
-            perm = order.result()
+            drawn = order.result()
+            assert drawn is not None  # a shuffled block nobody reads stopped at _go_on
             state.hold(self.memory.reserve(table_bytes(table) * (2 if self.filter else 1)))
-            # the first piece first (a first batch waits for it), from the shards as read;
-            # then the others one after the other (two random gathers at once only fight
-            # over the memory bus), from the shards laid end to end once: Arrow's take
-            # would lay a chunked column end to end on every call
-            for index, future in enumerate(state.pieces):
-                self._go_on(state)
-                if index == 1 and any(c.num_chunks > 1 for c in table.columns):
-                    table = table.combine_chunks(memory_pool=pool_for(largest_column_bytes(table)))
-                a, b = state.bounds[index], state.bounds[index + 1]
-                future.set_result(self._piece(table, unreadable, absent, perm, a, b))
         except BaseException as exc:
-            for future in state.pieces:
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail(state, exc)
+            return
+        self._gather_pieces(state, table, unreadable, absent, drawn, 0)
+
+    def _gather_pieces(
+        self,
+        state: _Block,
+        table: pa.Table,
+        unreadable: np.ndarray | None,
+        absent: np.ndarray | None,
+        drawn: BlockOrder,
+        first: int,
+    ) -> None:
+        """A shuffled block's pieces from ``first`` on (runs on the ``cpu`` lane).
+
+        The first piece first (a first batch waits for it), from the shards as read and the
+        order's head; then the rest of the order, and the other pieces one after the other
+        (two random gathers at once only fight over the memory bus), from the shards laid
+        end to end once: Arrow's take would lay a chunked column end to end on every call.
+        A block no stream waits for gives its slot to urgent work between pieces, and goes
+        on behind it.
+        """
+        try:
+            for index in range(first, len(state.pieces)):
+                self._go_on(state)
+                if index > first and not state.urgent and self.pool.urgent_waiting(CPU):
+                    self.pool.submit(CPU, self._gather_pieces, state, table, unreadable,
+                                     absent, drawn, index, tag=state)  # fmt: skip
+                    return
+                a, b = state.bounds[index], state.bounds[index + 1]
+                if index == 1:  # a block nobody reads any more stops between these steps
+                    # the rest of the order: drawn here, after the first piece, not beside
+                    # it (another task drawing it took a core from the first batch)
+                    drawn.full()
+                    self._go_on(state)
+                    if any(c.num_chunks > 1 for c in table.columns):
+                        pool = pool_for(largest_column_bytes(table))
+                        table = table.combine_chunks(memory_pool=pool)
+                        self._go_on(state)
+                rows = drawn.upto(b)[a:]
+                state.pieces[index].set_result(self._piece(table, unreadable, absent, rows, a, b))
+        except BaseException as exc:
+            self._fail(state, exc)
+
+    @staticmethod
+    def _fail(state: _Block, exc: BaseException) -> None:
+        """The pieces of a block not gathered yet raise ``exc``."""
+        for future in state.pieces:
+            if not future.done():
+                future.set_exception(exc)
 
     def _joined(
         self, plan: EpochPlan, state: _Block, reads: list[Future[ShardRead]]
@@ -531,12 +590,14 @@ class BlockReader:
         table: pa.Table,
         unreadable: np.ndarray | None,
         absent: np.ndarray | None,
-        perm: np.ndarray,
+        rows: np.ndarray,
         start: int,
         stop: int,
     ) -> _Piece:
-        """Block positions ``[start, stop)`` gathered into the epoch's order (one ``take``)."""
-        rows = perm[start:stop]
+        """Block positions ``[start, stop)``, the block's ``rows``, in the epoch's order.
+
+        One ``take`` of them.
+        """
         piece = _Piece(
             start,
             stop,
@@ -578,17 +639,21 @@ class BlockReader:
         piece.kept_table = piece.table.filter(pa.array(keep))
         return piece
 
-    def _block(self, plan: EpochPlan, number: int) -> _Block:
+    def _block(self, plan: EpochPlan, number: int, urgent: bool = False) -> _Block:
+        """A block, started if it is not kept; ``urgent``: a stream waits for it now."""
         key = (plan.epoch, number)
         with self._lock:
             state = self._cache.get(key)
-            if state is not None:
-                self._cache.move_to_end(key)
+            if state is None:
+                while len(self._cache) >= self._capacity:  # make room first: it unreserves
+                    self._cache.popitem(last=False)[1].release()
+                state = self._cache[key] = self._start(plan, number, urgent)
                 return state
-            while len(self._cache) >= self._capacity:  # make room first: its reservation goes
-                self._cache.popitem(last=False)[1].release()
-            state = self._cache[key] = self._start(plan, number)
-            return state
+            self._cache.move_to_end(key)
+        if urgent and not state.urgent:  # read ahead, its tasks may still be queued
+            state.urgent = True
+            self.pool.promote(state)
+        return state
 
     def _wait(self, plan: EpochPlan, state: _Block, index: int) -> _Piece:
         """A piece of a block (waits for its read; a failed read is tried again next time)."""
@@ -607,10 +672,10 @@ class BlockReader:
                     state.release()
             raise
 
-    def prefetch(self, plan: EpochPlan, number: int) -> None:
-        """Start reading a block the streams will need soon."""
+    def prefetch(self, plan: EpochPlan, number: int, urgent: bool = False) -> None:
+        """Start reading a block the streams will need soon (``urgent``: one waits for it)."""
         if number < len(plan.blocks):
-            self._block(plan, number)
+            self._block(plan, number, urgent)
 
     def _read_ahead(self, plan: EpochPlan, state: _Block) -> None:
         """Start the blocks after a stream's current one (two when the budget has room).
@@ -637,8 +702,9 @@ class BlockReader:
         """The pieces ascending global ``seq`` fall in, and their rows in each."""
         found: list[tuple[_Piece, np.ndarray]] = []
         for number, start, stop in plan.segments(seq):
-            state = self._block(plan, number)
-            self._read_ahead(plan, state)
+            state = self._block(plan, number, urgent=True)
+            if not plan.shuffle:  # the next shards' reads side by side with this one's
+                self._read_ahead(plan, state)
             positions = seq[start:stop] - state.start
             first, last = state.piece_of(int(positions[0])), state.piece_of(int(positions[-1]))
             cuts = np.searchsorted(positions, state.bounds[first + 1 : last + 1])
@@ -649,9 +715,14 @@ class BlockReader:
                     try:
                         piece = self._wait(plan, state, index)
                     except Abandoned:  # cleared as this stream began (the last one ended)
-                        state = self._block(plan, number)
+                        state = self._block(plan, number, urgent=True)
                         piece = self._wait(plan, state, index)
                     found.append((piece, positions[a:b] - piece.start))
+            if plan.shuffle:
+                # shuffled, the blocks after this one once its rows are here: started
+                # before, their gathers fought a first batch's piece for the cores (their
+                # shards' reads would queue behind this block's anyway)
+                self._read_ahead(plan, state)
         return found
 
     def rows(self, plan: EpochPlan, seq: np.ndarray) -> Rows:

@@ -230,7 +230,7 @@ class LiveIteration:
             return
         try:
             plan = self._fresh_views().plan(0)
-            self.blocks.prefetch(plan, 0)
+            self.blocks.prefetch(plan, 0, urgent=True)
         except Exception as exc:  # its stream will meet (and report) the same trouble
             log.debug("iteration %s: no early read: %s", self.id, exc)
 

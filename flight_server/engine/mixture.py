@@ -38,7 +38,7 @@ from ..reading import DatasetReader
 from ..service import LavenderService
 from .blocks import BlockReader, Kept, Rows, joined_masks
 from .draws import MixtureOrder, epoch_key
-from .plan import EpochPlan
+from .plan import ORDER_VERSION, EpochPlan
 
 __all__ = ["Mixture", "MixtureBlocks", "MixturePlan", "SourceSetup", "build_sources"]
 
@@ -200,11 +200,16 @@ class Mixture:
     """
 
     def __init__(
-        self, spec: IterationSpec, shards: Sequence[Sequence[tuple[int, int]]], seed: int
+        self,
+        spec: IterationSpec,
+        shards: Sequence[Sequence[tuple[int, int]]],
+        seed: int,
+        order_version: int = ORDER_VERSION,
     ) -> None:
         assert spec.mixture is not None
         self.spec = spec
         self.seed = seed
+        self.order_version = order_version
         self.shards = [[(int(i), int(n)) for i, n in found] for found in shards]
         self.sizes = [sum(n for _, n in found) for found in self.shards]
         self.initial = tuple(float(s.weight) for s in spec.mixture)
@@ -246,6 +251,7 @@ class Mixture:
                     seed=int(epoch_key(self.seed, source) >> 1),
                     block_size=self.spec.shuffle_block_size,
                     epoch=epoch * PASS_STRIDE + passed,
+                    order_version=self.order_version,
                 )
                 self._plans[key] = plan
                 while len(self._plans) > PLANS_KEPT:

@@ -14,11 +14,19 @@ memory, so memory is bounded by the block, whatever the dataset size.
 
 Every epoch has its own order: epoch ``e`` draws from seeds derived from the iteration's
 seed and ``e`` (epoch 0 keeps the order iterations had before epochs existed).
+
+How a block's permutation is drawn is the plan's *order version* (``IterationPlan``
+freezes it when an iteration is created, so an iteration resumed by a newer server keeps
+its order): version 1 is numpy's ``permutation`` of the block; version 2
+(``ORDER_VERSION``, every iteration created since 2026-12-02) draws the block's first
+``ORDER_HEAD`` places on their own, then shuffles the rest. Both are uniform; version 2
+lets a first batch wait for a few thousand draws instead of the whole block's.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +39,14 @@ from ...protocol.errors import InvalidArgument
 if TYPE_CHECKING:
     from .deals import Deal
 
-__all__ = ["Block", "EpochPlan"]
+__all__ = ["ORDER_HEAD", "ORDER_VERSION", "Block", "BlockOrder", "EpochPlan"]
+
+ORDER_VERSION = 2
+"""The order version of iterations created now (see the module's docstring)."""
+
+ORDER_HEAD = 1 << 13
+"""Order version 2: the first places of a block drawn before the rest (a first batch, and
+the first piece a block read gathers, need no more)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,49 @@ class Block:
     shard_slots: tuple[int, ...]
     start: int
     size: int
+
+
+class BlockOrder:
+    """The permutation of one shuffled block: its ``head`` at once, the ``full`` order on demand.
+
+    Order version 2 draws the head as a uniform ordered sample without replacement of
+    ``ORDER_HEAD`` of the block's ``size`` places, then the rest as a uniform permutation
+    of the places left: together a uniform permutation. Version 1 (and any block no larger
+    than the head) draws the whole permutation at once. ``full`` may be called from several
+    threads: the first draws, the others wait for it.
+    """
+
+    def __init__(self, seed: list[int], size: int, version: int = ORDER_VERSION) -> None:
+        if version not in (1, 2):
+            raise InvalidArgument(f"unknown order version {version} (this server knows 1, 2)")
+        self.size = size
+        self._rng = np.random.default_rng(seed)
+        self._full: np.ndarray | None = None
+        self._lock = threading.Lock()
+        if version == 1 or size <= ORDER_HEAD:
+            self._full = self._rng.permutation(size)
+            self.head = self._full
+        else:
+            self.head = self._rng.choice(size, size=ORDER_HEAD, replace=False)
+
+    def full(self) -> np.ndarray:
+        """The whole permutation (its first places are ``head``); drawn on the first call."""
+        if self._full is not None:
+            return self._full
+        with self._lock:
+            if self._full is None:
+                left = np.ones(self.size, dtype=bool)
+                left[self.head] = False
+                found = np.empty(self.size, dtype=np.int64)
+                found[: len(self.head)] = self.head
+                found[len(self.head) :] = np.flatnonzero(left)
+                self._rng.shuffle(found[len(self.head) :])
+                self._full = found
+            return self._full
+
+    def upto(self, stop: int) -> np.ndarray:
+        """The first ``stop`` places: from the head alone when it holds them."""
+        return self.head[:stop] if stop <= len(self.head) else self.full()[:stop]
 
 
 class EpochPlan:
@@ -57,6 +115,7 @@ class EpochPlan:
         block_size: int = 1,
         drop_last: bool = False,
         epoch: int = 0,
+        order_version: int = ORDER_VERSION,
     ) -> None:
         if batch_size < 1:
             raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
@@ -68,6 +127,7 @@ class EpochPlan:
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = epoch
+        self.order_version = order_version
         self.drop_last = drop_last
         self.shard_starts = np.concatenate(([0], np.cumsum(self.shard_rows, dtype=np.int64)))
         available = int(self.shard_starts[-1])
@@ -152,12 +212,16 @@ class EpochPlan:
             if bounds[i + 1] > bounds[i]
         ]
 
+    def draw_order(self, number: int) -> BlockOrder:
+        """A shuffled block's order drawn afresh, not kept (block reads keep it with the block)."""
+        return BlockOrder(self._seed(1, number), self.blocks[number].size, self.order_version)
+
     def draw_permutation(self, number: int) -> np.ndarray:
-        """``permutation(number)`` drawn afresh, not kept (block reads keep it with the block)."""
+        """``permutation(number)`` drawn afresh, not kept."""
         block = self.blocks[number]
         if not self.shuffle:
             return np.arange(block.size, dtype=np.int64)
-        return np.random.default_rng(self._seed(1, number)).permutation(block.size)
+        return self.draw_order(number).full()
 
     def permutation(self, number: int) -> np.ndarray:
         """The order of a block's samples: indices into its shards' rows laid end to end."""

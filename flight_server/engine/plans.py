@@ -54,7 +54,9 @@ class Plans:
         if self.spec.mixture is not None:
             if self.plan.sources is None or len(self.plan.sources) != len(self.spec.mixture):
                 raise InvalidArgument("the iteration's plan does not match its mixture")
-            self.mixture = Mixture(self.spec, self.plan.sources, self.plan.seed)
+            self.mixture = Mixture(
+                self.spec, self.plan.sources, self.plan.seed, self.plan.order_version
+            )
 
     @property
     def num_partitions(self) -> int:
@@ -95,6 +97,7 @@ class Plans:
                         block_size=self.spec.shuffle_block_size,
                         drop_last=self.spec.drop_last,
                         epoch=number,
+                        order_version=self.plan.order_version,
                     )
                 self._plans[(number, parts)] = found
                 while len(self._plans) > PLANS_KEPT:

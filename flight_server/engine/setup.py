@@ -23,6 +23,7 @@ from ..memory import MemoryBudget
 from ..reading import DatasetReader
 from ..service import LavenderService
 from .mixture import SourceSetup, build_sources
+from .plan import ORDER_VERSION
 from .plans import Plans
 from .world import replication_partitions
 
@@ -117,7 +118,12 @@ class IterationSetup(Plans):
             dataset, reader = sources[0].dataset, sources[0].reader
             pipeline = build_pipeline(plugins, spec, dataset.uid_column_name, schema)
             if plan is None:
-                plan = IterationPlan(shards=[], seed=seed, sources=[s.shards for s in sources])
+                plan = IterationPlan(
+                    shards=[],
+                    seed=seed,
+                    sources=[s.shards for s in sources],
+                    order_version=ORDER_VERSION,
+                )
             return cls(spec, plan, dataset=dataset, reader=reader, pipeline=pipeline,
                        sources=sources, read_schema=schema)  # fmt: skip
         dataset = service.get_dataset(dataset_id=spec.dataset_id)
@@ -126,7 +132,9 @@ class IterationSetup(Plans):
         check_memory(spec, reader, service.memory)
         if plan is None:
             plan = IterationPlan(
-                shards=[(shard.index, shard.num_rows) for shard in reader.main_shards], seed=seed
+                shards=[(shard.index, shard.num_rows) for shard in reader.main_shards],
+                seed=seed,
+                order_version=ORDER_VERSION,
             )
         return cls(spec, plan, dataset=dataset, reader=reader, pipeline=pipeline)
 

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from lavender_flight.flight_server.engine import EpochPlan, World, replication_partitions
+from lavender_flight.flight_server.engine import plan as plan_module
+from lavender_flight.flight_server.engine.plan import ORDER_HEAD, ORDER_VERSION, BlockOrder
 from lavender_flight.protocol.errors import InvalidArgument
+from lavender_flight.protocol.iterations import IterationPlan
 from lavender_flight.protocol.ranges import RangeSet, runs
 
 SHARDS = [10, 25, 0, 13, 40, 7]
@@ -137,3 +140,60 @@ def test_each_epoch_has_its_own_order_and_epoch_zero_keeps_the_old_one() -> None
     assert EpochPlan(SHARDS, 4, shuffle=True, seed=5, block_size=2).blocks[0].shard_slots == (
         tuple(legacy[:2])
     )
+
+
+def test_order_version_1_is_numpys_permutation_of_each_block() -> None:
+    # iterations created before order versions (their plan records none) keep their order
+    big = [5000, 7000, 3000]
+    plan = EpochPlan(big, 64, shuffle=True, seed=9, block_size=2, order_version=1)
+    for block in plan.blocks:
+        legacy = np.random.default_rng([9, 1, block.number]).permutation(block.size)
+        seq = np.arange(block.start, block.start + block.size)
+        assert plan.permutation(block.number).tolist() == legacy.tolist()
+        assert plan.rows_in_block(block.number, seq).tolist() == legacy.tolist()
+    old = IterationPlan.model_validate_json('{"shards": [[0, 10], [1, 20]], "seed": 4}')
+    assert old.order_version == 1
+
+
+def test_order_version_2_draws_a_blocks_head_first_then_the_rest() -> None:
+    size = ORDER_HEAD * 3 + 17
+    order = BlockOrder([4, 1, 0], size, version=2)
+    head = order.head.copy()
+    assert len(head) == ORDER_HEAD and len(set(head.tolist())) == ORDER_HEAD
+    assert order.upto(100).tolist() == head[:100].tolist()  # from the head: no full draw
+    assert order._full is None
+    full = order.full()
+    assert full[:ORDER_HEAD].tolist() == head.tolist()
+    assert sorted(full.tolist()) == list(range(size))
+    assert order.upto(size).tolist() == full.tolist()
+    again = BlockOrder([4, 1, 0], size, version=2)
+    assert again.full().tolist() == full.tolist()  # the same seed, the same order
+    legacy = np.random.default_rng([4, 1, 0]).permutation(size)
+    assert full.tolist() != legacy.tolist()
+    # a block no larger than the head is drawn whole, as version 1 draws it
+    small = BlockOrder([4, 1, 0], ORDER_HEAD, version=2)
+    assert small.head.tolist() == np.random.default_rng([4, 1, 0]).permutation(ORDER_HEAD).tolist()
+    with pytest.raises(InvalidArgument, match="order version 3"):
+        BlockOrder([4], 10, version=3)
+    plan = EpochPlan([size], 8, shuffle=True, seed=4, block_size=1)
+    assert plan.order_version == ORDER_VERSION == 2
+    assert plan.permutation(0).tolist() == full.tolist()
+
+
+def test_order_version_2_is_uniform(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a head of 2 of 6 places, then the other 4: every value lands in every place equally
+    # often, and so does every ordered pair of the first two places (6000 seeds: 1000 per
+    # value and place, 200 per pair; five standard deviations around them)
+    monkeypatch.setattr(plan_module, "ORDER_HEAD", 2)
+    places = np.zeros((6, 6), dtype=np.int64)
+    pairs: dict[tuple[int, int], int] = {}
+    for seed in range(6000):
+        order = BlockOrder([seed], 6, version=2)
+        assert len(order.head) == 2
+        full = order.full()
+        places[np.arange(6), full] += 1
+        pair = (int(full[0]), int(full[1]))
+        pairs[pair] = pairs.get(pair, 0) + 1
+    assert np.abs(places - 1000).max() < 5 * (6000 * (1 / 6) * (5 / 6)) ** 0.5
+    assert len(pairs) == 30
+    assert max(abs(n - 200) for n in pairs.values()) < 5 * (6000 / 30 * (29 / 30)) ** 0.5

@@ -4,10 +4,12 @@ and a ``LiveIteration`` driven directly through the manager."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +26,8 @@ from lavender_flight.flight_server.engine import (
 )
 from lavender_flight.flight_server.engine.blocks import Abandoned, _Block
 from lavender_flight.flight_server.engine.manager import WARM_SECONDS
+from lavender_flight.flight_server.engine.plan import ORDER_VERSION, BlockOrder
+from lavender_flight.flight_server.engine.plans import Plans
 from lavender_flight.flight_server.memory import MemoryBudget
 from lavender_flight.flight_server.read_pool import CPU
 from lavender_flight.protocol import ColumnOptions
@@ -218,8 +222,8 @@ def test_a_block_cleared_under_a_stream_is_read_again_and_its_gather_stops(
     fresh.abandoned = True
     reads = [live.blocks.pool.submit(CPU, live.blocks._read_shard, slot)
              for slot in plan.blocks[0].shard_slots]  # fmt: skip
-    order: Future[np.ndarray] = Future()
-    order.set_result(plan.draw_permutation(0))
+    order: Future[BlockOrder | None] = Future()
+    order.set_result(plan.draw_order(0))
     live.blocks._gather(plan, fresh, reads, order)
     for future in fresh.pieces:
         with pytest.raises(Abandoned):
@@ -346,3 +350,70 @@ def test_only_buffers_over_the_mmap_threshold_come_from_the_block_pool() -> None
     assert blocks.largest_column_bytes(table) == table.column("text").nbytes
     assert blocks.largest_column_bytes(table, 250) == table.column("text").nbytes // 4
     assert blocks.largest_column_bytes(table.slice(0, 0), 10) == 0
+
+
+def test_a_shuffled_block_reads_ahead_once_its_rows_are_here_and_abandoned_reads_stop(
+    engine: tuple[LavenderService, IterationManager], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, manager = engine
+    spec = shuffled(service).model_copy(update={"shuffle_block_size": 1})  # 3 blocks
+    live = manager.open(IterationCommand(iteration_id="ahead", spec=spec))
+    plan = live.views.plan(0)
+    blocks = live.blocks
+    state = blocks._cache[(0, 0)]
+    state.pieces[0].result(timeout=30)
+    # a stream waiting for its block's first piece starts no other block: their gathers
+    # would take the cores from the piece it waits for
+    held = _Block(state.number, state.start, state.bounds, [Future() for _ in state.pieces])
+    blocks._cache[(0, 0)] = held
+    seq = np.arange(plan.blocks[0].start, plan.blocks[0].start + 8)
+    done: list[pa.Table] = []
+    waiting = threading.Thread(target=lambda: done.append(blocks.rows(plan, seq).table))
+    waiting.start()
+    time.sleep(0.3)
+    assert not done and (0, 1) not in blocks._cache and (0, 2) not in blocks._cache
+    for ours, read in zip(held.pieces, state.pieces, strict=True):
+        ours.set_result(read.result(timeout=30))
+    waiting.join(timeout=30)
+    assert done and done[0].num_rows == 8
+    assert (0, 1) in blocks._cache  # then the next blocks
+    # once nobody reads a block, its shards are not read: no decoding for nobody
+    decoded: list[int] = []
+    read_joined = blocks.reader.read_joined
+
+    def counted(shard: Any) -> Any:
+        decoded.append(shard.index)
+        return read_joined(shard)
+
+    monkeypatch.setattr(blocks.reader, "read_joined", counted)
+    gone = _Block(1, plan.blocks[1].start, blocks._bounds(plan, 1), [Future()])
+    gone.abandoned = True
+    for slot in plan.blocks[1].shard_slots:
+        with pytest.raises(Abandoned):
+            blocks._read_for(gone, slot)
+    assert decoded == []
+    slot = plan.blocks[1].shard_slots[0]
+    blocks._read_for(blocks._cache[(0, 1)], slot)  # read for a block still read: decoded
+    assert decoded == [blocks.shards[slot][0]]
+    blocks.clear()
+    deadline = time.monotonic() + 30
+    while service.read_pool.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_new_iteration_records_its_order_version_and_an_old_one_keeps_version_1(
+    engine: tuple[LavenderService, IterationManager],
+) -> None:
+    service, _ = engine
+    live = opened(engine, "versioned")
+    record = service.catalog.get_iteration("versioned")
+    assert record.plan.order_version == ORDER_VERSION == live.views.plan(0).order_version
+    # a record written before order versions existed has none: its order stays version 1
+    old = IterationPlan.model_validate_json(record.plan.model_dump_json(exclude={"order_version"}))
+    assert old.order_version == 1
+    plans = Plans(record.spec, old)
+    assert plans.epoch(0).order_version == 1 and plans.epoch(1).order_version == 1
+    block = plans.epoch(0).blocks[0]
+    assert plans.epoch(0).permutation(0).tolist() == (
+        np.random.default_rng([record.plan.seed, 1, 0]).permutation(block.size).tolist()
+    )
