@@ -73,15 +73,27 @@ class Work(Protocol):
         """Samples dropped where no batch will span them (the end of the stream)."""
         ...
 
+    def check(self) -> None:
+        """Raise when the stream is to stop (its client went away); called while it waits."""
+        ...
+
 
 class Source(Protocol):
-    """Where a batcher's rows come from (``blocks.BlockReader``)."""
+    """Where a batcher's rows come from (``blocks.BlockReader``).
 
-    def rows(self, plan: EpochPlan, seq: np.ndarray) -> Rows:
+    ``check`` is called while rows are waited for, and raises to stop the wait (the
+    stream's ``Work.check``).
+    """
+
+    def rows(
+        self, plan: EpochPlan, seq: np.ndarray, check: Callable[[], None] | None = None
+    ) -> Rows:
         """Rows of ascending global sequence numbers."""
         ...
 
-    def kept(self, plan: EpochPlan, seq: np.ndarray) -> Kept:
+    def kept(
+        self, plan: EpochPlan, seq: np.ndarray, check: Callable[[], None] | None = None
+    ) -> Kept:
         """What the iteration's filters leave of ascending global sequence numbers."""
         ...
 
@@ -221,7 +233,8 @@ class PlainBatcher:
                 units = self._take(queue, chunks)
                 local = as_array([r for unit in units for r in unit])
                 seq = self.plan.to_global(self.partition, local)
-                rows = self.blocks.rows(self.plan, seq)  # a left join: no sample is left out
+                # a left join: no sample is left out
+                rows = self.blocks.rows(self.plan, seq, self.work.check)
                 batches = [(sum(b - a for a, b in unit), unit) for unit in units]
                 table = rows.table
                 if rows.unreadable is not None and rows.unreadable.any():
@@ -373,7 +386,8 @@ class TransformedBatcher:
         first = self._next
         self._next += len(local)
         self._consumed = np.concatenate([self._consumed, local])
-        kept = self.blocks.kept(self.plan, self.plan.to_global(self.partition, local))
+        seq = self.plan.to_global(self.partition, local)
+        kept = self.blocks.kept(self.plan, seq, self.work.check)
         # (positions, not boolean masks, pick the values: numpy's masked copy takes 4 times
         # as long on a mask that keeps every other sample; a sample set sorts what it is
         # given only when it is out of order)

@@ -25,8 +25,10 @@ import bisect
 import functools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -51,6 +53,9 @@ FIRST_PIECE_ROWS = 1 << 12
 """A gathered block's first piece: about this many rows (to a batch boundary), what a
 stream starting on the block waits for. Small: a random gather of 64k rows of 100 bytes
 takes milliseconds, of 4k a tenth of one."""
+
+CHECK_SECONDS = 0.01
+"""How often a stream waiting for a piece asks whether to stop (``BlockReader.rows``)."""
 
 Filter = Callable[[pa.RecordBatch], tuple[np.ndarray, np.ndarray]]
 """``(keep, failed)`` masks of a batch's rows."""
@@ -655,12 +660,27 @@ class BlockReader:
             self.pool.promote(state)
         return state
 
-    def _wait(self, plan: EpochPlan, state: _Block, index: int) -> _Piece:
-        """A piece of a block (waits for its read; a failed read is tried again next time)."""
+    def _wait(
+        self,
+        plan: EpochPlan,
+        state: _Block,
+        index: int,
+        check: Callable[[], None] | None = None,
+    ) -> _Piece:
+        """A piece of a block (waits for its read; a failed read is tried again next time).
+
+        ``check`` is called every ``CHECK_SECONDS`` of the wait (see ``rows``); what it
+        raises leaves the block as it is, for the other streams.
+        """
+        future = state.pieces[index]
+        deadline = time.monotonic() + self.pool.timeout
+        while check is not None and not future.done() and time.monotonic() < deadline:
+            check()
+            futures.wait([future], CHECK_SECONDS)
         try:
             return wait_for(
-                state.pieces[index],
-                self.pool.timeout,
+                future,
+                max(0.0, deadline - time.monotonic()),
                 f"reading block {state.number} of iteration {self._iteration_id} "
                 f"({self.reader.main.location.shown})",
             )
@@ -698,7 +718,9 @@ class BlockReader:
         ):
             self.prefetch(plan, number + 2)
 
-    def _pieces(self, plan: EpochPlan, seq: np.ndarray) -> list[tuple[_Piece, np.ndarray]]:
+    def _pieces(
+        self, plan: EpochPlan, seq: np.ndarray, check: Callable[[], None] | None = None
+    ) -> list[tuple[_Piece, np.ndarray]]:
         """The pieces ascending global ``seq`` fall in, and their rows in each."""
         found: list[tuple[_Piece, np.ndarray]] = []
         for number, start, stop in plan.segments(seq):
@@ -713,10 +735,10 @@ class BlockReader:
                 a, b = edges[index - first], edges[index - first + 1]
                 if b > a:
                     try:
-                        piece = self._wait(plan, state, index)
+                        piece = self._wait(plan, state, index, check)
                     except Abandoned:  # cleared as this stream began (the last one ended)
                         state = self._block(plan, number, urgent=True)
-                        piece = self._wait(plan, state, index)
+                        piece = self._wait(plan, state, index, check)
                     found.append((piece, positions[a:b] - piece.start))
             if plan.shuffle:
                 # shuffled, the blocks after this one once its rows are here: started
@@ -725,25 +747,34 @@ class BlockReader:
                 self._read_ahead(plan, state)
         return found
 
-    def rows(self, plan: EpochPlan, seq: np.ndarray) -> Rows:
-        """Rows for ascending global sequence numbers of an epoch, in that order."""
-        pieces = [piece.rows(local) for piece, local in self._pieces(plan, seq)]
+    def rows(
+        self, plan: EpochPlan, seq: np.ndarray, check: Callable[[], None] | None = None
+    ) -> Rows:
+        """Rows for ascending global sequence numbers of an epoch, in that order.
+
+        ``check`` is called while a piece is waited for (every ``CHECK_SECONDS``); what it
+        raises ends the wait (a stream whose client went away stops at once, and the
+        blocks only it read are let go sooner).
+        """
+        pieces = [piece.rows(local) for piece, local in self._pieces(plan, seq, check)]
         if not pieces:
             return Rows(self.reader.schema.empty_table())
         return Rows.concat(pieces)
 
-    def kept(self, plan: EpochPlan, seq: np.ndarray) -> Kept:
+    def kept(
+        self, plan: EpochPlan, seq: np.ndarray, check: Callable[[], None] | None = None
+    ) -> Kept:
         """What the iteration's filters leave of ascending global sequence numbers.
 
-        Without filters, every readable, present sample is kept.
+        Without filters, every readable, present sample is kept. ``check``: as ``rows``'.
         """
         if self.filter is None:
-            rows = self.rows(plan, seq)
+            rows = self.rows(plan, seq, check)
             failed = np.zeros(len(seq), dtype=bool) if rows.unreadable is None else rows.unreadable
             keep = ~failed if rows.absent is None else ~failed & ~rows.absent
             table = rows.table if keep.all() else rows.table.filter(pa.array(keep))
             return Kept(table, keep, failed)
-        pieces = [piece.kept(local) for piece, local in self._pieces(plan, seq)]
+        pieces = [piece.kept(local) for piece, local in self._pieces(plan, seq, check)]
         if not pieces:
             empty = np.zeros(0, dtype=bool)
             return Kept(self.reader.schema.empty_table(), empty, empty)

@@ -127,7 +127,8 @@ class CategorizedBatcher:
         ordinals = np.arange(self._next, self._next + len(local), dtype=np.int64)
         self._next += len(local)
         # what the iteration's filters leave (filtered once per block, on the read threads)
-        found = self.blocks.kept(self.plan, self.plan.to_global(self.world.partition, local))
+        seq = self.plan.to_global(self.world.partition, local)
+        found = self.blocks.kept(self.plan, seq, self.work.check)
         self._drop(local[found.failed], self._failed)
         self._drop(local[~found.kept & ~found.failed], self._filtered)
         table, local, ordinals = found.table, local[found.kept], ordinals[found.kept]

@@ -368,26 +368,33 @@ class MixtureBlocks(BlockReader):
         """A mixture's rows come from several readers: every batch is cut afresh."""
         return plan.total
 
-    def kept(self, plan: EpochPlan, seq: np.ndarray) -> Kept:
+    def kept(
+        self, plan: EpochPlan, seq: np.ndarray, check: Callable[[], None] | None = None
+    ) -> Kept:
         """What the iteration's own filters leave of a mixture's rows (sources' filters ran)."""
-        rows = self.rows(plan, seq)
+        rows = self.rows(plan, seq, check)
         failed = (
             np.zeros(len(seq), dtype=bool) if rows.unreadable is None else rows.unreadable.copy()
         )
         keep = ~failed if rows.absent is None else ~failed & ~rows.absent
-        check = self.mixed_filter
-        if check is not None and keep.any():
+        mixed = self.mixed_filter
+        if mixed is not None and keep.any():
             where = np.flatnonzero(keep)
             picked = rows.table if keep.all() else rows.table.filter(pa.array(keep))
             batches = picked.combine_chunks().to_batches()
-            ok, bad = check(batches[0])
+            ok, bad = mixed(batches[0])
             keep[where] = ok & ~bad
             failed[where[bad]] = True
         table = rows.table if keep.all() else rows.table.filter(pa.array(keep))
         return Kept(table, keep, failed)
 
-    def rows(self, plan: EpochPlan, seq: np.ndarray) -> Rows:
-        """Rows for ascending seqs of a mixture epoch, in that order."""
+    def rows(
+        self, plan: EpochPlan, seq: np.ndarray, check: Callable[[], None] | None = None
+    ) -> Rows:
+        """Rows for ascending seqs of a mixture epoch, in that order.
+
+        ``check``: as a ``BlockReader``'s (passed on to the sources' readers).
+        """
         if not isinstance(plan, MixturePlan):
             raise TypeError("MixtureBlocks reads MixturePlan epochs")
         seq = np.asarray(seq, dtype=np.int64)
@@ -396,7 +403,7 @@ class MixtureBlocks(BlockReader):
         pieces: list[Rows] = []
         places: list[np.ndarray] = []
         for s, p, where, inner in self.mixture.split(plan.order, seq):
-            rows = self.readers[s].rows(self.mixture.source_plan(s, plan.epoch, p), inner)
+            rows = self.readers[s].rows(self.mixture.source_plan(s, plan.epoch, p), inner, check)
             pieces.append(self._conform(s, rows))
             places.append(where)
         joined = Rows.concat(pieces)

@@ -84,6 +84,10 @@ class StreamWork:
             self._checked = (now, answer)
         return answer
 
+    def check(self) -> None:
+        """Raise ``Stopped`` (or ``IterationNotFound``) when the stream is to stop."""
+        self._check()
+
     def _check(self) -> None:
         if self.live.deleted:  # the reader learns why its stream ends, in one line
             raise IterationNotFound(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +159,10 @@ class _Filtered:
         self.keep = keep
         self.table = pa.table({"uid": np.arange(len(keep), dtype=np.int64)})
 
-    def kept(self, plan: EpochPlan, seq: np.ndarray) -> Kept:
+    def kept(
+        self, plan: EpochPlan, seq: np.ndarray, check: Callable[[], None] | None = None
+    ) -> Kept:
+        assert check is not None, "a batcher lets its stream stop while it waits for rows"
         assert bool((np.diff(seq) > 0).all()), "a batcher asks for ascending samples"
         keep = self.keep[seq]
         rows = self.table.take(pa.array(seq[keep]))
@@ -188,6 +191,9 @@ class _Chunks:
 
     def release(self, ranges: list[tuple[int, int]], filtered: int, failed: int) -> None:
         self.released.append((ranges, filtered, failed))
+
+    def check(self) -> None:
+        pass
 
 
 def _stream(
@@ -262,7 +268,10 @@ class _Wide:
     def __init__(self, total: int) -> None:
         self.table = pa.table({"blob": pa.array([b"x" * 4096] * total, pa.binary())})
 
-    def rows(self, plan: EpochPlan, seq: np.ndarray) -> Rows:
+    def rows(
+        self, plan: EpochPlan, seq: np.ndarray, check: Callable[[], None] | None = None
+    ) -> Rows:
+        assert check is not None, "a batcher lets its stream stop while it waits for rows"
         return Rows(self.table.slice(int(seq[0]), len(seq)))
 
     def boundary(self, plan: EpochPlan, seq: int) -> int:

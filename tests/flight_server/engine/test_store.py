@@ -28,6 +28,7 @@ from lavender_flight.flight_server.engine.blocks import Abandoned, _Block
 from lavender_flight.flight_server.engine.manager import WARM_SECONDS
 from lavender_flight.flight_server.engine.plan import ORDER_VERSION, BlockOrder
 from lavender_flight.flight_server.engine.plans import Plans
+from lavender_flight.flight_server.engine.work import Stopped
 from lavender_flight.flight_server.memory import MemoryBudget
 from lavender_flight.flight_server.read_pool import CPU
 from lavender_flight.protocol import ColumnOptions
@@ -417,3 +418,32 @@ def test_a_new_iteration_records_its_order_version_and_an_old_one_keeps_version_
     assert plans.epoch(0).permutation(0).tolist() == (
         np.random.default_rng([record.plan.seed, 1, 0]).permutation(block.size).tolist()
     )
+
+
+def test_a_stream_waiting_for_a_piece_stops_when_its_check_says_so(
+    engine: tuple[LavenderService, IterationManager],
+) -> None:
+    live = opened(engine, "stopping")
+    plan = live.views.plan(0)
+    blocks = live.blocks
+    state = blocks._cache[(0, 0)]
+    state.pieces[0].result(timeout=30)
+    held = _Block(state.number, state.start, state.bounds, [Future() for _ in state.pieces])
+    blocks._cache[(0, 0)] = held  # its gather never ends
+    asked: list[float] = []
+
+    def check() -> None:  # the client goes away after the third look
+        asked.append(time.monotonic())
+        if len(asked) >= 3:
+            raise Stopped
+
+    seq = np.arange(plan.blocks[0].start, plan.blocks[0].start + 8)
+    began = time.monotonic()
+    with pytest.raises(Stopped):
+        blocks.rows(plan, seq, check)
+    assert len(asked) == 3 and time.monotonic() - began < 5  # not the read timeout
+    assert blocks._cache[(0, 0)] is held  # left for the other streams of the rank
+    for ours, read in zip(held.pieces, state.pieces, strict=True):
+        ours.set_result(read.result(timeout=30))
+    assert blocks.rows(plan, seq, check=lambda: None).table.num_rows == 8
+    blocks.clear()
