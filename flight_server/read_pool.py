@@ -27,10 +27,12 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -281,10 +283,23 @@ class ReadPool:
                 wake.set()
 
 
-def wait_for(future: Future[T], timeout: float, what: str) -> T:
-    """A future's result, or ``StorageError`` after ``timeout`` seconds naming ``what``."""
+def wait_for(
+    future: Future[T],
+    timeout: float,
+    what: str,
+    check: Callable[[], None] | None = None,
+    every: float = 0.01,
+) -> T:
+    """A future's result, or ``StorageError`` after ``timeout`` seconds naming ``what``.
+
+    ``check`` is called every ``every`` seconds of the wait; what it raises ends the wait.
+    """
+    deadline = time.monotonic() + timeout
+    while check is not None and not future.done() and time.monotonic() < deadline:
+        check()
+        futures_wait([future], every)
     try:
-        return future.result(timeout)
+        return future.result(max(0.0, deadline - time.monotonic()))
     except FutureTimeout:
         raise StorageError(
             f"{what} did not answer within {timeout:g} s (--read-timeout); the store may be "

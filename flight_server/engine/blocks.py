@@ -25,10 +25,8 @@ import bisect
 import functools
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -672,19 +670,28 @@ class BlockReader:
         ``check`` is called every ``CHECK_SECONDS`` of the wait (see ``rows``); what it
         raises leaves the block as it is, for the other streams.
         """
-        future = state.pieces[index]
-        deadline = time.monotonic() + self.pool.timeout
-        while check is not None and not future.done() and time.monotonic() < deadline:
-            check()
-            futures.wait([future], CHECK_SECONDS)
+        stopped: list[BaseException] = []
+
+        def checked() -> None:
+            assert check is not None
+            try:
+                check()
+            except BaseException as exc:
+                stopped.append(exc)
+                raise
+
         try:
             return wait_for(
-                future,
-                max(0.0, deadline - time.monotonic()),
+                state.pieces[index],
+                self.pool.timeout,
                 f"reading block {state.number} of iteration {self._iteration_id} "
                 f"({self.reader.main.location.shown})",
+                checked if check is not None else None,
+                CHECK_SECONDS,
             )
-        except BaseException:
+        except BaseException as exc:
+            if stopped and exc is stopped[-1]:  # the stream stops, not the block's read
+                raise
             with self._lock:
                 key = (plan.epoch, state.number)
                 if self._cache.get(key) is state:
