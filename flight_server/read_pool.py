@@ -191,13 +191,17 @@ class ReadPool:
         """Make the queued tasks submitted with ``tag`` urgent (a stream waits for them now)."""
         with self._cond:
             for found in self._lanes.values():
-                waiting = [t for t in found.queue if t.tag is tag and not t.urgent]
+                # the queue: its urgent tasks, then the others; the tag's move between them
+                urgent: list[_Task] = []
+                waiting: list[_Task] = []
+                rest: list[_Task] = []
+                for task in found.queue:
+                    (urgent if task.urgent else waiting if task.tag is tag else rest).append(task)
                 if not waiting:
                     continue
-                rest = [t for t in found.queue if not (t.tag is tag and not t.urgent)]
                 for task in waiting:
                     task.urgent = True
-                found.queue = deque([*rest[: found.urgent], *waiting, *rest[found.urgent :]])
+                found.queue = deque([*urgent, *waiting, *rest])
                 found.urgent += len(waiting)
 
     def urgent_waiting(self, lane: str) -> bool:

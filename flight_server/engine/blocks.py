@@ -443,8 +443,7 @@ class BlockReader:
         """
         block = plan.blocks[number]
         bounds = self._bounds(plan, number)
-        state = _Block(number, block.start, bounds, [Future() for _ in bounds[:-1]])
-        state.urgent = urgent
+        state = _Block(number, block.start, bounds, [Future() for _ in bounds[:-1]], urgent=urgent)
         if not block.shard_slots:
             for future in state.pieces:
                 future.set_result(_Piece(0, 0, self.reader.schema.empty_table()))

@@ -26,7 +26,6 @@ lets a first batch wait for a few thousand draws instead of the whole block's.
 from __future__ import annotations
 
 import copy
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,8 +64,8 @@ class BlockOrder:
     Order version 2 draws the head as a uniform ordered sample without replacement of
     ``ORDER_HEAD`` of the block's ``size`` places, then the rest as a uniform permutation
     of the places left: together a uniform permutation. Version 1 (and any block no larger
-    than the head) draws the whole permutation at once. ``full`` may be called from several
-    threads: the first draws, the others wait for it.
+    than the head) draws the whole permutation at once. One owner draws it (a block's gather;
+    ``EpochPlan.permutation`` draws its own).
     """
 
     def __init__(self, seed: list[int], size: int, version: int = ORDER_VERSION) -> None:
@@ -75,7 +74,6 @@ class BlockOrder:
         self.size = size
         self._rng = np.random.default_rng(seed)
         self._full: np.ndarray | None = None
-        self._lock = threading.Lock()
         if version == 1 or size <= ORDER_HEAD:
             self._full = self._rng.permutation(size)
             self.head = self._full
@@ -84,18 +82,15 @@ class BlockOrder:
 
     def full(self) -> np.ndarray:
         """The whole permutation (its first places are ``head``); drawn on the first call."""
-        if self._full is not None:
-            return self._full
-        with self._lock:
-            if self._full is None:
-                left = np.ones(self.size, dtype=bool)
-                left[self.head] = False
-                found = np.empty(self.size, dtype=np.int64)
-                found[: len(self.head)] = self.head
-                found[len(self.head) :] = np.flatnonzero(left)
-                self._rng.shuffle(found[len(self.head) :])
-                self._full = found
-            return self._full
+        if self._full is None:
+            left = np.ones(self.size, dtype=bool)
+            left[self.head] = False
+            found = np.empty(self.size, dtype=np.int64)
+            found[: len(self.head)] = self.head
+            found[len(self.head) :] = np.flatnonzero(left)
+            self._rng.shuffle(found[len(self.head) :])
+            self._full = found
+        return self._full
 
     def upto(self, stop: int) -> np.ndarray:
         """The first ``stop`` places: from the head alone when it holds them."""
