@@ -239,6 +239,20 @@ class MemoryBudget:
         """Cached and reserved bytes together."""
         return self._kept + self._reserved
 
+    def peek(self, key: Hashable) -> Any | None:
+        """The value kept under ``key`` (a use of it, as ``get``'s), else None: never loads.
+
+        A value still being loaded counts as absent: the caller, which would rather not
+        wait, reads it the usual way.
+        """
+        with self._cond:
+            entry = self._entries.get(key)
+            if entry is None or not entry.done:
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry.future.result()
+
     def __contains__(self, key: Hashable) -> bool:
         with self._cond:
             entry = self._entries.get(key)

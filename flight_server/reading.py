@@ -20,7 +20,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pyarrow as pa
@@ -91,6 +91,11 @@ class ShardCache:
         A failed read is not kept: the next reader tries again.
         """
         return self.budget.get(key, read, self.weigh)
+
+    def peek(self, key: Hashable) -> pa.Table | None:
+        """The table cached under ``key`` if it is decoded already; None otherwise (no read)."""
+        found = self.budget.peek(key)
+        return found if found is None else cast(pa.Table, found)
 
 
 @dataclass
@@ -252,15 +257,17 @@ class DatasetReader:
             return read()
         return self.pool.run(view.lane, read, f"reading {view.location.shown}")
 
+    @staticmethod
+    def _key(view: ShardsetView, shard: Shard) -> Hashable:
+        return (view.shardset.id, shard.index, shard_digest(shard), tuple(view.columns))
+
     def _cached(self, view: ShardsetView, shard: Shard) -> pa.Table:
         """A shard of a view, decoded once for the whole server (see ``ShardCache``)."""
-        key = (view.shardset.id, shard.index, shard_digest(shard), tuple(view.columns))
-        return self.cache.get(key, lambda: self._read(view, shard))
+        return self.cache.get(self._key(view, shard), lambda: self._read(view, shard))
 
     def cached(self, shard: Shard) -> bool:
         """Whether a main shard's file is decoded already (in the server's cache)."""
-        key = (self.main.shardset.id, shard.index, shard_digest(shard), tuple(self.main.columns))
-        return key in self.cache.budget
+        return self._key(self.main, shard) in self.cache.budget
 
     def _index(self, view: ShardsetView) -> UidIndex:
         uid = self.dataset.uid_column_name
@@ -304,23 +311,53 @@ class DatasetReader:
 
         The mask is None under a left join, or when no row lacks a feature row.
         """
-        table = self._cached(self.main, shard)
+        found = self._joined(shard, load=True)
+        assert found is not None
+        return found
+
+    def read_decoded(self, shard: Shard) -> tuple[pa.Table, np.ndarray | None] | None:
+        """``read_joined`` when it needs no read: every file decoded already, joins aligned.
+
+        None otherwise (a file not decoded or being decoded, or a join by uid to make): the
+        caller then reads the shard on its store's lane. A block whose shards are decoded
+        does not queue behind other reads of the store.
+        """
+        return self._joined(shard, load=False)
+
+    def _joined(self, shard: Shard, load: bool) -> tuple[pa.Table, np.ndarray | None] | None:
+        table = self._cached(self.main, shard) if load else self._peek(self.main, shard)
+        if table is None:
+            return None
         missing: np.ndarray | None = None
         for view in self.views[1:]:
-            table, absent = self._join(table, view, shard)
+            joined = self._join(table, view, shard, load)
+            if joined is None:
+                return None
+            table, absent = joined
             if self.join == "inner" and absent is not None:
                 missing = absent if missing is None else missing | absent
         return table, missing
 
+    def _peek(self, view: ShardsetView, shard: Shard) -> pa.Table | None:
+        return self.cache.peek(self._key(view, shard))
+
     def _join(
-        self, table: pa.Table, view: ShardsetView, main_shard: Shard
-    ) -> tuple[pa.Table, np.ndarray | None]:
+        self, table: pa.Table, view: ShardsetView, main_shard: Shard, load: bool = True
+    ) -> tuple[pa.Table, np.ndarray | None] | None:
+        """``table`` with ``view``'s columns, and which rows lack them (None: every row has).
+
+        Without ``load``, None unless the view's aligned shard is decoded already.
+        """
         uid = self.dataset.uid_column_name
         names = view.columns[1:]
         absent: np.ndarray | None = None
         partner = view.aligned_with(main_shard)
-        feature = self._cached(view, partner) if partner is not None else None
+        feature: pa.Table | None = None
+        if partner is not None:
+            feature = self._cached(view, partner) if load else self._peek(view, partner)
         if feature is None or not feature.column(uid).equals(table.column(uid)):
+            if not load:
+                return None
             feature, absent = self._by_uid(table.column(uid), view)
         for name in names:  # aligned: the columns as read, no copy
             table = table.append_column(view.schema.field(name), feature.column(name))

@@ -30,9 +30,11 @@ UNBOUNDED = 1 << 62
 WAIT_SECONDS = 0.25
 """How often a stream waiting on its budget looks at the catalog (acks through another
 server, a pushback)."""
-CHECK_SECONDS = 0.05
+CHECK_SECONDS = 0.01
 """How often it looks at whether it should stop (its client gone: the blocks it was
-having gathered are abandoned as soon as it ends)."""
+having gathered are abandoned as soon as it ends). At 50 ms, a job that closed one
+iteration and opened the next found the old one's gathers holding both ``cpu`` slots for
+25 ms on average (traced): the new first block waited for them. A look costs about 10 us."""
 
 
 class Stopped(Exception):

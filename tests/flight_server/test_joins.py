@@ -11,6 +11,7 @@ import itertools
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,10 +196,21 @@ def test_aligned_shardset_attaches_columns_without_lookups(
     assert [c.buffers()[1].address for c in joined.column("score").chunks] == [
         c.buffers()[1].address for c in read.chunks
     ]
+    # decoded, the same rows come without the store's lane; not decoded, none (no read)
+    files = sum(watch.files.values())
+    decoded = reader.read_decoded(reader.main_shard(1))
+    assert decoded is not None and decoded[0].equals(joined) and decoded[1] is None
+    service.join_cache.budget.clear()
+    assert reader.read_decoded(reader.main_shard(1)) is None
+    assert sum(watch.files.values()) == files
 
 
 def test_unaligned_shardset_joins_by_uid_in_order_and_shuffled(
-    dataset: Dataset, data_dir: Path, watch: Watch, raw_flight: flight.FlightClient
+    dataset: Dataset,
+    data_dir: Path,
+    watch: Watch,
+    raw_flight: flight.FlightClient,
+    service: LavenderService,
 ) -> None:
     uids = main_table().column("uid").to_numpy()
     order = np.random.default_rng(5).permutation(len(uids))
@@ -221,6 +233,9 @@ def test_unaligned_shardset_joins_by_uid_in_order_and_shuffled(
     assert watch.lookups > 0
     # feature shards are read once and kept (two epochs): not once per main shard
     assert {n for name, n in watch.files.items() if name.startswith("shuffled/")} == {1}
+    # every file decoded, but a join by uid is work: a block does it on the store's lane
+    reader = service.reader(service.get_dataset(dataset_id=dataset.id))
+    assert reader.read_decoded(reader.main_shard(0)) is None
 
     # the any-language path: plain list_flights / get_flight_info / do_get
     info = raw_flight.get_flight_info(flight.FlightDescriptor.for_path("joins"), call_options())
@@ -551,6 +566,19 @@ def test_the_join_cache_stays_within_its_bytes_and_shares_reads() -> None:
     for thread in threads:
         thread.join(10)
     assert len(results) == 4 and slow_reads == [1]
+
+    # peek: a kept table (a use: it moves to the young end), never a read nor a wait
+    assert cache.peek("absent") is None and cache.peek(0) is not None
+    gate.clear()
+    loading = threading.Thread(target=lambda: cache.get("loading", slow))
+    loading.start()
+    deadline = time.monotonic() + 10
+    while len(slow_reads) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert cache.peek("loading") is None  # being read: the caller reads the usual way
+    gate.set()
+    loading.join(10)
+    assert cache.peek("loading") is not None and slow_reads == [1, 1]
 
 
 class HeldShardIO(CountingShardIO):

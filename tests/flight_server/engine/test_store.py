@@ -30,7 +30,7 @@ from lavender_flight.flight_server.engine.plan import ORDER_VERSION, BlockOrder
 from lavender_flight.flight_server.engine.plans import Plans
 from lavender_flight.flight_server.engine.work import Stopped
 from lavender_flight.flight_server.memory import MemoryBudget
-from lavender_flight.flight_server.read_pool import CPU
+from lavender_flight.flight_server.read_pool import CPU, LOCAL
 from lavender_flight.protocol import ColumnOptions
 from lavender_flight.protocol.errors import InvalidArgument
 from lavender_flight.protocol.iterations import (
@@ -399,6 +399,42 @@ def test_a_shuffled_block_reads_ahead_once_its_rows_are_here_and_abandoned_reads
     blocks.clear()
     deadline = time.monotonic() + 30
     while service.read_pool.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_block_whose_shards_are_decoded_does_not_wait_for_its_stores_lane(
+    engine: tuple[LavenderService, IterationManager],
+) -> None:
+    service, _ = engine
+    first = opened(engine, "decodes")
+    for future in first.blocks._cache[(0, 0)].pieces:
+        future.result(timeout=30)  # its shards are decoded now, kept in the server's LRU
+    pool = service.read_pool
+    gate = threading.Event()
+    blockers = [pool.submit(LOCAL, gate.wait, 30) for _ in range(pool.limit(LOCAL))]
+    try:
+        # the lane is full (another iteration's reads): a block of decoded shards goes on
+        again = opened(engine, "decoded")
+        for future in again.blocks._cache[(0, 0)].pieces:
+            future.result(timeout=30)
+        assert not any(b.done() for b in blockers)
+        # the same block with nothing decoded waits for the lane
+        service.join_cache.budget.clear()
+        cold = opened(engine, "cold")
+        time.sleep(0.3)
+        assert not cold.blocks._cache[(0, 0)].pieces[0].done()
+    finally:
+        gate.set()
+    cold.blocks._cache[(0, 0)].pieces[0].result(timeout=30)
+    uids = [
+        state.pieces[0].result().table.column("uid").to_pylist()
+        for state in (first.blocks._cache[(0, 0)], again.blocks._cache[(0, 0)])
+    ]
+    assert uids[0] == uids[1] and len(uids[0]) > 0  # the same seed: the same rows
+    for live in (first, again, cold):
+        live.blocks.clear()
+    deadline = time.monotonic() + 30
+    while pool.busy and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
