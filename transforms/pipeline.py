@@ -264,10 +264,11 @@ class Pipeline:
         return step.run(batch, self.timeout, self.watch)
 
     def _mask(self, batch: pa.RecordBatch) -> np.ndarray:
-        keep = np.ones(batch.num_rows, dtype=bool)
+        keep: np.ndarray | None = None
         for step in self.filters:
-            keep &= filter_mask(step, self._run(step, batch), batch.num_rows)
-        return keep
+            mask = filter_mask(step, self._run(step, batch), batch.num_rows)
+            keep = mask if keep is None else keep & mask
+        return np.ones(batch.num_rows, dtype=bool) if keep is None else keep
 
     def _process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         if self.collater is not None:
@@ -289,6 +290,8 @@ class Pipeline:
             return np.ones(batch.num_rows, dtype=bool), np.zeros(batch.num_rows, dtype=bool)
         outcome = self._guarded(self._mask, batch, np.zeros(0, dtype=bool))
         failed = np.zeros(batch.num_rows, dtype=bool)
+        if not len(outcome.failed):  # the usual case: every row answered
+            return outcome.result, failed
         failed[outcome.failed] = True
         keep = np.zeros(batch.num_rows, dtype=bool)
         keep[~failed] = outcome.result

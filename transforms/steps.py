@@ -140,7 +140,9 @@ def filter_mask(step: Step, result: Any, rows: int) -> np.ndarray:
             raise PluginBroken(
                 step, BrokenContract(f"returned {result.type} values, not booleans (bool_)")
             )
-        mask = result.fill_null(False).to_numpy(zero_copy_only=False)
+        if result.null_count:
+            result = result.fill_null(False)
+        mask = result.to_numpy(zero_copy_only=False)
     elif isinstance(result, np.ndarray):
         if result.dtype != np.bool_:
             raise PluginBroken(

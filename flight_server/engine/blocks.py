@@ -231,7 +231,7 @@ def _cut(table: pa.Table, rows: np.ndarray) -> pa.Table:
     first, last = int(rows[0]), int(rows[-1])
     if last - first == len(rows) - 1:
         return table.slice(first, len(rows))
-    return table.take(pa.array(rows))
+    return take_rows(table, rows)
 
 
 @dataclass
@@ -246,7 +246,9 @@ class _Piece:
     # what the iteration's filters leave (None without filters)
     keep: np.ndarray | None = None
     failed: np.ndarray | None = None
-    rank: np.ndarray | None = None
+    kept_rows: np.ndarray | None = None
+    """The positions of the kept rows, ascending: row ``i`` of ``kept_table`` is
+    ``kept_rows[i]`` of ``table``."""
     kept_table: pa.Table | None = None
 
     def rows(self, local: np.ndarray) -> Rows:
@@ -257,19 +259,19 @@ class _Piece:
         )
 
     def kept(self, local: np.ndarray) -> Kept:
-        assert self.keep is not None and self.failed is not None and self.rank is not None
-        assert self.kept_table is not None
+        assert self.keep is not None and self.failed is not None
+        assert self.kept_table is not None and self.kept_rows is not None
         if len(local) and int(local[-1]) - int(local[0]) == len(local) - 1:
             # a run of rows (ascending): slices, and its kept rows are one slice too
             a, b = int(local[0]), int(local[-1]) + 1
-            first = int(self.rank[a - 1]) + 1 if a else 0
-            count = int(self.rank[b - 1]) + 1 - first
+            first, stop = np.searchsorted(self.kept_rows, (a, b)).tolist()
+            count = stop - first
             parts = ((self.kept_table, first, count),) if count else ()
             return Kept(
                 self.kept_table.slice(first, count), self.keep[a:b], self.failed[a:b], parts
             )
         keep = self.keep[local]
-        rows = self.rank[local[np.flatnonzero(keep)]]
+        rows = np.searchsorted(self.kept_rows, local[np.flatnonzero(keep)])
         table = _cut(self.kept_table, rows)
         if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
             return Kept(
@@ -625,35 +627,44 @@ class BlockReader:
         return self._filtered(piece)
 
     def _filtered(self, piece: _Piece) -> _Piece:
-        """The piece with what the iteration's filters leave of it (none: as it is)."""
+        """The piece with what the iteration's filters leave of it (none: as it is).
+
+        The kept rows are one ``take`` of their positions (a quarter faster than a boolean
+        filter of 100-byte strings when every other row stays); those positions also map
+        a sample to its kept row (no running count over the piece).
+        """
         if self.filter is None:
             return piece
         size = piece.stop - piece.start
         failed = np.zeros(size, dtype=bool) if piece.unreadable is None else piece.unreadable.copy()
-        candidates = ~failed
-        if piece.absent is not None:  # an inner join left them out: they count as filtered
-            candidates &= ~piece.absent
+        if piece.unreadable is None and piece.absent is None:
+            chosen = None  # every row is a candidate (the usual case): no scatter
+        else:
+            candidates = ~failed
+            if piece.absent is not None:  # an inner join left them out: they count as filtered
+                candidates &= ~piece.absent
+            chosen = np.flatnonzero(candidates)
         keep = np.zeros(size, dtype=bool)
-        chosen = np.flatnonzero(candidates)
-        if len(chosen):
-            table = piece.table if len(chosen) == size else piece.table.take(pa.array(chosen))
-            kept = np.empty(len(chosen), dtype=bool)
-            lost = np.empty(len(chosen), dtype=bool)
-            for offset in range(0, len(chosen), PIECE_ROWS):
+        count = size if chosen is None else len(chosen)
+        if count:
+            table = piece.table if chosen is None else piece.table.take(pa.array(chosen))
+            kept = np.empty(count, dtype=bool)
+            lost = np.empty(count, dtype=bool)
+            for offset in range(0, count, PIECE_ROWS):
                 part = table.slice(offset, PIECE_ROWS).combine_chunks().to_batches()
                 if not part:
                     continue
                 k, f = self.filter(part[0])
                 kept[offset : offset + len(k)] = k
                 lost[offset : offset + len(f)] = f
-            if len(chosen) == size:  # every row was a candidate: no scatter
+            if chosen is None:
                 keep, failed = kept, failed | lost
             else:
                 keep[chosen] = kept
                 failed[chosen] |= lost
         piece.keep, piece.failed = keep, failed
-        piece.rank = np.cumsum(keep, dtype=np.int64) - 1
-        piece.kept_table = piece.table.filter(pa.array(keep))
+        piece.kept_rows = np.flatnonzero(keep)
+        piece.kept_table = _cut(piece.table, piece.kept_rows)
         return piece
 
     def _block(self, plan: EpochPlan, number: int, urgent: bool = False) -> _Block:

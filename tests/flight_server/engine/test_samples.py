@@ -61,3 +61,24 @@ def test_spans_in_order_take_the_front_of_every_other_sample() -> None:
         taken += len(inside)
         found.add(np.array([30_000 + start]))  # what later blocks drop, added behind
     assert taken == 10_000 and found.values.tolist() == [30_000 + s for s in range(0, 20_000, 2048)]
+
+
+def test_discarding_matches_a_python_set_for_runs_and_scattered_numbers() -> None:
+    # what an ack forgets is usually a run of the set's positions (at the front, or inside
+    # when an earlier message is acked later); numbers the set lacks, or several runs, too
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        numbers = sorted(set(rng.choice(500, size=int(rng.integers(1, 200)), replace=False)))
+        found = SampleSet(np.array(numbers, dtype=np.int64))
+        kind = rng.integers(0, 3)
+        if kind == 0:  # a run of positions
+            a = int(rng.integers(0, len(numbers)))
+            gone = numbers[a : a + int(rng.integers(1, len(numbers) - a + 1))]
+        elif kind == 1:  # scattered, some not in the set
+            gone = sorted(set(rng.choice(520, size=int(rng.integers(1, 40)), replace=False)))
+        else:  # a run with one number missing from the set
+            a = int(rng.integers(0, len(numbers)))
+            gone = sorted({*numbers[a : a + 5], 1000})
+        found.discard(SampleSet(np.array(gone, dtype=np.int64)))
+        expected = sorted(set(numbers) - set(gone))
+        assert found.values.tolist() == expected and len(found) == len(expected)
