@@ -150,6 +150,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "quick" if args.quick else "latest"
     out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)  # a run of half an hour is not lost to it
     out.write_text(json.dumps(results, indent=2))
     m = results["machine"]
     title = (

@@ -64,6 +64,18 @@ def _numpy(column: pa.Array) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
+def _python(column: pa.Array) -> list[Any]:
+    """A column's values as Python objects (``to_pylist``'s).
+
+    Strings and bytes through numpy's object array: Arrow makes them there in C++, a fifth
+    faster than ``to_pylist`` (which goes through a scalar per value).
+    """
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+        return column.to_numpy(zero_copy_only=False).tolist()
+    return column.to_pylist()
+
+
 def _torch(column: pa.Array) -> Any:
     import torch
 
@@ -73,10 +85,10 @@ def _torch(column: pa.Array) -> Any:
         inner = kind.value_type
         numeric = pa.types.is_integer(inner) or pa.types.is_floating(inner)
     if not numeric:
-        return column.to_pylist()
+        return _python(column)
     array = _numpy(column)
     if array.dtype == object:
-        return column.to_pylist()
+        return _python(column)
     with warnings.catch_warnings():
         # Arrow memory is read-only to numpy; the tensor shares it (zero copy): clone()
         # before changing it in place.
