@@ -3,11 +3,13 @@
 Each worker process streams its share of the rank's batches over its own connection; the
 loop in the main process reports what it takes and completes. Iterating the loader again
 is the next epoch: the main process decides which (``Iteration.next_epoch``) and tells its
-workers through a shared value, so a rank and its workers always agree. Workers stay for
-the next epochs by default (the ``spawn`` start-up is paid once per job). Batches reach the
-main process through shared memory, not pickled, a Flight message (or a few collated
-batches) per item (``shipping``); the main process takes them from its workers in turn,
-batch by batch, as torch does with one batch per item: the order of a loop with no workers.
+workers through a shared value, so a rank and its workers always agree. The rank's batches
+are dealt to the workers in runs of ``worker_batches`` (worker ``w`` streams runs ``w``,
+``w + n``, ...; one by default): a run's rows are consecutive, sent without a copy.
+Workers stay for the next epochs by default (the ``spawn`` start-up is paid once per job).
+Batches reach the main process through shared memory, not pickled, a Flight message (or a
+few collated batches) per item (``shipping``); the main process takes a run of batches
+from each worker in turn, batch by batch: the order of a loop with no workers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..protocol.errors import InvalidArgument
 from ..protocol.iterations import BatchMetadata, IterationTicket
 from .acks import Acknowledger, acknowledging, acknowledging_samples
 from .connection import LavenderClient
@@ -90,6 +93,8 @@ class IterationDataset(torch.utils.data.IterableDataset):
         self.locations = list(locations)
         self.ship = False
         self.collate: Callable[[Any], Any] | None = None
+        self.run = 1
+        """Batches a worker streams in a row (the loader's ``worker_batches``)."""
 
     def __getstate__(self) -> dict[str, Any]:
         # the shared epoch travels to spawned workers (as multiprocessing allows it: while
@@ -105,7 +110,12 @@ class IterationDataset(torch.utils.data.IterableDataset):
         assert self.ticket is not None, "the loader sets the ticket before the first epoch"
         epoch = int(self.epoch.value) if hasattr(self.epoch, "value") else int(self.epoch)
         ticket = self.ticket.model_copy(
-            update={"epoch": epoch, "worker": worker, "num_workers": num_workers}
+            update={
+                "epoch": epoch,
+                "worker": worker,
+                "num_workers": num_workers,
+                "worker_chunks": self.run,
+            }
         )
         report: list[int | None] = [None]
         deal: list[int | None] = [None]
@@ -152,12 +162,17 @@ class IterationDataset(torch.utils.data.IterableDataset):
 
 
 def in_turn(
-    items: Iterator[tuple[Shipment, Group]], workers: int, fmt: str, acks: Acknowledger
+    items: Iterator[tuple[Shipment, Group]],
+    workers: int,
+    fmt: str,
+    acks: Acknowledger,
+    run: int = 1,
 ) -> Iterator[tuple[Any, Token]]:
-    """The batches of the workers' groups, one worker's after the other's, as they stream.
+    """The batches of the workers' groups, a run of ``run`` of one worker's after the other's.
 
-    torch takes one item from each worker in turn; a group holds several batches, so the
-    turns are taken here, batch by batch (a worker whose stream ended leaves the round).
+    torch takes one item from each worker in turn; a group holds several batches and a
+    worker streams its runs of ``run`` batches, so the turns are taken here, batch by batch
+    (a worker whose stream ended leaves the round).
     A group's batches are reported taken as it arrives: a worker whose next group torch
     waits for must never wait on the server's read-ahead for batches held here.
     """
@@ -165,6 +180,7 @@ def in_turn(
     ended = [False] * workers
     turn = list(range(workers))
     at = 0
+    left = run  # batches of the current worker's run still to take
     while turn:
         worker = turn[at]
         queue = queues[worker]
@@ -188,10 +204,12 @@ def in_turn(
             del shipment, found
         if queue:
             yield queue.popleft()
-            at = (at + 1) % len(turn)
+            left -= 1
+            if not left:
+                at, left = (at + 1) % len(turn), run
         else:
             turn.remove(worker)
-            at = at % len(turn) if turn else 0
+            at, left = (at % len(turn) if turn else 0), run
     for shipment, group in items:  # nothing after every end: let torch finish its epoch
         yield from unpack(shipment, group, fmt)
 
@@ -209,7 +227,10 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         multiprocessing_context: str | None = None,
         timeout: float = 0,
         persistent_workers: bool | None = None,
+        worker_batches: int = 1,
     ) -> None:
+        if worker_batches < 1:
+            raise InvalidArgument(f"worker_batches must be >= 1, got {worker_batches}")
         self.iteration = iteration
         fmt = iteration.format if iteration.format != "python" else "torch"
         if num_workers > 0 and multiprocessing_context is None:
@@ -220,6 +241,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         # workers run again, builds the loader but must create nothing on the server
         dataset = IterationDataset(iteration.client.settings, None, fmt, self._epoch)
         dataset.ship = num_workers > 0
+        dataset.run = worker_batches
         if dataset.ship:
             sweep_at_exit()
         self._format = fmt
@@ -269,7 +291,11 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
 
         def items() -> Iterator[tuple[Any, list[tuple[int, int]]]]:
             shipped = dataset.ship
-            found = in_turn(loaded, self.num_workers, self._format, acks) if shipped else loaded
+            found = (
+                in_turn(loaded, self.num_workers, self._format, acks, dataset.run)
+                if shipped
+                else loaded
+            )
             for batch, token in found:
                 if token.report_every:
                     acks.report_every = token.report_every

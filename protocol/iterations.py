@@ -188,6 +188,10 @@ class IterationTicket(WireModel):
     reconnect, maybe through another server), while streams of other sessions share the
     rank's work. Tickets without one are all of one session. ``takeover`` (a resumed job)
     ends the rank's streams of every other session first: what they held is streamed here.
+    ``worker_chunks``: the rank's chunks (batches) are dealt to its ``num_workers`` workers
+    in runs of this many: worker ``w`` streams run ``r`` when ``r % num_workers == w`` (a
+    DataLoader takes that many batches from each worker in turn; a run's rows are
+    consecutive, sent without a copy).
     """
 
     kind: Literal["iteration"] = "iteration"
@@ -195,6 +199,7 @@ class IterationTicket(WireModel):
     rank: int = Field(default=0, ge=0, lt=MAX_WORLD_SIZE)
     worker: int = Field(default=0, ge=0, le=1023)
     num_workers: int = Field(default=1, ge=1, le=1024)
+    worker_chunks: int = Field(default=1, ge=1, le=65536)
     epoch: int | None = Field(default=None, ge=0, le=1_000_000)
     window: bool = False
     positions: bool = False

@@ -184,14 +184,18 @@ class PlainBatcher:
         self.work = work
         self.schema = schema
         self.partition = world.partition
-        # one partition read by one worker: its chunks are consecutive global rows
-        self._contiguous = world.num_partitions == 1 and world.num_workers == 1
+        # one partition, read by one worker or by workers in runs of chunks: its chunks
+        # (of a run) are consecutive global rows, a message of them is a slice of a block
+        self._contiguous = world.num_partitions == 1 and (
+            world.num_workers == 1 or world.worker_chunks > 1
+        )
 
     def _take(self, queue: list[Unit], chunks: int) -> list[Unit]:
         """The next message's units: up to ``chunks``, stopping where its rows change table.
 
         A unit whose rows straddle two tables (a chunk across two blocks) goes alone: only
-        its rows are copied into one batch.
+        its rows are copied into one batch. A message also ends where the next unit's rows
+        do not follow (a worker's next run of chunks).
         """
         if not self._contiguous or len(queue) == 1:
             found, queue[:] = queue[:chunks], queue[chunks:]
@@ -203,6 +207,8 @@ class PlainBatcher:
         while count < min(chunks, len(queue)):
             if queue[count][-1][1] + shift > stop:  # its rows go past the boundary
                 count = count or 1
+                break
+            if count and queue[count][0][0] != queue[count - 1][-1][1]:  # a gap: not a slice
                 break
             count += 1
         found, queue[:] = queue[:count], queue[count:]

@@ -253,14 +253,22 @@ class EpochViews:
         """Whether the epoch's world is not the spec's (replication groups no longer apply)."""
         return self.changes.deal(epoch) is not None or (self.changes.base_world(epoch) is not None)
 
-    def world(self, epoch: int, rank: int, worker: int = 0, num_workers: int = 1) -> World:
+    def world(
+        self, epoch: int, rank: int, worker: int = 0, num_workers: int = 1, worker_chunks: int = 1
+    ) -> World:
         """Where one stream of an epoch sits."""
         if not self.resized(epoch):
-            return self.setup.world(rank, worker, num_workers)
+            return self.setup.world(rank, worker, num_workers, worker_chunks)
         size = self.world_size(epoch)
         if not 0 <= rank < size:
             raise InvalidArgument(f"rank {rank} is outside the iteration's world of {size}")
-        return World(rank=rank, world_size=size, worker=worker, num_workers=num_workers)
+        return World(
+            rank=rank,
+            world_size=size,
+            worker=worker,
+            num_workers=num_workers,
+            worker_chunks=worker_chunks,
+        )
 
     def partition(self, epoch: int, rank: int) -> int:
         """The partition a rank reads in an epoch."""

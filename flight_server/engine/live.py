@@ -256,7 +256,9 @@ class LiveIteration:
         self.last_used = time.monotonic()
         self._end_cancelled(ticket.rank)
         while True:
-            world = views.world(epoch, ticket.rank, ticket.worker, ticket.num_workers)
+            world = views.world(
+                epoch, ticket.rank, ticket.worker, ticket.num_workers, ticket.worker_chunks
+            )
             plan = views.plan(epoch)
             try:
                 handle = self.store.open_stream(

@@ -115,7 +115,9 @@ class Plans:
         """Samples one rank delivers in an epoch (the same in every epoch)."""
         return self.epoch(0).partition_size(self.partitions[rank])
 
-    def world(self, rank: int, worker: int = 0, num_workers: int = 1) -> World:
+    def world(
+        self, rank: int, worker: int = 0, num_workers: int = 1, worker_chunks: int = 1
+    ) -> World:
         """Where one stream sits."""
         if not 0 <= rank < self.spec.world_size:
             raise InvalidArgument(
@@ -131,4 +133,5 @@ class Plans:
             ),
             worker=worker,
             num_workers=num_workers,
+            worker_chunks=worker_chunks,
         )

@@ -426,8 +426,8 @@ class RankState:
             if not world.owns(chunk):
                 cursor = world.next_owned(chunk) * batch
                 continue
-            # one worker: a run of chunks at once; several: only the chunk it owns
-            span = max_chunks - chunks if world.num_workers == 1 else 1
+            # a run of chunks at once: one worker's are all; several: to its run's end
+            span = min(max_chunks - chunks, world.run_left(chunk))
             end = min(size, (chunk + span) * batch)
             work = self.covered.gaps(first, end)
             self.covered.update(work)

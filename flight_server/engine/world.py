@@ -44,8 +44,9 @@ class World:
     """Where one stream sits: its rank among ``world_size`` and its worker among ``num_workers``.
 
     The epoch is cut into chunks of ``batch_size`` samples; chunk ``j`` belongs to partition
-    ``j % num_partitions``. Within a partition, local chunk ``c`` belongs to worker
-    ``c % num_workers``, so a rank's workers split its stream and never repeat it.
+    ``j % num_partitions``. Within a partition, local chunks are dealt to the workers in runs
+    of ``worker_chunks``: chunk ``c`` belongs to worker ``(c // worker_chunks) % num_workers``,
+    so a rank's workers split its stream and never repeat it.
     """
 
     rank: int = 0
@@ -53,6 +54,7 @@ class World:
     replication_pg: tuple[tuple[int, ...], ...] | None = None
     worker: int = 0
     num_workers: int = 1
+    worker_chunks: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -61,6 +63,8 @@ class World:
             raise InvalidArgument(
                 f"worker must be within 0..{self.num_workers - 1}, got {self.worker}"
             )
+        if self.worker_chunks < 1:
+            raise InvalidArgument(f"worker_chunks must be >= 1, got {self.worker_chunks}")
         replication_partitions(self.world_size, self.replication_pg)
 
     @property
@@ -75,9 +79,16 @@ class World:
 
     def owns(self, local_chunk: int) -> bool:
         """Whether this worker streams the partition's chunk ``local_chunk``."""
-        return local_chunk % self.num_workers == self.worker
+        return (local_chunk // self.worker_chunks) % self.num_workers == self.worker
 
     def next_owned(self, local_chunk: int) -> int:
         """The first chunk at or after ``local_chunk`` that this worker streams."""
-        offset = (self.worker - local_chunk) % self.num_workers
-        return local_chunk + offset
+        run = local_chunk // self.worker_chunks
+        offset = (self.worker - run) % self.num_workers
+        return local_chunk if not offset else (run + offset) * self.worker_chunks
+
+    def run_left(self, local_chunk: int) -> int:
+        """Chunks from ``local_chunk`` to the end of its run (one worker's, consecutive)."""
+        if self.num_workers == 1:
+            return 1 << 62
+        return self.worker_chunks - local_chunk % self.worker_chunks

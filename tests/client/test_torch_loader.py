@@ -24,6 +24,7 @@ import torch
 from lavender_flight.client import Iteration, LavenderClient, Writer
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
+from lavender_flight.protocol.errors import InvalidArgument
 from tests.conftest import CALL_TIMEOUT
 from tests.flight_server.test_security import self_signed
 
@@ -66,18 +67,20 @@ def run_loader(
     shuffle: bool,
     rank: int = 0,
     world_size: int = 1,
+    batch_size: int = BATCH,
+    worker_batches: int = 1,
 ) -> list[dict[str, Any]]:
     """Every batch of one rank's loader, after checking each as a training loop would see it."""
     iteration = Iteration.from_dataset(
         dataset_id,
-        batch_size=BATCH,
+        batch_size=batch_size,
         shuffle=shuffle,
         shuffle_seed=SEED,
         rank=rank,
         world_size=world_size,
         iteration_id=iteration_id,
     )
-    loader = iteration.to_torch_dataloader(num_workers=num_workers)
+    loader = iteration.to_torch_dataloader(num_workers=num_workers, worker_batches=worker_batches)
     batches = list(loader)
     assert len(loader) == len(batches)
     for batch in batches:
@@ -90,8 +93,8 @@ def run_loader(
         assert torch.equal(batch["score"], batch["uid"].to(torch.float32) / 2)
         assert batch["text"] == [f"sample {u}" for u in batch["uid"].tolist()]
     sizes = [len(b["uid"]) for b in batches]
-    assert all(size == BATCH for size in sizes[:-1]), sizes
-    assert 0 < sizes[-1] <= BATCH
+    assert all(size == batch_size for size in sizes[:-1]), sizes
+    assert 0 < sizes[-1] <= batch_size
     progress = lavender.get_iteration(iteration_id).ranks[rank]
     assert (progress.completed, progress.inflight) == (progress.total, 0)
     assert sum(sizes) == progress.total
@@ -206,14 +209,38 @@ def test_two_spawned_workers_give_the_same_batches_in_the_same_order(
     alone = run_loader(dataset_id, "workers0", num_workers=0, shuffle=shuffle)
     spawned = run_loader(dataset_id, "workers2", num_workers=2, shuffle=shuffle)
     assert_each_once(uids(spawned), range(TOTAL))
-    # DataLoader takes batches from its workers in turn, and worker w streams the rank's
-    # chunks w, w + 2, ...: the same seed gives the same order with or without workers,
+    # the loop takes runs of batches from its workers in turn, and worker w streams the
+    # rank's runs w, w + 2, ...: the same seed gives the same order with or without workers,
     # and the shared-memory trip from the workers keeps every value of every column
     assert [values(b) for b in spawned] == [values(b) for b in alone]
     assert shared_segments() <= before, "a batch's shared memory outlived the loop"
     progress = lavender.get_iteration("workers2")
     assert (progress.completed, progress.done) == (TOTAL, True)
     assert progress.ranks[0].opened == 2
+
+
+@pytest.mark.slow
+@MANY_WORKERS
+def test_workers_stream_runs_of_batches_taken_in_turn_in_the_order_without_workers(
+    dataset_id: str,
+) -> None:
+    # runs of 8 batches of 16 rows: 175 batches, 11 runs for each worker, the last short;
+    # every run is one worker's consecutive rows, sent as they lie
+    alone = run_loader(dataset_id, "runs0", num_workers=0, shuffle=True, batch_size=16)
+    spawned = run_loader(
+        dataset_id, "runs2", num_workers=2, shuffle=True, batch_size=16, worker_batches=8
+    )
+    assert len(spawned) == len(alone) == -(-TOTAL // 16)
+    assert [values(b) for b in spawned] == [values(b) for b in alone]
+    assert_each_once(uids(spawned), range(TOTAL))
+    progress = lavender.get_iteration("runs2")
+    assert (progress.completed, progress.done) == (TOTAL, True)
+
+
+def test_a_run_of_no_batches_is_refused_before_any_worker_starts(dataset_id: str) -> None:
+    iteration = Iteration.from_dataset(dataset_id, batch_size=BATCH, iteration_id="runs-bad")
+    with pytest.raises(InvalidArgument, match="worker_batches must be >= 1, got 0"):
+        iteration.to_torch_dataloader(num_workers=2, worker_batches=0)
 
 
 class Tokenize:

@@ -291,3 +291,52 @@ def test_a_plain_stream_of_one_chunk_messages_claims_several_messages_at_once() 
     messages = list(PlainBatcher(plan, source, World(), work, source.table.schema))
     assert [m.batch.num_rows for m in messages] == [batch] * (total // batch)
     assert work.asked[0] == 1 and set(work.asked[1:]) == {CLAIM_MESSAGES}
+
+
+class _Runs(_Wide):
+    """A source of small rows that refuses rows not in one run (they would need a copy)."""
+
+    def __init__(self, total: int) -> None:
+        self.table = pa.table({"uid": pa.array(np.arange(total, dtype=np.int64))})
+
+    def rows(
+        self, plan: EpochPlan, seq: np.ndarray, check: Callable[[], None] | None = None
+    ) -> Rows:
+        assert int(seq[-1]) - int(seq[0]) == len(seq) - 1, "a message's rows are one run"
+        return super().rows(plan, seq, check)
+
+
+def test_a_worker_streaming_runs_of_chunks_sends_each_run_as_it_lies() -> None:
+    """With ``worker_chunks``, a worker's chunks come in runs of consecutive rows: a message
+    never spans two runs (it would be a gather of rows, a copy), and covers every chunk the
+    worker owns once."""
+    batch, total = 8, 8 * 45
+    source = _Runs(total)
+    world = World(worker=1, num_workers=2, worker_chunks=4)
+    owned = [c for c in range(total // batch) if world.owns(c)]
+    assert owned[:6] == [4, 5, 6, 7, 12, 13]
+    work = _Chunks(owned, batch, total)
+    plan = EpochPlan([total], batch)
+    messages = list(PlainBatcher(plan, source, world, work, source.table.schema))
+    runs = [m.batch.column("uid").to_pylist() for m in messages]
+    assert sorted(u for run in runs for u in run) == [
+        u for c in owned for u in range(c * batch, (c + 1) * batch)
+    ]
+    assert max(len(run) for run in runs) == 4 * batch  # a whole run in one message
+
+
+def test_rows_in_long_runs_are_cut_as_slices_and_scattered_rows_taken() -> None:
+    from lavender_flight.flight_server.engine.blocks import _cut
+
+    table = pa.table({"uid": pa.array(np.arange(4096, dtype=np.int64))})
+    base = table.column("uid").chunk(0).buffers()[1].address
+    runs = np.concatenate([np.arange(0, 256), np.arange(512, 768), np.arange(1024, 1280)])
+    cut = _cut(table, runs)
+    assert cut.column("uid").to_pylist() == runs.tolist()
+    for chunk in cut.column("uid").chunks:  # views of the table's buffer: no copy
+        start = chunk.buffers()[1].address
+        assert base <= start < base + 4096 * 8
+    scattered = np.arange(0, 4096, 3)
+    taken = _cut(table, scattered)
+    assert taken.column("uid").to_pylist() == scattered.tolist()
+    assert taken.column("uid").num_chunks == 1

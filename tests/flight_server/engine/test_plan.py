@@ -67,6 +67,24 @@ def test_world_workers_split_chunks() -> None:
     assert workers[1].next_owned(5) == 7 and workers[2].next_owned(5) == 5
 
 
+def test_world_workers_split_chunks_in_runs() -> None:
+    workers = [World(worker=w, num_workers=3, worker_chunks=4) for w in range(3)]
+    owners = [[w.owns(c) for w in workers].index(True) for c in range(26)]
+    assert owners == [0] * 4 + [1] * 4 + [2] * 4 + [0] * 4 + [1] * 4 + [2] * 4 + [0] * 2
+    for chunk in range(30):
+        for world in workers:
+            found = world.next_owned(chunk)
+            assert world.owns(found) and found >= chunk
+            assert not any(world.owns(c) for c in range(chunk, found))
+            if world.owns(chunk):
+                left = world.run_left(chunk)
+                assert all(world.owns(c) for c in range(chunk, chunk + left))
+                assert not world.owns(chunk + left)
+    assert World().run_left(7) > 1 << 40  # one worker: every chunk is its run
+    with pytest.raises(InvalidArgument, match="worker_chunks must be >= 1"):
+        World(worker_chunks=0)
+
+
 def delivered(plan: EpochPlan) -> list[list[int]]:
     return [
         plan.positions(plan.to_global(g, np.arange(plan.partition_size(g)))).tolist()

@@ -57,6 +57,30 @@ def test_workers_share_a_rank() -> None:
     assert got[1] == [[(5, 10)], [(15, 20)], [(25, 30)]]
 
 
+def test_workers_share_a_rank_in_runs_of_chunks() -> None:
+    # runs of 3 chunks: a claim takes its worker's run (up to the end of it) in one range
+    state = RankState(size=62, batch_size=5)
+    got: dict[int, list[list[tuple[int, int]]]] = {0: [], 1: []}
+    worlds = {w: World(worker=w, num_workers=2, worker_chunks=3) for w in (0, 1)}
+    generations = {w: state.open_stream((w, 2), "nd-a", FAR) for w in (0, 1)}
+    while True:
+        progressed = False
+        for w in (0, 1):
+            work = claim(state, (w, 2), generations[w], worlds[w], chunks=2)
+            got[w].extend(work)
+            progressed |= bool(work)
+        if not progressed:
+            break
+    assert got[0] == [[(0, 5)], [(5, 10)], [(10, 15)], [(30, 35)], [(35, 40)], [(40, 45)],
+                      [(60, 62)]]  # fmt: skip
+    assert got[1] == [[(15, 20)], [(20, 25)], [(25, 30)], [(45, 50)], [(50, 55)], [(55, 60)]]
+    # what a worker holds is one range per run, not one per chunk
+    held = {w: state.stream((w, 2), generations[w]) for w in (0, 1)}
+    assert held[0] is not None and held[0].held.ranges() == [(0, 15), (30, 45), (60, 62)]
+    assert held[1] is not None and held[1].held.ranges() == [(15, 30), (45, 60)]
+    assert state.complete([(0, 62)]) == 62
+
+
 def test_runs_of_chunks_and_pushed_back_samples_in_order() -> None:
     state = RankState(size=23, batch_size=5)
     key = (0, 1)
