@@ -7,7 +7,16 @@ import json
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 from .errors import InvalidRequest
 from .ranges import runs
@@ -205,6 +214,15 @@ class IterationTicket(WireModel):
     positions: bool = False
     session: str = Field(default="", pattern=r"^[A-Za-z0-9_-]{0,64}$")
     takeover: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_default_runs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a ticket without runs reads as before they existed (a server of the version
+        # before refuses fields it does not know)
+        found: dict[str, Any] = handler(self)
+        if found.get("worker_chunks") == 1:
+            del found["worker_chunks"]
+        return found
 
 
 class AckBody(WireModel):

@@ -6,8 +6,10 @@ import random
 
 import numpy as np
 
+from lavender_flight.protocol import wire
 from lavender_flight.protocol.iterations import (
     BatchMetadata,
+    IterationTicket,
     batch_metadata_json,
     decode_positions,
     encode_positions,
@@ -39,3 +41,14 @@ def test_the_fast_batch_metadata_is_what_the_model_would_say() -> None:
         )  # fmt: skip
         if extra is not None:
             assert decode_positions(parsed.model_dump()).tolist() == positions.tolist()
+
+
+def test_a_ticket_without_runs_reads_as_before_runs_existed() -> None:
+    # a server of the version before refuses fields it does not know: a ticket that deals
+    # a rank's batches one at a time (the default) does not name worker_chunks
+    plain = IterationTicket(iteration_id="it-1", worker=1, num_workers=2)
+    assert b"worker_chunks" not in wire.encode(plain)
+    assert IterationTicket.model_validate_json(wire.encode(plain)) == plain
+    runs = plain.model_copy(update={"worker_chunks": 16})
+    assert b'"worker_chunks":16' in wire.encode(runs)
+    assert IterationTicket.model_validate_json(wire.encode(runs)).worker_chunks == 16
