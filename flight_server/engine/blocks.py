@@ -299,10 +299,13 @@ class _Piece:
 
     @property
     def nbytes(self) -> int:
-        size = table_bytes(self.table)
-        if self.kept_table is not None:
-            size += table_bytes(self.kept_table)
-        return size
+        """The bytes the piece holds: its rows and the kept ones, a buffer counted once.
+
+        (Kept rows in long runs are slices of the piece's rows, not a copy of them.)
+        """
+        if self.kept_table is None:
+            return table_bytes(self.table)
+        return table_bytes(pa.concat_tables([self.table, self.kept_table]))
 
 
 @dataclass

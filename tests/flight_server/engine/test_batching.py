@@ -340,3 +340,17 @@ def test_rows_in_long_runs_are_cut_as_slices_and_scattered_rows_taken() -> None:
     taken = _cut(table, scattered)
     assert taken.column("uid").to_pylist() == scattered.tolist()
     assert taken.column("uid").num_chunks == 1
+
+
+def test_a_filtered_piece_counts_kept_rows_that_are_slices_of_its_rows_once() -> None:
+    from lavender_flight.flight_server.engine.blocks import _cut, _Piece
+    from lavender_flight.flight_server.memory import table_bytes
+
+    table = pa.table({"uid": pa.array(np.arange(4096, dtype=np.int64))})
+    whole = table_bytes(table)
+    runs = np.concatenate([np.arange(0, 1024), np.arange(2048, 3072)])  # slices: no copy
+    sliced = _Piece(0, 4096, table, kept_rows=runs, kept_table=_cut(table, runs))
+    assert sliced.nbytes == whole
+    scattered = np.arange(0, 4096, 2)  # every other row: a copy of half the rows
+    taken = _Piece(0, 4096, table, kept_rows=scattered, kept_table=_cut(table, scattered))
+    assert taken.nbytes == whole + 2048 * 8
