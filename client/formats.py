@@ -71,7 +71,12 @@ def _python(column: pa.Array) -> list[Any]:
     faster than ``to_pylist`` (which goes through a scalar per value).
     """
     kind = column.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+    if (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    ):
         return column.to_numpy(zero_copy_only=False).tolist()
     return column.to_pylist()
 

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ...protocol.errors import LavenderError, SchemaMismatch
+from ...protocol.ranges import runs
 from ..memory import MMAP_THRESHOLD, MemoryBudget, Reservation, table_bytes
 from ..read_pool import CPU, ReadPool, wait_for
 from ..reading import DatasetReader
@@ -240,15 +241,9 @@ def _cut(table: pa.Table, rows: np.ndarray) -> pa.Table:
     first, last = int(rows[0]), int(rows[-1])
     if last - first == len(rows) - 1:
         return table.slice(first, len(rows))
-    if len(rows) >= 2 * RUN_ROWS:
-        steps = np.diff(rows)
-        breaks = np.flatnonzero(steps != 1) + 1
-        if len(breaks) < len(rows) // RUN_ROWS and bool((steps > 0).all()):
-            starts = [0, *breaks.tolist()]
-            stops = [*breaks.tolist(), len(rows)]
-            return pa.concat_tables(
-                [table.slice(int(rows[a]), b - a) for a, b in zip(starts, stops, strict=True)]
-            )
+    found = runs(rows, limit=len(rows) // RUN_ROWS) if len(rows) >= 2 * RUN_ROWS else None
+    if found is not None:  # laid end to end in the asked order, whatever order the runs are
+        return pa.concat_tables([table.slice(a, b - a) for a, b in found])
     return take_rows(table, rows)
 
 
@@ -658,27 +653,23 @@ class BlockReader:
             return piece
         size = piece.stop - piece.start
         failed = np.zeros(size, dtype=bool) if piece.unreadable is None else piece.unreadable.copy()
-        if piece.unreadable is None and piece.absent is None:
-            chosen = None  # every row is a candidate (the usual case): no scatter
-        else:
-            candidates = ~failed
-            if piece.absent is not None:  # an inner join left them out: they count as filtered
-                candidates &= ~piece.absent
-            chosen = np.flatnonzero(candidates)
+        candidates = ~failed
+        if piece.absent is not None:  # an inner join left them out: they count as filtered
+            candidates &= ~piece.absent
         keep = np.zeros(size, dtype=bool)
-        count = size if chosen is None else len(chosen)
-        if count:
-            table = piece.table if chosen is None else piece.table.take(pa.array(chosen))
-            kept = np.empty(count, dtype=bool)
-            lost = np.empty(count, dtype=bool)
-            for offset in range(0, count, PIECE_ROWS):
+        chosen = np.flatnonzero(candidates)
+        if len(chosen):
+            table = piece.table if len(chosen) == size else piece.table.take(pa.array(chosen))
+            kept = np.empty(len(chosen), dtype=bool)
+            lost = np.empty(len(chosen), dtype=bool)
+            for offset in range(0, len(chosen), PIECE_ROWS):
                 part = table.slice(offset, PIECE_ROWS).combine_chunks().to_batches()
                 if not part:
                     continue
                 k, f = self.filter(part[0])
                 kept[offset : offset + len(k)] = k
                 lost[offset : offset + len(f)] = f
-            if chosen is None:
+            if len(chosen) == size:  # every row was a candidate: no scatter
                 keep, failed = kept, failed | lost
             else:
                 keep[chosen] = kept

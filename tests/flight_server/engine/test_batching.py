@@ -336,6 +336,8 @@ def test_rows_in_long_runs_are_cut_as_slices_and_scattered_rows_taken() -> None:
     for chunk in cut.column("uid").chunks:  # views of the table's buffer: no copy
         start = chunk.buffers()[1].address
         assert base <= start < base + 4096 * 8
+    backwards = np.concatenate([np.arange(2048, 2304), np.arange(0, 256)])  # runs out of order
+    assert _cut(table, backwards).column("uid").to_pylist() == backwards.tolist()
     scattered = np.arange(0, 4096, 3)
     taken = _cut(table, scattered)
     assert taken.column("uid").to_pylist() == scattered.tolist()

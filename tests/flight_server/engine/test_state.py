@@ -40,10 +40,12 @@ def test_streams_pushback_and_completions() -> None:
     assert state.done and state.completed == 20
 
 
-def test_workers_share_a_rank() -> None:
-    state = RankState(size=30, batch_size=5)
+def claim_in_turn(
+    state: RankState, worker_chunks: int = 1
+) -> tuple[dict[int, list[list[tuple[int, int]]]], dict[int, int]]:
+    """Two workers claiming 2 chunks in turn until the rank runs dry: their units, generations."""
     got: dict[int, list[list[tuple[int, int]]]] = {0: [], 1: []}
-    worlds = {w: World(worker=w, num_workers=2) for w in (0, 1)}
+    worlds = {w: World(worker=w, num_workers=2, worker_chunks=worker_chunks) for w in (0, 1)}
     generations = {w: state.open_stream((w, 2), "nd-a", FAR) for w in (0, 1)}
     while True:
         progressed = False
@@ -52,7 +54,11 @@ def test_workers_share_a_rank() -> None:
             got[w].extend(work)
             progressed |= bool(work)
         if not progressed:
-            break
+            return got, generations
+
+
+def test_workers_share_a_rank() -> None:
+    got, _ = claim_in_turn(RankState(size=30, batch_size=5))
     assert got[0] == [[(0, 5)], [(10, 15)], [(20, 25)]]
     assert got[1] == [[(5, 10)], [(15, 20)], [(25, 30)]]
 
@@ -60,17 +66,7 @@ def test_workers_share_a_rank() -> None:
 def test_workers_share_a_rank_in_runs_of_chunks() -> None:
     # runs of 3 chunks: a claim takes its worker's run (up to the end of it) in one range
     state = RankState(size=62, batch_size=5)
-    got: dict[int, list[list[tuple[int, int]]]] = {0: [], 1: []}
-    worlds = {w: World(worker=w, num_workers=2, worker_chunks=3) for w in (0, 1)}
-    generations = {w: state.open_stream((w, 2), "nd-a", FAR) for w in (0, 1)}
-    while True:
-        progressed = False
-        for w in (0, 1):
-            work = claim(state, (w, 2), generations[w], worlds[w], chunks=2)
-            got[w].extend(work)
-            progressed |= bool(work)
-        if not progressed:
-            break
+    got, generations = claim_in_turn(state, worker_chunks=3)
     assert got[0] == [[(0, 5)], [(5, 10)], [(10, 15)], [(30, 35)], [(35, 40)], [(40, 45)],
                       [(60, 62)]]  # fmt: skip
     assert got[1] == [[(15, 20)], [(20, 25)], [(25, 30)], [(45, 50)], [(50, 55)], [(55, 60)]]
