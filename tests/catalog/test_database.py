@@ -26,14 +26,14 @@ def test_a_statement_is_prepared_once_and_run_again_with_new_parameters(
         for name in ("a", "b", "c", "a", "nope"):
             expected = [] if name == "nope" else [(name,)]
             assert Database._execute(conn, sql, db.dialect.params([name])) == expected
-        assert conn.statement(sql) is first  # one cursor for the five runs
+        assert conn.statement(sql) is first  # one statement for the five runs
 
-        # a failing statement is dropped (a fresh cursor next time), the others stay
+        # a failing statement is dropped (a fresh statement next time), the others stay
         bad = db.dialect.sql("SELECT no_such_column FROM datasets WHERE name = ?")
         with pytest.raises(adbc_driver_manager.Error):
             Database._execute(conn, bad, db.dialect.params(["a"]))
         assert conn.statement(sql) is first
-        assert bad not in conn._cursors
+        assert bad not in conn._statements
         if catalog.backend == "postgresql":
             Database._execute(conn, "ROLLBACK")  # autocommit off: the failure ended it
         assert Database._execute(conn, sql, db.dialect.params(["b"])) == [("b",)]
@@ -42,8 +42,8 @@ def test_a_statement_is_prepared_once_and_run_again_with_new_parameters(
         for number in range(MAX_STATEMENTS + 5):
             text = db.dialect.sql(f"SELECT {number} AS n, name FROM datasets WHERE name = ?")
             assert Database._execute(conn, text, db.dialect.params(["c"])) == [(number, "c")]
-            assert len(conn._cursors) <= MAX_STATEMENTS
+            assert len(conn._statements) <= MAX_STATEMENTS
     finally:
         db.release(conn)
-    catalog.close()  # the kept cursors close first: no "open AdbcStatement" on the way
+    catalog.close()  # the kept statements close first: no "open AdbcStatement" on the way
     gc.collect()
