@@ -91,3 +91,31 @@ def test_a_loop_busy_with_what_it_holds_grows_the_window_growth_fold() -> None:
             flow.learn(state)
         windows.append(flow.window())
     assert windows == [2 * BATCH * GROWTH ** (i + 1) for i in range(4)]
+
+
+def test_what_the_loop_took_leaves_the_spans_sent_and_ahead_stays_what_it_was() -> None:
+    # a worker's share: every other batch, a range each. Once the loop took the first
+    # half, only the second half stays in the spans sent (``ahead`` walks them on every
+    # claim and report): what it counts is what it counted before
+    flow = RankFlow(BATCH, ReadAhead(seconds=0.5), Clock())
+    key: StreamKey = (0, 2)
+    stream = StreamHandle("it", 0, 0, key, generation=1)
+    share = [(b * BATCH, (b + 1) * BATCH) for b in range(0, 400, 2)]
+    with flow.cond:
+        flow.claimed(stream, share)
+        flow.went_out(stream, share, len(share) * BATCH, 100 * len(share) * BATCH)
+    taken = 200 * BATCH
+    state = RankState(size=10_000_000, batch_size=BATCH, taken=RangeSet([(0, taken)]))
+    state.streams[key] = StreamState(1, "node", 0.0, RangeSet(share))
+    expected = sum(b - a for a, b in share if a >= taken)
+    with flow.cond:
+        flow.learn(state)
+        assert flow.ahead(stream) == expected == 100 * BATCH
+        assert flow.sent[stream].ranges() == [r for r in share if r[0] >= taken]
+    # a batch pushed back and claimed again is not ahead until it is sent again
+    state.taken = RangeSet([(0, taken - 2 * BATCH)])
+    with flow.cond:
+        flow.learn(state)
+        assert flow.ahead(stream) == expected
+        flow.went_out(stream, [(taken - 2 * BATCH, taken - BATCH)], BATCH, 100 * BATCH)
+        assert flow.ahead(stream) == expected + BATCH
