@@ -237,7 +237,8 @@ class PlainBatcher:
                     claimed_last = claimed_last or _holds(units, last)
                     queue = list(units)
                 units = self._take(queue, chunks)
-                local = as_array([r for unit in units for r in unit])
+                # touching chunks joined first: a message of consecutive rows is one arange
+                local = as_array(merged(units))
                 seq = self.plan.to_global(self.partition, local)
                 # a left join: no sample is left out
                 rows = self.blocks.rows(self.plan, seq, self.work.check)
