@@ -5,7 +5,8 @@ loop in the main process reports what it takes and completes. Iterating the load
 is the next epoch: the main process decides which (``Iteration.next_epoch``) and tells its
 workers through a shared value, so a rank and its workers always agree. The rank's batches
 are dealt to the workers in runs of ``worker_batches`` (worker ``w`` streams runs ``w``,
-``w + n``, ...; one by default): a run's rows are consecutive, sent without a copy.
+``w + n``, ...; by default as many as weigh about one Flight message, at most 16): a run's
+rows are consecutive, sent without a copy.
 Workers stay for the next epochs by default (the ``spawn`` start-up is paid once per job).
 Batches reach the main process through shared memory, not pickled, a Flight message (or a
 few collated batches) per item (``shipping``); the main process takes a run of batches
@@ -50,7 +51,27 @@ except ModuleNotFoundError as exc:
 if TYPE_CHECKING:
     from .iteration import Iteration
 
-__all__ = ["IterationDataset", "LavenderDataLoader"]
+__all__ = ["IterationDataset", "LavenderDataLoader", "auto_run"]
+
+RUN_BYTES = 4 << 20
+"""What a worker's run of batches weighs at most when the loader picks the run: about a
+Flight message, which the loop holds of each worker anyway (a message travels whole)."""
+MAX_RUN = 16
+
+
+def auto_run(batch_size: int, row_bytes: float | None) -> int:
+    """The batches in a worker's run when ``worker_batches`` is not given.
+
+    As many as weigh about ``RUN_BYTES`` by the server's estimate of a row (1 without
+    one, and for single samples), at most ``MAX_RUN``: runs let the server send a worker's
+    rows as they lie instead of gathering every other batch into a message, and keep the
+    rank's state a range per run instead of per batch. With 2 workers on 1M rows of 100-byte
+    text, the server's CPU per epoch went 312-357 -> 218-268 ms and the loop's rate
+    1.69-2.01 -> 1.78-2.30 M rows/s (runs of 16 against 1, three rounds).
+    """
+    if row_bytes is None or row_bytes <= 0 or batch_size <= 0:
+        return 1
+    return max(1, min(MAX_RUN, int(RUN_BYTES // (row_bytes * batch_size))))
 
 
 @dataclass
@@ -227,11 +248,12 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         multiprocessing_context: str | None = None,
         timeout: float = 0,
         persistent_workers: bool | None = None,
-        worker_batches: int = 1,
+        worker_batches: int | None = None,
     ) -> None:
-        if worker_batches < 1:
+        if worker_batches is not None and worker_batches < 1:
             raise InvalidArgument(f"worker_batches must be >= 1, got {worker_batches}")
         self.iteration = iteration
+        self._worker_batches = worker_batches
         fmt = iteration.format if iteration.format != "python" else "torch"
         if num_workers > 0 and multiprocessing_context is None:
             multiprocessing_context = "spawn"
@@ -241,7 +263,7 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         # workers run again, builds the loader but must create nothing on the server
         dataset = IterationDataset(iteration.client.settings, None, fmt, self._epoch)
         dataset.ship = num_workers > 0
-        dataset.run = worker_batches
+        dataset.run = worker_batches or 1  # None: picked at the first epoch (auto_run)
         if dataset.ship:
             sweep_at_exit()
         self._format = fmt
@@ -279,6 +301,8 @@ class LavenderDataLoader(torch.utils.data.DataLoader):
         if dataset.ticket is None:  # before the workers start: they get it with the dataset
             dataset.ticket = self.iteration.ticket(epoch)
             dataset.locations = self.iteration.locations
+            if self._worker_batches is None and self.num_workers > 1:
+                dataset.run = auto_run(self.iteration.spec.batch_size, self.iteration.row_bytes)
         acks = self.iteration.acknowledger(epoch)
         loaded = super().__iter__()
         processes = list(getattr(loaded, "_workers", ()))

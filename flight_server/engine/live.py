@@ -203,6 +203,7 @@ class LiveIteration:
             total=self.setup.total,
             world_size=world_size,
             created=created,
+            row_bytes=self.setup.row_bytes,
         )
 
     @property

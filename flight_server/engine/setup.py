@@ -56,12 +56,13 @@ def build_pipeline(
     )
 
 
-def check_memory(spec: IterationSpec, reader: DatasetReader, memory: MemoryBudget) -> None:
+def check_memory(spec: IterationSpec, reader: DatasetReader, memory: MemoryBudget) -> float | None:
     """Refuse an iteration whose largest block of shards cannot fit the memory budget.
 
     A block (``shuffle_block_size`` shards when shuffled, one shard in order) is what a
     stream needs in memory at once; it is estimated from the largest shards (their Parquet
-    footers say their decoded size; other files count as their size on disk).
+    footers say their decoded size; other files count as their size on disk). Answers the
+    bytes a row of them takes, decoded (None: the shards have no rows).
 
     Raises:
         InvalidArgument: the block does not fit, saying by how much and what to change.
@@ -69,8 +70,9 @@ def check_memory(spec: IterationSpec, reader: DatasetReader, memory: MemoryBudge
     count = spec.shuffle_block_size if spec.shuffle else 1
     largest = sorted(reader.main_shards, key=lambda s: s.size_bytes, reverse=True)[:count]
     need = sum(reader.decoded_bytes(shard) for shard in largest)
+    rows = sum(shard.num_rows for shard in largest)
     if need <= memory.max_bytes:
-        return
+        return need / rows if rows else None
     what = f"{len(largest)} shards" if len(largest) > 1 else "one shard"
     fix = "a smaller shuffle_block_size, or " if len(largest) > 1 else ""
     raise InvalidArgument(
@@ -92,6 +94,8 @@ class IterationSetup(Plans):
     """A mixture's sources (empty otherwise)."""
     read_schema: pa.Schema | None = field(default=None, kw_only=True)
     """The rows read (a mixture's: its sources' columns, and the source column)."""
+    row_bytes: float | None = field(default=None, kw_only=True)
+    """About how many bytes a row read takes, decoded (None: not estimated, a mixture)."""
 
     @classmethod
     def build(
@@ -129,14 +133,16 @@ class IterationSetup(Plans):
         dataset = service.get_dataset(dataset_id=spec.dataset_id)
         reader = service.reader(dataset, spec.shardsets, spec.columns, spec.join)
         pipeline = build_pipeline(plugins, spec, dataset.uid_column_name, reader.schema)
-        check_memory(spec, reader, service.memory)
+        row_bytes = check_memory(spec, reader, service.memory)
         if plan is None:
             plan = IterationPlan(
                 shards=[(shard.index, shard.num_rows) for shard in reader.main_shards],
                 seed=seed,
                 order_version=ORDER_VERSION,
             )
-        return cls(spec, plan, dataset=dataset, reader=reader, pipeline=pipeline)
+        return cls(
+            spec, plan, dataset=dataset, reader=reader, pipeline=pipeline, row_bytes=row_bytes
+        )
 
     @property
     def schema(self) -> pa.Schema:

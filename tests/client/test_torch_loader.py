@@ -23,6 +23,7 @@ import torch
 
 from lavender_flight.client import Iteration, LavenderClient, Writer
 from lavender_flight.client import api as lavender
+from lavender_flight.client.torch_loader import MAX_RUN, RUN_BYTES, auto_run
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.protocol.errors import InvalidArgument
 from tests.conftest import CALL_TIMEOUT
@@ -68,7 +69,7 @@ def run_loader(
     rank: int = 0,
     world_size: int = 1,
     batch_size: int = BATCH,
-    worker_batches: int = 1,
+    worker_batches: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every batch of one rank's loader, after checking each as a training loop would see it."""
     iteration = Iteration.from_dataset(
@@ -202,12 +203,13 @@ def test_in_process_loader_tensors_are_views_of_the_received_arrow_memory(
 @pytest.mark.slow
 @MANY_WORKERS
 @pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+@pytest.mark.parametrize("run", [None, 1], ids=["runs-by-size", "every-other-batch"])
 def test_two_spawned_workers_give_the_same_batches_in_the_same_order(
-    dataset_id: str, shuffle: bool
+    dataset_id: str, shuffle: bool, run: int | None
 ) -> None:
     before = shared_segments()
     alone = run_loader(dataset_id, "workers0", num_workers=0, shuffle=shuffle)
-    spawned = run_loader(dataset_id, "workers2", num_workers=2, shuffle=shuffle)
+    spawned = run_loader(dataset_id, "workers2", num_workers=2, shuffle=shuffle, worker_batches=run)
     assert_each_once(uids(spawned), range(TOTAL))
     # the loop takes runs of batches from its workers in turn, and worker w streams the
     # rank's runs w, w + 2, ...: the same seed gives the same order with or without workers,
@@ -235,6 +237,30 @@ def test_workers_stream_runs_of_batches_taken_in_turn_in_the_order_without_worke
     assert_each_once(uids(spawned), range(TOTAL))
     progress = lavender.get_iteration("runs2")
     assert (progress.completed, progress.done) == (TOTAL, True)
+
+
+@pytest.mark.slow
+@MANY_WORKERS
+def test_the_default_run_weighs_about_a_message_by_the_servers_row_estimate(
+    dataset_id: str,
+) -> None:
+    iteration = Iteration.from_dataset(dataset_id, batch_size=BATCH, iteration_id="runs-auto")
+    table = lavender.read_dataset("torchy")
+    actual = table.nbytes / table.num_rows
+    estimate = iteration.row_bytes
+    assert estimate is not None and actual / 2 <= estimate <= actual * 2, (estimate, actual)
+    # small rows: the longest run; a batch of a message's weight or more: one batch a run
+    assert auto_run(BATCH, estimate) == MAX_RUN
+    assert auto_run(1024, RUN_BYTES / 1024) == 1
+    assert auto_run(1024, RUN_BYTES / 1024 / 3) == 3
+    assert auto_run(1024, 10 * RUN_BYTES) == 1
+    assert auto_run(BATCH, None) == auto_run(0, estimate) == 1  # no estimate; single samples
+    explicit = iteration.to_torch_dataloader(num_workers=2, worker_batches=4)
+    assert explicit.dataset.run == 4
+    loader = iteration.to_torch_dataloader(num_workers=2)
+    assert loader.dataset.run == 1  # picked when the first epoch starts, not before
+    assert_each_once(uids(list(loader)), range(TOTAL))
+    assert loader.dataset.run == MAX_RUN
 
 
 def test_a_run_of_no_batches_is_refused_before_any_worker_starts(dataset_id: str) -> None:
@@ -316,7 +342,11 @@ def test_spawned_workers_stay_for_the_next_epoch(dataset_id: str) -> None:
 @MANY_WORKERS
 def test_two_ranks_with_two_workers_each_cover_the_epoch_once(dataset_id: str) -> None:
     per_rank = [
-        uids(run_loader(dataset_id, "ddp", 2, shuffle=True, rank=rank, world_size=2))
+        uids(
+            run_loader(
+                dataset_id, "ddp", 2, shuffle=True, rank=rank, world_size=2, worker_batches=1
+            )
+        )
         for rank in (0, 1)
     ]
     assert not set(per_rank[0]) & set(per_rank[1])
