@@ -185,6 +185,7 @@ class Iteration:
         self.progress = progress
         self._client = client
         self._info: IterationInfo | None = None
+        self._row_bytes: float | None = None
         self._schema: pa.Schema | None = None
         self._ticket: IterationTicket | None = None
         self._locations: list[str] = []
@@ -220,6 +221,11 @@ class Iteration:
             self._ticket = IterationTicket.model_validate_json(endpoint.ticket.ticket)
             self._locations = stream_nodes(client, endpoint_locations(endpoint))
             self._schema = info.schema
+            self._row_bytes = (
+                info.total_bytes / info.total_records
+                if info.total_bytes > 0 and info.total_records > 0
+                else None
+            )
             self._info = found
         return self._info
 
@@ -232,9 +238,11 @@ class Iteration:
     def row_bytes(self) -> float | None:
         """About how many bytes a row takes as read, by the server's estimate.
 
-        None when the server does not say (a mixture, or a server older than the estimate).
+        From the FlightInfo's ``total_bytes`` over its ``total_records``; None when the
+        server does not say (a mixture, or a server older than the estimate).
         """
-        return self._ensure().row_bytes
+        self._ensure()
+        return self._row_bytes
 
     @property
     def locations(self) -> list[str]:

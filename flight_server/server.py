@@ -364,12 +364,16 @@ class LavenderFlightServer(flight.FlightServerBase):
             )
             for rank in range(world_size)
         ]
+        # an epoch's bytes as read, by the largest shards' footers (-1: not known): what a
+        # client sizes by (a DataLoader's runs of batches), in Flight's own field
+        row_bytes = live.setup.row_bytes
+        total_bytes = round(row_bytes * live.setup.total) if row_bytes is not None else -1
         return flight.FlightInfo(
             live.output_schema,
             descriptor,
             endpoints,
             live.setup.total,
-            -1,
+            total_bytes,
             app_metadata=wire.encode(live.info(world_size, created)),
         )
 

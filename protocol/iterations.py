@@ -183,10 +183,6 @@ class IterationInfo(WireModel):
     created: bool = False
     """This call created it: every rank is at the start of epoch 0 (a client need not ask
     where its rank stands before its first loop)."""
-    row_bytes: float | None = None
-    """About how many bytes a row takes as read, decoded, before any transform (from the
-    Parquet footers of the largest shards; None: not known, e.g. a mixture). A torch
-    DataLoader sizes its workers' runs of batches by it."""
 
 
 class IterationTicket(WireModel):

@@ -203,7 +203,6 @@ class LiveIteration:
             total=self.setup.total,
             world_size=world_size,
             created=created,
-            row_bytes=self.setup.row_bytes,
         )
 
     @property
