@@ -298,6 +298,7 @@ def test_any_flight_client_can_consume_an_iteration(
     info = raw_flight.get_flight_info(flight.FlightDescriptor.for_command(command), call_options())
     assert info.total_records == TOTAL and len(info.endpoints) == 2
     seen: Counter[int] = Counter()
+    received = 0
     for endpoint in info.endpoints:
         # the endpoint's ticket as is; a client that wants row positions asks for them
         ticket = {**json.loads(endpoint.ticket.ticket), "positions": True}
@@ -306,6 +307,7 @@ def test_any_flight_client_can_consume_an_iteration(
         for chunk in reader:
             metadata = json.loads(chunk.app_metadata.to_pybytes())
             uids = chunk.data.column("uid").to_pylist()
+            received += chunk.data.nbytes
             assert decode_positions(metadata).tolist() == uids  # uid == position here
             assert sum(rows for rows, _ in metadata["batches"]) == len(uids)
             seen.update(uids)
@@ -314,6 +316,8 @@ def test_any_flight_client_can_consume_an_iteration(
         body = json.dumps({"iteration_id": "raw", "rank": rank, "seq": acked}).encode()
         list(raw_flight.do_action(flight.Action("ack", body), call_options()))
     assert sorted(seen) == list(range(TOTAL)) and set(seen.values()) == {1}
+    # the epoch's bytes, by the server's estimate from the shards' footers (Flight's field)
+    assert received / 2 <= info.total_bytes <= received * 2, (info.total_bytes, received)
     assert lavender.get_iteration("raw").done
     # the rank's epoch is finished: asking again is a clear error, never an empty pass
     with pytest.raises(pa.ArrowInvalid, match="rank 0 finished epoch 0 already"):

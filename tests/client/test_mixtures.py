@@ -95,6 +95,7 @@ def test_proportions_follow_the_weights_over_10000_samples(
     iteration = Iteration.from_mixture(
         sources, batch_size=100, shuffle_seed=5, source_column="source"
     )
+    assert iteration.row_bytes is None  # a mixture's rows are not estimated
     found: list[int] = []
     named: list[str] = []
     for batch in iteration:
