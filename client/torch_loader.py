@@ -5,12 +5,12 @@ loop in the main process reports what it takes and completes. Iterating the load
 is the next epoch: the main process decides which (``Iteration.next_epoch``) and tells its
 workers through a shared value, so a rank and its workers always agree. The rank's batches
 are dealt to the workers in runs of ``worker_batches`` (worker ``w`` streams runs ``w``,
-``w + n``, ...; by default as many as weigh about one Flight message, at most 16): a run's
-rows are consecutive, sent without a copy.
-Workers stay for the next epochs by default (the ``spawn`` start-up is paid once per job).
-Batches reach the main process through shared memory, not pickled, a Flight message (or a
-few collated batches) per item (``shipping``); the main process takes a run of batches
-from each worker in turn, batch by batch: the order of a loop with no workers.
+``w + n``, ...; by default as many as weigh about one Flight message, at most 16, see
+``auto_run``): a run's rows are consecutive, sent without a copy. Workers stay for the
+next epochs by default (the ``spawn`` start-up is paid once per job). Batches reach the
+main process through shared memory, not pickled, a Flight message (or a few collated
+batches) per item (``shipping``); the main process takes a run of batches from each worker
+in turn, batch by batch: the order of a loop with no workers.
 """
 
 from __future__ import annotations
