@@ -117,7 +117,7 @@ def tune_malloc(arenas: int = MALLOC_ARENAS) -> bool:
       a block's gathered pieces and messages are allocated and freed all the time, and a
       fresh mapping costs a page fault (and zeroing) per 4 KiB each time.
     - A trim threshold of 128 MiB: what is freed stays for the next block, and goes back to
-      the system when the streams are idle (``BlockReader.clear`` asks for it).
+      the system once the streams have been idle a while (``engine.blocks.IdleRelease``).
 
     With Arrow on this allocator (``system_allocator``), ``python -m benchmarks run --suites
     memory`` (100 iterations of six kinds over 1M rows) grew 3-19 MB from the 10th iteration
@@ -149,7 +149,7 @@ def system_allocator() -> bool:
 
     pyarrow's default (mimalloc) kept what a server freed, iteration after iteration (see
     ``tune_malloc`` for the figures); glibc's malloc, set up by ``tune_malloc``, gives it
-    back when the streams are idle, at a speed within this machine's noise of the others.
+    back once the streams are idle, at a speed within this machine's noise of the others.
     An ``ARROW_DEFAULT_MEMORY_POOL`` in the environment wins.
     """
     if "ARROW_DEFAULT_MEMORY_POOL" in os.environ or not sys.platform.startswith("linux"):

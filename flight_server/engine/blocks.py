@@ -53,6 +53,10 @@ FIRST_PIECE_ROWS = 1 << 12
 stream starting on the block waits for. Small: a random gather of 64k rows of 100 bytes
 takes milliseconds, of 4k a tenth of one."""
 
+RELEASE_IDLE_SECONDS = 2.0
+"""Freed block memory goes back to the system once no block was started for this long
+after the last streams of an iteration ended (``IdleRelease``)."""
+
 CHECK_SECONDS = 0.01
 """How often a stream waiting for a piece asks whether to stop (``BlockReader.rows``)."""
 
@@ -147,15 +151,13 @@ def block_pool() -> pa.MemoryPool:
     """The pool a shuffled block's large buffers come from (mimalloc's if there).
 
     Else jemalloc's, else the default; see ``pool_for`` for which buffers. mimalloc keeps
-    the pages of a freed buffer for the next one until the streams are idle
-    (``BlockReader.clear`` releases them: from any thread, measured, whichever thread
-    allocated them); glibc maps
-    every buffer over its mmap threshold (32 MiB here) apart and unmaps it when freed, and
-    jemalloc, as Arrow sets it up, gives a freed extent back at once too, so the kernel
-    faulted each new block in page by page. Laying 4 shards of 4 KiB values end to end
-    (a 164 MB column), 6 times, on an AMD EPYC VM whose page faults cost several us:
-    glibc 143-164 ms, jemalloc 137-181, mimalloc 29-37 after the first; gathering them
-    into one piece: 171-212, 163-176 and 42-46 ms.
+    the pages of a freed buffer for the next one (a thread's, until it asks for them back
+    or ends: ``IdleRelease``); glibc maps every buffer over its mmap threshold (32 MiB
+    here) apart and unmaps it when freed, and jemalloc, as Arrow sets it up, gives a freed
+    extent back at once too, so the kernel faulted each new block in page by page.
+    Laying 4 shards of 4 KiB values end to end (a 164 MB column), 6 times, on an AMD EPYC
+    VM whose page faults cost several us: glibc 143-164 ms, jemalloc 137-181, mimalloc
+    29-37 after the first; gathering them into one piece: 171-212, 163-176 and 42-46 ms.
     """
     for make in (pa.mimalloc_memory_pool, pa.jemalloc_memory_pool):
         try:
@@ -163,6 +165,64 @@ def block_pool() -> pa.MemoryPool:
         except (NotImplementedError, pa.ArrowException):
             continue
     return pa.default_memory_pool()
+
+
+class IdleRelease:
+    """Gives the allocators' freed pages back to the system once blocks have been idle a while.
+
+    A block's pieces are fresh buffers; the kernel faults each page in on first touch,
+    which on a VM costs microseconds a page (45 MB: 25 ms, against 1.3 ms to write it once
+    mapped). Freed, they stay with the allocator (glibc's heap up to ``tune_malloc``'s trim
+    threshold, ``block_pool`` for the largest) for the next block, until this gives them
+    back: ``RELEASE_IDLE_SECONDS`` after the last streams of an iteration ended, if no
+    block was started since. Given back at once, as before, every new epoch (a new stream,
+    often a new iteration) faulted its pieces in again: shuffled 1M-row text epochs, one
+    after the other, cost the server 230-300 ms of CPU each, against 110-170 with the
+    pages kept (AMD EPYC VM). What is kept was reserved in the memory budget while its
+    blocks lived: idle or not, the server stays under its budget plus its overhead.
+
+    glibc's and jemalloc's pages go back from any thread; mimalloc gives back only those
+    of the thread that asks (measured): the read threads' own, when they end idle.
+    """
+
+    def __init__(self, delay: float = RELEASE_IDLE_SECONDS) -> None:
+        self.delay = delay
+        self._lock = threading.Lock()
+        self._started = 0
+        self._timer: threading.Timer | None = None
+
+    def block_started(self) -> None:
+        """A block is being read: pages freed before now are about to be reused."""
+        with self._lock:
+            self._started += 1
+
+    def later(self) -> None:
+        """Give the freed pages back after ``delay``, unless a block starts before."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            timer = threading.Timer(self.delay, self._release, (self._started,))
+            timer.daemon = True
+            self._timer = timer
+        timer.start()
+
+    def _release(self, seen: int) -> None:
+        with self._lock:
+            if self._started != seen:  # blocks started since: their iteration's end releases
+                return
+            self._timer = None
+        release_unused()
+
+
+def release_unused() -> None:
+    """Give the pages the allocators keep for reuse back to the system (now)."""
+    pa.default_memory_pool().release_unused()
+    if block_pool() is not pa.default_memory_pool():
+        block_pool().release_unused()
+
+
+IDLE_RELEASE = IdleRelease()
+"""The server's one ``IdleRelease`` (the allocators are the process's)."""
 
 
 LARGE_BUFFER_BYTES = MMAP_THRESHOLD
@@ -479,6 +539,7 @@ class BlockReader:
         """
         block = plan.blocks[number]
         bounds = self._bounds(plan, number)
+        IDLE_RELEASE.block_started()
         state = _Block(number, block.start, bounds, [Future() for _ in bounds[:-1]], urgent=urgent)
         if not block.shard_slots:
             for future in state.pieces:
@@ -833,7 +894,7 @@ class BlockReader:
         return self.memory.reserve(min(self.read_ahead_bytes, self.memory.max_bytes // 8), False)
 
     def clear(self) -> None:
-        """Drop every kept block (and let the allocator give their memory back)."""
+        """Drop every kept block (the allocators give their memory back once idle)."""
         with self._lock:
             blocks = list(self._cache.values())
             self._cache.clear()
@@ -842,7 +903,5 @@ class BlockReader:
             state.release()
         if blocks:
             del state, blocks
-            # the allocators keep freed pages for reuse; the streams are gone: give them back
-            pa.default_memory_pool().release_unused()
-            if block_pool() is not pa.default_memory_pool():
-                block_pool().release_unused()
+            # the allocators keep the freed pages for the next blocks: given back once idle
+            IDLE_RELEASE.later()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -73,3 +77,46 @@ def test_a_block_starts_with_a_small_piece_at_a_batch_boundary(batch: int) -> No
 def test_in_order_blocks_are_one_piece() -> None:
     plan = EpochPlan([100_000] * 3, 1024)
     assert bounds(plan, 0) == [0, 100_000]
+
+
+IDLE_RELEASE_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+import numpy as np, pyarrow as pa
+from lavender_flight.flight_server.engine.blocks import IdleRelease
+from lavender_flight.flight_server.memory import system_allocator, tune_malloc
+
+def rss():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / (1 << 20)
+
+assert tune_malloc() and system_allocator()  # as the server sets Arrow up
+buffers = [pa.allocate_buffer(4 << 20) for _ in range(24)]  # a block's pieces, 96 MiB
+for buffer in buffers:
+    np.frombuffer(buffer, dtype=np.uint8)[:] = 1
+del buffer, buffers
+out = {"freed": rss()}
+release = IdleRelease(delay=0.3)
+release.later()  # the last stream of an iteration ended
+time.sleep(0.1)
+release.block_started()  # the next epoch's first block, before the delay ran out
+time.sleep(0.6)
+out["next_epoch"] = rss()
+release.later()  # its streams ended too, and nothing starts
+time.sleep(1.5)
+out["idle"] = rss()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc, /proc")
+def test_freed_block_pages_stay_while_blocks_start_and_go_back_once_idle() -> None:
+    # the next epoch's blocks reuse the pages the last one freed (no page faults: on a VM
+    # each costs microseconds); once no block started for the delay, they go back
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ARROW_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", IDLE_RELEASE_SCRIPT],
+        capture_output=True, text=True, timeout=120, env=env, check=True,
+    )  # fmt: skip
+    rss = json.loads(done.stdout)
+    assert rss["next_epoch"] > rss["freed"] - 16, f"given back while blocks started: {rss}"
+    assert rss["idle"] < rss["freed"] - 64, f"kept once idle: {rss}"
