@@ -151,13 +151,14 @@ def block_pool() -> pa.MemoryPool:
     """The pool a shuffled block's large buffers come from (mimalloc's if there).
 
     Else jemalloc's, else the default; see ``pool_for`` for which buffers. mimalloc keeps
-    the pages of a freed buffer for the next one (a thread's, until it asks for them back
-    or ends: ``IdleRelease``); glibc maps every buffer over its mmap threshold (32 MiB
-    here) apart and unmaps it when freed, and jemalloc, as Arrow sets it up, gives a freed
-    extent back at once too, so the kernel faulted each new block in page by page.
-    Laying 4 shards of 4 KiB values end to end (a 164 MB column), 6 times, on an AMD EPYC
-    VM whose page faults cost several us: glibc 143-164 ms, jemalloc 137-181, mimalloc
-    29-37 after the first; gathering them into one piece: 171-212, 163-176 and 42-46 ms.
+    the pages of a freed buffer for the next one (a thread's, until it asks for them back,
+    or ends and another does: ``IdleRelease``); glibc maps every buffer over its mmap
+    threshold (32 MiB here) apart and unmaps it when freed, and jemalloc, as Arrow sets it
+    up, gives a freed extent back at once too, so the kernel faulted each new block in page
+    by page. Laying 4 shards of 4 KiB values end to end (a 164 MB column), 6 times, on an
+    AMD EPYC VM whose page faults cost several us: glibc 143-164 ms, jemalloc 137-181,
+    mimalloc 29-37 after the first; gathering them into one piece: 171-212, 163-176 and
+    42-46 ms.
     """
     for make in (pa.mimalloc_memory_pool, pa.jemalloc_memory_pool):
         try:
@@ -181,8 +182,9 @@ class IdleRelease:
     pages kept (AMD EPYC VM). What is kept was reserved in the memory budget while its
     blocks lived: idle or not, the server stays under its budget plus its overhead.
 
-    glibc's and jemalloc's pages go back from any thread; mimalloc gives back only those
-    of the thread that asks (measured): the read threads' own, when they end idle.
+    glibc's and jemalloc's pages go back from any thread; mimalloc gives back those of the
+    thread that asks, and those of threads that ended (measured): a read thread's, at the
+    first release after it ended idle.
     """
 
     def __init__(self, delay: float = RELEASE_IDLE_SECONDS) -> None:
