@@ -18,6 +18,8 @@ their files weigh.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import sys
@@ -37,6 +39,7 @@ __all__ = [
     "MemoryBudget",
     "Reservation",
     "default_budget_bytes",
+    "free_heap_bytes",
     "machine_memory",
     "no_huge_pages",
     "system_allocator",
@@ -97,8 +100,6 @@ def no_huge_pages() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         return int(libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)) == 0
     except (OSError, AttributeError):
@@ -128,8 +129,6 @@ def tune_malloc(arenas: int = MALLOC_ARENAS) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         done = True
         for variable, option, value in (
@@ -142,6 +141,42 @@ def tune_malloc(arenas: int = MALLOC_ARENAS) -> bool:
         return done
     except (OSError, AttributeError):
         return False
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc 2.33 and later)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        found = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):  # not glibc, or older than 2.33
+        return None
+    found.restype = _MallInfo2
+    found.argtypes = []
+    return found
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes glibc's malloc holds freed in its heaps (``mallinfo2``'s ``fordblks``).
+
+    Pages it keeps for the next allocations: part of the process's RSS that no buffer
+    uses. None where it cannot be read (not glibc, or older than 2.33). A fraction of a
+    microsecond.
+    """
+    found = _mallinfo2()
+    return None if found is None else int(found().fordblks)
 
 
 def system_allocator() -> bool:

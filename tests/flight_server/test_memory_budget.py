@@ -4,6 +4,7 @@ resident memory that stays under the budget whatever the number of iterations.""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from lavender_flight.catalog import Catalog
 from lavender_flight.client import Iteration
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
-from lavender_flight.flight_server.memory import MemoryBudget
+from lavender_flight.flight_server.memory import MemoryBudget, free_heap_bytes
 from lavender_flight.flight_server.shard_io import ShardIO
 from lavender_flight.flight_server.storage import Location
 from lavender_flight.protocol.errors import InvalidArgument
@@ -209,3 +210,16 @@ def test_the_server_runs_arrow_on_glibc_malloc_unless_told_otherwise(
     tuned, switched, name = found.stdout.split()
     assert tuned == "True" and name == backend
     assert switched == str(not env)
+
+
+@pytest.mark.skipif(free_heap_bytes() is None, reason="not glibc 2.33 or later")
+def test_free_heap_bytes_counts_what_malloc_keeps_freed() -> None:
+    # 64 KiB each: under glibc's mmap threshold, from the heap
+    chunks = [ctypes.create_string_buffer(64 << 10) for _ in range(256)]
+    keep = chunks[-1]  # the top of the heap stays in use: the others' memory stays in it
+    held = free_heap_bytes()
+    del chunks
+    freed = free_heap_bytes()
+    assert held is not None and freed is not None
+    assert freed >= held + (8 << 20), (held, freed)
+    del keep

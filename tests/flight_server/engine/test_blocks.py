@@ -104,6 +104,13 @@ out["next_epoch"] = rss()
 release.later()  # its streams ended too, and nothing starts
 time.sleep(1.5)
 out["idle"] = rss()
+buffers = [pa.allocate_buffer(4 << 20) for _ in range(24)]
+for buffer in buffers:
+    np.frombuffer(buffer, dtype=np.uint8)[:] = 1
+del buffer, buffers
+out["freed_again"] = rss()
+release.later(keep=32 << 20)  # more freed than may be kept: given back at once
+out["over_keep"] = rss()
 print(json.dumps(out))
 """
 
@@ -111,7 +118,8 @@ print(json.dumps(out))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc, /proc")
 def test_freed_block_pages_stay_while_blocks_start_and_go_back_once_idle() -> None:
     # the next epoch's blocks reuse the pages the last one freed (no page faults: on a VM
-    # each costs microseconds); once no block started for the delay, they go back
+    # each costs microseconds); once no block started for the delay, they go back, and
+    # more than the bound of what may be kept goes back at once
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ARROW_"))}
     done = subprocess.run(
         [sys.executable, "-c", IDLE_RELEASE_SCRIPT],
@@ -120,3 +128,4 @@ def test_freed_block_pages_stay_while_blocks_start_and_go_back_once_idle() -> No
     rss = json.loads(done.stdout)
     assert rss["next_epoch"] > rss["freed"] - 16, f"given back while blocks started: {rss}"
     assert rss["idle"] < rss["freed"] - 64, f"kept once idle: {rss}"
+    assert rss["over_keep"] < rss["freed_again"] - 64, f"kept over the bound: {rss}"
