@@ -39,9 +39,10 @@ __all__ = [
     "MemoryBudget",
     "Reservation",
     "default_budget_bytes",
-    "free_heap_bytes",
+    "heap_in_use_bytes",
     "machine_memory",
     "no_huge_pages",
+    "resident_bytes",
     "system_allocator",
     "table_bytes",
     "tune_malloc",
@@ -168,15 +169,26 @@ def _mallinfo2() -> Callable[[], _MallInfo2] | None:
     return found
 
 
-def free_heap_bytes() -> int | None:
-    """Bytes glibc's malloc holds freed in its heaps (``mallinfo2``'s ``fordblks``).
+def heap_in_use_bytes() -> int | None:
+    """Bytes glibc's malloc has handed out and not been given back (``mallinfo2``).
 
-    Pages it keeps for the next allocations: part of the process's RSS that no buffer
-    uses. None where it cannot be read (not glibc, or older than 2.33). A fraction of a
-    microsecond.
+    Its heaps' chunks in use and its own mappings (buffers over the mmap threshold). None
+    where it cannot be read (not glibc, or older than 2.33). A fraction of a microsecond.
     """
     found = _mallinfo2()
-    return None if found is None else int(found().fordblks)
+    if found is None:
+        return None
+    info = found()
+    return int(info.uordblks + info.hblkhd)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (``/proc/self/statm``), None where it cannot be read."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def system_allocator() -> bool:

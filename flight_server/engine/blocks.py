@@ -36,7 +36,14 @@ import pyarrow.compute as pc
 
 from ...protocol.errors import LavenderError, SchemaMismatch
 from ...protocol.ranges import runs
-from ..memory import MMAP_THRESHOLD, MemoryBudget, Reservation, free_heap_bytes, table_bytes
+from ..memory import (
+    MMAP_THRESHOLD,
+    MemoryBudget,
+    Reservation,
+    heap_in_use_bytes,
+    resident_bytes,
+    table_bytes,
+)
 from ..read_pool import CPU, ReadPool, wait_for
 from ..reading import DatasetReader
 from .plan import BlockOrder, EpochPlan
@@ -58,7 +65,7 @@ RELEASE_IDLE_SECONDS = 2.0
 after the last streams of an iteration ended (``IdleRelease``)."""
 KEEP_FREE_BYTES = 256 << 20
 """At most this much freed memory is kept for the next blocks (and no more than the memory
-budget has room for): glibc's heaps holding more give it back at once."""
+budget has room for): past it, what was freed goes back at once."""
 
 CHECK_SECONDS = 0.01
 """How often a stream waiting for a piece asks whether to stop (``BlockReader.rows``)."""
@@ -195,31 +202,50 @@ class IdleRelease:
         self._lock = threading.Lock()
         self._started = 0
         self._timer: threading.Timer | None = None
+        self._since: tuple[int, int] | None = None
+        """RSS and live allocated bytes after the last release (or the first look)."""
 
     def block_started(self) -> None:
         """A block is being read: pages freed before now are about to be reused."""
         with self._lock:
             self._started += 1
 
+    def kept_bytes(self) -> int | None:
+        """About how much freed memory the process keeps resident beyond the last release.
+
+        Its RSS growth since then, less the growth of what its allocators have handed out
+        and not been given back (None where either cannot be read).
+        """
+        now = _resident_and_live()
+        if now is None:
+            return None
+        with self._lock:
+            if self._since is None:
+                self._since = now
+            rss, live = self._since
+        return (now[0] - rss) - (now[1] - live)
+
     def later(self, keep: int = KEEP_FREE_BYTES) -> None:
         """Give the freed pages back after ``delay``, unless a block starts before.
 
-        At once when glibc's heaps already hold more than ``keep`` bytes freed: blocks
-        reuse what was freed only in part (their sizes differ from epoch to epoch, and so
-        do the holes they leave), and iterations that follow each other with no pause kept
-        adding to it (100 iterations of six kinds: +80 MB of RSS from the 10th to the 100th).
+        At once when the process already keeps more than ``keep`` bytes freed
+        (``kept_bytes``): blocks reuse what was freed only in part (their sizes differ
+        from epoch to epoch, and so do the holes they leave), and iterations that followed
+        each other with no pause kept adding to it (100 iterations of six kinds: +80 MB of
+        RSS from the 10th to the 100th).
         """
-        free = free_heap_bytes()
+        kept = self.kept_bytes()
+        now = kept is not None and kept > keep
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            if free is None or free <= keep:
+            if not now:
                 timer = threading.Timer(self.delay, self._release, (self._started,))
                 timer.daemon = True
                 self._timer = timer
-        if free is not None and free > keep:
-            release_unused()
+        if now:
+            self._release_now()
             return
         timer.start()
 
@@ -228,7 +254,25 @@ class IdleRelease:
             if self._started != seen:  # blocks started since: their iteration's end releases
                 return
             self._timer = None
+        self._release_now()
+
+    def _release_now(self) -> None:
         release_unused()
+        now = _resident_and_live()
+        with self._lock:
+            self._since = now
+
+
+def _resident_and_live() -> tuple[int, int] | None:
+    """The process's RSS and the bytes its allocators have handed out (glibc's, the pool's)."""
+    rss, heap = resident_bytes(), heap_in_use_bytes()
+    if rss is None or heap is None:
+        return None
+    live = heap
+    for pool in {id(p): p for p in (pa.default_memory_pool(), block_pool())}.values():
+        if pool.backend_name != "system":  # glibc's malloc: counted in the heap already
+            live += pool.bytes_allocated()
+    return rss, live
 
 
 def release_unused() -> None:

@@ -22,7 +22,11 @@ from lavender_flight.catalog import Catalog
 from lavender_flight.client import Iteration
 from lavender_flight.client import api as lavender
 from lavender_flight.flight_server import LavenderFlightServer, LavenderService
-from lavender_flight.flight_server.memory import MemoryBudget, free_heap_bytes
+from lavender_flight.flight_server.memory import (
+    MemoryBudget,
+    heap_in_use_bytes,
+    resident_bytes,
+)
 from lavender_flight.flight_server.shard_io import ShardIO
 from lavender_flight.flight_server.storage import Location
 from lavender_flight.protocol.errors import InvalidArgument
@@ -212,14 +216,20 @@ def test_the_server_runs_arrow_on_glibc_malloc_unless_told_otherwise(
     assert switched == str(not env)
 
 
-@pytest.mark.skipif(free_heap_bytes() is None, reason="not glibc 2.33 or later")
-def test_free_heap_bytes_counts_what_malloc_keeps_freed() -> None:
+@pytest.mark.skipif(heap_in_use_bytes() is None, reason="not glibc 2.33 or later")
+def test_heap_in_use_bytes_counts_what_malloc_handed_out() -> None:
+    before = heap_in_use_bytes()
     # 64 KiB each: under glibc's mmap threshold, from the heap
     chunks = [ctypes.create_string_buffer(64 << 10) for _ in range(256)]
-    keep = chunks[-1]  # the top of the heap stays in use: the others' memory stays in it
-    held = free_heap_bytes()
-    del chunks
-    freed = free_heap_bytes()
-    assert held is not None and freed is not None
-    assert freed >= held + (8 << 20), (held, freed)
-    del keep
+    held = heap_in_use_bytes()
+    big = ctypes.create_string_buffer(64 << 20)  # over it: a mapping of its own
+    mapped = heap_in_use_bytes()
+    del chunks, big
+    after = heap_in_use_bytes()
+    assert before is not None and held is not None and mapped is not None
+    assert after is not None
+    assert held >= before + (15 << 20), (before, held)
+    assert mapped >= held + (63 << 20), (held, mapped)
+    assert after <= mapped - (78 << 20), (mapped, after)
+    rss = resident_bytes()
+    assert rss is not None and rss > 16 << 20
