@@ -63,9 +63,9 @@ takes milliseconds, of 4k a tenth of one."""
 RELEASE_IDLE_SECONDS = 2.0
 """Freed block memory goes back to the system once no block was started for this long
 after the last streams of an iteration ended (``IdleRelease``)."""
-KEEP_FREE_BYTES = 256 << 20
-"""At most this much freed memory is kept for the next blocks (and no more than the memory
-budget has room for): past it, what was freed goes back at once."""
+KEEP_FRACTION = 8
+"""At most this part of the memory budget (an eighth), and no more than the budget has room
+for, is kept freed for the next blocks (``IdleRelease``): past it, it goes back at once."""
 
 CHECK_SECONDS = 0.01
 """How often a stream waiting for a piece asks whether to stop (``BlockReader.rows``)."""
@@ -225,7 +225,7 @@ class IdleRelease:
             rss, live = self._since
         return (now[0] - rss) - (now[1] - live)
 
-    def later(self, keep: int = KEEP_FREE_BYTES) -> None:
+    def later(self, keep: int) -> None:
         """Give the freed pages back after ``delay``, unless a block starts before.
 
         At once when the process already keeps more than ``keep`` bytes freed
@@ -966,4 +966,4 @@ class BlockReader:
             del state, blocks
             # the allocators keep the freed pages for the next blocks: given back once idle
             room = self.memory.max_bytes - self.memory.used_bytes
-            IDLE_RELEASE.later(max(0, min(KEEP_FREE_BYTES, room)))
+            IDLE_RELEASE.later(max(0, min(self.memory.max_bytes // KEEP_FRACTION, room)))

@@ -96,12 +96,12 @@ for buffer in buffers:
 del buffer, buffers
 out = {"freed": rss()}
 release = IdleRelease(delay=0.3)
-release.later()  # the last stream of an iteration ended
+release.later(keep=512 << 20)  # the last stream of an iteration ended
 time.sleep(0.1)
 release.block_started()  # the next epoch's first block, before the delay ran out
 time.sleep(0.6)
 out["next_epoch"] = rss()
-release.later()  # its streams ended too, and nothing starts
+release.later(keep=512 << 20)  # its streams ended too, and nothing starts
 time.sleep(1.5)
 out["idle"] = rss()
 buffers = [pa.allocate_buffer(4 << 20) for _ in range(24)]
