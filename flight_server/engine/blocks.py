@@ -189,8 +189,9 @@ class IdleRelease:
     block was started since. Given back at once, as before, every new epoch (a new stream,
     often a new iteration) faulted its pieces in again: shuffled 1M-row text epochs, one
     after the other, cost the server 230-300 ms of CPU each, against 110-170 with the
-    pages kept (AMD EPYC VM). What is kept was reserved in the memory budget while its
-    blocks lived: idle or not, the server stays under its budget plus its overhead.
+    pages kept (AMD EPYC VM). What is kept is bounded (``later``'s ``keep``: an eighth of
+    the memory budget, never more than its room), so busy or idle the server stays under
+    its budget plus its fixed overhead.
 
     glibc's and jemalloc's pages go back from any thread; mimalloc gives back those of the
     thread that asks, and those of threads that ended (measured): a read thread's, at the
@@ -231,7 +232,7 @@ class IdleRelease:
         At once when the process already keeps more than ``keep`` bytes freed
         (``kept_bytes``): blocks reuse what was freed only in part (their sizes differ
         from epoch to epoch, and so do the holes they leave), and iterations that followed
-        each other with no pause kept adding to it (100 iterations of six kinds: +80 MB of
+        each other with no pause kept adding to it (100 iterations of five kinds: +80 MB of
         RSS from the 10th to the 100th).
         """
         kept = self.kept_bytes()
