@@ -337,10 +337,12 @@ class TransformPool:
                     self.answered += 1
                 task.future.set_result(done)
             except _Lost as lost:
-                self._fail(task, lost)
+                # the worker is counted as replaced before its batch fails: whoever hears
+                # of the failure sees the pool as it is
                 if worker is not None:
                     self._forget(worker, replaced=not lost.fatal)
                     worker = None
+                self._fail(task, lost)
                 if not self._closed and not lost.fatal:
                     try:  # the next batch need not wait for a new process to start
                         worker = self._start()
