@@ -115,7 +115,6 @@ def run(rows: int, iterations: int = ITERATIONS) -> dict[str, Any]:
                         )
             seconds = time.perf_counter() - started
     warm = after[min(WARM, len(after)) - 1]
-    early_at, late_at = window_bounds(iterations)
     early, late = [settled[i] for i in early_at], [settled[i] for i in late_at]
     main_early = [main_settled[i] for i in early_at]
     main_late = [main_settled[i] for i in late_at]

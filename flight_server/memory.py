@@ -173,7 +173,8 @@ def heap_in_use_bytes() -> int | None:
     """Bytes glibc's malloc has handed out and not been given back (``mallinfo2``).
 
     Its heaps' chunks in use and its own mappings (buffers over the mmap threshold). None
-    where it cannot be read (not glibc, or older than 2.33). A fraction of a microsecond.
+    where it cannot be read (not glibc, or older than 2.33). About 0.2 us a call here
+    (it walks the arenas' bins: more for a large, fragmented heap).
     """
     found = _mallinfo2()
     if found is None:

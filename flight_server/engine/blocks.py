@@ -232,23 +232,20 @@ class IdleRelease:
         At once when the process already keeps more than ``keep`` bytes freed
         (``kept_bytes``): blocks reuse what was freed only in part (their sizes differ
         from epoch to epoch, and so do the holes they leave), and iterations that followed
-        each other with no pause kept adding to it (100 iterations of five kinds: +80 MB of
-        RSS from the 10th to the 100th).
+        each other with no pause kept adding to it (100 iterations of five kinds: +79-87 MB
+        between the medians of the 11th-20th and the 91st-100th, kept without a bound).
         """
         kept = self.kept_bytes()
-        now = kept is not None and kept > keep
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            if not now:
-                timer = threading.Timer(self.delay, self._release, (self._started,))
-                timer.daemon = True
-                self._timer = timer
-        if now:
-            self._release_now()
-            return
-        timer.start()
+            if kept is None or kept <= keep:
+                self._timer = threading.Timer(self.delay, self._release, (self._started,))
+                self._timer.daemon = True
+                self._timer.start()
+                return
+        self._release_now()
 
     def _release(self, seen: int) -> None:
         with self._lock:

@@ -81,13 +81,12 @@ def test_in_order_blocks_are_one_piece() -> None:
 
 IDLE_RELEASE_SCRIPT = """
 import json, sys, time
-from pathlib import Path
 import numpy as np, pyarrow as pa
 from lavender_flight.flight_server.engine.blocks import IdleRelease
-from lavender_flight.flight_server.memory import system_allocator, tune_malloc
+from lavender_flight.flight_server.memory import resident_bytes, system_allocator, tune_malloc
 
 def rss():
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / (1 << 20)
+    return resident_bytes() / (1 << 20)
 
 assert tune_malloc() and system_allocator()  # as the server sets Arrow up
 buffers = [pa.allocate_buffer(4 << 20) for _ in range(24)]  # a block's pieces, 96 MiB
