@@ -1,6 +1,12 @@
 """The Lavender Flight server: Arrow Flight over the catalog, shard storage and transforms."""
 
+# ruff: noqa: E402  (the allocator's environment is set before any import loads pyarrow)
+
 from __future__ import annotations
+
+from .preload import allocator_environment
+
+allocator_environment()  # before anything below loads pyarrow
 
 from .cli import main, serve
 from .demo import DEMO_DATASET, create_demo

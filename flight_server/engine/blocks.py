@@ -41,6 +41,7 @@ from ..memory import (
     MemoryBudget,
     Reservation,
     heap_in_use_bytes,
+    release_pool,
     resident_bytes,
     table_bytes,
 )
@@ -161,8 +162,8 @@ def block_pool() -> pa.MemoryPool:
     """The pool a shuffled block's large buffers come from (mimalloc's if there).
 
     Else jemalloc's, else the default; see ``pool_for`` for which buffers. mimalloc keeps
-    the pages of a freed buffer for the next one (a thread's, until it asks for them back,
-    or ends and another does: ``IdleRelease``); glibc maps every buffer over its mmap
+    the pages of a freed buffer for the next one (up to ``MIMALLOC_PURGE_DELAY_MS``, or
+    until ``IdleRelease`` gives them back); glibc maps every buffer over its mmap
     threshold (32 MiB here) apart and unmaps it when freed, and jemalloc, as Arrow sets it
     up, gives a freed extent back at once too, so the kernel faulted each new block in page
     by page. Laying 4 shards of 4 KiB values end to end (a 164 MB column), 6 times, on an
@@ -193,9 +194,9 @@ class IdleRelease:
     the memory budget, never more than its room), so busy or idle the server stays under
     its budget plus its fixed overhead.
 
-    glibc's and jemalloc's pages go back from any thread; mimalloc gives back those of the
-    thread that asks, and those of threads that ended (measured): a read thread's, at the
-    first release after it ended idle.
+    A release gives back glibc's free pages (``malloc_trim``) and every thread's in
+    mimalloc's (``memory.release_pool``; pyarrow's own ``release_unused`` of the block pool
+    gave back the default pool's, so mimalloc kept its pages until it purged them itself).
     """
 
     def __init__(self, delay: float = RELEASE_IDLE_SECONDS) -> None:
@@ -267,7 +268,8 @@ def _resident_and_live() -> tuple[int, int] | None:
     if rss is None or heap is None:
         return None
     live = heap
-    for pool in {id(p): p for p in (pa.default_memory_pool(), block_pool())}.values():
+    pools = (pa.default_memory_pool(), block_pool())  # the default: a new wrapper each call
+    for pool in {p.backend_name: p for p in pools}.values():
         if pool.backend_name != "system":  # glibc's malloc: counted in the heap already
             live += pool.bytes_allocated()
     return rss, live
@@ -275,9 +277,9 @@ def _resident_and_live() -> tuple[int, int] | None:
 
 def release_unused() -> None:
     """Give the pages the allocators keep for reuse back to the system (now)."""
-    pa.default_memory_pool().release_unused()
-    if block_pool() is not pa.default_memory_pool():
-        block_pool().release_unused()
+    release_pool(pa.default_memory_pool())
+    if block_pool().backend_name != pa.default_memory_pool().backend_name:
+        release_pool(block_pool())
 
 
 IDLE_RELEASE = IdleRelease()

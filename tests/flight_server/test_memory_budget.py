@@ -25,6 +25,7 @@ from lavender_flight.flight_server import LavenderFlightServer, LavenderService
 from lavender_flight.flight_server.memory import (
     MemoryBudget,
     heap_in_use_bytes,
+    release_pool,
     resident_bytes,
 )
 from lavender_flight.flight_server.shard_io import ShardIO
@@ -233,3 +234,22 @@ def test_heap_in_use_bytes_counts_what_malloc_handed_out() -> None:
     assert after <= mapped - (78 << 20), (mapped, after)
     rss = resident_bytes()
     assert rss is not None and rss > 16 << 20
+
+
+def test_release_pool_releases_the_pool_it_is_given() -> None:
+    # pyarrow's MemoryPool.release_unused releases the default pool, whichever it is
+    # called on: release_pool does the pool's own (mimalloc: its collect), or says it cannot
+    assert release_pool(pa.default_memory_pool())
+    try:
+        mimalloc = pa.mimalloc_memory_pool()
+    except (NotImplementedError, pa.ArrowException):
+        mimalloc = None
+    default = pa.default_memory_pool().backend_name
+    if mimalloc is not None and mimalloc.backend_name != default:
+        assert release_pool(mimalloc), "libarrow's arrow_mi_collect was not found"
+    try:
+        jemalloc = pa.jemalloc_memory_pool()
+    except (NotImplementedError, pa.ArrowException):
+        return
+    if jemalloc.backend_name != default:
+        assert not release_pool(jemalloc)

@@ -128,3 +128,62 @@ def test_freed_block_pages_stay_while_blocks_start_and_go_back_once_idle() -> No
     assert rss["next_epoch"] > rss["freed"] - 16, f"given back while blocks started: {rss}"
     assert rss["idle"] < rss["freed"] - 64, f"kept once idle: {rss}"
     assert rss["over_keep"] < rss["freed_again"] - 64, f"kept over the bound: {rss}"
+
+
+MIMALLOC_RELEASE_SCRIPT = """
+import json, threading, time
+import lavender_flight.flight_server  # first: sets mimalloc up as a server does
+import numpy as np, pyarrow as pa
+from lavender_flight.flight_server.engine.blocks import block_pool, release_unused
+from lavender_flight.flight_server.memory import resident_bytes, system_allocator, tune_malloc
+
+def rss():
+    return resident_bytes() / (1 << 20)
+
+assert tune_malloc() and system_allocator()  # as the server sets Arrow up
+if block_pool().backend_name != "mimalloc":
+    print(json.dumps({"skip": block_pool().backend_name}))
+    raise SystemExit
+
+def on_a_thread(fn):
+    box = []
+    thread = threading.Thread(target=lambda: box.append(fn()))
+    thread.start()
+    thread.join()
+    return box[0]
+
+def gather():  # a block's largest buffers, on a read thread
+    buffers = [pa.allocate_buffer(48 << 20, memory_pool=block_pool()) for _ in range(4)]
+    for buffer in buffers:
+        np.frombuffer(buffer, dtype=np.uint8)[:] = 1
+    return buffers
+
+pieces = on_a_thread(gather)
+out = {"start": rss()}
+pieces.clear()  # a stream let go of them, on another thread
+out["freed"] = rss()
+time.sleep(1.5)  # longer than mimalloc's own purge delay as pyarrow builds it (1 s)
+pa.allocate_buffer(1 << 20, memory_pool=block_pool())  # mimalloc purges on its next call
+out["after_a_while"] = rss()
+release_unused()  # IdleRelease's release, on a third thread
+out["released"] = rss()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc, /proc")
+def test_mimalloc_keeps_freed_block_pages_until_a_release_gives_every_threads_back() -> None:
+    # pyarrow's pool.release_unused() releases the default pool, not the one it is called
+    # on; mimalloc's own purge (after 1 s, as pyarrow builds it) made the next block fault
+    mine = ("MALLOC_", "ARROW_", "MIMALLOC_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(mine)}
+    done = subprocess.run(
+        [sys.executable, "-c", MIMALLOC_RELEASE_SCRIPT],
+        capture_output=True, text=True, timeout=120, env=env, check=True,
+    )  # fmt: skip
+    rss = json.loads(done.stdout)
+    if "skip" in rss:
+        pytest.skip(f"the block pool is {rss['skip']}, not mimalloc")
+    assert rss["freed"] > rss["start"] - 16, f"given back when freed: {rss}"
+    assert rss["after_a_while"] > rss["freed"] - 16, f"mimalloc purged them itself: {rss}"
+    assert rss["released"] < rss["freed"] - 128, f"kept after a release: {rss}"
