@@ -15,7 +15,7 @@ readings: the RSS after one iteration moves within a band of tens of MB with the
 run and the allocator's timing (a run read 633-713 MB over 100 iterations, no trend), so
 two single readings judged that band, not a trend. The readings of the two windows are
 taken once the server has settled (:data:`SETTLE_SECONDS` after the iteration): right
-after one, the server keeps up to an eighth of its memory budget (``KEEP_FRACTION``) of
+after one, the server keeps up to a quarter of its memory budget (``KEEP_FRACTION``) of
 what it freed for the next blocks, by design, and gives it back once idle
 (``engine.blocks.IdleRelease``); the growth of the medians read at once is shown beside.
 """

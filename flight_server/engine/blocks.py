@@ -64,9 +64,12 @@ takes milliseconds, of 4k a tenth of one."""
 RELEASE_IDLE_SECONDS = 2.0
 """Freed block memory goes back to the system once no block was started for this long
 after the last streams of an iteration ended (``IdleRelease``)."""
-KEEP_FRACTION = 8
-"""At most this part of the memory budget (an eighth), and no more than the budget has room
-for, is kept freed for the next blocks (``IdleRelease``): past it, it goes back at once."""
+KEEP_FRACTION = 4
+"""At most this part of the memory budget (a quarter), and no more than the budget has room
+for, is kept freed for the next blocks (``IdleRelease``): past it, it goes back at once.
+An eighth was too little for one shuffled epoch of 100k rows of 4 KiB values on a 6 GB
+budget: it leaves 807-889 MB freed, so every such epoch gave them back at its end and the
+next one faulted them in again (side by side, 2026-12-04)."""
 
 CHECK_SECONDS = 0.01
 """How often a stream waiting for a piece asks whether to stop (``BlockReader.rows``)."""
@@ -190,7 +193,7 @@ class IdleRelease:
     block was started since. Given back at once, as before, every new epoch (a new stream,
     often a new iteration) faulted its pieces in again: shuffled 1M-row text epochs, one
     after the other, cost the server 230-300 ms of CPU each, against 110-170 with the
-    pages kept (AMD EPYC VM). What is kept is bounded (``later``'s ``keep``: an eighth of
+    pages kept (AMD EPYC VM). What is kept is bounded (``later``'s ``keep``: a quarter of
     the memory budget, never more than its room), so busy or idle the server stays under
     its budget plus its fixed overhead.
 
