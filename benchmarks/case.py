@@ -11,6 +11,11 @@ epoch of a new iteration; with ``loader_workers``, through ``to_torch_dataloader
 with those options, and with ``loader_epochs`` N, the Nth epoch of one loader is measured:
 its workers started with the first and stayed), ``first_batch`` (a new iteration, up to
 its first batch, then dropped).
+
+Each run of a ``bare`` or ``lavender`` case also reports its CPU seconds (``cpu``, see
+:mod:`benchmarks.cpu`): the client process, its loop thread, a loader's workers and the
+server (the spec's ``server_pid``), from the run's start (a loader's measured epoch's) to
+its end.
 """
 
 from __future__ import annotations
@@ -21,6 +26,47 @@ import sys
 import time
 from collections.abc import Iterable
 from typing import Any
+
+from .cpu import process_cpu_s
+
+
+class Cpu:
+    """CPU seconds spent from its creation to :meth:`done`, by the processes of a run."""
+
+    def __init__(self, server_pid: int | None, workers: list[int] | None = None) -> None:
+        self.server_pid = server_pid
+        self.workers = {pid: process_cpu_s(pid) for pid in workers or []}
+        self.client = time.process_time()
+        self.loop_thread = time.thread_time()
+        self.server = process_cpu_s(server_pid) if server_pid else None
+
+    def done(self, workers: list[int] | None = None) -> dict[str, float | None]:
+        """What each spent since; ``workers``: the loader's worker pids now (a worker that
+        started meanwhile counts whole, one that ended is not counted: None)."""
+        spent: dict[str, float | None] = {
+            "client": time.process_time() - self.client,
+            "loop_thread": time.thread_time() - self.loop_thread,
+            "workers": None,
+            "server": None,
+        }
+        if self.server_pid and self.server is not None:
+            now = process_cpu_s(self.server_pid)
+            spent["server"] = None if now is None else now - self.server
+        if workers:
+            total = 0.0
+            for pid in workers:
+                now, before = process_cpu_s(pid), self.workers.get(pid, 0.0)
+                if now is None or before is None:
+                    return spent
+                total += now - before
+            spent["workers"] = total
+        return spent
+
+
+def _worker_pids(loader: Any) -> list[int]:
+    """The pids of a torch ``DataLoader``'s live workers (none before its first epoch)."""
+    iterator = getattr(loader, "_iterator", None)
+    return [p.pid for p in getattr(iterator, "_workers", ()) if p.pid is not None]
 
 
 def _count(batch: Any) -> int:
@@ -57,11 +103,12 @@ def bare(spec: dict[str, Any]) -> dict[str, float]:
     import pyarrow.flight as flight
 
     client = flight.connect(spec["url"])
+    cpu = Cpu(spec.get("server_pid"))
     start = time.perf_counter()
     reader = client.do_get(flight.Ticket(str(spec["batch_size"]).encode()))
     result = _loop((chunk.data for chunk in reader), start, spec["row_bytes"])
     client.close()
-    return result
+    return {**result, "cpu": cpu.done()}
 
 
 def parquet(spec: dict[str, Any]) -> dict[str, float]:
@@ -77,11 +124,12 @@ def lavender(spec: dict[str, Any]) -> dict[str, float]:
     from lavender_flight.client import api
 
     api.init(spec["url"])
+    cpu = Cpu(spec.get("server_pid"))
     start = time.perf_counter()
     iteration = _iteration(spec)
     workers = spec.get("loader_workers")
     if workers is None:
-        return _loop(iteration, start, spec["row_bytes"])
+        return {**_loop(iteration, start, spec["row_bytes"]), "cpu": cpu.done()}
     loader = iteration.to_torch_dataloader(num_workers=workers)
     if spec.get("collate_work") is not None:
         from .work import TokenizeAndHash
@@ -95,9 +143,11 @@ def lavender(spec: dict[str, Any]) -> dict[str, float]:
         for _ in range(before):
             _loop(loader, start, spec["row_bytes"])
         started = time.perf_counter() - start
+        cpu = Cpu(spec.get("server_pid"), _worker_pids(loader))
         result = _loop(loader, time.perf_counter(), spec["row_bytes"])
-        return {**result, "startup": started}
-    return _loop(loader, start, spec["row_bytes"])
+        return {**result, "startup": started, "cpu": cpu.done(_worker_pids(loader))}
+    result = _loop(loader, start, spec["row_bytes"])
+    return {**result, "cpu": cpu.done(_worker_pids(loader))}
 
 
 def first_batch(spec: dict[str, Any]) -> dict[str, float]:

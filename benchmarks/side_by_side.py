@@ -37,6 +37,7 @@ from .common import (
     table,
     tree_rss_mb,
 )
+from .cpu import cores, epoch_floor_s
 from .data import DataSet, make_all
 
 BATCH = 1024
@@ -53,6 +54,7 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
     startup = [r["startup"] for r in runs if "startup" in r]  # epochs before the measured one
     return {
         **({"startup_s": statistics.median(startup)} if startup else {}),
+        **cpu_medians(runs),
         "samples_per_s": statistics.median(r["rows"] / r["seconds"] for r in runs),
         "mb_per_s": statistics.median(r["bytes"] / r["seconds"] / 1e6 for r in runs),
         "first_batch_s": statistics.median(r["first"] for r in runs),
@@ -61,6 +63,32 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
         "runs_first_s": [r["first"] for r in runs],
         "runs_last_s": [r.get("last") for r in runs],
         "runs_seconds": [r["seconds"] for r in runs],
+    }
+
+
+CPU_PARTS = ("client", "loop_thread", "workers", "server")
+
+
+def cpu_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of what each process spent on a run (``cpu_s``), and of its floor.
+
+    ``floor_s``: the least time the run could take on this machine's cores, had it cost
+    what it did (:func:`benchmarks.cpu.epoch_floor_s`, per run, then the median).
+    """
+    measured = [r["cpu"] for r in runs if r.get("cpu")]
+    if not measured:
+        return {}
+    medians: dict[str, float | None] = {}
+    for part in CPU_PARTS:
+        values = [m[part] for m in measured if m.get(part) is not None]
+        medians[part] = statistics.median(values) if len(values) == len(measured) else None
+    count = cores()
+    floors = [epoch_floor_s(m, count) for m in measured]
+    known = [f for f in floors if f is not None]
+    return {
+        "cpu_s": medians,
+        "cores": count,
+        "floor_s": statistics.median(known) if len(known) == len(floors) else None,
     }
 
 
@@ -116,7 +144,7 @@ class Runner:
     def _once(self, planned: Planned, repeat: int) -> dict[str, Any]:
         """One client process running the case ``repeat`` times (after its warm-up)."""
         spec = {"repeat": repeat, "warmup": self.warmup, "row_bytes": planned.data.row_bytes,
-                **planned.spec}  # fmt: skip
+                "server_pid": planned.server_pid, **planned.spec}  # fmt: skip
         with PeakSampler(planned.server_pid) as sampler:
             done = subprocess.run(
                 [sys.executable, "-m", "benchmarks.case", json.dumps(spec)],
@@ -458,7 +486,33 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
     if joined:
         header = ["case", "samples/s", f"single shardset ({SINGLE})", "joined ÷ single"]
         blocks.append(_block("joins vs the single shardset", joined, header, markdown))
+    spent = [_cpu_cells(r) for r in results["cases"] if r.get("cpu_s")]
+    if spent:
+        cores = next(r["cores"] for r in results["cases"] if r.get("cpu_s"))
+        header = ["case", "run s", "client CPU s (loop thread)", "workers CPU s",
+                  "server CPU s", f"floor on {cores} cores s"]  # fmt: skip
+        title = (
+            "what a run cost: CPU seconds of each process (medians), and the least time "
+            "that CPU can take here"
+        )
+        blocks.append(_block(title, spent, header, markdown))
     return "\n\n".join(blocks)
+
+
+def _cpu_cells(record: dict[str, Any]) -> list[str]:
+    spent = record["cpu_s"]
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    return [
+        f"{record['dataset']}: {record['case']}",
+        seconds(statistics.median(record["runs_seconds"])),
+        f"{seconds(spent['client'])} ({seconds(spent['loop_thread'])})",
+        seconds(spent["workers"]),
+        seconds(spent["server"]),
+        seconds(record.get("floor_s")),
+    ]
 
 
 def _block(

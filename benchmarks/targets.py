@@ -38,6 +38,10 @@ class Target:
 
     ``plus_budget``: the bound is the server's memory budget + ``goal`` (MB). ``datasets``:
     one row per data set (case figures only). ``scale`` turns the figure into ``unit``.
+    ``ceiling``: the row also shows the ratio this machine allows the measured case: its
+    rows over the least time its CPU could take on these cores (the case's ``floor_s``,
+    :func:`benchmarks.cpu.epoch_floor_s`), over the baseline. A ratio under its target and
+    near its ceiling misses for want of cores, not for work that could go.
     """
 
     name: str
@@ -49,6 +53,7 @@ class Target:
     unit: str = ""
     scale: float = 1.0
     plus_budget: bool = False
+    ceiling: bool = False
 
 
 TARGETS: list[Target] = [
@@ -66,9 +71,10 @@ TARGETS: list[Target] = [
     # workers are spawned once per job (persistent): judged on an epoch after the first
     Target("torch DataLoader 2 workers (2nd epoch) vs 0, small rows",
            Ref("side", "lavender torch loader b1024 2 workers, 2nd epoch"),
-           Ref("side", "lavender torch loader b1024 0 workers"), ">=", 0.8),
+           Ref("side", "lavender torch loader b1024 0 workers"), ">=", 0.8, ceiling=True),
     Target("torch DataLoader 2 workers (2nd epoch) vs 0, CPU collate",
-           Ref("loader", loader.NEXT_EPOCH), Ref("loader", loader.CASES[0]), ">", 1.3),
+           Ref("loader", loader.NEXT_EPOCH), Ref("loader", loader.CASES[0]), ">", 1.3,
+           ceiling=True),
     Target("batch 32 vs bare Flight batch 32",
            Ref("side", "lavender arrow b32"), Ref("side", "bare flight do_get b32"), ">=", 2.0),
     Target("first batch, shuffled",
@@ -96,12 +102,29 @@ def _find(results: dict[str, Any], ref: Ref, dataset: str) -> tuple[float | None
     if ref.case is None:
         value = suite.get(ref.field)
         return (float(value), "") if value is not None else (None, f"no {ref.field}")
+    record = _record(results, ref, dataset)
+    if record is None:
+        return None, f"not measured: no case {ref.case!r} ({dataset})"
+    if "not_measured" in record:
+        return None, f"not measured: {ref.case}: {record['not_measured']}"
+    return float(record[ref.field]), ""
+
+
+def _record(results: dict[str, Any], ref: Ref, dataset: str) -> dict[str, Any] | None:
+    """The record of ``ref``'s case on ``dataset`` (None: not in the results)."""
+    suite = results.get(RESULT_KEYS.get(ref.suite, ref.suite)) or {}
     for record in suite.get("cases", []):
         if record.get("case") == ref.case and record.get("dataset", "text") == dataset:
-            if "not_measured" in record:
-                return None, f"not measured: {ref.case}: {record['not_measured']}"
-            return float(record[ref.field]), ""
-    return None, f"not measured: no case {ref.case!r} ({dataset})"
+            return dict(record)
+    return None
+
+
+def _ceiling(results: dict[str, Any], target: Target, dataset: str, base: float) -> float | None:
+    """The ratio the measured case's CPU allows on this machine's cores (see ``Target``)."""
+    record = _record(results, target.measured, dataset)
+    if record is None or not record.get("floor_s") or not base:
+        return None
+    return float(record["rows"]) / float(record["floor_s"]) / base
 
 
 def _holds(value: float, op: str, bound: float) -> bool:
@@ -119,13 +142,15 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "goal": target.goal, "unit": target.unit, "plus_budget": target.plus_budget,
                 "case": target.measured.case, "value": None, "measured": None,
                 "baseline_case": target.baseline.case if target.baseline else None,
-                "baseline": None, "bound": None,
+                "baseline": None, "bound": None, "ceiling": None,
             }  # fmt: skip
             value, why = _find(results, target.measured, dataset)
             row["value"] = value
             if value is not None and target.baseline is not None:
                 base, why = _find(results, target.baseline, dataset)
                 row["baseline"] = base
+                if target.ceiling and base:
+                    row["ceiling"] = _ceiling(results, target, dataset, base)
                 value = value / base if base else None
             if value is None:
                 row["status"] = why
@@ -183,7 +208,10 @@ def _cells(row: dict[str, Any]) -> list[str]:
         baseline = "budget: " + ("not reported" if budget is None else f"{budget:,.0f} MB")
     else:
         baseline = "(the value itself)"
-    return [name, measured, baseline, goal, row["status"]]
+    status = row["status"]
+    if row.get("ceiling") is not None:
+        status += f" (this machine's ceiling: {row['ceiling']:.2f})"
+    return [name, measured, baseline, goal, status]
 
 
 def render(rows: list[dict[str, Any]], markdown: bool = False) -> str:

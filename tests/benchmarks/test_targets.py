@@ -97,3 +97,23 @@ def test_the_memory_budget_is_read_from_the_servers_banner() -> None:
     assert common.memory_budget_mb(server, wait=0) == 2048.0
     server.log[-1] = "  memory   budget 1536 MiB"
     assert common.memory_budget_mb(server, wait=0) == 1536.0
+
+
+def test_a_loader_row_shows_the_ratio_this_machines_cores_allow() -> None:
+    results = _results()
+    side = results["side_by_side"]["cases"]
+    side += [
+        _case("lavender torch loader b1024 0 workers", 8e6),
+        # an epoch of 1M rows in 0.2 s whose CPU could not take less than 0.16 s
+        _case("lavender torch loader b1024 2 workers, 2nd epoch", 5e6, rows=1_000_000,
+              floor_s=0.16),
+    ]  # fmt: skip
+    row = _row(targets.evaluate(results), "torch DataLoader 2 workers (2nd epoch) vs 0, small")
+    assert row["measured"] == 5e6 / 8e6
+    assert row["status"] == "missed"
+    assert row["ceiling"] == 1_000_000 / 0.16 / 8e6  # 0.78: short of 0.8 for want of cores
+    assert "this machine's ceiling: 0.78" in targets.render([row])
+    side[-1] = {k: v for k, v in side[-1].items() if k != "floor_s"}  # CPU not measured
+    row = _row(targets.evaluate(results), "torch DataLoader 2 workers (2nd epoch) vs 0, small")
+    assert row["ceiling"] is None and "ceiling" not in targets.render([row])
+    assert _row(targets.evaluate(results), "in order, Arrow")["ceiling"] is None
