@@ -43,9 +43,12 @@ class Cpu:
     def done(self, workers: list[int] | None = None) -> dict[str, float | None]:
         """What each spent since; ``workers``: the loader's worker pids now (a worker that
         started meanwhile counts whole, one that ended is not counted: None)."""
+        # the thread read first, as it was read last at the start: the process's window
+        # holds the thread's, so the client never reads less than its loop thread
+        loop_thread = time.thread_time() - self.loop_thread
         spent: dict[str, float | None] = {
             "client": time.process_time() - self.client,
-            "loop_thread": time.thread_time() - self.loop_thread,
+            "loop_thread": loop_thread,
             "workers": None,
             "server": None,
         }

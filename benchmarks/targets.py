@@ -115,7 +115,7 @@ def _record(results: dict[str, Any], ref: Ref, dataset: str) -> dict[str, Any] |
     suite = results.get(RESULT_KEYS.get(ref.suite, ref.suite)) or {}
     for record in suite.get("cases", []):
         if record.get("case") == ref.case and record.get("dataset", "text") == dataset:
-            return dict(record)
+            return record
     return None
 
 
